@@ -1,0 +1,1 @@
+"""The pure recommendation core of simstream: no Kafka, no gRPC, no JSON."""

@@ -1,0 +1,44 @@
+"""The one error hierarchy of simstream.
+
+Every error the project raises on purpose derives from ``SimstreamError`` and says, in its
+message, what the caller can do next. Narrow subclasses let callers (and the dead-letter
+path) tell bad input apart from an outage.
+"""
+
+from __future__ import annotations
+
+
+class SimstreamError(Exception):
+    """Root of every error simstream raises on purpose."""
+
+
+class InvalidInput(SimstreamError):
+    """An event or argument is malformed. Retrying the same input will fail again."""
+
+
+class InvalidChange(InvalidInput):
+    """A product change that is well-formed JSON but breaks a catalog rule."""
+
+
+class InvalidVector(InvalidInput):
+    """A vector of the wrong dimension, with NaN or Inf, or with zero norm."""
+
+
+class SnapshotError(SimstreamError):
+    """A snapshot could not be written, or a snapshot file is corrupt or truncated."""
+
+
+class EncoderError(SimstreamError):
+    """The encoder failed."""
+
+
+class EncoderUnavailable(EncoderError):
+    """The encoder could not be reached within its deadline and retries. Try again later."""
+
+
+class ModelMismatch(EncoderError):
+    """The served model's signature, dimension or version is not what simstream expects."""
+
+
+class ConfigurationError(SimstreamError):
+    """A setting is missing or inconsistent; the message names the variable to fix."""

@@ -1,0 +1,38 @@
+"""The ``simstream`` command line.
+
+Each group of commands lives in its own module and registers itself on ``main``; imports of
+heavy libraries (TensorFlow, hnswlib) happen inside the commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from streams.settings import Settings
+
+
+def _settings_epilog() -> str:
+    lines = ["Environment variables (prefix SIMSTREAM_):", ""]
+    for var, default, description in Settings.describe():
+        lines.append(f"  {var} [{default}]  {description}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+             epilog=_settings_epilog())
+def main() -> None:
+    """simstream: real-time similar items, substitutes and feeds on Kafka."""
+
+
+def _register() -> None:
+    from streams.cli import kafka_commands  # noqa: F401  (registers commands on import)
+
+    for optional in ("encoder_commands", "eval_commands"):
+        try:
+            __import__(f"streams.cli.{optional}")
+        except ModuleNotFoundError as exc:  # a module that is not written yet
+            if exc.name != f"streams.cli.{optional}":
+                raise
+
+
+_register()

@@ -1,0 +1,124 @@
+"""The one frozen settings object. Every field is an environment variable ``SIMSTREAM_<NAME>``.
+
+The core (``serving/``, ``encoders/``) never reads the environment: the worker builds its
+configuration objects from this one ``Settings`` and passes them down. ``Settings.describe()``
+is what ``simstream --help`` and the README list.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+def default_model_base() -> Path:
+    """Where ``make`` exports the encoder SavedModel by default (outside the repo, a cache)."""
+    return Path.home() / ".cache" / "simstream" / "models" / "minilm"
+
+
+class Settings(BaseSettings):
+    """All runtime configuration of a simstream worker and its CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="SIMSTREAM_", frozen=True, extra="ignore")
+
+    # --- Kafka connection -------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated host:port."
+    )
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers (SSL).")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (mutual TLS).")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check the broker's hostname against its certificate.")
+    kafka_sasl_mechanism: SaslMechanism = Field("PLAIN", description="SASL mechanism when a SASL protocol is used.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+
+    # --- Topics -------------------------------------------------------------------------
+    app_id: str = Field("simstream", description="Faust app id; also the Kafka consumer group.")
+    topic_product_changes: str = Field("product-changes", description="Input: product upserts and deletes.")
+    topic_user_events: str = Field("user-events", description="Input: shopper behaviour events.")
+    topic_similar_items: str = Field("similar-items", description="Output (compacted): similar items per product.")
+    topic_substitutes: str = Field("substitutes", description="Output (compacted): in-stock substitutes per product.")
+    topic_complements: str = Field("complements", description="Output (compacted): bought-together items per product.")
+    topic_user_recommendations: str = Field("user-recommendations", description="Output: per-user feeds.")
+    topic_dead_letters: str = Field("simstream-dead-letters", description="Output: events that could not be processed.")
+    topic_products: str = Field("simstream-products", description="Internal (compacted): merged catalog state.")
+    topic_embeddings: str = Field("simstream-embeddings", description="Internal (compacted): vectors per product.")
+    topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
+    topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
+
+    # --- Encoder ------------------------------------------------------------------------
+    encoder: str = Field(
+        "local",
+        description="`local` (SavedModel in-process), `grpc://host:port` (TF Serving), or `hashing` (deterministic test twin).",
+    )
+    model_base: Path = Field(default_factory=default_model_base, description="SavedModel base directory (<base>/<version>/).")
+    model_name: str = Field("minilm", description="Model name as TF Serving serves it.")
+    model_version: int | None = Field(None, ge=1, description="Pin a model version; unset means the latest.")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per text before truncation.")
+    encoder_timeout_s: float = Field(5.0, gt=0, le=300, description="Deadline of one encoder call (gRPC).")
+    encoder_retries: int = Field(4, ge=0, le=20, description="Retries on UNAVAILABLE or DEADLINE_EXCEEDED (gRPC).")
+    embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder batch taken from the stream.")
+    embed_batch_within_s: float = Field(0.05, gt=0, le=10, description="How long the stream waits to fill a batch.")
+
+    # --- Recommendations ----------------------------------------------------------------
+    k: int = Field(10, ge=1, le=200, description="Items per published list.")
+    candidate_depth: int = Field(50, ge=1, le=2000, description="Dense candidates fetched from HNSW before re-ranking.")
+    lexical_weight: float = Field(0.5, ge=0, le=1, description="Share of the lexical cosine in the content score.")
+    behavior_weight: float = Field(0.0, ge=0, le=1, description="Share of behaviour in the final score.")
+    price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
+    hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")
+    hnsw_m: int = Field(16, ge=4, le=128, description="HNSW M (graph degree).")
+
+    # --- Worker ------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./var/simstream"), description="Faust tables and index snapshots live here.")
+    snapshot_interval_s: float = Field(300.0, ge=0, description="Seconds between index snapshots (0 disables).")
+    web_host: str = Field("127.0.0.1", description="Interface of the web server (read API, /health, /metrics).")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the web server.")
+    web_token: SecretStr | None = Field(None, description="Bearer token required on every endpoint but /health.")
+    max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
+    log_level: str = Field("info", description="Worker log level.")
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_target(cls, value: str) -> str:
+        if value in ("local", "hashing") or value.startswith("grpc://"):
+            return value
+        raise ValueError("must be 'local', 'hashing' or 'grpc://host:port'")
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(
+                "SIMSTREAM_KAFKA_SASL_USERNAME (and _PASSWORD) are required with a SASL security protocol"
+            )
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, description) for every setting, in declaration order."""
+        rows = []
+        for name, info in cls.model_fields.items():
+            default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+            rows.append((f"SIMSTREAM_{name.upper()}", "" if default is None else str(default), info.description or ""))
+        return rows
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (and a ``.env`` file if present)."""
+    return Settings()
