@@ -12,7 +12,7 @@ from streams.settings import Settings
 
 
 def _settings_epilog() -> str:
-    lines = ["Environment variables (prefix SIMSTREAM_):", ""]
+    lines = ["\b", "Environment variables (prefix SIMSTREAM_), with defaults:"]
     for var, default, description in Settings.describe():
         lines.append(f"  {var} [{default}]  {description}")
     return "\n".join(lines)
@@ -35,4 +35,13 @@ def _register() -> None:
                 raise
 
 
+def _share_epilog(group: click.Group) -> None:
+    """Every command shows the environment variables, since every command reads them."""
+    for command in group.commands.values():
+        command.epilog = command.epilog or group.epilog
+        if isinstance(command, click.Group):
+            _share_epilog(command)
+
+
 _register()
+_share_epilog(main)

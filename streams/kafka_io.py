@@ -1,0 +1,249 @@
+"""kafka-python plumbing shared by the CLI and the worker: client options, topics, reading back.
+
+The Faust worker uses aiokafka under the hood; the CLI and start-up restore use kafka-python.
+Both take their connection and security options from the same ``Settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection and security options for any kafka-python client."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": f"{settings.app_id}-cli",
+    }
+    if "SSL" in settings.kafka_security_protocol:
+        options.update(
+            ssl_cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            ssl_certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            ssl_keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            ssl_check_hostname=settings.kafka_ssl_check_hostname,
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=(
+                settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+            ),
+        )
+    return options
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for aiokafka (Faust), or ``None`` without TLS."""
+    if "SSL" not in settings.kafka_security_protocol:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+    )
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(
+            str(settings.kafka_ssl_certfile),
+            str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    return context
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    compacted: bool
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic simstream reads or writes. Per-key state topics are compacted."""
+    return [
+        TopicSpec(settings.topic_product_changes, False),
+        TopicSpec(settings.topic_user_events, False),
+        TopicSpec(settings.topic_similar_items, True),
+        TopicSpec(settings.topic_substitutes, True),
+        TopicSpec(settings.topic_complements, True),
+        TopicSpec(settings.topic_user_recommendations, False),
+        TopicSpec(settings.topic_dead_letters, False),
+        TopicSpec(settings.topic_products, True),
+        TopicSpec(settings.topic_embeddings, True),
+    ]
+
+
+def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[str, str]:
+    """Create missing topics and make sure compaction is set; safe to run any number of times.
+
+    Returns topic name -> "created" or "exists". An existing topic keeps its partition
+    count (Kafka cannot shrink it), but its ``cleanup.policy`` is corrected.
+    """
+    partitions = partitions or settings.topic_partitions
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        existing = set(admin.list_topics())
+        result: dict[str, str] = {}
+        for spec in topic_specs(settings):
+            configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+            if spec.compacted:
+                # Keep tombstones long enough for every replica to see a delete.
+                configs["delete.retention.ms"] = str(24 * 3600 * 1000)
+            if spec.name in existing:
+                result[spec.name] = "exists"
+                admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=configs)])
+                continue
+            try:
+                admin.create_topics(
+                    [NewTopic(spec.name, partitions, settings.topic_replication, topic_configs=configs)]
+                )
+                result[spec.name] = "created"
+            except TopicAlreadyExistsError:  # a concurrent `topics create`
+                result[spec.name] = "exists"
+        return result
+    finally:
+        admin.close()
+
+
+def describe_cleanup_policy(settings: Settings, topics: list[str]) -> dict[str, str]:
+    """topic -> cleanup.policy, as the broker reports it."""
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        response = admin.describe_configs(resources)
+        policies: dict[str, str] = {}
+        for resp in response if isinstance(response, list) else [response]:
+            for resource in resp.resources:
+                name = resource[3]
+                for entry in resource[4]:
+                    if entry[0] == "cleanup.policy":
+                        policies[name] = entry[1]
+        return policies
+    finally:
+        admin.close()
+
+
+def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """A kafka-python producer with safe defaults: acks=all, idempotent-sized batches."""
+    options: dict[str, Any] = {
+        **client_options(settings),
+        "acks": "all",
+        "linger_ms": 5,
+        "max_request_size": max(settings.max_message_bytes * 6, 1_048_576),
+        "retries": 5,
+    }
+    options.update(overrides)
+    return KafkaProducer(**options)
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: Any  # parsed JSON, or None for a tombstone, or the raw text when not JSON
+    timestamp: float
+
+
+def read_topic(
+    settings: Settings,
+    topic: str,
+    *,
+    from_offsets: dict[int, int] | None = None,
+    until_end: bool = True,
+    timeout_s: float = 30.0,
+    follow: bool = False,
+) -> Iterator[Record]:
+    """Read every partition of a topic outside any consumer group, from the start (or offsets).
+
+    With ``until_end`` the iterator stops once it has reached the end offsets seen at the
+    start; with ``follow`` it keeps reading until ``timeout_s`` passes without a record.
+    """
+    consumer = KafkaConsumer(
+        **client_options(settings),
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=int(timeout_s * 1000) if follow else 1000,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + timeout_s
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return
+        consumer.assign(tps)
+        for tp in tps:
+            start = (from_offsets or {}).get(tp.partition)
+            if start is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, start)
+        end = consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if consumer.position(tp) < end[tp]}
+        if until_end and not follow and not remaining:
+            return
+        while True:
+            batch = consumer.poll(timeout_ms=500, max_records=2000)
+            if not batch:
+                if until_end and not follow and not remaining:
+                    return
+                if time.monotonic() > deadline and not follow:
+                    raise TimeoutError(f"reading {topic} did not reach its end within {timeout_s:.0f} s")
+                if follow and time.monotonic() > deadline:
+                    return
+                continue
+            if follow:
+                deadline = time.monotonic() + timeout_s
+            for tp, messages in batch.items():
+                for m in messages:
+                    yield Record(tp.topic, tp.partition, m.offset, _text(m.key), _parse(m.value), m.timestamp / 1000)
+                if until_end and consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+            if until_end and not follow and not remaining:
+                return
+    finally:
+        consumer.close()
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def _parse(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw.decode("utf-8", errors="replace")
+
+
+def latest_by_key(records: Iterator[Record]) -> dict[str, Any]:
+    """The last value per key (a compacted view); tombstones remove the key."""
+    state: dict[str, Any] = {}
+    for r in records:
+        if r.key is None:
+            continue
+        if r.value is None:
+            state.pop(r.key, None)
+        else:
+            state[r.key] = r.value
+    return state

@@ -1,0 +1,45 @@
+"""Prometheus metrics of one worker, on a registry of its own (so tests can run several apps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Metrics:
+    """Counters and histograms the worker exposes on ``/metrics``."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter(
+            "simstream_events_total", "Input events by topic and outcome", ["topic", "outcome"], registry=r
+        )
+        self.dead_letters = Counter(
+            "simstream_dead_letters_total", "Events written to the dead-letter topic", ["topic"], registry=r
+        )
+        self.published = Counter(
+            "simstream_published_total", "Records published, by output topic", ["topic"], registry=r
+        )
+        self.encoder_batch_size = Histogram(
+            "simstream_encoder_batch_size", "Texts per encoder call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+        )
+        self.encoder_latency = Histogram(
+            "simstream_encoder_seconds", "Latency of one encoder call", registry=r
+        )
+        self.catalog_size = Gauge("simstream_catalog_products", "Live products in the catalog", registry=r)
+        self.index_live = Gauge("simstream_index_live", "Live vectors in the index", registry=r)
+        self.index_deleted = Gauge("simstream_index_deleted", "Deleted-but-not-reclaimed index entries", registry=r)
+        self.freshness = Histogram(
+            "simstream_freshness_seconds", "Event timestamp to publication of its own list",
+            ["topic"], buckets=FRESHNESS_BUCKETS, registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
