@@ -12,7 +12,7 @@ class SimstreamError(Exception):
     """Root of every error simstream raises on purpose."""
 
 
-class InvalidInput(SimstreamError):
+class InvalidInput(SimstreamError):  # noqa: N818 (public name)
     """An event or argument is malformed. Retrying the same input will fail again."""
 
 
@@ -32,13 +32,20 @@ class EncoderError(SimstreamError):
     """The encoder failed."""
 
 
-class EncoderUnavailable(EncoderError):
+class EncoderUnavailable(EncoderError):  # noqa: N818 (public name)
     """The encoder could not be reached within its deadline and retries. Try again later."""
 
 
-class ModelMismatch(EncoderError):
+class ModelMismatch(EncoderError):  # noqa: N818 (public name)
     """The served model's signature, dimension or version is not what simstream expects."""
 
 
 class ConfigurationError(SimstreamError):
     """A setting is missing or inconsistent; the message names the variable to fix."""
+
+
+class MissingVector(InvalidInput):
+    """A new product, or a product whose text changed, arrived without its embedding.
+
+    Call ``Recommender.needs_embedding(change)`` first and pass the encoder's vector.
+    """

@@ -1,0 +1,76 @@
+"""Settings of the recommendation core, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """Every knob of the core. The streams layer builds one from its settings.
+
+    * ``k``: items per published list.
+    * ``candidate_depth`` (C): dense neighbours that HNSW supplies for the hybrid re-rank,
+      for both similar items and substitutes. A product whose top-C holds no valid
+      substitute gets an empty substitute list.
+    * ``candidate_slack``: extra neighbours kept below the top-C per product, so that a
+      neighbour that moves away or is deleted can be replaced without a new index query.
+    * ``reverse_depth``: how many of a changed product's own dense neighbours are checked
+      for lists it now enters (HNSW only; an exact index checks every list).
+    * ``lexical_weight``: share of the lexical cosine inside the content score.
+    * ``behavior_weight``: share of the behaviour score in the final score.
+    * ``price_band``: a substitute's price must be within this fraction of the product's.
+    """
+
+    dim: int = 384
+    k: int = 10
+    candidate_depth: int = 50
+    candidate_slack: int = 16
+    reverse_depth: int = 200
+    lexical_weight: float = 0.5
+    behavior_weight: float = 0.0
+    price_band: float = 0.3
+    hnsw_ef: int = 100
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_initial_capacity: int = 1024
+    hnsw_seed: int = 100
+    rebuild_deleted_share: float = 0.3
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigurationError(f"RecommenderConfig: {message}")
+
+        need(self.dim > 0, f"dim must be positive, got {self.dim}")
+        need(self.k > 0, f"k must be positive, got {self.k}")
+        need(
+            self.candidate_depth >= self.k,
+            f"candidate_depth ({self.candidate_depth}) must be at least k ({self.k})",
+        )
+        need(self.candidate_slack >= 0, f"candidate_slack must be >= 0, got {self.candidate_slack}")
+        need(self.reverse_depth > 0, f"reverse_depth must be positive, got {self.reverse_depth}")
+        need(0.0 <= self.lexical_weight <= 1.0, f"lexical_weight must be in [0, 1], got {self.lexical_weight}")
+        need(
+            0.0 <= self.behavior_weight <= 1.0,
+            f"behavior_weight must be in [0, 1], got {self.behavior_weight}",
+        )
+        need(self.price_band >= 0.0, f"price_band must be >= 0, got {self.price_band}")
+        need(self.hnsw_ef > 0, f"hnsw_ef must be positive, got {self.hnsw_ef}")
+        need(self.hnsw_m >= 2, f"hnsw_m must be at least 2, got {self.hnsw_m}")
+        need(
+            self.hnsw_ef_construction > 0,
+            f"hnsw_ef_construction must be positive, got {self.hnsw_ef_construction}",
+        )
+        need(self.hnsw_initial_capacity > 0, "hnsw_initial_capacity must be positive")
+        need(
+            0.0 < self.rebuild_deleted_share <= 1.0,
+            f"rebuild_deleted_share must be in (0, 1], got {self.rebuild_deleted_share}",
+        )
+
+    @property
+    def buffer_depth(self) -> int:
+        """Neighbours kept per product: the top-C plus the slack."""
+        return self.candidate_depth + self.candidate_slack

@@ -1,0 +1,585 @@
+"""The ``VectorIndex`` port and its two adapters.
+
+* ``HnswIndex``: hnswlib, inner product on unit vectors; the production index.
+* ``ExactIndex``: numpy brute force; the reference the tests compare against.
+
+Both normalise every vector to unit length (float32) on the way in, so the inner product
+is the cosine, and both reject a bad batch as a whole before touching any state.
+
+Persistence: ``save(path, offsets)`` writes two files, ``path`` (the vectors) and
+``path + ".meta.json"`` (ids, settings, the stream offsets the file covers and the sha256
+of the vector file). Each file is written to a temporary name and renamed into place. The
+instance method ``load(path)`` replaces the instance's state and returns the offsets; on
+any error it raises ``SnapshotError`` and leaves the instance as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import hnswlib
+import numpy as np
+
+from serving.config import RecommenderConfig
+from serving.errors import InvalidVector, SnapshotError
+
+Offsets = dict[str, dict[int, int]]
+_META_SUFFIX = ".meta.json"
+_FORMAT = 1
+
+
+def normalize_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Validate a batch and return it as float32 unit rows; raise ``InvalidVector`` otherwise.
+
+    A 1-D vector is treated as a batch of one. Nothing is modified in place. Idempotent:
+    float32 rows whose norm is already 1 (within 1e-6) are returned unchanged.
+    """
+    arr = np.asarray(vectors)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidVector(
+            f"expected vectors of dimension {dim}, got shape {tuple(np.shape(vectors))}; "
+            "check that the encoder and the index agree on the model"
+        )
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise InvalidVector(f"vectors must be real numbers, got dtype {arr.dtype}")
+    arr64 = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr64)):
+        bad = int(np.flatnonzero(~np.all(np.isfinite(arr64), axis=1))[0])
+        raise InvalidVector(f"vector #{bad} contains NaN or Inf; re-embed the product")
+    norms = np.linalg.norm(arr64, axis=1)
+    if np.any(norms <= 1e-12):
+        bad = int(np.flatnonzero(norms <= 1e-12)[0])
+        raise InvalidVector(f"vector #{bad} has zero norm and no direction; re-embed the product")
+    out = (arr64 / norms[:, None]).astype(np.float32)
+    if arr.dtype == np.float32:
+        # Keep rows that are already unit float32 bit-for-bit, so normalising is idempotent:
+        # a stored vector passed back in (replay, rebuild, exact_lists) scores identically.
+        unit = np.abs(norms - 1.0) <= 1e-6
+        out[unit] = arr[unit]
+    return out
+
+
+def _check_ids(ids: Sequence[str], n: int) -> list[str]:
+    ids = list(ids)
+    if len(ids) != n:
+        raise InvalidVector(f"got {len(ids)} ids for {n} vectors; pass one id per row")
+    for pid in ids:
+        if not isinstance(pid, str) or not pid:
+            raise InvalidVector(f"ids must be non-empty strings, got {pid!r}")
+    return ids
+
+
+def _dedupe_last(ids: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Keep the last row for an id that repeats inside one batch (last writer wins)."""
+    if len(set(ids)) == len(ids):
+        return ids, vectors
+    last = {pid: i for i, pid in enumerate(ids)}
+    rows = sorted(last.values())
+    return [ids[i] for i in rows], vectors[rows]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(str(path) + _META_SUFFIX), json.dumps(meta, sort_keys=True).encode("utf-8"))
+
+
+def _read_meta(path: Path, kind: str) -> dict[str, Any]:
+    meta_path = Path(str(path) + _META_SUFFIX)
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(
+            f"index metadata {meta_path} is missing or corrupt ({exc}); restore the snapshot or rebuild "
+            "the index from the simstream-embeddings topic"
+        ) from exc
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("kind") != kind:
+        raise SnapshotError(f"{meta_path} is not a {kind} index file of format {_FORMAT}")
+    try:
+        digest = sha256_file(Path(path))
+    except OSError as exc:
+        raise SnapshotError(f"index file {path} cannot be read ({exc})") from exc
+    if digest != meta.get("sha256"):
+        raise SnapshotError(
+            f"index file {path} does not match its checksum (truncated or corrupt); "
+            "restore the snapshot or rebuild the index from the simstream-embeddings topic"
+        )
+    return meta
+
+
+def offsets_to_json(offsets: Mapping[str, Mapping[int, int]]) -> dict[str, dict[str, int]]:
+    """JSON object keys are strings: partitions are written as decimal strings."""
+    return {str(t): {str(p): int(o) for p, o in parts.items()} for t, parts in offsets.items()}
+
+
+def offsets_from_json(raw: Any) -> Offsets:
+    """Inverse of ``offsets_to_json``; raises ``SnapshotError`` on a malformed value."""
+    try:
+        return {str(t): {int(p): int(o) for p, o in parts.items()} for t, parts in raw.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SnapshotError(f"malformed offsets in snapshot: {exc}") from exc
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """Inner-product nearest neighbours over unit vectors, keyed by string id.
+
+    ``exact`` tells the recommender whether ``query`` is exact; when it is, reverse
+    propagation checks every list instead of the changed product's neighbourhood.
+    """
+
+    dim: int
+    exact: bool
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Insert or replace; the whole batch is validated first (``InvalidVector``)."""
+        ...
+
+    def delete(self, product_id: str) -> bool:
+        """Remove an id; ``False`` when it was not there."""
+        ...
+
+    def query(
+        self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()
+    ) -> list[tuple[str, float]]:
+        """Up to ``k`` (id, inner product) pairs, best first, never naming an excluded id."""
+        ...
+
+    def get_vector(self, product_id: str) -> np.ndarray:
+        """The stored unit vector (float32); ``KeyError`` when absent."""
+        ...
+
+    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored unit vectors as a float32 matrix, one row per id; ``KeyError`` when absent."""
+        ...
+
+    def ids(self) -> Iterator[str]:
+        """Every live id."""
+        ...
+
+    def __contains__(self, product_id: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    @property
+    def live_count(self) -> int: ...
+
+    @property
+    def deleted_count(self) -> int: ...
+
+    def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        """Write the index and the offsets it covers, atomically per file."""
+        ...
+
+    def load(self, path: Path) -> Offsets:
+        """Replace this index's state with a saved one and return its offsets."""
+        ...
+
+
+class ExactIndex:
+    """Brute-force inner product in numpy. Exact and deterministic: ties break by id."""
+
+    exact = True
+
+    def __init__(self, dim: int) -> None:
+        if dim <= 0:
+            raise ValueError("dim must be positive")
+        self.dim = dim
+        self._pos: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._mat = np.zeros((0, dim), dtype=np.float32)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, config: RecommenderConfig) -> ExactIndex:
+        return cls(config.dim)
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        rows = normalize_rows(vectors, self.dim)
+        id_list, rows = _dedupe_last(_check_ids(ids, rows.shape[0]), rows)
+        with self._lock:
+            new = [pid for pid in id_list if pid not in self._pos]
+            mat = np.concatenate([self._mat, np.zeros((len(new), self.dim), np.float32)])
+            for pid in new:
+                self._pos[pid] = len(self._ids)
+                self._ids.append(pid)
+            mat[[self._pos[pid] for pid in id_list]] = rows
+            self._mat = mat
+
+    def delete(self, product_id: str) -> bool:
+        with self._lock:
+            pos = self._pos.pop(product_id, None)
+            if pos is None:
+                return False
+            last = len(self._ids) - 1
+            if pos != last:
+                moved = self._ids[last]
+                self._ids[pos] = moved
+                self._pos[moved] = pos
+                self._mat[pos] = self._mat[last]
+            self._ids.pop()
+            self._mat = self._mat[:last].copy()
+            return True
+
+    def query(
+        self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()
+    ) -> list[tuple[str, float]]:
+        q = normalize_rows(vector, self.dim)[0].astype(np.float64)
+        with self._lock:
+            if k <= 0 or not self._ids:
+                return []
+            scores = self._mat.astype(np.float64) @ q
+            ids = np.array(self._ids, dtype=object)
+            order = np.lexsort((ids, -scores))
+            out: list[tuple[str, float]] = []
+            for i in order:
+                pid = self._ids[i]
+                if pid in exclude:
+                    continue
+                out.append((pid, float(scores[i])))
+                if len(out) >= k:
+                    break
+            return out
+
+    def get_vector(self, product_id: str) -> np.ndarray:
+        with self._lock:
+            return self._mat[self._pos[product_id]].copy()
+
+    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            return self._mat[[self._pos[pid] for pid in ids]].reshape(len(ids), self.dim).copy()
+
+    def ids(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._ids))
+
+    def __contains__(self, product_id: object) -> bool:
+        return product_id in self._pos
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def live_count(self) -> int:
+        return len(self._ids)
+
+    @property
+    def deleted_count(self) -> int:
+        return 0  # deletes compact the matrix at once
+
+    def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        path = Path(path)
+        with self._lock:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, self._mat, allow_pickle=False)
+            atomic_write_bytes(path, buf.getvalue())
+            _write_meta(
+                path,
+                {
+                    "format": _FORMAT,
+                    "kind": "exact",
+                    "dim": self.dim,
+                    "ids": self._ids,
+                    "offsets": offsets_to_json(offsets),
+                    "sha256": sha256_file(path),
+                },
+            )
+
+    def load(self, path: Path) -> Offsets:
+        path = Path(path)
+        meta = _read_meta(path, "exact")
+        try:
+            mat = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"index file {path} is corrupt ({exc})") from exc
+        ids = meta.get("ids")
+        if (
+            meta.get("dim") != self.dim
+            or not isinstance(ids, list)
+            or mat.dtype != np.float32
+            or mat.shape != (len(ids), self.dim)
+            or len(set(ids)) != len(ids)
+        ):
+            raise SnapshotError(f"index file {path} does not match its metadata or dimension {self.dim}")
+        offsets = offsets_from_json(meta.get("offsets", {}))
+        with self._lock:
+            self._ids = [str(i) for i in ids]
+            self._pos = {pid: i for i, pid in enumerate(self._ids)}
+            self._mat = mat
+        return offsets
+
+
+class HnswIndex:
+    """hnswlib behind the ``VectorIndex`` port.
+
+    * Ids are strings; hnswlib labels are integers from a counter, never reused, so a
+      stale label can never alias a new product.
+    * Updating an existing id replaces its vector in place. A new id takes a deleted slot
+      when there is one (``allow_replace_deleted``), otherwise a fresh slot.
+    * Capacity grows (doubling) before a batch is added, so a batch never half-fails.
+    * When deleted slots exceed ``rebuild_deleted_share`` of all slots, the graph is rebuilt
+      from the live vectors, which also restores search quality.
+    * Every hnswlib call runs under one re-entrant lock: hnswlib forbids concurrent
+      add/delete/resize with searches.
+    """
+
+    exact = False
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        ef: int = 100,
+        m: int = 16,
+        ef_construction: int = 200,
+        capacity: int = 1024,
+        rebuild_deleted_share: float = 0.3,
+        seed: int = 100,
+    ) -> None:
+        if dim <= 0:
+            raise ValueError("dim must be positive")
+        self.dim = dim
+        self.ef = ef
+        self.m = m
+        self.ef_construction = ef_construction
+        self.rebuild_deleted_share = rebuild_deleted_share
+        self.seed = seed
+        self.rebuilds = 0
+        self._lock = threading.RLock()
+        self._label: dict[str, int] = {}
+        self._id: dict[int, str] = {}
+        self._next_label = 0
+        self._index = self._new_index(max(16, capacity))
+
+    @classmethod
+    def from_config(cls, config: RecommenderConfig) -> HnswIndex:
+        return cls(
+            config.dim,
+            ef=config.hnsw_ef,
+            m=config.hnsw_m,
+            ef_construction=config.hnsw_ef_construction,
+            capacity=config.hnsw_initial_capacity,
+            rebuild_deleted_share=config.rebuild_deleted_share,
+            seed=config.hnsw_seed,
+        )
+
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="ip", dim=self.dim)
+        index.init_index(
+            max_elements=capacity,
+            ef_construction=self.ef_construction,
+            M=self.m,
+            random_seed=self.seed,
+            allow_replace_deleted=True,
+        )
+        index.set_ef(self.ef)
+        index.set_num_threads(1)
+        return index
+
+    def set_ef(self, ef: int) -> None:
+        """Search breadth; higher is slower and more accurate."""
+        with self._lock:
+            self.ef = ef
+            self._index.set_ef(ef)
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        rows = normalize_rows(vectors, self.dim)
+        id_list, rows = _dedupe_last(_check_ids(ids, rows.shape[0]), rows)
+        with self._lock:
+            existing = [i for i, pid in enumerate(id_list) if pid in self._label]
+            new = [i for i, pid in enumerate(id_list) if pid not in self._label]
+            # Worst case every new id needs a fresh slot: grow before touching the graph.
+            needed = self._index.get_current_count() + len(new)
+            capacity = self._index.get_max_elements()
+            if needed > capacity:
+                self._index.resize_index(max(needed, capacity * 2))
+            if existing:
+                labels = np.array([self._label[id_list[i]] for i in existing], dtype=np.uint64)
+                # replace_deleted must stay off for a label that exists: hnswlib would
+                # otherwise move it into a vacant slot and leave the old slot aliased.
+                self._index.add_items(rows[existing], labels, num_threads=1, replace_deleted=False)
+            if new:
+                labels = np.arange(self._next_label, self._next_label + len(new), dtype=np.uint64)
+                self._next_label += len(new)
+                self._index.add_items(rows[new], labels, num_threads=1, replace_deleted=True)
+                for i, label in zip(new, labels.tolist(), strict=True):
+                    self._label[id_list[i]] = label
+                    self._id[label] = id_list[i]
+
+    def delete(self, product_id: str) -> bool:
+        with self._lock:
+            label = self._label.pop(product_id, None)
+            if label is None:
+                return False
+            del self._id[label]
+            self._index.mark_deleted(label)
+            total = self._index.get_current_count()
+            if total and self.deleted_count / total > self.rebuild_deleted_share:
+                self.rebuild()
+            return True
+
+    def rebuild(self) -> None:
+        """Rebuild the graph from live vectors only, dropping every deleted slot."""
+        with self._lock:
+            ids = list(self._label)
+            vectors = self.get_vectors(ids) if ids else np.zeros((0, self.dim), np.float32)
+            index = self._new_index(max(16, int(len(ids) * 1.5) + 16))
+            labels = np.arange(len(ids), dtype=np.uint64)
+            if ids:
+                index.add_items(vectors, labels, num_threads=1)
+            self._index = index
+            self._label = {pid: i for i, pid in enumerate(ids)}
+            self._id = dict(enumerate(ids))
+            self._next_label = len(ids)
+            self.rebuilds += 1
+
+    def query(
+        self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()
+    ) -> list[tuple[str, float]]:
+        q = normalize_rows(vector, self.dim)
+        with self._lock:
+            live = len(self._label)
+            if k <= 0 or live == 0:
+                return []
+            # Ask for a few more than k so excluded ids can be dropped without a Python
+            # filter callback (which hnswlib would call once per visited node).
+            want = min(k + len(exclude), live)
+            while want > 0:
+                try:
+                    labels, dists = self._index.knn_query(q, k=want, num_threads=1)
+                    break
+                except RuntimeError:
+                    # hnswlib raises when the graph yields fewer than ``want`` live items
+                    # (many deletes, small ef): ask for fewer rather than fail.
+                    want //= 2
+            else:
+                return []
+            out: list[tuple[str, float]] = []
+            for label, dist in zip(labels[0].tolist(), dists[0].tolist(), strict=True):
+                pid = self._id.get(int(label))
+                if pid is None or pid in exclude:
+                    continue
+                out.append((pid, 1.0 - float(dist)))
+                if len(out) >= k:
+                    break
+            return out
+
+    def get_vector(self, product_id: str) -> np.ndarray:
+        return self.get_vectors([product_id])[0]
+
+    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            labels = [self._label[pid] for pid in ids]
+            if not labels:
+                return np.zeros((0, self.dim), np.float32)
+            return np.asarray(self._index.get_items(labels, return_type="numpy"), dtype=np.float32)
+
+    def ids(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._label))
+
+    def __contains__(self, product_id: object) -> bool:
+        return product_id in self._label
+
+    def __len__(self) -> int:
+        return len(self._label)
+
+    @property
+    def live_count(self) -> int:
+        return len(self._label)
+
+    @property
+    def deleted_count(self) -> int:
+        with self._lock:
+            return int(self._index.get_current_count()) - len(self._label)
+
+    @property
+    def capacity(self) -> int:
+        with self._lock:
+            return int(self._index.get_max_elements())
+
+    def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        path = Path(path)
+        with self._lock:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                self._index.save_index(tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            _write_meta(
+                path,
+                {
+                    "format": _FORMAT,
+                    "kind": "hnsw",
+                    "dim": self.dim,
+                    "labels": {pid: label for pid, label in self._label.items()},
+                    "next_label": self._next_label,
+                    "max_elements": int(self._index.get_max_elements()),
+                    "offsets": offsets_to_json(offsets),
+                    "sha256": sha256_file(path),
+                },
+            )
+
+    def load(self, path: Path) -> Offsets:
+        path = Path(path)
+        meta = _read_meta(path, "hnsw")
+        labels = meta.get("labels")
+        if meta.get("dim") != self.dim or not isinstance(labels, dict):
+            raise SnapshotError(f"index file {path} does not match dimension {self.dim} or is malformed")
+        offsets = offsets_from_json(meta.get("offsets", {}))
+        label_of = {str(pid): int(label) for pid, label in labels.items()}
+        saved_max = int(meta.get("max_elements", 0))
+        # Spare room as before, and at least a quarter more than what is stored.
+        capacity = max(saved_max, int(len(label_of) * 1.25) + 16)
+        index = hnswlib.Index(space="ip", dim=self.dim)
+        try:
+            index.load_index(str(path), max_elements=capacity, allow_replace_deleted=True)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise SnapshotError(f"index file {path} cannot be loaded by hnswlib ({exc})") from exc
+        stored = set(int(x) for x in index.get_ids_list())
+        if not set(label_of.values()) <= stored:
+            raise SnapshotError(f"index file {path} lacks labels named in its metadata")
+        index.set_ef(self.ef)
+        index.set_num_threads(1)
+        with self._lock:
+            self._index = index
+            self._label = label_of
+            self._id = {label: pid for pid, label in label_of.items()}
+            self._next_label = int(meta.get("next_label", max(label_of.values(), default=-1) + 1))
+        return offsets

@@ -1,0 +1,508 @@
+"""Neighbour lists with exact propagation: ``Recommender.apply(change) -> list[Publication]``.
+
+The definition every published list must match (DESIGN.md, "Propagation invariant"):
+
+* ``similar[p]``: the dense top-C neighbours of ``p`` (C = ``candidate_depth``, ties by
+  id), re-ranked by the hybrid content score, first ``k``;
+* ``substitutes[p]``: the same top-C, filtered by ``serving.rules.is_substitute``, ranked
+  the same way, first ``k``.
+
+``exact_lists`` computes exactly that from scratch; the recommender maintains it
+incrementally. For each owned product ``p`` it keeps a *candidate buffer*: the exact dense
+top-``n`` neighbours (``C <= n <= C + candidate_slack``, or every other product when there
+are fewer), with each pair's dense and lexical score. A reverse map says which buffers
+name a product. When ``q`` changes:
+
+* **vector (text) change or insert**: ``q`` is taken out of every buffer that named it
+  (a buffer that drops below C is refilled from the index), ``q``'s own buffer is rebuilt,
+  and ``q`` enters every buffer whose last member it beats. With an exact index every
+  buffer is checked; with HNSW the ``reverse_depth`` nearest neighbours of ``q`` are.
+* **delete**: the same removal, then tombstones for ``q``'s own lists.
+* **stock, price, group or other non-text change**: the lists whose buffers name ``q``
+  (and ``q``'s own) are re-evaluated, since substitute rules and reasons depend on them.
+
+Only lists that differ from the last published ones are returned, except that a product
+going out of stock always gets its substitutes published with ``trigger="out_of_stock"``.
+Because a removal from an exact top-n leaves an exact top-(n-1), and an insertion is only
+made when it beats the last member (or the buffer holds everything), the buffers stay
+exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
+
+Ownership: ``owns(product_id)`` decides which products get lists (scale-out: a worker
+replicates the whole index but maintains and publishes only the lists of its partitions).
+"""
+
+from __future__ import annotations
+
+import enum
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductChange
+from serving.config import RecommenderConfig
+from serving.errors import ConfigurationError, MissingVector, SimstreamError
+from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
+from serving.lexical import LexicalModel, SparseVec, cosine
+from serving.rules import is_substitute
+from serving.scoring import dense_scores, final_score, rank_candidates, reasons
+from serving.text import product_text
+
+
+class Kind(enum.StrEnum):
+    SIMILAR = "similar"
+    SUBSTITUTES = "substitutes"
+
+
+class Trigger(enum.StrEnum):
+    OUT_OF_STOCK = "out_of_stock"
+    REFRESH = "refresh"
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    """One entry of a list, with the parts of its score and why it is there."""
+
+    product_id: str
+    score: float
+    content: float
+    dense: float
+    lexical: float
+    behavior: float
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A whole list to put on the wire; ``items is None`` is a tombstone."""
+
+    kind: Kind
+    product_id: str
+    items: tuple[ScoredItem, ...] | None
+    trigger: Trigger | None
+    version: int
+
+    @property
+    def key(self) -> tuple[Kind, str]:
+        return (self.kind, self.product_id)
+
+
+@dataclass(frozen=True)
+class RecommenderStats:
+    """Counters for metrics and the web view."""
+
+    products: int
+    index_live: int
+    index_deleted: int
+    stale_events: int
+    unknown_deletes: int
+    publications: int
+    refills: int
+    lists: int
+
+
+Items = tuple[ScoredItem, ...]
+
+
+class _Buffer:
+    """Exact dense top-n of one product: keys ``(-dense, id)`` ascending, and pair scores."""
+
+    __slots__ = ("complete", "keys", "parts")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[float, str]] = []
+        self.parts: dict[str, tuple[float, float]] = {}  # id -> (dense, lexical)
+        self.complete = False  # holds every other product
+
+
+def build_lists(
+    owner: Product,
+    candidates: Iterable[tuple[str, float, float]],
+    products: Callable[[str], Product | None],
+    config: RecommenderConfig,
+) -> tuple[Items, Items]:
+    """(similar, substitutes) for ``owner`` from its top-C (id, dense, lexical) candidates."""
+    ranked = rank_candidates(candidates, config)
+    similar: list[ScoredItem] = []
+    subs: list[ScoredItem] = []
+    for pid, content, dense, lexical in ranked:
+        cand = products(pid)
+        if cand is None:
+            continue
+        item = ScoredItem(
+            product_id=pid,
+            score=final_score(content, 0.0, config),
+            content=content,
+            dense=dense,
+            lexical=lexical,
+            behavior=0.0,
+            reasons=reasons(owner, cand),
+        )
+        if len(similar) < config.k:
+            similar.append(item)
+        if len(subs) < config.k and is_substitute(owner, cand, config):
+            subs.append(item)
+        if len(similar) >= config.k and len(subs) >= config.k:
+            break
+    return tuple(similar), tuple(subs)
+
+
+def exact_lists(
+    products: Iterable[Product],
+    vectors: Mapping[str, np.ndarray],
+    config: RecommenderConfig,
+    lexical: LexicalModel | None = None,
+    *,
+    owns: Callable[[str], bool] | None = None,
+) -> dict[Kind, dict[str, Items]]:
+    """The lists a quiet service must have published, computed from scratch by brute force.
+
+    ``vectors`` maps every product id to its (not necessarily normalised) embedding;
+    ``lexical`` must be the recommender's frozen model (``Recommender.lexical``). Dense
+    scores are float64 inner products of the float32 unit vectors the index stores, so
+    they agree with the incremental ones to about 1e-12; compare scores with a tolerance.
+    """
+    lexical = lexical or LexicalModel()
+    prods = {p.product_id: p for p in products}
+    ids = sorted(prods)
+    out: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
+    if not ids:
+        return out
+    mat = normalize_rows(np.stack([np.asarray(vectors[i], dtype=np.float64) for i in ids]), config.dim)
+    m64 = mat.astype(np.float64)
+    sims = m64 @ m64.T
+    lex = {i: lexical.vectorize(product_text(prods[i])) for i in ids}
+    id_arr = np.array(ids, dtype=object)
+    c = config.candidate_depth
+    for row, pid in enumerate(ids):
+        if owns is not None and not owns(pid):
+            continue
+        scores = sims[row].copy()
+        order = [j for j in np.lexsort((id_arr, -scores)) if j != row][:c]
+        cands = [(ids[j], float(scores[j]), cosine(lex[pid], lex[ids[j]])) for j in order]
+        similar, subs = build_lists(prods[pid], cands, prods.get, config)
+        out[Kind.SIMILAR][pid] = similar
+        out[Kind.SUBSTITUTES][pid] = subs
+    return out
+
+
+def last_per_key(publications: Iterable[Publication]) -> list[Publication]:
+    """Keep the last publication per (kind, product_id), in order of last appearance."""
+    last: dict[tuple[Kind, str], Publication] = {}
+    for pub in publications:
+        last.pop(pub.key, None)
+        last[pub.key] = pub
+    return list(last.values())
+
+
+class Recommender:
+    """Catalog, vector index, candidate buffers and the published lists of one worker.
+
+    Not thread-safe: the stream applies changes one at a time (the index is locked on its
+    own for readers such as the web view).
+    """
+
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        index: VectorIndex | None = None,
+        *,
+        owns: Callable[[str], bool] | None = None,
+        lexical: LexicalModel | None = None,
+    ) -> None:
+        self.config = config
+        self.index: VectorIndex = index if index is not None else HnswIndex.from_config(config)
+        if self.index.dim != config.dim:
+            raise ConfigurationError(
+                f"index dimension {self.index.dim} differs from RecommenderConfig.dim {config.dim}"
+            )
+        if len(self.index):
+            raise ConfigurationError("Recommender needs an empty index; use Recommender.load to restore state")
+        self.owns: Callable[[str], bool] = owns if owns is not None else (lambda _pid: True)
+        self.catalog = Catalog()
+        self.lexical = lexical if lexical is not None else LexicalModel()
+        self.offsets: Offsets = {}
+        self.versions: dict[tuple[Kind, str], int] = {}
+        self._lex: dict[str, SparseVec] = {}
+        self._buf: dict[str, _Buffer] = {}
+        self._rev: dict[str, set[str]] = {}
+        self._lists: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
+        self._publications = 0
+        self._refills = 0
+
+    # ------------------------------------------------------------------ queries
+
+    def similar(self, product_id: str) -> Items | None:
+        """The current similar-items list, or ``None`` for an unknown or unowned product."""
+        return self._lists[Kind.SIMILAR].get(product_id)
+
+    def substitutes(self, product_id: str) -> Items | None:
+        """The current substitutes list, or ``None`` for an unknown or unowned product."""
+        return self._lists[Kind.SUBSTITUTES].get(product_id)
+
+    def lists(self, kind: Kind) -> dict[str, Items]:
+        """A copy of every current list of one kind."""
+        return dict(self._lists[Kind(kind)])
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        """Every stored unit vector by id (for ``exact_lists`` in tests)."""
+        ids = list(self.index.ids())
+        mat = self.index.get_vectors(ids)
+        return {pid: mat[i] for i, pid in enumerate(ids)}
+
+    def stats(self) -> RecommenderStats:
+        return RecommenderStats(
+            products=len(self.catalog),
+            index_live=self.index.live_count,
+            index_deleted=self.index.deleted_count,
+            stale_events=self.catalog.stale_events,
+            unknown_deletes=self.catalog.unknown_deletes,
+            publications=self._publications,
+            refills=self._refills,
+            lists=len(self._lists[Kind.SIMILAR]),
+        )
+
+    # ------------------------------------------------------------------ changes
+
+    def needs_embedding(self, change: ProductChange) -> Product | None:
+        """The merged product when ``change`` needs a (new) embedding, else ``None``.
+
+        Embed ``serving.text.product_text(product)``. Raises ``InvalidChange`` like
+        ``Catalog.preview``.
+        """
+        update = self.catalog.preview(change)
+        if update.applied and update.text_changed:
+            return update.after
+        return None
+
+    def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
+        """Merge one change and return every list that must be republished.
+
+        ``vector`` is required exactly when ``needs_embedding(change)`` returns a product;
+        otherwise it is ignored (a price or stock change is never re-embedded). On any
+        error (``InvalidChange``, ``MissingVector``, ``InvalidVector``) nothing changes.
+        Stale events and deletes of unknown ids are counted and return ``[]``.
+        """
+        update = self.catalog.preview(change)
+        pid = change.product_id
+        if update.outcome in (Outcome.STALE, Outcome.UNKNOWN_DELETE):
+            self.catalog.commit(update, change.ts)
+            return []
+        if update.outcome is Outcome.DELETED:
+            self.catalog.commit(update, change.ts)
+            return self._on_delete(pid)
+        after = update.after
+        assert after is not None
+        if update.text_changed:
+            if vector is None:
+                raise MissingVector(
+                    f"product {pid!r} is new or its text changed: embed product_text(product) "
+                    "and pass the vector to apply()"
+                )
+            normalize_rows(vector, self.config.dim)  # raises InvalidVector before any state changes
+            lex = self.lexical.vectorize(product_text(after))
+            self.index.upsert([pid], np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector)
+            self.catalog.commit(update, change.ts)
+            self._lex[pid] = lex
+            return self._on_vector_change(pid)
+        self.catalog.commit(update, change.ts)
+        return self._on_attributes_change(pid, update)
+
+    def apply_many(
+        self,
+        items: Sequence[tuple[ProductChange, np.ndarray | None]],
+        *,
+        on_error: Callable[[int, SimstreamError], None] | None = None,
+    ) -> list[Publication]:
+        """Apply a batch in order and return the last publication per key.
+
+        Without ``on_error`` the first bad item raises, and the publications of the items
+        before it are lost to the caller (their state is kept): streams should pass
+        ``on_error`` (item index, error) to dead-letter bad items and keep going.
+        """
+        pubs: list[Publication] = []
+        for i, (change, vector) in enumerate(items):
+            try:
+                pubs.extend(self.apply(change, vector))
+            except SimstreamError as exc:
+                if on_error is None:
+                    raise
+                on_error(i, exc)
+        return last_per_key(pubs)
+
+    def refit_lexical(self) -> list[Publication]:
+        """Refit the IDF on the current catalog and republish every list that changed.
+
+        Every lexical score moves, so this is an explicit, whole-catalog step (run it at
+        start-up after a replay, or when the catalog has grown a lot), never a side
+        effect of one streamed change.
+        """
+        self.lexical = LexicalModel.fit(product_text(p) for p in self.catalog)
+        self._lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
+        for pid, buf in self._buf.items():
+            own = self._lex[pid]
+            buf.parts = {c: (d, cosine(own, self._lex[c])) for c, (d, _lx) in buf.parts.items()}
+        return self._refresh(set(self._buf))
+
+    # ------------------------------------------------------------------ internals
+
+    def _on_vector_change(self, q: str) -> list[Publication]:
+        affected: set[str] = set()
+        old_rev = self._rev.pop(q, set())
+        for p in old_rev:
+            self._drop(p, q)
+            affected.add(p)
+        if self.owns(q):
+            self._fill(q, reuse_lexical=False)
+            affected.add(q)
+        vq = self.index.get_vector(q)
+        self._enter(q, vq, old_rev, affected)
+        return self._refresh(affected)
+
+    def _on_delete(self, q: str) -> list[Publication]:
+        own = self._buf.pop(q, None)
+        if own is not None:
+            for c in own.parts:
+                self._rev_discard(c, q)
+        self._lex.pop(q, None)
+        old_rev = self._rev.pop(q, set())
+        self.index.delete(q)
+        for p in old_rev:
+            self._drop(p, q)
+        pubs: list[Publication] = []
+        for kind in Kind:
+            if self._lists[kind].pop(q, None) is not None:
+                pubs.append(self._publish(kind, q, None, None))
+        pubs.extend(self._refresh(old_rev))
+        return pubs
+
+    def _on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
+        affected = set(self._rev.get(q, ()))
+        if q in self._buf:
+            affected.add(q)
+        return self._refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
+
+    def _rev_discard(self, c: str, p: str) -> None:
+        holders = self._rev.get(c)
+        if holders is not None:
+            holders.discard(p)
+            if not holders:
+                del self._rev[c]
+
+    def _fill(self, p: str, *, reuse_lexical: bool) -> None:
+        """(Re)build ``p``'s buffer from an index query."""
+        depth = self.config.buffer_depth
+        vp = self.index.get_vector(p)
+        found = [c for c, _ in self.index.query(vp, depth, exclude=(p,)) if c in self._lex]
+        dense = dense_scores(vp, self.index.get_vectors(found)) if found else np.zeros(0)
+        old = self._buf.get(p)
+        own_lex = self._lex[p]
+        parts: dict[str, tuple[float, float]] = {}
+        for c, d in zip(found, dense.tolist(), strict=True):
+            if reuse_lexical and old is not None and c in old.parts:
+                lx = old.parts[c][1]
+            else:
+                lx = cosine(own_lex, self._lex[c])
+            parts[c] = (d, lx)
+        buf = _Buffer()
+        buf.keys = sorted((-d, c) for c, (d, _lx) in parts.items())[:depth]
+        buf.parts = {c: parts[c] for _d, c in buf.keys}
+        buf.complete = len(self.index) - 1 <= depth
+        old_members = set(old.parts) if old is not None else set()
+        for c in old_members - buf.parts.keys():
+            self._rev_discard(c, p)
+        for c in buf.parts.keys() - old_members:
+            self._rev.setdefault(c, set()).add(p)
+        self._buf[p] = buf
+
+    def _drop(self, p: str, q: str) -> None:
+        """Take ``q`` out of ``p``'s buffer (the caller fixes ``rev[q]``); refill if too short."""
+        buf = self._buf.get(p)
+        if buf is None or q not in buf.parts:
+            return
+        key = (-buf.parts.pop(q)[0], q)
+        i = bisect_left(buf.keys, key)
+        if i < len(buf.keys) and buf.keys[i] == key:
+            del buf.keys[i]
+        else:  # float keys are exact copies, so this is only a safety net
+            buf.keys = [k for k in buf.keys if k[1] != q]
+        if not buf.complete and len(buf.keys) < self.config.candidate_depth:
+            self._refills += 1
+            self._fill(p, reuse_lexical=True)
+
+    def _enter(self, q: str, vq: np.ndarray, extra: Iterable[str], affected: set[str]) -> None:
+        """Insert ``q`` into every buffer whose last member it now beats."""
+        if self.index.exact:
+            pool: Iterable[str] = self._buf.keys()
+        else:
+            near = [c for c, _ in self.index.query(vq, self.config.reverse_depth, exclude=(q,))]
+            pool = [*near, *extra]
+        cands = [p for p in dict.fromkeys(pool) if p != q and p in self._buf and q not in self._buf[p].parts]
+        if not cands:
+            return
+        scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
+        lex_q = self._lex[q]
+        depth = self.config.buffer_depth
+        for p, d in zip(cands, scores, strict=True):
+            buf = self._buf[p]
+            key = (-d, q)
+            if not (buf.complete or not buf.keys or key < buf.keys[-1]):
+                continue
+            insort(buf.keys, key)
+            buf.parts[q] = (d, cosine(self._lex[p], lex_q))
+            self._rev.setdefault(q, set()).add(p)
+            if len(buf.keys) > depth:
+                _d, dropped = buf.keys.pop()
+                del buf.parts[dropped]
+                self._rev_discard(dropped, p)
+                buf.complete = False
+            affected.add(p)
+
+    def _compute(self, p: str) -> tuple[Items, Items]:
+        buf = self._buf[p]
+        owner = self.catalog.get(p)
+        assert owner is not None
+        top = buf.keys[: self.config.candidate_depth]
+        cands = [(c, *buf.parts[c]) for _d, c in top]
+        return build_lists(owner, cands, self.catalog.get, self.config)
+
+    def _refresh(self, affected: Iterable[str], *, out_of_stock: str | None = None) -> list[Publication]:
+        pubs: list[Publication] = []
+        for p in sorted(affected):
+            if p not in self._buf:
+                continue
+            similar, subs = self._compute(p)
+            if self._lists[Kind.SIMILAR].get(p) != similar:
+                self._lists[Kind.SIMILAR][p] = similar
+                pubs.append(self._publish(Kind.SIMILAR, p, similar, None))
+            forced = p == out_of_stock
+            if forced or self._lists[Kind.SUBSTITUTES].get(p) != subs:
+                self._lists[Kind.SUBSTITUTES][p] = subs
+                trigger = Trigger.OUT_OF_STOCK if forced else Trigger.REFRESH
+                pubs.append(self._publish(Kind.SUBSTITUTES, p, subs, trigger))
+        return pubs
+
+    def _publish(self, kind: Kind, p: str, items: Items | None, trigger: Trigger | None) -> Publication:
+        version = self.versions.get((kind, p), 0) + 1
+        self.versions[(kind, p)] = version
+        self._publications += 1
+        return Publication(kind=kind, product_id=p, items=items, trigger=trigger, version=version)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def save(self, directory: Path) -> Path:
+        """Write a checksummed snapshot; see ``serving.snapshot.save_snapshot``."""
+        from serving.snapshot import save_snapshot
+
+        return save_snapshot(self, Path(directory))
+
+    @classmethod
+    def load(
+        cls, directory: Path, config: RecommenderConfig, *, owns: Callable[[str], bool] | None = None
+    ) -> Recommender:
+        """Restore the latest complete snapshot; see ``serving.snapshot.load_snapshot``."""
+        from serving.snapshot import load_snapshot
+
+        return load_snapshot(Path(directory), config, owns=owns)

@@ -1,0 +1,36 @@
+"""Substitute rules: which candidates may replace a product on its substitutes list.
+
+A candidate ``c`` is a substitute for ``p`` when all of these hold:
+
+* ``c`` is not ``p`` and ``c`` is in stock;
+* ``c`` has the same leaf category, when both have one (case-insensitive);
+* ``c``'s price is within ``price_band`` of ``p``'s price, when both have prices;
+* ``c`` belongs to a different ``group_id``, when ``p`` has one (variants of one product
+  are not substitutes for each other).
+
+The candidate pool is ``p``'s dense top-C (``candidate_depth``) neighbours, ranked by the
+same hybrid score as similar items. A product with no valid candidate in its top-C gets an
+empty substitute list: widening the search on demand would make the list depend on
+index internals and break the "equal to a from-scratch recomputation" invariant.
+"""
+
+from __future__ import annotations
+
+from serving.catalog import Product
+from serving.config import RecommenderConfig
+
+
+def is_substitute(product: Product, candidate: Product, config: RecommenderConfig) -> bool:
+    """True when ``candidate`` may be offered in place of ``product``."""
+    if candidate.product_id == product.product_id or not candidate.in_stock:
+        return False
+    leaf, other_leaf = product.leaf_category, candidate.leaf_category
+    if leaf and other_leaf and leaf.strip().casefold() != other_leaf.strip().casefold():
+        return False
+    if (
+        product.price is not None
+        and candidate.price is not None
+        and abs(candidate.price - product.price) > config.price_band * abs(product.price) + 1e-9
+    ):
+        return False
+    return not (product.group_id is not None and candidate.group_id == product.group_id)

@@ -1,0 +1,128 @@
+"""Property tests of the propagation invariant (DESIGN.md) against a from-scratch recomputation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from core_helpers import SMALL, Stream, check_against_exact, make_index, random_upsert
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving.catalog import ProductDelete, ProductUpsert
+from serving.config import RecommenderConfig
+from serving.recommender import Kind, Recommender, Trigger
+
+OPS = ["new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retitle", "stale", "noop"]
+
+op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 10_000))
+
+
+def run_stream(
+    kind: str, config: RecommenderConfig, seed: int, initial: int, ops: list[tuple[str, int]]
+) -> Stream:
+    """Build a catalog of ``initial`` clustered products, then apply ``ops``; return the stream."""
+    rng = np.random.default_rng(seed)
+    stream = Stream(Recommender(config, make_index(kind, config)))
+    centers = rng.normal(size=(6, config.dim))
+    ts = 1.0
+    deleted: list[str] = []
+    next_id = 0
+
+    def vec() -> np.ndarray:
+        return centers[int(rng.integers(len(centers)))] + 0.6 * rng.normal(size=config.dim)
+
+    def new_product() -> None:
+        nonlocal next_id, ts
+        pid = f"p{next_id:04d}"
+        next_id += 1
+        ts += 1
+        stream.apply(random_upsert(rng, pid, ts), vec())
+
+    for _ in range(initial):
+        new_product()
+    for op, pick in ops:
+        live = sorted(stream.vectors)
+        ts += 1
+        if op == "new" or not live:
+            new_product()
+            continue
+        pid = live[pick % len(live)]
+        if op == "move":
+            stream.apply(ProductUpsert(pid, ts, title=f"moved {pick} {pid}"), vec())
+        elif op == "near_dup":
+            other = live[(pick // 7) % len(live)]
+            dup = stream.vectors[other] + 1e-3 * rng.normal(size=config.dim)
+            stream.apply(ProductUpsert(pid, ts, title=f"dup of {other}"), dup)
+        elif op == "delete":
+            stream.apply(ProductDelete(pid, ts))
+            deleted.append(pid)
+        elif op == "reinsert" and deleted:
+            back = deleted.pop(pick % len(deleted))
+            stream.apply(random_upsert(rng, back, ts), vec())
+        elif op == "stock":
+            current = stream.rec.catalog.get(pid)
+            assert current is not None
+            pubs = stream.apply(ProductUpsert(pid, ts, in_stock=not current.in_stock))
+            if current.in_stock:
+                own = [p for p in pubs if p.kind is Kind.SUBSTITUTES and p.product_id == pid]
+                assert len(own) == 1 and own[0].trigger is Trigger.OUT_OF_STOCK
+            # A stock flip changes no similar list but its owner's (reasons do not mention stock).
+            assert all(p.kind is Kind.SUBSTITUTES for p in pubs)
+        elif op == "price":
+            stream.apply(ProductUpsert(pid, ts, price=float(5 + pick % 40)))
+        elif op == "retitle":
+            stream.apply(ProductUpsert(pid, ts, title=f"renamed {pick}"), stream.vectors[pid])
+        elif op == "stale":
+            assert stream.apply(ProductUpsert(pid, ts - 10_000, title="old")) == []
+        elif op == "noop":
+            assert stream.apply(ProductUpsert(pid, ts, image_url=f"https://img/{pick}")) == []
+    return stream
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    initial=st.integers(0, 40),
+    ops=st.lists(op_strategy, max_size=60),
+)
+def test_exact_index_lists_equal_recomputation(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
+    stream = run_stream("exact", SMALL, seed, initial, ops)
+    check_against_exact(stream, exact=True)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    initial=st.integers(0, 60),
+    ops=st.lists(op_strategy, max_size=60),
+)
+def test_hnsw_index_overlap(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
+    stream = run_stream("hnsw", SMALL, seed, initial, ops)
+    check_against_exact(stream, exact=False, min_overlap=0.95)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_large_catalog_500(kind: str) -> None:
+    """Up to 500 items, with every kind of change mixed in, at the real default depths."""
+    config = RecommenderConfig(dim=16, k=10, candidate_depth=30, candidate_slack=8, reverse_depth=120)
+    rng = np.random.default_rng(7)
+    ops = [(str(rng.choice(OPS)), int(rng.integers(10_000))) for _ in range(150)]
+    stream = run_stream(kind, config, seed=11, initial=450, ops=ops)
+    assert len(stream.rec.catalog) > 400
+    check_against_exact(stream, exact=kind == "exact", min_overlap=0.95)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), ops=st.lists(op_strategy, max_size=40))
+def test_lexical_refit_republishes_to_recomputation(seed: int, ops: list[tuple[str, int]]) -> None:
+    stream = run_stream("exact", SMALL, seed, 20, ops[:20])
+    for pub in stream.rec.refit_lexical():
+        stream.published[pub.key] = pub
+        stream.all_pubs.append(pub)
+    assert stream.rec.lexical.fitted
+    check_against_exact(stream, exact=True)
+    # Streaming continues under the frozen IDF.
+    rng = np.random.default_rng(seed)
+    for i, (_op, pick) in enumerate(ops[20:]):
+        stream.apply(random_upsert(rng, f"late{pick % 30}", 10_000.0 + i), rng.normal(size=SMALL.dim))
+    check_against_exact(stream, exact=True)
