@@ -1,0 +1,141 @@
+"""The gRPC path against a real server: start-up checks, failure modes, deadlines, retries."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from encoders.tfserving import EncoderRequestError, TFServingEncoder
+from serving.errors import EncoderUnavailable, ModelMismatch
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_start_checks_metadata_and_reports_version(grpc_server: Any) -> None:
+    client = TFServingEncoder(grpc_server.address)
+    await client.start()
+    assert client.model_version == "minilm/1"
+    result = await client.encode(["adobe photoshop"])
+    assert result.model_version == "minilm/1"
+    await client.close()
+
+
+async def test_server_down_raises_unavailable_within_the_budget() -> None:
+    client = TFServingEncoder(f"127.0.0.1:{free_port()}", timeout_s=0.5, retries=3, backoff_base_s=0.05)
+    started = time.monotonic()
+    with pytest.raises(EncoderUnavailable, match="failed 4 times"):
+        await client.encode(["anything"])
+    assert time.monotonic() - started <= client.deadline_budget_s + 0.5
+    await client.close()
+
+
+async def test_slow_server_hits_the_deadline_and_retries(server_factory: Any) -> None:
+    calls = []
+
+    def slow(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        calls.append(ids.shape)
+        time.sleep(1.0)
+        return np.zeros((ids.shape[0], 384), np.float32)
+
+    server = server_factory(run=slow, workers=2)
+    client = TFServingEncoder(server.address, timeout_s=0.3, retries=1, backoff_base_s=0.01)
+    await client.start()  # metadata is fast; only Predict is slow
+    started = time.monotonic()
+    with pytest.raises(EncoderUnavailable, match="DEADLINE_EXCEEDED"):
+        await client.encode(["slow"])
+    assert time.monotonic() - started <= client.deadline_budget_s + 0.5
+    assert len(calls) == 2  # first try and one retry
+    await client.close()
+
+
+async def test_wrong_model_name_is_a_clear_mismatch(grpc_server: Any) -> None:
+    client = TFServingEncoder(grpc_server.address, model_name="bert", retries=3)
+    with pytest.raises(ModelMismatch, match=r"does not serve model 'bert'.*SIMSTREAM_MODEL_NAME"):
+        await client.start()
+    await client.close()
+
+
+async def test_missing_version_is_a_clear_mismatch(grpc_server: Any) -> None:
+    client = TFServingEncoder(grpc_server.address, model_version=9)
+    with pytest.raises(ModelMismatch, match="version 9"):
+        await client.encode(["x"])
+    await client.close()
+
+
+async def test_pinned_version_is_served(grpc_server: Any) -> None:
+    client = TFServingEncoder(grpc_server.address, model_version=1)
+    assert (await client.encode(["x"])).model_version == "minilm/1"
+    await client.close()
+
+
+async def test_wrong_signature_dimension_fails_the_start_check(server_factory: Any) -> None:
+    server = server_factory(run=lambda ids, mask: np.zeros((ids.shape[0], 384), np.float32))
+    sig = server.server._signatures["serving_default"]
+    sig.outputs["embedding"].tensor_shape.dim[1].size = 768
+    client = TFServingEncoder(server.address)
+    with pytest.raises(ModelMismatch, match="768"):
+        await client.start()
+    await client.close()
+
+
+async def test_invalid_argument_is_reported_without_retry(grpc_server: Any) -> None:
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from encoders.tfserving import int32_tensor_proto
+
+    async with grpc.aio.insecure_channel(grpc_server.address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "minilm"
+        request.inputs["input_ids"].CopyFrom(int32_tensor_proto(np.array([[101, 102]])))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Predict(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    client = TFServingEncoder(grpc_server.address, retries=3)
+    await client.start()
+    client_call = client._call
+
+    async def bad_predict(ids: np.ndarray, mask: np.ndarray) -> Any:
+        request = predict_pb2.PredictRequest()
+        client._fill_spec(request.model_spec)
+        request.inputs["input_ids"].CopyFrom(int32_tensor_proto(ids))  # no attention_mask
+        return await client_call(client._stub().Predict, request, "Predict")
+
+    client._predict = bad_predict  # type: ignore[method-assign]
+    with pytest.raises(EncoderRequestError, match="rejected"):
+        await client.encode(["x"])
+    await client.close()
+
+
+async def test_model_status(grpc_server: Any) -> None:
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    async with grpc.aio.insecure_channel(grpc_server.address) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "minilm"
+        response = await stub.GetModelStatus(request, timeout=5)
+    assert response.model_version_status[0].version == 1
+    assert response.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+def test_encode_blocking_from_sync_code(grpc_server: Any) -> None:
+    import asyncio
+
+    client = TFServingEncoder(grpc_server.address)
+    assert client.encode_blocking(["a", "b"]).vectors.shape == (2, 384)
+    asyncio.run(client.close())
