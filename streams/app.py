@@ -103,11 +103,15 @@ def create_app(settings: Settings) -> faust.App:
     )
     app.simstream = runtime  # type: ignore[attr-defined]
 
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    product_changes = app.topic(settings.topic_product_changes, **raw)
-    user_events = app.topic(settings.topic_user_events, **raw)
+    def raw_topic(name: str) -> Any:
+        # Bytes in, bytes out: decoding is ours, so a bad payload becomes a dead letter
+        # instead of a Faust decode error that would skip it.
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    product_changes = raw_topic(settings.topic_product_changes)
+    user_events = raw_topic(settings.topic_user_events)
     outputs = {
-        name: app.topic(name, **raw)
+        name: raw_topic(name)
         for name in (
             settings.topic_products,
             settings.topic_dead_letters,
@@ -120,7 +124,7 @@ def create_app(settings: Settings) -> faust.App:
     async def publish(records: Iterable[Outbound]) -> None:
         pending = []
         for record in records:
-            topic = outputs.get(record.topic) or app.topic(record.topic, **raw)
+            topic = outputs.get(record.topic) or raw_topic(record.topic)
             key, value = record.encoded()
             pending.append(await topic.send(key=key, value=value))
             metrics.published.labels(record.topic).inc()

@@ -122,14 +122,11 @@ def describe_cleanup_policy(settings: Settings, topics: list[str]) -> dict[str, 
     admin = KafkaAdminClient(**client_options(settings))
     try:
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        # kafka-python 3 answers {"topic": {name: {config: {"value": ...}}}}.
         response = admin.describe_configs(resources)
         policies: dict[str, str] = {}
-        for resp in response if isinstance(response, list) else [response]:
-            for resource in resp.resources:
-                name = resource[3]
-                for entry in resource[4]:
-                    if entry[0] == "cleanup.policy":
-                        policies[name] = entry[1]
+        for name, configs in response.get("topic", {}).items():
+            policies[name] = configs["cleanup.policy"]["value"]
         return policies
     finally:
         admin.close()

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from faust.models.fields import StringField
 
 from serving.catalog import (
     Product,
@@ -66,15 +67,16 @@ class ProductChangeRecord(faust.Record, validation=True, serializer="json"):
     product_id: str
     ts: float
     title: str | None = None
-    description: str | None = None
-    brand: str | None = None
+    # Blank text is a legitimate value ("clear the description"); Faust refuses blanks by default.
+    description: str | None = StringField(allow_blank=True, required=False, default=None)
+    brand: str | None = StringField(allow_blank=True, required=False, default=None)
     category: list[str] | None = None
     price: float | None = None
     currency: str | None = None
     in_stock: bool | None = None
     group_id: str | None = None
     attributes: dict[str, str] | None = None
-    image_url: str | None = None
+    image_url: str | None = StringField(allow_blank=True, required=False, default=None)
 
     def to_core(self) -> ProductChange:
         """The frozen core dataclass for this record."""
@@ -190,7 +192,7 @@ def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
     if not raw:
         raise DecodeError("empty message; a delete is {\"op\": \"delete\", ...}, not an empty value")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except UnicodeDecodeError:
         raise DecodeError("message is not valid UTF-8") from None
     except json.JSONDecodeError as exc:

@@ -120,5 +120,5 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment (and a ``.env`` file if present)."""
+    """The process-wide settings, read once from the environment."""
     return Settings()

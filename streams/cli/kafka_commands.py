@@ -114,6 +114,8 @@ def load_catalog(file: Path, topic: str | None, limit: int | None) -> None:
             payload = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)
             try:
                 record = decode_product_change(payload, max_bytes=settings.max_message_bytes)
+                if record.op == "upsert" and record.title is None:
+                    raise DecodeError("a catalog row is a whole product and needs a 'title'")
             except DecodeError as exc:
                 rejected[str(exc)] += 1
                 continue

@@ -1,0 +1,66 @@
+"""Settings: one frozen object, read from SIMSTREAM_* variables, validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from streams.settings import Settings
+
+
+def test_defaults_match_the_design(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var, _, _ in Settings.describe():
+        monkeypatch.delenv(var, raising=False)
+    s = Settings()
+    assert s.kafka_bootstrap == "127.0.0.1:9092" and s.encoder == "local" and s.k == 10
+    assert s.topic_product_changes == "product-changes" and s.topic_dead_letters == "simstream-dead-letters"
+    assert s.topic_partitions == 6 and s.web_host == "127.0.0.1"
+
+
+def test_environment_variables_are_read_and_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIMSTREAM_KAFKA_BOOTSTRAP", "10.0.0.1:9093, 10.0.0.2:9093")
+    monkeypatch.setenv("SIMSTREAM_K", "25")
+    monkeypatch.setenv("SIMSTREAM_PRICE_BAND", "0.2")
+    monkeypatch.setenv("SIMSTREAM_ENCODER", "grpc://127.0.0.1:8500")
+    monkeypatch.setenv("SIMSTREAM_KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("SIMSTREAM_KAFKA_SSL_CAFILE", "/etc/ca.pem")
+    s = Settings()
+    assert s.bootstrap_servers == ["10.0.0.1:9093", "10.0.0.2:9093"]
+    assert s.k == 25 and s.price_band == 0.2 and s.encoder == "grpc://127.0.0.1:8500"
+    assert s.kafka_ssl_cafile == Path("/etc/ca.pem")
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValidationError):
+        s.k = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("SIMSTREAM_K", "0"), ("SIMSTREAM_ENCODER", "http://x"), ("SIMSTREAM_LEXICAL_WEIGHT", "1.5"),
+     ("SIMSTREAM_WEB_PORT", "70000"), ("SIMSTREAM_KAFKA_SECURITY_PROTOCOL", "TLS")],
+)
+def test_invalid_values_are_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert var.removeprefix("SIMSTREAM_").lower() in str(err.value)
+
+
+def test_sasl_requires_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIMSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ValidationError, match="SASL_USERNAME"):
+        Settings()
+    monkeypatch.setenv("SIMSTREAM_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("SIMSTREAM_KAFKA_SASL_PASSWORD", "s3cret")
+    s = Settings()
+    assert "s3cret" not in repr(s)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [var for var, _, description in Settings.describe() if var not in readme or not description]
+    assert not missing, f"undocumented settings: {missing}"

@@ -1,0 +1,127 @@
+"""The worker on a real broker: events are applied, bad input is dead-lettered, nothing stops it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
+
+pytestmark = pytest.mark.integration
+
+TS = "2026-11-28T03:00:00Z"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_valid_events_are_applied_and_bad_ones_dead_lettered(
+    settings_for: Callable[..., Any], worker_factory: Callable[..., Any]
+) -> None:
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory()
+    worker.wait_ready()
+
+    topic = settings.topic_product_changes
+    good = {"op": "upsert", "product_id": "B1", "title": "Sony WH-1000XM4 Wireless Headphones",
+            "brand": "Sony", "category": ["Electronics", "Audio", "Headphones"], "price": 278.0,
+            "currency": "USD", "in_stock": True, "ts": TS}
+    bad: list[tuple[bytes, bytes | None, str]] = [
+        (b"{this is not json", b"X1", "malformed JSON"),
+        (b'[{"op": "upsert"}]', b"X2", "must be a JSON object, got array"),
+        (json.dumps({"op": "upsert", "title": "no id", "ts": TS}).encode(), b"X3", "missing required field 'product_id'"),
+        (json.dumps({"op": "upsert", "product_id": "X4", "title": "x", "price": "cheap", "ts": TS}).encode(), b"X4",
+         "'price' must be a number, got string"),
+        (json.dumps({"op": "teleport", "product_id": "X5", "ts": TS}).encode(), b"X5", "unknown op 'teleport'"),
+        (json.dumps({"op": "upsert", "product_id": "X6", "title": "x", "price": -1, "ts": TS}).encode(), b"X6",
+         "outside the allowed range"),
+        (json.dumps({"op": "upsert", "product_id": "X7", "title": "t" * 5_000_000, "ts": TS}).encode(), b"X7",
+         "over the 1,000,000-byte limit"),
+    ]
+    kafka = producer(settings, max_request_size=8 * 1024 * 1024)
+    kafka.send(topic, key=b"B1", value=json.dumps(good).encode())
+    for raw, key, _ in bad:
+        kafka.send(topic, key=key, value=raw)
+    # Sent after the bad ones: a later price change, a stale one, and a second product.
+    kafka.send(topic, key=b"B1", value=json.dumps({"op": "upsert", "product_id": "B1", "price": 250.0,
+                                                  "ts": "2026-11-28T03:05:00Z"}).encode())
+    kafka.send(topic, key=b"B1", value=json.dumps({"op": "upsert", "product_id": "B1", "price": 1.0,
+                                                  "ts": "2026-11-28T02:00:00Z"}).encode())
+    kafka.send(topic, key=b"B2", value=json.dumps({"op": "upsert", "product_id": "B2", "title": "Bose QC45",
+                                                  "ts": TS}).encode())
+    kafka.flush()
+    kafka.close()
+
+    letters = wait_for(
+        lambda: (lambda ls: ls if len(ls) >= len(bad) else None)(
+            [r.value for r in read_topic(settings, settings.topic_dead_letters)]),
+        what="dead letters",
+    )
+    assert len(letters) == len(bad)
+    by_key = {letter["key"]: letter for letter in letters}
+    for raw, key, reason in bad:
+        letter = by_key[key.decode()]
+        assert reason in letter["error"], letter["error"]
+        assert "\n" not in letter["error"]
+        assert letter["source_topic"] == topic and isinstance(letter["offset"], int)
+        assert letter["partition"] is not None
+        assert letter["payload"] == raw[: 64 * 1024].decode()
+
+    products = wait_for(
+        lambda: (lambda s: s if len(s) == 2 and s["B1"]["price"] == 250.0 else None)(
+            latest_by_key(read_topic(settings, settings.topic_products))),
+        what="both products applied",
+    )
+    assert products["B1"]["title"] == "Sony WH-1000XM4 Wireless Headphones"
+    assert products["B1"]["category"] == ["Electronics", "Audio", "Headphones"]
+    assert products["B2"]["title"] == "Bose QC45"
+
+    status, body = worker.get("/products/B1")
+    assert status == 200 and body["price"] == 250.0
+    status, health = worker.get("/health")
+    assert status == 200 and health["products"] == 2 and health["stale_events"] == 1
+    status, body = worker.get("/products/nope")
+    assert status == 404 and "unknown product" in body["error"]
+    assert worker.alive
+
+
+def test_a_restarted_worker_gets_its_catalog_back(
+    settings_for: Callable[..., Any], worker_factory: Callable[..., Any], simstream_cli: str,
+    isolated_env: dict[str, str], tmp_path: Any,
+) -> None:
+    settings = settings_for()
+    create_topics(settings)
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(
+        json.dumps({"op": "upsert", "product_id": f"P{i}", "title": f"Product {i}", "price": 10.0 + i, "ts": TS}) + "\n"
+        for i in range(20)) + "not json\n" + json.dumps({"op": "upsert", "product_id": "P99", "ts": TS}) + "\n")
+    env = {**__import__("os").environ, **isolated_env}
+    loaded = subprocess.run([simstream_cli, "load-catalog", str(catalog)], env=env, capture_output=True,
+                            text=True, check=True)
+    assert "sent 20 products" in loaded.stdout and "rejected 2" in loaded.stdout
+    assert "malformed JSON" in loaded.stdout and "needs a 'title'" in loaded.stdout
+
+    first = worker_factory()
+    first.wait_ready()
+    wait_for(lambda: first.get("/health")[1]["products"] == 20, what="20 products applied")
+    first.stop()
+
+    second = worker_factory()
+    second.wait_ready()
+    status, health = second.get("/health")
+    assert health["products"] == 20
+    status, body = second.get("/products/P7")
+    assert status == 200 and body["price"] == 17.0
