@@ -421,8 +421,9 @@ class HnswIndex:
         with self._lock:
             existing = [i for i, pid in enumerate(id_list) if pid in self._label]
             new = [i for i, pid in enumerate(id_list) if pid not in self._label]
-            # Worst case every new id needs a fresh slot: grow before touching the graph.
-            needed = self._index.get_current_count() + len(new)
+            # New ids fill deleted slots first; grow for the rest before touching the graph.
+            fresh = max(0, len(new) - self.deleted_count)
+            needed = self._index.get_current_count() + fresh
             capacity = self._index.get_max_elements()
             if needed > capacity:
                 self._index.resize_index(max(needed, capacity * 2))
