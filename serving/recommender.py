@@ -220,6 +220,25 @@ class Recommender:
             )
         if len(self.index):
             raise ConfigurationError("Recommender needs an empty index; use Recommender.load to restore state")
+        self._init_state(owns, lexical)
+
+    @classmethod
+    def _restored(
+        cls,
+        config: RecommenderConfig,
+        index: VectorIndex,
+        *,
+        owns: Callable[[str], bool] | None,
+        lexical: LexicalModel,
+    ) -> Recommender:
+        """An instance around an already-filled index, for ``serving.snapshot`` to populate."""
+        rec = cls.__new__(cls)
+        rec.config = config
+        rec.index = index
+        rec._init_state(owns, lexical)
+        return rec
+
+    def _init_state(self, owns: Callable[[str], bool] | None, lexical: LexicalModel | None) -> None:
         self.owns: Callable[[str], bool] = owns if owns is not None else (lambda _pid: True)
         self.catalog = Catalog()
         self.lexical = lexical if lexical is not None else LexicalModel()

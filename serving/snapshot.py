@@ -1,0 +1,359 @@
+"""Snapshots of a ``Recommender``: checksummed, atomic, and free of pickle.
+
+Layout under the snapshot root directory::
+
+    CURRENT                    name of the latest complete snapshot (replaced atomically)
+    snap-<unix ms>-<rand>/     one complete snapshot
+        manifest.json          format, index kind, dim, offsets, sha256 + size of every file
+        catalog.json           products, delete timestamps, stale/unknown-delete counters
+        state.json             product id table, versions, counters, lexical document count
+        buf_*.npy              candidate buffers (owner, members, dense and lexical scores)
+        lex_*.npy, idf.npy     lexical vectors of every product and the frozen IDF
+        index.bin(.meta.json)  the vector index in its own format (hnswlib or .npy)
+
+A save writes a hidden temporary directory, fsyncs it, renames it to ``snap-...``, and only
+then points ``CURRENT`` at it; the previous snapshot is kept until the new one is complete
+(one previous snapshot is kept after that, the older ones are pruned). A load verifies
+every checksum before parsing anything and builds a new ``Recommender``, so a corrupt or
+truncated file raises ``SnapshotError`` and never yields a half-loaded state.
+
+The published lists and the reverse map are *derived* state: they are recomputed from the
+saved candidate buffers on load, with the same code that produced them, so they come back
+identical without being stored twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.catalog import Catalog, Product
+from serving.config import RecommenderConfig
+from serving.errors import SnapshotError
+from serving.index import (
+    ExactIndex,
+    HnswIndex,
+    VectorIndex,
+    atomic_write_bytes,
+    offsets_from_json,
+    offsets_to_json,
+    sha256_file,
+)
+from serving.lexical import LexicalModel
+from serving.recommender import Kind, Recommender, _Buffer
+
+FORMAT = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.bin"
+KEEP_PREVIOUS = 1
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(rec: Recommender, root: Path) -> Path:
+    """Write ``rec`` under ``root`` and return the new snapshot directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        _write_files(rec, tmp)
+        final = root / f"snap-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        atomic_write_bytes(root / CURRENT, final.name.encode("utf-8"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep=final.name)
+    return final
+
+
+def _prune(root: Path, keep: str) -> None:
+    snaps = sorted(p for p in root.glob("snap-*") if p.is_dir() and p.name != keep)
+    for old in snaps[: max(0, len(snaps) - KEEP_PREVIOUS)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale_tmp in root.glob(".tmp-*"):
+        # Left by a crash during an earlier save; never referenced by CURRENT.
+        if stale_tmp.is_dir() and time.time() - stale_tmp.stat().st_mtime > 3600:
+            shutil.rmtree(stale_tmp, ignore_errors=True)
+
+
+def _write_files(rec: Recommender, out: Path) -> None:
+    products = sorted(rec.catalog, key=lambda p: p.product_id)
+    ids = [p.product_id for p in products]
+    pos = {pid: i for i, pid in enumerate(ids)}
+    files: dict[str, bytes] = {}
+
+    files["catalog.json"] = json.dumps(
+        {
+            "products": [asdict(p) for p in products],
+            "deleted_at": rec.catalog._deleted_at,
+            "stale_events": rec.catalog.stale_events,
+            "unknown_deletes": rec.catalog.unknown_deletes,
+        },
+        sort_keys=True,
+    ).encode("utf-8")
+
+    owners = sorted(rec._buf)
+    indptr = [0]
+    cand: list[int] = []
+    dense: list[float] = []
+    lex: list[float] = []
+    for owner in owners:
+        buf = rec._buf[owner]
+        for _key, c in buf.keys:
+            d, lx = buf.parts[c]
+            cand.append(pos[c])
+            dense.append(d)
+            lex.append(lx)
+        indptr.append(len(cand))
+    files["buf_owner.npy"] = _npy_bytes(np.array([pos[o] for o in owners], dtype=np.int32))
+    files["buf_indptr.npy"] = _npy_bytes(np.array(indptr, dtype=np.int64))
+    files["buf_cand.npy"] = _npy_bytes(np.array(cand, dtype=np.int32))
+    files["buf_dense.npy"] = _npy_bytes(np.array(dense, dtype=np.float64))
+    files["buf_lex.npy"] = _npy_bytes(np.array(lex, dtype=np.float64))
+    files["buf_complete.npy"] = _npy_bytes(np.array([rec._buf[o].complete for o in owners], dtype=np.bool_))
+
+    lex_ptr = [0]
+    lex_idx: list[np.ndarray] = []
+    lex_val: list[np.ndarray] = []
+    for pid in ids:
+        idx, val = rec._lex[pid]
+        lex_idx.append(idx)
+        lex_val.append(val)
+        lex_ptr.append(lex_ptr[-1] + len(idx))
+    files["lex_indptr.npy"] = _npy_bytes(np.array(lex_ptr, dtype=np.int64))
+    files["lex_indices.npy"] = _npy_bytes(
+        np.concatenate(lex_idx).astype(np.int32) if lex_idx else np.zeros(0, np.int32)
+    )
+    files["lex_values.npy"] = _npy_bytes(
+        np.concatenate(lex_val).astype(np.float32) if lex_val else np.zeros(0, np.float32)
+    )
+    if rec.lexical.idf is not None:
+        files["idf.npy"] = _npy_bytes(rec.lexical.idf)
+
+    files["state.json"] = json.dumps(
+        {
+            "ids": ids,
+            "versions": [[str(kind), pid, v] for (kind, pid), v in sorted(rec.versions.items())],
+            "publications": rec._publications,
+            "refills": rec._refills,
+            "lexical_docs": rec.lexical.n_docs,
+        },
+        sort_keys=True,
+    ).encode("utf-8")
+
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    rec.index.save(out / INDEX_FILE, rec.offsets)
+
+    manifest = {
+        "format": FORMAT,
+        "created_at": time.time(),
+        "index_kind": "exact" if isinstance(rec.index, ExactIndex) else "hnsw",
+        "dim": rec.config.dim,
+        "offsets": offsets_to_json(rec.offsets),
+        "files": {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(out.iterdir())
+            if p.is_file()
+        },
+    }
+    for p in out.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8"))
+
+
+def _fail(snap: Path, what: str) -> SnapshotError:
+    return SnapshotError(
+        f"snapshot {snap} is unusable: {what}. Load an earlier snapshot from the same directory, "
+        "or start empty and replay the compacted topics from offset 0"
+    )
+
+
+def resolve_snapshot(root: Path) -> Path:
+    """The directory ``CURRENT`` names (or ``root`` itself when it is a snapshot directory)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return root
+    try:
+        name = (root / CURRENT).read_text("utf-8").strip()
+    except OSError as exc:
+        raise SnapshotError(f"no snapshot under {root}: {CURRENT} cannot be read ({exc})") from exc
+    if not name.startswith("snap-") or "/" in name or not (root / name).is_dir():
+        raise SnapshotError(f"{root / CURRENT} names {name!r}, which is not a snapshot directory")
+    return root / name
+
+
+def _verify(snap: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((snap / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _fail(snap, f"{MANIFEST} is missing or corrupt ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(snap, f"{MANIFEST} is not format {FORMAT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or INDEX_FILE not in files or "catalog.json" not in files:
+        raise _fail(snap, f"{MANIFEST} lists no files")
+    for name, entry in files.items():
+        path = snap / name
+        if "/" in name or not path.is_file():
+            raise _fail(snap, f"file {name} is missing")
+        if path.stat().st_size != entry.get("bytes"):
+            raise _fail(snap, f"file {name} is truncated or has the wrong size")
+        if sha256_file(path) != entry.get("sha256"):
+            raise _fail(snap, f"file {name} does not match its sha256 checksum")
+    return manifest
+
+
+def _npy(snap: Path, name: str, dtype: Any) -> np.ndarray:
+    try:
+        arr = np.load(snap / name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise _fail(snap, f"{name} cannot be read ({exc})") from exc
+    if arr.dtype != dtype or arr.ndim != 1:
+        raise _fail(snap, f"{name} has dtype {arr.dtype}, expected a 1-D {np.dtype(dtype)}")
+    return arr
+
+
+def _product(raw: dict[str, Any]) -> Product:
+    raw = dict(raw)
+    raw["category"] = tuple(raw.get("category") or ())
+    raw["attributes"] = tuple((str(k), str(v)) for k, v in raw.get("attributes") or ())
+    return Product(**raw)
+
+
+def load_snapshot(
+    root: Path, config: RecommenderConfig, *, owns: Callable[[str], bool] | None = None
+) -> Recommender:
+    """Build a new ``Recommender`` from the snapshot ``root`` points at.
+
+    ``owns`` must be the same ownership as when the snapshot was written (buffers exist
+    only for owned products). Raises ``SnapshotError`` on any missing, corrupt or
+    inconsistent file; nothing is returned half-built.
+    """
+    snap = resolve_snapshot(Path(root))
+    manifest = _verify(snap)
+    if manifest.get("dim") != config.dim:
+        raise _fail(snap, f"its dimension {manifest.get('dim')} differs from the configured {config.dim}")
+    kind = manifest.get("index_kind")
+    index: VectorIndex
+    if kind == "exact":
+        index = ExactIndex(config.dim)
+    elif kind == "hnsw":
+        index = HnswIndex.from_config(config)
+    else:
+        raise _fail(snap, f"unknown index kind {kind!r}")
+    try:
+        return _build(snap, manifest, config, index, owns)
+    except SnapshotError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, AssertionError) as exc:
+        raise _fail(snap, f"inconsistent content ({type(exc).__name__}: {exc})") from exc
+
+
+def _build(
+    snap: Path,
+    manifest: dict[str, Any],
+    config: RecommenderConfig,
+    index: VectorIndex,
+    owns: Callable[[str], bool] | None,
+) -> Recommender:
+    offsets = offsets_from_json(manifest.get("offsets", {}))
+    index.load(snap / INDEX_FILE)
+    catalog_raw = json.loads((snap / "catalog.json").read_text("utf-8"))
+    state = json.loads((snap / "state.json").read_text("utf-8"))
+    ids: list[str] = [str(i) for i in state["ids"]]
+
+    catalog = Catalog()
+    for raw in catalog_raw["products"]:
+        catalog.restore(_product(raw))
+    catalog._deleted_at.update({str(k): float(v) for k, v in catalog_raw["deleted_at"].items()})
+    catalog.stale_events = int(catalog_raw["stale_events"])
+    catalog.unknown_deletes = int(catalog_raw["unknown_deletes"])
+    if sorted(p.product_id for p in catalog) != ids or sorted(index.ids()) != ids:
+        raise _fail(snap, "catalog, index and state name different products")
+
+    idf_path = snap / "idf.npy"
+    idf = None
+    if "idf.npy" in manifest["files"]:
+        idf = np.load(idf_path, allow_pickle=False)
+    lexical = LexicalModel(idf, int(state.get("lexical_docs", 0)))
+
+    rec = Recommender._restored(config, index, owns=owns, lexical=lexical)
+    rec.catalog = catalog
+    rec.offsets = offsets
+    rec.versions = {(Kind(k), str(pid)): int(v) for k, pid, v in state["versions"]}
+    rec._publications = int(state.get("publications", 0))
+    rec._refills = int(state.get("refills", 0))
+
+    lex_ptr = _npy(snap, "lex_indptr.npy", np.int64)
+    lex_idx = _npy(snap, "lex_indices.npy", np.int32)
+    lex_val = _npy(snap, "lex_values.npy", np.float32)
+    if len(lex_ptr) != len(ids) + 1 or lex_ptr[-1] != len(lex_idx) or len(lex_idx) != len(lex_val):
+        raise _fail(snap, "lexical arrays do not match the product table")
+    for i, pid in enumerate(ids):
+        a, b = int(lex_ptr[i]), int(lex_ptr[i + 1])
+        rec._lex[pid] = (lex_idx[a:b].copy(), lex_val[a:b].copy())
+
+    owner = _npy(snap, "buf_owner.npy", np.int32)
+    indptr = _npy(snap, "buf_indptr.npy", np.int64)
+    cand = _npy(snap, "buf_cand.npy", np.int32)
+    dense = _npy(snap, "buf_dense.npy", np.float64)
+    lex = _npy(snap, "buf_lex.npy", np.float64)
+    complete = _npy(snap, "buf_complete.npy", np.bool_)
+    if (
+        len(indptr) != len(owner) + 1
+        or len(complete) != len(owner)
+        or indptr[-1] != len(cand)
+        or not len(cand) == len(dense) == len(lex)
+    ):
+        raise _fail(snap, "candidate buffer arrays do not match each other")
+    cand_ids = [ids[c] for c in cand.tolist()]
+    dense_l, lex_l = dense.tolist(), lex.tolist()
+    for j, o in enumerate(owner.tolist()):
+        buf = _Buffer()
+        a, b = int(indptr[j]), int(indptr[j + 1])
+        buf.keys = [(-dense_l[i], cand_ids[i]) for i in range(a, b)]
+        buf.parts = {cand_ids[i]: (dense_l[i], lex_l[i]) for i in range(a, b)}
+        buf.complete = bool(complete[j])
+        pid = ids[o]
+        rec._buf[pid] = buf
+        for c in buf.parts:
+            rec._rev.setdefault(c, set()).add(pid)
+    for pid in rec._buf:
+        similar, subs = rec._compute(pid)
+        rec._lists[Kind.SIMILAR][pid] = similar
+        rec._lists[Kind.SUBSTITUTES][pid] = subs
+    return rec

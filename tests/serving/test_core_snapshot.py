@@ -1,0 +1,177 @@
+"""Snapshots: round trip, resume mid-stream, atomicity, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from core_helpers import SMALL, Stream, make_index, random_upsert
+
+from serving.catalog import ProductChange, ProductDelete, ProductUpsert
+from serving.errors import SnapshotError
+from serving.recommender import Kind, Publication, Recommender
+from serving.snapshot import CURRENT, MANIFEST, resolve_snapshot
+
+
+def make_changes(seed: int, n: int) -> list[tuple[ProductChange, np.ndarray | None]]:
+    """A deterministic stream: inserts, moves, deletes, stock and price flips."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[ProductChange, np.ndarray | None]] = []
+    live: list[str] = []
+    for i in range(n):
+        ts = float(i + 1)
+        r = rng.random()
+        if r < 0.5 or len(live) < 5:
+            pid = f"p{int(rng.integers(0, 80)):03d}"
+            out.append((random_upsert(rng, pid, ts), rng.normal(size=SMALL.dim)))
+            if pid not in live:
+                live.append(pid)
+        elif r < 0.6:
+            out.append((ProductDelete(live.pop(int(rng.integers(len(live)))), ts), None))
+        elif r < 0.75:
+            pid = live[int(rng.integers(len(live)))]
+            out.append((ProductUpsert(pid, ts, title=f"moved {i}"), rng.normal(size=SMALL.dim)))
+        elif r < 0.9:
+            pid = live[int(rng.integers(len(live)))]
+            out.append((ProductUpsert(pid, ts, in_stock=bool(rng.random() < 0.5)), None))
+        else:
+            pid = live[int(rng.integers(len(live)))]
+            out.append((ProductUpsert(pid, ts, price=float(rng.integers(5, 50))), None))
+    return out
+
+
+def feed(rec: Recommender, changes: list[tuple[ProductChange, np.ndarray | None]]) -> list[Publication]:
+    pubs: list[Publication] = []
+    for change, vector in changes:
+        needed = rec.needs_embedding(change)
+        pubs += rec.apply(change, vector if needed is not None else None)
+    return pubs
+
+
+def state(rec: Recommender) -> tuple[object, ...]:
+    ids = sorted(rec.index.ids())
+    return (
+        sorted(rec.catalog, key=lambda p: p.product_id),
+        rec.lists(Kind.SIMILAR),
+        rec.lists(Kind.SUBSTITUTES),
+        rec.versions,
+        ids,
+        rec.index.get_vectors(ids).tobytes(),
+        rec.offsets,
+        rec.stats(),
+        rec.catalog.get("p001"),
+    )
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_save_mid_stream_reload_and_finish_equals_uninterrupted(kind: str, tmp_path: Path) -> None:
+    changes = make_changes(3, 400)
+    straight = Recommender(SMALL, make_index(kind, SMALL))
+    straight_pubs = feed(straight, changes)
+
+    first = Recommender(SMALL, make_index(kind, SMALL))
+    pubs = feed(first, changes[:200])
+    first.offsets = {"product-changes": {0: 200, 1: 7}}
+    first.save(tmp_path / "snap")
+    resumed = Recommender.load(tmp_path / "snap", SMALL)
+    assert resumed.offsets == {"product-changes": {0: 200, 1: 7}}
+    assert state(resumed)[:6] == state(first)[:6]
+    pubs += feed(resumed, changes[200:])
+    resumed.offsets = straight.offsets = {}
+    assert state(resumed) == state(straight)
+    assert pubs == straight_pubs  # the same publications, versions included
+
+
+def test_refit_idf_survives_a_snapshot(tmp_path: Path) -> None:
+    changes = make_changes(5, 120)
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    feed(rec, changes[:60])
+    rec.refit_lexical()
+    rec.save(tmp_path)
+    back = Recommender.load(tmp_path, SMALL)
+    assert back.lexical.fitted and np.array_equal(back.lexical.idf, rec.lexical.idf)  # type: ignore[arg-type]
+    assert feed(back, changes[60:]) == feed(rec, changes[60:])
+    assert state(back) == state(rec)
+
+
+def test_empty_recommender_round_trips(tmp_path: Path) -> None:
+    rec = Recommender(SMALL, make_index("hnsw", SMALL))
+    rec.save(tmp_path)
+    back = Recommender.load(tmp_path, SMALL)
+    assert len(back.catalog) == 0 and back.lists(Kind.SIMILAR) == {}
+    assert feed(back, make_changes(1, 10))
+
+
+def test_saves_are_atomic_and_keep_the_previous_snapshot(tmp_path: Path) -> None:
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    changes = make_changes(2, 30)
+    feed(rec, changes[:10])
+    first = rec.save(tmp_path)
+    feed(rec, changes[10:20])
+    second = rec.save(tmp_path)
+    assert resolve_snapshot(tmp_path) == second and first.is_dir()
+    feed(rec, changes[20:])
+    third = rec.save(tmp_path)
+    assert not first.exists() and second.is_dir() and third.is_dir()
+    assert (tmp_path / CURRENT).read_text() == third.name
+    assert not list(tmp_path.glob(".tmp-*"))
+    # A crash after the temp dir is written but before CURRENT moves leaves the last good one.
+    (tmp_path / ".tmp-crashed").mkdir()
+    (tmp_path / ".tmp-crashed" / "catalog.json").write_text("{}")
+    assert Recommender.load(tmp_path, SMALL).stats().products == len(rec.catalog)
+
+
+def _corrupt(snap: Path, how: str) -> None:
+    if how == "truncate-index":
+        data = (snap / "index.bin").read_bytes()
+        (snap / "index.bin").write_bytes(data[: len(data) // 3])
+    elif how == "flip-catalog":
+        data = bytearray((snap / "catalog.json").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (snap / "catalog.json").write_bytes(bytes(data))
+    elif how == "truncate-npy":
+        data = (snap / "buf_dense.npy").read_bytes()
+        (snap / "buf_dense.npy").write_bytes(data[:-8])
+    elif how == "missing-file":
+        (snap / "state.json").unlink()
+    elif how == "manifest":
+        (snap / MANIFEST).write_text(json.dumps({"format": 1})[:-3])
+    elif how == "forged-manifest":
+        # Content that passes checksums but contradicts itself must still be refused.
+        (snap / "state.json").write_text(json.dumps({"ids": ["nope"], "versions": []}))
+        manifest = json.loads((snap / MANIFEST).read_text())
+        import hashlib
+
+        data = (snap / "state.json").read_bytes()
+        manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (snap / MANIFEST).write_text(json.dumps(manifest))
+    elif how == "current":
+        (snap.parent / CURRENT).write_text("../../etc")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["truncate-index", "flip-catalog", "truncate-npy", "missing-file", "manifest", "forged-manifest", "current"],
+)
+def test_corrupt_or_truncated_snapshot_raises_snapshot_error(how: str, tmp_path: Path) -> None:
+    rec = Recommender(SMALL, make_index("hnsw", SMALL))
+    feed(rec, make_changes(4, 60))
+    snap = rec.save(tmp_path)
+    _corrupt(snap, how)
+    with pytest.raises(SnapshotError, match=r"snapshot|CURRENT"):
+        Recommender.load(tmp_path, SMALL)
+
+
+def test_missing_snapshot_and_wrong_dim(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError):
+        Recommender.load(tmp_path / "nothing", SMALL)
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    stream = Stream(rec)
+    stream.apply(ProductUpsert("a", 1, title="a"), np.ones(SMALL.dim))
+    rec.save(tmp_path)
+    from dataclasses import replace
+
+    with pytest.raises(SnapshotError, match="dimension"):
+        Recommender.load(tmp_path, replace(SMALL, dim=16))
