@@ -176,6 +176,12 @@ class VectorIndex(Protocol):
         """Up to ``k`` (id, inner product) pairs, best first, never naming an excluded id."""
         ...
 
+    def query_batch(
+        self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """``query`` for every row; ``exclude[i]`` (e.g. the row's own id) is left out of row i."""
+        ...
+
     def get_vector(self, product_id: str) -> np.ndarray:
         """The stored unit vector (float32); ``KeyError`` when absent."""
         ...
@@ -271,6 +277,13 @@ class ExactIndex:
                 if len(out) >= k:
                     break
             return out
+
+    def query_batch(
+        self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        rows = normalize_rows(vectors, self.dim)
+        skip = list(exclude) if exclude is not None else [None] * len(rows)
+        return [self.query(row, k, exclude=(x,) if x else ()) for row, x in zip(rows, skip, strict=True)]
 
     def get_vector(self, product_id: str) -> np.ndarray:
         with self._lock:
@@ -435,7 +448,8 @@ class HnswIndex:
             if new:
                 labels = np.arange(self._next_label, self._next_label + len(new), dtype=np.uint64)
                 self._next_label += len(new)
-                self._index.add_items(rows[new], labels, num_threads=1, replace_deleted=True)
+                threads = -1 if len(new) >= 1024 else 1  # big batches: bulk load, use every core
+                self._index.add_items(rows[new], labels, num_threads=threads, replace_deleted=True)
                 for i, label in zip(new, labels.tolist(), strict=True):
                     self._label[id_list[i]] = label
                     self._id[label] = id_list[i]
@@ -496,6 +510,36 @@ class HnswIndex:
                 out.append((pid, 1.0 - float(dist)))
                 if len(out) >= k:
                     break
+            return out
+
+    def query_batch(
+        self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        rows = normalize_rows(vectors, self.dim)
+        skip = list(exclude) if exclude is not None else [None] * len(rows)
+        if len(skip) != len(rows):
+            raise InvalidVector("query_batch: pass one exclude entry per row")
+        with self._lock:
+            live = len(self._label)
+            if k <= 0 or live == 0 or len(rows) == 0:
+                return [[] for _ in range(len(rows))]
+            want = min(k + 1, live)
+            try:
+                # All cores: this is the bulk path (start-up, replays), not the per-event one.
+                labels, dists = self._index.knn_query(rows, k=want, num_threads=-1)
+            except RuntimeError:
+                return [self.query(r, k, exclude=(x,) if x else ()) for r, x in zip(rows, skip, strict=True)]
+            out: list[list[tuple[str, float]]] = []
+            for row_labels, row_dists, x in zip(labels.tolist(), dists.tolist(), skip, strict=True):
+                found: list[tuple[str, float]] = []
+                for label, dist in zip(row_labels, row_dists, strict=True):
+                    pid = self._id.get(int(label))
+                    if pid is None or pid == x:
+                        continue
+                    found.append((pid, 1.0 - float(dist)))
+                    if len(found) >= k:
+                        break
+                out.append(found)
             return out
 
     def get_vector(self, product_id: str) -> np.ndarray:

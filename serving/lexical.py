@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -106,16 +106,30 @@ class LexicalModel:
 
 def cosine(a: SparseVec, b: SparseVec) -> float:
     """Cosine of two normalised sparse vectors (their dot product), in float64."""
+    return cosine_many(a, [b])[0]
+
+
+def cosine_many(a: SparseVec, others: Sequence[SparseVec]) -> list[float]:
+    """``cosine(a, b)`` for every ``b`` in one vectorised pass.
+
+    Each result is the float64 sum, in ``b``'s bucket order, of the matching products, so
+    a pair scores bit-for-bit the same whether it is computed alone or in a batch.
+    """
+    n = len(others)
     ai, av = a
-    bi, bv = b
-    if ai.size == 0 or bi.size == 0:
-        return 0.0
-    _, ia, ib = np.intersect1d(ai, bi, assume_unique=True, return_indices=True)
-    if ia.size == 0:
-        return 0.0
-    return float(np.dot(av[ia].astype(np.float64), bv[ib].astype(np.float64)))
-
-
-def cosine_many(a: SparseVec, others: list[SparseVec]) -> list[float]:
-    """``cosine(a, b)`` for every ``b``; same values as ``cosine``, one call per pair."""
-    return [cosine(a, b) for b in others]
+    if n == 0:
+        return []
+    if ai.size == 0:
+        return [0.0] * n
+    lengths = np.fromiter((len(b[0]) for b in others), dtype=np.int64, count=n)
+    if int(lengths.sum()) == 0:
+        return [0.0] * n
+    bi = np.concatenate([b[0] for b in others])
+    bv = np.concatenate([b[1] for b in others]).astype(np.float64)
+    pos = np.searchsorted(ai, bi)
+    pos[pos >= ai.size] = 0
+    match = ai[pos] == bi
+    prod = np.where(match, av.astype(np.float64)[pos] * bv, 0.0)
+    seg = np.repeat(np.arange(n), lengths)
+    # bincount adds each bin's weights sequentially: deterministic and batch-independent.
+    return np.bincount(seg, weights=prod, minlength=n).tolist()

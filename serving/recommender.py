@@ -34,18 +34,18 @@ replicates the whole index but maintains and publishes only the lists of its par
 from __future__ import annotations
 
 import enum
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductChange
+from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.errors import ConfigurationError, MissingVector, SimstreamError
+from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
 from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
-from serving.lexical import LexicalModel, SparseVec, cosine
+from serving.lexical import LexicalModel, SparseVec, cosine, cosine_many
 from serving.rules import is_substitute
 from serving.scoring import dense_scores, final_score, rank_candidates, reasons
 from serving.text import product_text
@@ -131,6 +131,10 @@ def build_lists(
         cand = products(pid)
         if cand is None:
             continue
+        want_similar = len(similar) < config.k
+        want_sub = len(subs) < config.k and is_substitute(owner, cand, config)
+        if not (want_similar or want_sub):
+            continue
         item = ScoredItem(
             product_id=pid,
             score=final_score(content, 0.0, config),
@@ -140,9 +144,9 @@ def build_lists(
             behavior=0.0,
             reasons=reasons(owner, cand),
         )
-        if len(similar) < config.k:
+        if want_similar:
             similar.append(item)
-        if len(subs) < config.k and is_substitute(owner, cand, config):
+        if want_sub:
             subs.append(item)
         if len(similar) >= config.k and len(subs) >= config.k:
             break
@@ -181,7 +185,8 @@ def exact_lists(
             continue
         scores = sims[row].copy()
         order = [j for j in np.lexsort((id_arr, -scores)) if j != row][:c]
-        cands = [(ids[j], float(scores[j]), cosine(lex[pid], lex[ids[j]])) for j in order]
+        lexical_scores = cosine_many(lex[pid], [lex[ids[j]] for j in order])
+        cands = [(ids[j], float(scores[j]), lx) for j, lx in zip(order, lexical_scores, strict=True)]
         similar, subs = build_lists(prods[pid], cands, prods.get, config)
         out[Kind.SIMILAR][pid] = similar
         out[Kind.SUBSTITUTES][pid] = subs
@@ -351,6 +356,41 @@ class Recommender:
                 on_error(i, exc)
         return last_per_key(pubs)
 
+    def bulk_load(self, products: Sequence[ProductUpsert], vectors: np.ndarray) -> list[Publication]:
+        """Load a whole catalog into an empty recommender at once (start-up, benchmarks).
+
+        Equivalent to applying every upsert in turn, but the index is built in one batch and
+        the candidate buffers come from one batched query. Ids must be unique and every
+        product needs a title; on any error nothing changes. Returns the lists of every
+        owned product.
+        """
+        if len(self.catalog) or len(self.index):
+            raise ConfigurationError("bulk_load needs an empty Recommender; apply() changes one at a time")
+        ids = [c.product_id for c in products]
+        if len(set(ids)) != len(ids):
+            raise InvalidInput("bulk_load: product ids must be unique; merge duplicates first")
+        if len(ids) != len(vectors):
+            raise InvalidInput(f"bulk_load: got {len(vectors)} vectors for {len(ids)} products")
+        if not ids:
+            return []
+        normalize_rows(vectors, self.config.dim)  # InvalidVector before anything changes
+        catalog = Catalog()
+        for change in products:
+            catalog.apply(change)  # InvalidChange before anything changes
+        lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in catalog}
+        self.index.upsert(ids, vectors)
+        self.catalog = catalog
+        self._lex = lex
+        owned = [pid for pid in ids if self.owns(pid)]
+        chunk = 4096
+        for start in range(0, len(owned), chunk):
+            part = owned[start : start + chunk]
+            mat = self.index.get_vectors(part)
+            found = self.index.query_batch(mat, self.config.buffer_depth, exclude=part)
+            for pid, vp, hits in zip(part, mat, found, strict=True):
+                self._set_buffer(pid, vp, [c for c, _ in hits], reuse_lexical=False)
+        return self._refresh(owned)
+
     def refit_lexical(self) -> list[Publication]:
         """Refit the IDF on the current catalog and republish every list that changed.
 
@@ -361,8 +401,9 @@ class Recommender:
         self.lexical = LexicalModel.fit(product_text(p) for p in self.catalog)
         self._lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
         for pid, buf in self._buf.items():
-            own = self._lex[pid]
-            buf.parts = {c: (d, cosine(own, self._lex[c])) for c, (d, _lx) in buf.parts.items()}
+            members = list(buf.parts)
+            lexical = cosine_many(self._lex[pid], [self._lex[c] for c in members])
+            buf.parts = {c: (buf.parts[c][0], lx) for c, lx in zip(members, lexical, strict=True)}
         return self._refresh(set(self._buf))
 
     # ------------------------------------------------------------------ internals
@@ -371,8 +412,8 @@ class Recommender:
         affected: set[str] = set()
         old_rev = self._rev.pop(q, set())
         for p in old_rev:
-            self._drop(p, q)
-            affected.add(p)
+            if self._drop(p, q):
+                affected.add(p)
         if self.owns(q):
             self._fill(q, reuse_lexical=False)
             affected.add(q)
@@ -388,17 +429,17 @@ class Recommender:
         self._lex.pop(q, None)
         old_rev = self._rev.pop(q, set())
         self.index.delete(q)
-        for p in old_rev:
-            self._drop(p, q)
+        affected = {p for p in old_rev if self._drop(p, q)}
         pubs: list[Publication] = []
         for kind in Kind:
             if self._lists[kind].pop(q, None) is not None:
                 pubs.append(self._publish(kind, q, None, None))
-        pubs.extend(self._refresh(old_rev))
+        pubs.extend(self._refresh(affected))
         return pubs
 
     def _on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
-        affected = set(self._rev.get(q, ()))
+        # Only lists whose top-C holds q can change (rules and reasons look at q).
+        affected = {p for p in self._rev.get(q, ()) if self._rank_of(p, q) < self.config.candidate_depth}
         if q in self._buf:
             affected.add(q)
         return self._refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
@@ -412,19 +453,22 @@ class Recommender:
 
     def _fill(self, p: str, *, reuse_lexical: bool) -> None:
         """(Re)build ``p``'s buffer from an index query."""
-        depth = self.config.buffer_depth
         vp = self.index.get_vector(p)
-        found = [c for c, _ in self.index.query(vp, depth, exclude=(p,)) if c in self._lex]
+        found = [c for c, _ in self.index.query(vp, self.config.buffer_depth, exclude=(p,))]
+        self._set_buffer(p, vp, found, reuse_lexical=reuse_lexical)
+
+    def _set_buffer(self, p: str, vp: np.ndarray, found: list[str], *, reuse_lexical: bool) -> None:
+        depth = self.config.buffer_depth
+        found = [c for c in found if c in self._lex and c != p]
         dense = dense_scores(vp, self.index.get_vectors(found)) if found else np.zeros(0)
         old = self._buf.get(p)
         own_lex = self._lex[p]
+        known = old.parts if (reuse_lexical and old is not None) else {}
+        fresh = [c for c in found if c not in known]
+        lexical = dict(zip(fresh, cosine_many(own_lex, [self._lex[c] for c in fresh]), strict=True))
         parts: dict[str, tuple[float, float]] = {}
         for c, d in zip(found, dense.tolist(), strict=True):
-            if reuse_lexical and old is not None and c in old.parts:
-                lx = old.parts[c][1]
-            else:
-                lx = cosine(own_lex, self._lex[c])
-            parts[c] = (d, lx)
+            parts[c] = (d, known[c][1] if c in known else lexical[c])
         buf = _Buffer()
         buf.keys = sorted((-d, c) for c, (d, _lx) in parts.items())[:depth]
         buf.parts = {c: parts[c] for _d, c in buf.keys}
@@ -436,20 +480,32 @@ class Recommender:
             self._rev.setdefault(c, set()).add(p)
         self._buf[p] = buf
 
-    def _drop(self, p: str, q: str) -> None:
-        """Take ``q`` out of ``p``'s buffer (the caller fixes ``rev[q]``); refill if too short."""
+    def _rank_of(self, p: str, q: str) -> int:
+        """Position of ``q`` in ``p``'s buffer (a large number when absent)."""
         buf = self._buf.get(p)
         if buf is None or q not in buf.parts:
-            return
-        key = (-buf.parts.pop(q)[0], q)
+            return 1 << 30
+        key = (-buf.parts[q][0], q)
         i = bisect_left(buf.keys, key)
         if i < len(buf.keys) and buf.keys[i] == key:
-            del buf.keys[i]
-        else:  # float keys are exact copies, so this is only a safety net
-            buf.keys = [k for k in buf.keys if k[1] != q]
+            return i
+        return next(j for j, k in enumerate(buf.keys) if k[1] == q)  # safety net, never expected
+
+    def _drop(self, p: str, q: str) -> bool:
+        """Take ``q`` out of ``p``'s buffer (the caller fixes ``rev[q]``); refill if too short.
+
+        Returns whether ``p``'s top-C changed.
+        """
+        i = self._rank_of(p, q)
+        buf = self._buf.get(p)
+        if buf is None or i >= len(buf.keys):
+            return False
+        del buf.keys[i]
+        del buf.parts[q]
         if not buf.complete and len(buf.keys) < self.config.candidate_depth:
             self._refills += 1
             self._fill(p, reuse_lexical=True)
+        return i < self.config.candidate_depth
 
     def _enter(self, q: str, vq: np.ndarray, extra: Iterable[str], affected: set[str]) -> None:
         """Insert ``q`` into every buffer whose last member it now beats."""
@@ -462,14 +518,23 @@ class Recommender:
         if not cands:
             return
         scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
-        lex_q = self._lex[q]
-        depth = self.config.buffer_depth
+        admitted: list[tuple[str, float]] = []
         for p, d in zip(cands, scores, strict=True):
             buf = self._buf[p]
+            if buf.complete or not buf.keys or (-d, q) < buf.keys[-1]:
+                admitted.append((p, d))
+        if not admitted:
+            return
+        # The owner is always the first argument of the lexical cosine, as in _fill, so a
+        # stored pair value never depends on which path computed it.
+        depth = self.config.buffer_depth
+        c_depth = self.config.candidate_depth
+        lex_q = self._lex[q]
+        for p, d in admitted:
+            buf = self._buf[p]
             key = (-d, q)
-            if not (buf.complete or not buf.keys or key < buf.keys[-1]):
-                continue
-            insort(buf.keys, key)
+            pos = bisect_left(buf.keys, key)
+            buf.keys.insert(pos, key)
             buf.parts[q] = (d, cosine(self._lex[p], lex_q))
             self._rev.setdefault(q, set()).add(p)
             if len(buf.keys) > depth:
@@ -477,7 +542,8 @@ class Recommender:
                 del buf.parts[dropped]
                 self._rev_discard(dropped, p)
                 buf.complete = False
-            affected.add(p)
+            if pos < c_depth:
+                affected.add(p)
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self._buf[p]

@@ -238,3 +238,31 @@ def test_config_and_index_validation() -> None:
     index.upsert(["x"], np.ones(4))
     with pytest.raises(ConfigurationError):
         Recommender(CFG, index)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_bulk_load_equals_one_at_a_time(kind: str) -> None:
+    from core_helpers import SMALL, Stream, check_against_exact, make_index, random_upsert
+
+    rng = np.random.default_rng(3)
+    changes = [random_upsert(rng, f"p{i:03d}", 1.0) for i in range(120)]
+    vectors = rng.normal(size=(120, SMALL.dim))
+    bulk = Recommender(SMALL, make_index(kind, SMALL))
+    pubs = bulk.bulk_load(changes, vectors)
+    assert len({p.product_id for p in pubs if p.kind is Kind.SIMILAR}) == 120
+    one = Recommender(SMALL, make_index("exact", SMALL))
+    for change, v in zip(changes, vectors, strict=True):
+        one.apply(change, v)
+    if kind == "exact":
+        assert bulk.lists(Kind.SIMILAR) == one.lists(Kind.SIMILAR)
+        assert bulk.lists(Kind.SUBSTITUTES) == one.lists(Kind.SUBSTITUTES)
+    stream = Stream(bulk, vectors={c.product_id: v for c, v in zip(changes, vectors, strict=True)})
+    stream.published = {p.key: p for p in pubs}
+    stream.all_pubs = list(pubs)
+    check_against_exact(stream, exact=kind == "exact")
+    with pytest.raises(ConfigurationError):
+        bulk.bulk_load(changes[:1], vectors[:1])
+    fresh = Recommender(SMALL, make_index(kind, SMALL))
+    with pytest.raises(InvalidVector):
+        fresh.bulk_load(changes[:2], np.vstack([vectors[0], np.zeros(SMALL.dim)]))
+    assert len(fresh.catalog) == 0 and len(fresh.index) == 0
