@@ -1,10 +1,10 @@
-"""The Faust app: topics, thin agents and web views. Built by ``create_app``; nothing connects at import.
+"""The Faust app: topics and thin agents. Built by ``create_app``; nothing connects at import.
 
 Agents translate Faust events into ``Inbound`` records, call the pipeline, and publish the
-``Outbound`` records it returns. They wait for delivery of what they publish before taking
-the next event, so Faust only commits an input offset once its outputs are on the broker:
-a crash replays events, it never loses them (the core is idempotent under replay, see
-``serving/catalog.py``).
+``Outbound`` records it returns. They wait for the broker's acknowledgement of what they
+publish before taking the next batch, so Faust only commits an input offset once its
+outputs are on the broker: a crash replays events, it never loses them (the core is
+idempotent under replay, see ``serving/catalog.py``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from faust.web import Request, Response, View
 
-from serving.catalog import Catalog
-from streams.kafka_io import ssl_context
+from encoders.factory import create_encoder
+from serving.config import RecommenderConfig
+from serving.recommender import Kind, Recommender
+from streams.kafka_io import latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
-from streams.pipeline import CatalogPipeline, Inbound, Outbound
-from streams.records import product_from_wire, product_to_wire
+from streams.pipeline import Inbound, Outbound, ProductPipeline, UserPipeline
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,46 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """What one worker holds: settings, metrics, the pipeline and the readiness flag."""
+    """What one worker holds: settings, metrics, the pipelines and the readiness flags."""
 
     settings: Settings
     metrics: Metrics
-    pipeline: CatalogPipeline
-    ready: asyncio.Event
-    started_at: float
+    products: ProductPipeline
+    users: UserPipeline
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    encoder_ok: bool = False
+    started_at: float = field(default_factory=time.time)
+    last_event_at: float | None = None
+
+
+def recommender_config(settings: Settings) -> RecommenderConfig:
+    """The core's configuration, taken from the settings."""
+    return RecommenderConfig(
+        k=settings.k,
+        candidate_depth=max(settings.candidate_depth, settings.k),
+        lexical_weight=settings.lexical_weight,
+        behavior_weight=settings.behavior_weight,
+        price_band=settings.price_band,
+        hnsw_ef=settings.hnsw_ef,
+        hnsw_m=settings.hnsw_m,
+    )
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Wire settings, metrics, encoder and core together (no I/O happens here)."""
+    metrics = Metrics()
+    encoder = create_encoder(
+        settings.encoder,
+        model_base=settings.model_base,
+        model_name=settings.model_name,
+        model_version=settings.model_version,
+        max_length=settings.max_length,
+        timeout_s=settings.encoder_timeout_s,
+        retries=settings.encoder_retries,
+    )
+    products = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
+                               encoder=encoder)
+    return Runtime(settings=settings, metrics=metrics, products=products, users=UserPipeline(settings, metrics))
 
 
 def _credentials(settings: Settings) -> Any:
@@ -68,12 +101,11 @@ def _inbound(event: Any) -> Inbound:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """Build the worker's Faust app from settings. Call ``.main()`` or use ``simstream worker``."""
-    scheme = "kafka"
+    """Build the worker's Faust app from settings. Run it with ``simstream worker``."""
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
-        broker=[f"{scheme}://{server}" for server in settings.bootstrap_servers],
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
         broker_credentials=_credentials(settings),
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
@@ -93,15 +125,9 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=True,
         loghandlers=[],
     )
-    metrics = Metrics()
-    runtime = Runtime(
-        settings=settings,
-        metrics=metrics,
-        pipeline=CatalogPipeline(settings, metrics, Catalog()),
-        ready=asyncio.Event(),
-        started_at=time.time(),
-    )
+    runtime = build_runtime(settings)
     app.simstream = runtime  # type: ignore[attr-defined]
+    metrics = runtime.metrics
 
     def raw_topic(name: str) -> Any:
         # Bytes in, bytes out: decoding is ours, so a bad payload becomes a dead letter
@@ -110,91 +136,62 @@ def create_app(settings: Settings) -> faust.App:
 
     product_changes = raw_topic(settings.topic_product_changes)
     user_events = raw_topic(settings.topic_user_events)
-    outputs = {
-        name: raw_topic(name)
-        for name in (
-            settings.topic_products,
-            settings.topic_dead_letters,
-            settings.topic_similar_items,
-            settings.topic_substitutes,
-            settings.topic_embeddings,
-        )
-    }
+    outputs: dict[str, Any] = {}
 
     async def publish(records: Iterable[Outbound]) -> None:
         pending = []
         for record in records:
-            topic = outputs.get(record.topic) or raw_topic(record.topic)
+            topic = outputs.get(record.topic)
+            if topic is None:
+                topic = outputs[record.topic] = raw_topic(record.topic)
             key, value = record.encoded()
-            pending.append(await topic.send(key=key, value=value))
+            pending.append((record, await topic.send(key=key, value=value)))
             metrics.published.labels(record.topic).inc()
         # Wait for the broker's acks before the input offset may be committed.
-        if pending:
-            await asyncio.gather(*pending)
+        await asyncio.gather(*(future for _, future in pending))
+        now = time.time()
+        for record, _ in pending:
+            if record.event_ts is not None:
+                metrics.freshness.labels(record.topic).observe(max(0.0, now - record.event_ts))
 
     @app.task
-    async def restore_catalog() -> None:
-        """Rebuild the catalog from the compacted products topic before taking new events."""
+    async def restore() -> None:
+        """Start the encoder, rebuild state from the compacted topics, then open the gates."""
+        pipeline = runtime.products
+        assert pipeline.encoder is not None
+        await pipeline.encoder.start()
+        runtime.encoder_ok = True
         loop = asyncio.get_running_loop()
-        count = await loop.run_in_executor(None, _restore_catalog, runtime)
-        log.info("catalog restored: %d products from %s", count, settings.topic_products)
+        started = time.monotonic()
+
+        def read(topic: str) -> dict[str, Any]:
+            return latest_by_key(read_topic(settings, topic, timeout_s=300))
+
+        products, embeddings, similar, substitutes = await asyncio.gather(*(
+            loop.run_in_executor(None, read, topic)
+            for topic in (settings.topic_products, settings.topic_embeddings,
+                          settings.topic_similar_items, settings.topic_substitutes)
+        ))
+        records = await pipeline.restore(products, embeddings, {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes})
+        await publish(records)
+        log.info("restored %d products (%d embedded again, %d lists republished) in %.1f s",
+                 len(pipeline.core.catalog), pipeline.embedded_texts, len(records), time.monotonic() - started)
         runtime.ready.set()
 
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
         await runtime.ready.wait()
-        async for event in stream.events():
-            await publish(runtime.pipeline.handle_product_message(_inbound(event)))
+        async for events in stream.take_events(settings.embed_batch_size, within=settings.embed_batch_within_s):
+            runtime.last_event_at = time.time()
+            await publish(await runtime.products.handle_batch([_inbound(e) for e in events]))
 
     @app.agent(user_events, name="user-events")
     async def on_user_events(stream: Any) -> None:
         await runtime.ready.wait()
         async for event in stream.events():
-            await publish(runtime.pipeline.handle_user_message(_inbound(event)))
+            await publish(runtime.users.handle(_inbound(event)))
 
-    _register_views(app, runtime)
+    from streams.web import register_views
+
+    register_views(app, runtime)
     return app
-
-
-def _restore_catalog(runtime: Runtime) -> int:
-    from streams.kafka_io import latest_by_key, read_topic
-
-    state = latest_by_key(read_topic(runtime.settings, runtime.settings.topic_products, timeout_s=120))
-    catalog = runtime.pipeline.catalog
-    for key, value in state.items():
-        try:
-            catalog.restore(product_from_wire(value))
-        except Exception as exc:  # noqa: BLE001 - one bad record must not stop a restart
-            log.error("skipping unreadable %s record for key %s: %s", runtime.settings.topic_products, key, exc)
-    runtime.metrics.catalog_size.set(len(catalog))
-    return len(catalog)
-
-
-def _register_views(app: faust.App, runtime: Runtime) -> None:
-    @app.page("/health")
-    class Health(View):
-        """Readiness: 200 once the catalog is restored, 503 before."""
-
-        async def get(self, request: Request) -> Response:
-            ready = runtime.ready.is_set()
-            body = {
-                "status": "ok" if ready else "starting",
-                "catalog_loaded": ready,
-                "products": len(runtime.pipeline.catalog),
-                "stale_events": runtime.pipeline.catalog.stale_events,
-                "uptime_s": round(time.time() - runtime.started_at, 1),
-            }
-            return self.json(body, status=200 if ready else 503)
-
-    @app.page("/metrics")
-    class MetricsView(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(runtime.metrics.render(), content_type="text/plain; version=0.0.4")
-
-    @app.page("/products/{product_id}")
-    class ProductView(View):
-        async def get(self, request: Request, product_id: str) -> Response:
-            product = runtime.pipeline.catalog.get(product_id)
-            if product is None:
-                return self.json({"error": f"unknown product {product_id[:100]!r}"}, status=404)
-            return self.json(product_to_wire(product))

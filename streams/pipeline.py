@@ -1,24 +1,36 @@
-"""The edge between Kafka messages and the core: decode, apply, say what to publish.
+"""The edge between Kafka messages and the core: decode, embed, apply, say what to publish.
 
 Nothing here touches Kafka. ``Inbound`` is one consumed record, ``Outbound`` one record to
 produce; the Faust agents in ``streams/app.py`` only translate to and from these and send.
-That keeps every decision testable list-in, list-out.
+That keeps every decision testable list-in, list-out, with the deterministic encoder and
+the exact index standing in for the real ones.
 
 Failure rule: one bad event becomes one dead letter and one log line (with topic, partition
 and offset), and processing goes on with the next event.
+
+Threading rule: the recommender is not thread-safe, so every call that mutates it runs on
+one single-thread executor, in event order. The event loop stays free for Kafka, the web
+server and the encoder's own I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.catalog import Catalog, CatalogUpdate, Outcome
+import numpy as np
+
+from encoders.base import Encoder
+from serving.catalog import Product, ProductChange, ProductDelete, ProductUpsert
 from serving.errors import SimstreamError
+from serving.recommender import Kind, Publication, Recommender
+from serving.text import product_text
 from streams.metrics import Metrics
 from streams.records import (
     DecodeError,
@@ -27,9 +39,17 @@ from streams.records import (
     dead_letter,
     decode_product_change,
     decode_user_event,
+    product_from_wire,
     product_to_wire,
 )
 from streams.settings import Settings
+from streams.wire import (
+    StoredEmbedding,
+    embedding_from_wire,
+    embedding_to_wire,
+    publication_to_wire,
+    same_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +72,16 @@ class Inbound:
 
 @dataclass(frozen=True, slots=True)
 class Outbound:
-    """One record to produce. ``value=None`` is a tombstone."""
+    """One record to produce. ``value=None`` is a tombstone.
+
+    ``event_ts`` is set on a changed product's own lists, so the publisher can measure
+    freshness (event time to acknowledged publication).
+    """
 
     topic: str
     key: str
     value: dict[str, Any] | None
+    event_ts: float | None = None
 
     def encoded(self) -> tuple[bytes, bytes | None]:
         value = None if self.value is None else json.dumps(self.value, ensure_ascii=False).encode("utf-8")
@@ -64,16 +89,11 @@ class Outbound:
 
 
 @dataclass
-class CatalogPipeline:
-    """Applies ``product-changes`` to the catalog and persists merged products.
-
-    The merged product goes to the compacted ``simstream-products`` topic (a tombstone on
-    delete), which is what a restarted worker rebuilds its catalog from.
-    """
+class Edge:
+    """Decoding and dead-lettering, shared by every input topic."""
 
     settings: Settings
     metrics: Metrics
-    catalog: Catalog = field(default_factory=Catalog)
     clock: Callable[[], float] = time.time
 
     def decode_product(self, message: Inbound) -> ProductChangeRecord:
@@ -90,45 +110,12 @@ class CatalogPipeline:
             )
         return record
 
-    def handle_product_message(self, message: Inbound) -> list[Outbound]:
-        """Decode and apply one product change; return the records to publish."""
-        try:
-            record = self.decode_product(message)
-            update = self.catalog.apply(record.to_core())
-        except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
-            return [self.reject(message, exc)]
-        self.metrics.events.labels(message.topic, update.outcome.value).inc()
-        self.metrics.catalog_size.set(len(self.catalog))
-        if update.outcome is Outcome.STALE:
-            log.info("stale product change ignored at %s (product %s)", message.where, update.product_id)
-        return self.persist(update)
-
-    def persist(self, update: CatalogUpdate) -> list[Outbound]:
-        """The ``simstream-products`` record for an applied update (none for a no-op)."""
-        topic = self.settings.topic_products
-        if update.outcome is Outcome.DELETED:
-            return [Outbound(topic, update.product_id, None)]
-        if update.outcome in (Outcome.CREATED, Outcome.UPDATED):
-            assert update.after is not None
-            return [Outbound(topic, update.product_id, product_to_wire(update.after))]
-        return []
-
     def decode_user(self, message: Inbound) -> UserEventRecord:
         if message.value is None:
             raise DecodeError("null value on user-events")
         return decode_user_event(
             message.value, kafka_ts=message.timestamp, max_bytes=self.settings.max_message_bytes, now=self.clock()
         )
-
-    def handle_user_message(self, message: Inbound) -> list[Outbound]:
-        """Decode one user event. Behaviour signals and feeds arrive with the behaviour issue."""
-        try:
-            record = self.decode_user(message)
-            record.to_core()
-        except Exception as exc:  # noqa: BLE001
-            return [self.reject(message, exc)]
-        self.metrics.events.labels(message.topic, "accepted").inc()
-        return []
 
     def reject(self, message: Inbound, exc: BaseException) -> Outbound:
         """Turn a failure into a dead letter and one log line that says where it happened."""
@@ -152,3 +139,248 @@ class CatalogPipeline:
         key = f"{message.topic}:{message.partition}:{message.offset}"
         return Outbound(self.settings.topic_dead_letters, key, value)
 
+
+@dataclass
+class ProductPipeline(Edge):
+    """``product-changes`` to embeddings, catalog state and republished lists.
+
+    Per batch: decode every record, embed the texts that changed in one encoder call
+    (sorted and bucketed by the encoder), then apply the changes one by one in order and
+    collect, for each, its embedding record, its merged product record and every list the
+    core says to republish.
+    """
+
+    recommender: Recommender | None = None
+    encoder: Encoder | None = None
+    #: product_id -> the embedding it was last indexed with; lets a restart or a redelivery
+    #: reuse a vector instead of re-embedding unchanged text.
+    embeddings: dict[str, StoredEmbedding] = field(default_factory=dict)
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="simstream-core")
+    )
+    embedded_texts: int = 0
+
+    @property
+    def core(self) -> Recommender:
+        assert self.recommender is not None, "ProductPipeline needs a recommender"
+        return self.recommender
+
+    @property
+    def model_version(self) -> str:
+        assert self.encoder is not None, "ProductPipeline needs an encoder"
+        return self.encoder.model_version
+
+    async def _in_core(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def embed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """text -> unit vector, in one encoder call."""
+        if not texts:
+            return {}
+        assert self.encoder is not None
+        started = time.perf_counter()
+        result = await self.encoder.encode(texts)
+        self.metrics.encoder_latency.observe(time.perf_counter() - started)
+        self.metrics.encoder_batch_size.observe(len(texts))
+        self.embedded_texts += len(texts)
+        return dict(zip(texts, result.vectors, strict=True))
+
+    def cached_vector(self, product: Product) -> np.ndarray | None:
+        stored = self.embeddings.get(product.product_id)
+        if (
+            stored is not None
+            and stored.content_hash == product.content_hash
+            and stored.model_version == self.model_version
+        ):
+            return stored.vector
+        return None
+
+    async def handle_batch(self, messages: Iterable[Inbound]) -> list[Outbound]:
+        """Decode, embed and apply a batch of product changes; return everything to publish."""
+        out: list[Outbound] = []
+        decoded: list[tuple[Inbound, ProductChange]] = []
+        for message in messages:
+            try:
+                decoded.append((message, self.decode_product(message).to_core()))
+            except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
+                out.append(self.reject(message, exc))
+
+        vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in decoded)))
+        for message, change in decoded:
+            stale_before = self.core.catalog.stale_events
+            try:
+                out.extend(await self._apply_one(change, vectors))
+            except Exception as exc:  # noqa: BLE001
+                out.append(self.reject(message, exc))
+                continue
+            stale = self.core.catalog.stale_events > stale_before
+            if stale:
+                log.info("stale product change ignored at %s (product %s)", message.where, change.product_id)
+            self.metrics.events.labels(message.topic, "stale" if stale else "applied").inc()
+        self._update_gauges()
+        return out
+
+    def _texts_to_embed(self, changes: Iterable[ProductChange]) -> set[str]:
+        texts: set[str] = set()
+        for change in changes:
+            try:
+                product = self.core.needs_embedding(change)
+            except SimstreamError:
+                continue  # reported when the change is applied
+            if product is not None and self.cached_vector(product) is None:
+                texts.add(product_text(product))
+        return texts
+
+    async def _apply_one(self, change: ProductChange, vectors: dict[str, np.ndarray]) -> list[Outbound]:
+        product = self.core.needs_embedding(change)
+        vector: np.ndarray | None = None
+        if product is not None:
+            vector = self.cached_vector(product)
+            if vector is None:
+                text = product_text(product)
+                # An earlier change in the same batch may have altered the text we planned for.
+                vector = vectors[text] if text in vectors else (await self.embed([text]))[text]
+        before = self.core.catalog.get(change.product_id)
+        publications: list[Publication] = await self._in_core(self.core.apply, change, vector)
+        after = self.core.catalog.get(change.product_id)
+        return self._records_for(change, before, after, product, vector, publications)
+
+    def _records_for(
+        self,
+        change: ProductChange,
+        before: Product | None,
+        after: Product | None,
+        embedded: Product | None,
+        vector: np.ndarray | None,
+        publications: list[Publication],
+    ) -> list[Outbound]:
+        s = self.settings
+        pid = change.product_id
+        out: list[Outbound] = []
+        if isinstance(change, ProductDelete) and before is not None and after is None:
+            self.embeddings.pop(pid, None)
+            out += [Outbound(s.topic_embeddings, pid, None), Outbound(s.topic_products, pid, None)]
+        elif after is not None and after != before:
+            if embedded is not None and vector is not None:
+                stored = StoredEmbedding(pid, np.asarray(vector, dtype=np.float32), self.model_version,
+                                         embedded.content_hash)
+                self.embeddings[pid] = stored
+                out.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
+            out.append(Outbound(s.topic_products, pid, product_to_wire(after)))
+        out += self.publications_to_records(publications, own=pid, event_ts=change.ts)
+        return out
+
+    def publications_to_records(
+        self, publications: Iterable[Publication], *, own: str | None = None, event_ts: float | None = None
+    ) -> list[Outbound]:
+        now = self.clock()
+        topics = {Kind.SIMILAR: self.settings.topic_similar_items, Kind.SUBSTITUTES: self.settings.topic_substitutes}
+        return [
+            Outbound(
+                topics[pub.kind],
+                pub.product_id,
+                publication_to_wire(pub, model_version=self.model_version, at=now),
+                event_ts=event_ts if pub.product_id == own else None,
+            )
+            for pub in publications
+        ]
+
+    def _update_gauges(self) -> None:
+        stats = self.core.stats()
+        self.metrics.catalog_size.set(stats.products)
+        self.metrics.index_live.set(stats.index_live)
+        self.metrics.index_deleted.set(stats.index_deleted)
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(
+        self,
+        products: Mapping[str, Mapping[str, Any]],
+        embeddings: Mapping[str, Mapping[str, Any]],
+        published: Mapping[Kind, Mapping[str, Mapping[str, Any]]],
+        *,
+        batch_size: int = 256,
+    ) -> list[Outbound]:
+        """Rebuild state from the compacted topics and return only what must be republished.
+
+        ``products``, ``embeddings`` and ``published`` are the last value per key of
+        ``simstream-products``, ``simstream-embeddings`` and the two list topics. Vectors
+        whose content hash and model version still match are reused, so nothing already
+        embedded is embedded again. Published versions seed the per-key counters, so
+        ``version`` keeps increasing across restarts. A list that differs from what is on
+        its topic (a crash between apply and publish, a model change, an IDF refit) is
+        republished; a list whose product is gone gets a tombstone.
+        """
+        for key, value in embeddings.items():
+            try:
+                self.embeddings[key] = embedding_from_wire(value)
+            except SimstreamError as exc:
+                log.error("ignoring embedding record for %s: %s", key, exc)
+        catalog: list[Product] = []
+        for key, value in products.items():
+            try:
+                catalog.append(product_from_wire(value))
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop a restart
+                log.error("ignoring unreadable %s record for key %s: %s", self.settings.topic_products, key, exc)
+        missing = [p for p in catalog if self.cached_vector(p) is None]
+        vectors: dict[str, np.ndarray] = {}
+        for start in range(0, len(missing), batch_size):
+            vectors.update(await self.embed([product_text(p) for p in missing[start : start + batch_size]]))
+
+        def rebuild() -> None:
+            for product in sorted(catalog, key=lambda p: p.product_id):
+                vector = self.cached_vector(product)
+                if vector is None:
+                    vector = vectors[product_text(product)]
+                    self.embeddings[product.product_id] = StoredEmbedding(
+                        product.product_id, vector, self.model_version, product.content_hash)
+                self.core.apply(_as_upsert(product), vector)
+            if len(self.core.catalog):
+                self.core.refit_lexical()
+
+        await self._in_core(rebuild)
+        out = [Outbound(self.settings.topic_embeddings, p.product_id,
+                        embedding_to_wire(self.embeddings[p.product_id])) for p in missing]
+        out += await self._in_core(self._reconcile, published)
+        self._update_gauges()
+        return out
+
+    def _reconcile(self, published: Mapping[Kind, Mapping[str, Mapping[str, Any]]]) -> list[Outbound]:
+        core = self.core
+        pubs: list[Publication] = []
+        for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+            on_topic = published.get(kind, {})
+            for pid, value in on_topic.items():
+                version = value.get("version")
+                if isinstance(version, int):
+                    core.versions[(kind, pid)] = version
+            current = core.lists(kind)
+            for pid, items in current.items():
+                if not same_items(on_topic.get(pid), items) or on_topic[pid].get("model_version") != self.model_version:
+                    pubs.append(core._publish(kind, pid, items, None))
+            for pid in on_topic.keys() - current.keys():
+                if core.owns(pid):
+                    pubs.append(core._publish(kind, pid, None, None))
+        return self.publications_to_records(pubs)
+
+
+def _as_upsert(product: Product) -> ProductUpsert:
+    return ProductUpsert(
+        product_id=product.product_id, ts=product.ts, title=product.title, description=product.description,
+        brand=product.brand, category=product.category, price=product.price, currency=product.currency,
+        in_stock=product.in_stock, group_id=product.group_id, attributes=product.attributes,
+        image_url=product.image_url,
+    )
+
+
+@dataclass
+class UserPipeline(Edge):
+    """``user-events``: validated now; behaviour signals and feeds arrive with the behaviour issue."""
+
+    def handle(self, message: Inbound) -> list[Outbound]:
+        try:
+            self.decode_user(message).to_core()
+        except Exception as exc:  # noqa: BLE001
+            return [self.reject(message, exc)]
+        self.metrics.events.labels(message.topic, "accepted").inc()
+        return []

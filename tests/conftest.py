@@ -61,6 +61,8 @@ def isolated_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
         "SIMSTREAM_DATA_DIR": str(tmp_path / "data"),
         "SIMSTREAM_TOPIC_PARTITIONS": "3",
         "SIMSTREAM_LOG_LEVEL": "info",
+        # The plumbing tests need no model; the end-to-end tests pick "local" or "grpc://".
+        "SIMSTREAM_ENCODER": "hashing",
     }
     for name in ("product_changes", "user_events", "similar_items", "substitutes", "complements",
                  "user_recommendations", "dead_letters", "products", "embeddings"):

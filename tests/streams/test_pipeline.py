@@ -1,4 +1,8 @@
-"""The edge, list-in list-out: consumed records become catalog changes, outputs or dead letters."""
+"""The edge, list-in list-out: consumed records become embeddings, catalog state, lists or dead letters.
+
+The deterministic encoder and the exact index stand in for MiniLM and HNSW; the Kafka and
+TF Serving paths are covered by the integration tests.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,38 @@ from typing import Any
 
 import pytest
 
+from encoders.hashing import HashingEncoder
+from serving.config import RecommenderConfig
+from serving.index import ExactIndex
+from serving.recommender import Kind, Recommender
 from streams.metrics import Metrics
-from streams.pipeline import CatalogPipeline, Inbound
+from streams.pipeline import Inbound, Outbound, ProductPipeline, UserPipeline
 from streams.settings import Settings
+from streams.wire import embedding_from_wire
 
 NOW = 1_795_000_000.0
 
 
+class CountingEncoder(HashingEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    async def encode(self, texts: Any) -> Any:
+        self.calls.append(list(texts))
+        return await super().encode(texts)
+
+
+def make_pipeline(encoder: HashingEncoder | None = None) -> ProductPipeline:
+    config = RecommenderConfig(k=3, candidate_depth=5)
+    return ProductPipeline(Settings(), Metrics(), clock=lambda: NOW,
+                           recommender=Recommender(config, ExactIndex(config.dim)),
+                           encoder=encoder or CountingEncoder())
+
+
 @pytest.fixture
-def pipeline() -> CatalogPipeline:
-    return CatalogPipeline(Settings(), Metrics(), clock=lambda: NOW)
+def pipeline() -> ProductPipeline:
+    return make_pipeline()
 
 
 def message(value: Any, *, key: str | None = "B1", offset: int = 0, topic: str = "product-changes") -> Inbound:
@@ -24,31 +50,94 @@ def message(value: Any, *, key: str | None = "B1", offset: int = 0, topic: str =
     return Inbound(topic, 0, offset, key.encode() if key else None, raw, timestamp=NOW - 10)
 
 
-def upsert(ts: float, **fields: Any) -> dict[str, Any]:
-    return {"op": "upsert", "product_id": "B1", "ts": ts, **fields}
+def upsert(pid: str, ts: float, **fields: Any) -> Inbound:
+    return message({"op": "upsert", "product_id": pid, "ts": ts, **fields}, key=pid)
 
 
-def test_a_valid_upsert_is_applied_and_persisted(pipeline: CatalogPipeline) -> None:
-    out = pipeline.handle_product_message(message(upsert(NOW - 60, title="Sony WH-1000XM4", price=278.0)))
-    assert [(o.topic, o.key) for o in out] == [("simstream-products", "B1")]
-    assert out[0].value is not None and out[0].value["title"] == "Sony WH-1000XM4"
-    assert pipeline.catalog.get("B1") is not None
+def by_topic(out: list[Outbound]) -> dict[str, list[Outbound]]:
+    grouped: dict[str, list[Outbound]] = {}
+    for record in out:
+        grouped.setdefault(record.topic, []).append(record)
+    return grouped
 
 
-def test_a_delete_persists_a_tombstone(pipeline: CatalogPipeline) -> None:
-    pipeline.handle_product_message(message(upsert(NOW - 60, title="x")))
-    out = pipeline.handle_product_message(message({"op": "delete", "product_id": "B1", "ts": NOW - 30}))
-    assert [(o.topic, o.key, o.value) for o in out] == [("simstream-products", "B1", None)]
-    assert pipeline.catalog.get("B1") is None
+CATALOG = [
+    ("H1", "Sony WH-1000XM4 wireless noise cancelling headphones", "Sony", 278.0),
+    ("H2", "Sony WH-1000XM5 wireless noise cancelling headphones", "Sony", 329.0),
+    ("H3", "Bose QuietComfort 45 wireless noise cancelling headphones", "Bose", 299.0),
+    ("K1", "Logitech MX Keys wireless keyboard", "Logitech", 99.0),
+    ("K2", "Logitech K380 bluetooth keyboard", "Logitech", 39.0),
+]
 
 
-def test_an_older_event_is_ignored_and_counted(pipeline: CatalogPipeline) -> None:
-    pipeline.handle_product_message(message(upsert(NOW - 60, title="new", price=5.0)))
-    out = pipeline.handle_product_message(message(upsert(NOW - 120, price=1.0), offset=1))
+async def load(pipeline: ProductPipeline) -> list[Outbound]:
+    return await pipeline.handle_batch([
+        upsert(pid, NOW - 100, title=title, brand=brand, price=price, category=["Audio" if pid[0] == "H" else "Keys"])
+        for pid, title, brand, price in CATALOG
+    ])
+
+
+async def test_a_batch_is_embedded_in_one_call_and_every_list_is_published(pipeline: ProductPipeline) -> None:
+    out = by_topic(await load(pipeline))
+    assert isinstance(pipeline.encoder, CountingEncoder) and len(pipeline.encoder.calls) == 1
+    assert len(pipeline.encoder.calls[0]) == 5
+    assert {r.key for r in out["simstream-embeddings"]} == {pid for pid, *_ in CATALOG}
+    assert {r.key for r in out["simstream-products"]} == {pid for pid, *_ in CATALOG}
+    similar = {r.key: r.value for r in out["similar-items"]}
+    assert set(similar) == {pid for pid, *_ in CATALOG}
+    first = similar["H1"]
+    assert first is not None and first["items"][0]["product_id"] == "H2"
+    assert first["model_version"] == "hashing/1" and first["updated_at"] == "2026-11-18T11:06:40.000Z"
+    assert {"score", "content", "dense", "lexical", "behavior", "reasons"} <= set(first["items"][0])
+    stored = embedding_from_wire(out["simstream-embeddings"][0].value or {})
+    assert stored.vector.shape == (384,) and stored.model_version == "hashing/1"
+
+
+async def test_price_and_stock_changes_never_reach_the_encoder(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    assert isinstance(pipeline.encoder, CountingEncoder)
+    calls = len(pipeline.encoder.calls)
+    out = by_topic(await pipeline.handle_batch([upsert("H2", NOW - 50, price=270.0, in_stock=False)]))
+    assert len(pipeline.encoder.calls) == calls
+    assert "simstream-embeddings" not in out
+    subs = [r for r in out["substitutes"] if r.key == "H2"]
+    assert subs and subs[0].value is not None and subs[0].value["trigger"] == "out_of_stock"
+    assert subs[0].event_ts == NOW - 50
+    assert all(i["product_id"] != "H2" for r in out["substitutes"] if r.value for i in r.value["items"])
+
+
+async def test_a_title_edit_is_re_embedded_and_republished(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    out = by_topic(await pipeline.handle_batch([upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard")]))
+    assert [r.key for r in out["simstream-embeddings"]] == ["K2"]
+    assert any(r.key == "K2" for r in out["similar-items"])
+
+
+async def test_a_delete_tombstones_its_lists_and_leaves_no_trace(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    out = await pipeline.handle_batch([message({"op": "delete", "product_id": "H2", "ts": NOW - 50}, key="H2")])
+    tombstones = {(r.topic, r.key) for r in out if r.value is None}
+    assert {("similar-items", "H2"), ("substitutes", "H2"), ("simstream-products", "H2"),
+            ("simstream-embeddings", "H2")} <= tombstones
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        for items in pipeline.core.lists(kind).values():
+            assert all(i.product_id != "H2" for i in items)
+
+
+async def test_two_edits_of_one_product_in_one_batch_are_applied_in_order(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    await pipeline.handle_batch([upsert("K1", NOW - 50, title="Logitech MX Keys S"),
+                                 upsert("K1", NOW - 40, brand="Logi")])
+    product = pipeline.core.catalog.get("K1")
+    assert product is not None and (product.title, product.brand) == ("Logitech MX Keys S", "Logi")
+    assert pipeline.embeddings["K1"].content_hash == product.content_hash
+
+
+async def test_an_older_event_is_ignored_and_counted(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    out = await pipeline.handle_batch([upsert("H1", NOW - 1000, price=1.0)])
     assert out == []
-    assert pipeline.catalog.stale_events == 1
-    product = pipeline.catalog.get("B1")
-    assert product is not None and product.price == 5.0
+    assert pipeline.core.catalog.stale_events == 1
 
 
 @pytest.mark.parametrize(
@@ -57,46 +146,59 @@ def test_an_older_event_is_ignored_and_counted(pipeline: CatalogPipeline) -> Non
         (b"{oops", "malformed JSON"),
         ([1], "must be a JSON object"),
         ({"op": "upsert", "title": "x", "ts": NOW}, "missing required field 'product_id'"),
-        (upsert(NOW, title=7), "'title' must be a string"),
+        ({"op": "upsert", "product_id": "B1", "title": 7, "ts": NOW}, "'title' must be a string"),
         ({"op": "explode", "product_id": "B1", "ts": NOW}, "unknown op"),
-        (upsert(NOW, title="x", price=-3), "outside the allowed range"),
-        (upsert(NOW, title="x" * 5_000_000), "over the 1,000,000-byte limit"),
-        (upsert(NOW, price=3.0), "is new, so its upsert needs a non-empty 'title'"),
+        ({"op": "upsert", "product_id": "B1", "title": "x", "price": -3, "ts": NOW}, "outside the allowed range"),
+        ({"op": "upsert", "product_id": "B1", "title": "x" * 5_000_000, "ts": NOW}, "over the 1,000,000-byte limit"),
+        ({"op": "upsert", "product_id": "B1", "price": 3.0, "ts": NOW}, "is new, so its upsert needs a non-empty 'title'"),
     ],
 )
-def test_bad_input_becomes_one_dead_letter_with_where_and_why(
-    pipeline: CatalogPipeline, value: Any, reason: str
+async def test_bad_input_becomes_one_dead_letter_and_the_rest_of_the_batch_goes_on(
+    pipeline: ProductPipeline, value: Any, reason: str
 ) -> None:
-    out = pipeline.handle_product_message(message(value, offset=17))
-    assert len(out) == 1 and out[0].topic == "simstream-dead-letters"
-    letter = out[0].value
-    assert letter is not None
-    assert reason in letter["error"]
+    out = await pipeline.handle_batch([message(value, offset=17), upsert("OK", NOW, title="fine product")])
+    letters = [r for r in out if r.topic == "simstream-dead-letters"]
+    assert len(letters) == 1
+    letter = letters[0].value
+    assert letter is not None and reason in letter["error"]
     assert (letter["source_topic"], letter["partition"], letter["offset"], letter["key"]) == (
         "product-changes", 0, 17, "B1")
-    assert len(pipeline.catalog) == 0
+    assert pipeline.core.catalog.get("OK") is not None and pipeline.core.catalog.get("B1") is None
 
 
-def test_a_key_that_is_not_the_product_id_is_refused(pipeline: CatalogPipeline) -> None:
-    out = pipeline.handle_product_message(message(upsert(NOW, title="x"), key="B2"))
-    assert out[0].topic == "simstream-dead-letters" and "differs from product_id" in out[0].value["error"]  # type: ignore[index]
+async def test_a_key_that_is_not_the_product_id_is_refused(pipeline: ProductPipeline) -> None:
+    out = await pipeline.handle_batch([message({"op": "upsert", "product_id": "B1", "title": "x", "ts": NOW}, key="B2")])
+    assert out[0].topic == "simstream-dead-letters" and "differs from product_id" in (out[0].value or {})["error"]
 
 
-def test_an_unexpected_error_is_dead_lettered_not_raised(
-    pipeline: CatalogPipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def boom(change: object) -> None:
-        raise RuntimeError("disk on fire")
+async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(pipeline: ProductPipeline) -> None:
+    out = await load(pipeline)
+    latest: dict[str, dict[str, Any]] = {}
+    for record in out:
+        if record.value is not None:
+            latest.setdefault(record.topic, {})[record.key] = record.value
+    # A list that never reached the topic (say, a crash before the send) must be republished.
+    del latest["similar-items"]["K2"]
 
-    monkeypatch.setattr(pipeline.catalog, "apply", boom)
-    out = pipeline.handle_product_message(message(upsert(NOW, title="x")))
-    assert out[0].topic == "simstream-dead-letters"
-    assert out[0].value is not None and out[0].value["error"] == "internal error (RuntimeError): disk on fire"
+    encoder = CountingEncoder()
+    fresh = make_pipeline(encoder)
+    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"],
+                                  {Kind.SIMILAR: latest["similar-items"], Kind.SUBSTITUTES: latest["substitutes"]})
+    assert encoder.calls == []  # nothing embedded again
+    assert len(fresh.core.catalog) == 5
+    republished = {(r.topic, r.key) for r in records}
+    assert ("similar-items", "K2") in republished
+    # The IDF is refitted on the restored catalog, so lists may move; whatever is republished
+    # carries a version above the one on the topic.
+    for r in records:
+        if r.value is not None and r.key in latest.get(r.topic, {}):
+            assert r.value["version"] > latest[r.topic][r.key]["version"]
 
 
-def test_user_events_are_validated(pipeline: CatalogPipeline) -> None:
+async def test_user_events_are_validated() -> None:
+    users = UserPipeline(Settings(), Metrics(), clock=lambda: NOW)
     good = message({"user_id": "u1", "product_id": "B1", "type": "view", "ts": NOW}, key="u1", topic="user-events")
     bad = message({"user_id": "u1", "product_id": "B1", "type": "like", "ts": NOW}, key="u1", topic="user-events")
-    assert pipeline.handle_user_message(good) == []
-    out = pipeline.handle_user_message(bad)
-    assert out[0].topic == "simstream-dead-letters" and "unknown event type" in out[0].value["error"]  # type: ignore[index]
+    assert users.handle(good) == []
+    out = users.handle(bad)
+    assert out[0].topic == "simstream-dead-letters" and "unknown event type" in (out[0].value or {})["error"]

@@ -1,0 +1,193 @@
+"""The read API and the page, served by the worker's Faust web server (aiohttp).
+
+Every endpoint but ``/health`` requires ``Authorization: Bearer <SIMSTREAM_WEB_TOKEN>`` when
+that setting is set. Ids in paths are validated (length, no control characters) and unknown
+ids answer 404 with a JSON error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from faust.web import Request, Response, View
+
+from serving.recommender import Kind
+from streams.records import MAX_ID_CHARS, product_to_wire
+from streams.wire import item_to_wire
+
+if TYPE_CHECKING:
+    import faust
+
+    from streams.app import Runtime
+
+_ID = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_ID_CHARS}}}$")
+PAGE = Path(__file__).parent / "web" / "index.html"
+MAX_QUERY_CHARS = 200
+MAX_RESULTS = 50
+
+
+def _authorized(runtime: Runtime, request: Request) -> bool:
+    token = runtime.settings.web_token
+    if token is None:
+        return True
+    header = request.headers.get("Authorization", "")
+    return hmac.compare_digest(header.encode(), f"Bearer {token.get_secret_value()}".encode())
+
+
+def register_views(app: faust.App, runtime: Runtime) -> None:
+    """Attach every view to ``app``."""
+    pipeline = runtime.products
+
+    class Base(View):
+        def guard(self, request: Request) -> Response | None:
+            if not _authorized(runtime, request):
+                return self.json({"error": "missing or wrong bearer token"}, status=401)
+            return None
+
+        def bad_id(self, product_id: str) -> Response | None:
+            if not _ID.match(product_id):
+                return self.json({"error": f"invalid product id (1 to {MAX_ID_CHARS} characters, no control characters)"},
+                                 status=400)
+            return None
+
+        def unknown(self, product_id: str) -> Response:
+            return self.json({"error": f"unknown product {product_id!r}"}, status=404)
+
+    def lists_of(product_id: str) -> dict[str, Any]:
+        core = pipeline.core
+        out: dict[str, Any] = {}
+        for kind, name in ((Kind.SIMILAR, "similar"), (Kind.SUBSTITUTES, "substitutes")):
+            items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
+            out[name] = [dict(item_to_wire(i), title=_title(i.product_id)) for i in items or ()]
+            out[f"{name}_version"] = core.versions.get((kind, product_id), 0)
+        return out
+
+    def _title(product_id: str) -> str | None:
+        product = pipeline.core.catalog.get(product_id)
+        return product.title if product else None
+
+    @app.page("/health")
+    class Health(Base):
+        """Readiness: 200 once the catalog is restored and the encoder answered; 503 before."""
+
+        async def get(self, request: Request) -> Response:
+            ready = runtime.ready.is_set()
+            stats = pipeline.core.stats()
+            healthy = ready and runtime.encoder_ok
+            body = {
+                "status": "ok" if healthy else ("degraded" if ready else "starting"),
+                "catalog_loaded": ready,
+                "encoder_reachable": runtime.encoder_ok,
+                "model_version": pipeline.encoder.model_version if runtime.encoder_ok and pipeline.encoder else None,
+                "products": stats.products,
+                "index_live": stats.index_live,
+                "index_deleted": stats.index_deleted,
+                "stale_events": stats.stale_events,
+                "uptime_s": round(time.time() - runtime.started_at, 1),
+            }
+            return self.json(body, status=200 if healthy else 503)
+
+    @app.page("/metrics")
+    class Metrics(Base):
+        async def get(self, request: Request) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            return self.bytes(runtime.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/products/{product_id}")
+    class ProductView(Base):
+        async def get(self, request: Request, product_id: str) -> Response:
+            if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
+                return denied
+            product = pipeline.core.catalog.get(product_id)
+            if product is None:
+                return self.unknown(product_id)
+            return self.json({**product_to_wire(product), **lists_of(product_id)})
+
+    def list_view(kind: Kind, path: str) -> None:
+        @app.page(path)
+        class ListView(Base):
+            async def get(self, request: Request, product_id: str) -> Response:
+                if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
+                    return denied
+                if product_id not in pipeline.core.catalog:
+                    return self.unknown(product_id)
+                core = pipeline.core
+                items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
+                return self.json({
+                    "product_id": product_id,
+                    "items": [item_to_wire(i) for i in items or ()],
+                    "version": core.versions.get((kind, product_id), 0),
+                    "model_version": pipeline.model_version,
+                })
+
+    list_view(Kind.SIMILAR, "/similar/{product_id}")
+    list_view(Kind.SUBSTITUTES, "/substitutes/{product_id}")
+
+    @app.page("/search")
+    class Search(Base):
+        """Products whose title contains every word of ``q`` (case-insensitive)."""
+
+        async def get(self, request: Request) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            query = request.query.get("q", "")
+            if len(query) > MAX_QUERY_CHARS:
+                return self.json({"error": f"q is limited to {MAX_QUERY_CHARS} characters"}, status=400)
+            try:
+                limit = min(int(request.query.get("limit", "20")), MAX_RESULTS)
+            except ValueError:
+                return self.json({"error": "limit must be an integer"}, status=400)
+            words = query.lower().split()
+            hits = []
+            for product in list(pipeline.core.catalog):
+                title = product.title.lower()
+                if all(w in title for w in words):
+                    hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
+                                 "price": product.price, "in_stock": product.in_stock})
+                    if len(hits) >= max(limit, 1):
+                        break
+            return self.json({"query": query, "results": hits})
+
+    @app.page("/stats")
+    class Stats(Base):
+        """Live counters for the page."""
+
+        async def get(self, request: Request) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            stats = pipeline.core.stats()
+            registry = runtime.metrics.registry
+            def total(name: str) -> float:
+                return sum(s.value for m in registry.collect() if m.name == name for s in m.samples
+                           if s.name.endswith("_total"))
+            return self.json({
+                "products": stats.products, "index_live": stats.index_live, "index_deleted": stats.index_deleted,
+                "stale_events": stats.stale_events, "lists": stats.lists, "publications": stats.publications,
+                "events": total("simstream_events"), "dead_letters": total("simstream_dead_letters"),
+                "published_records": total("simstream_published"), "embedded_texts": pipeline.embedded_texts,
+                "model_version": pipeline.model_version if runtime.encoder_ok else None,
+                "last_event_at": runtime.last_event_at,
+            })
+
+    @app.page("/debug/lexical")
+    class Lexical(Base):
+        """The frozen IDF in use (base64 float32), so an audit can recompute lists exactly."""
+
+        async def get(self, request: Request) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            model = pipeline.core.lexical
+            idf = None if model.idf is None else base64.b64encode(np.asarray(model.idf, "<f4").tobytes()).decode()
+            return self.json({"n_docs": model.n_docs, "idf": idf})
+
+    @app.page("/")
+    class Page(Base):
+        async def get(self, request: Request) -> Response:
+            return self.html(PAGE.read_text(encoding="utf-8"))
