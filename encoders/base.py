@@ -29,7 +29,7 @@ from serving.errors import InvalidInput
 #: all-MiniLM-L6-v2's embedding width.
 EMBEDDING_DIM = 384
 #: Padded lengths a batch is rounded up to; the last bucket is always ``max_length``.
-PAD_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+PAD_BUCKETS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512)
 #: Characters kept per token of ``max_length`` before tokenizing. WordPiece tokens average
 #: ~4-5 characters on product text; 32 leaves room for long words and punctuation runs while
 #: making a 10 MB text cost no more than a 4 KB one.
