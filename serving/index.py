@@ -355,6 +355,48 @@ class ExactIndex:
         return offsets
 
 
+class _VectorStore:
+    """A dense float32 copy of the live vectors, one row per id, rows reused after deletes.
+
+    hnswlib keeps the vectors too, but its ``get_items`` costs ~15 µs per item from Python;
+    the recommender reads a few hundred vectors per change, so a numpy copy pays for its
+    memory (``dim * 4`` bytes per item).
+    """
+
+    def __init__(self, dim: int, capacity: int = 16) -> None:
+        self.dim = dim
+        self.mat = np.zeros((max(16, capacity), dim), dtype=np.float32)
+        self.row: dict[str, int] = {}
+        self.free: list[int] = []
+        self.used = 0
+
+    def put(self, ids: Sequence[str], rows: np.ndarray) -> None:
+        targets = []
+        for pid in ids:
+            r = self.row.get(pid)
+            if r is None:
+                if self.free:
+                    r = self.free.pop()
+                else:
+                    if self.used >= self.mat.shape[0]:
+                        grown = np.zeros((self.mat.shape[0] * 2, self.dim), dtype=np.float32)
+                        grown[: self.used] = self.mat[: self.used]
+                        self.mat = grown
+                    r = self.used
+                    self.used += 1
+                self.row[pid] = r
+            targets.append(r)
+        self.mat[targets] = rows
+
+    def remove(self, pid: str) -> None:
+        r = self.row.pop(pid, None)
+        if r is not None:
+            self.free.append(r)
+
+    def get(self, ids: Sequence[str]) -> np.ndarray:
+        return self.mat[[self.row[pid] for pid in ids]].reshape(len(ids), self.dim)
+
+
 class HnswIndex:
     """hnswlib behind the ``VectorIndex`` port.
 
@@ -395,6 +437,7 @@ class HnswIndex:
         self._label: dict[str, int] = {}
         self._id: dict[int, str] = {}
         self._next_label = 0
+        self._store = _VectorStore(dim, capacity)
         self._index = self._new_index(max(16, capacity))
 
     @classmethod
@@ -453,6 +496,7 @@ class HnswIndex:
                 for i, label in zip(new, labels.tolist(), strict=True):
                     self._label[id_list[i]] = label
                     self._id[label] = id_list[i]
+            self._store.put(id_list, rows)
 
     def delete(self, product_id: str) -> bool:
         with self._lock:
@@ -460,6 +504,7 @@ class HnswIndex:
             if label is None:
                 return False
             del self._id[label]
+            self._store.remove(product_id)
             self._index.mark_deleted(label)
             total = self._index.get_current_count()
             if total and self.deleted_count / total > self.rebuild_deleted_share:
@@ -474,7 +519,7 @@ class HnswIndex:
             index = self._new_index(max(16, int(len(ids) * 1.5) + 16))
             labels = np.arange(len(ids), dtype=np.uint64)
             if ids:
-                index.add_items(vectors, labels, num_threads=1)
+                index.add_items(vectors, labels, num_threads=-1 if len(ids) >= 1024 else 1)
             self._index = index
             self._label = {pid: i for i, pid in enumerate(ids)}
             self._id = dict(enumerate(ids))
@@ -547,10 +592,12 @@ class HnswIndex:
 
     def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
         with self._lock:
-            labels = [self._label[pid] for pid in ids]
-            if not labels:
+            if not ids:
                 return np.zeros((0, self.dim), np.float32)
-            return np.asarray(self._index.get_items(labels, return_type="numpy"), dtype=np.float32)
+            for pid in ids:
+                if pid not in self._label:
+                    raise KeyError(pid)
+            return self._store.get(ids)
 
     def ids(self) -> Iterator[str]:
         with self._lock:
@@ -620,10 +667,19 @@ class HnswIndex:
         stored = set(int(x) for x in index.get_ids_list())
         if not set(label_of.values()) <= stored:
             raise SnapshotError(f"index file {path} lacks labels named in its metadata")
+        store = _VectorStore(self.dim, len(label_of) + 16)
+        pids = list(label_of)
+        for start in range(0, len(pids), 4096):
+            chunk = pids[start : start + 4096]
+            rows = np.asarray(
+                index.get_items([label_of[p] for p in chunk], return_type="numpy"), dtype=np.float32
+            )
+            store.put(chunk, rows.reshape(len(chunk), self.dim))
         index.set_ef(self.ef)
         index.set_num_threads(1)
         with self._lock:
             self._index = index
+            self._store = store
             self._label = label_of
             self._id = {label: pid for pid, label in label_of.items()}
             self._next_label = int(meta.get("next_label", max(label_of.values(), default=-1) + 1))

@@ -47,7 +47,7 @@ from serving.errors import ConfigurationError, InvalidInput, MissingVector, Sims
 from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
 from serving.lexical import LexicalModel, SparseVec, cosine, cosine_many
 from serving.rules import is_substitute
-from serving.scoring import dense_scores, final_score, rank_candidates, reasons
+from serving.scoring import content_score, dense_scores, final_score, rank_candidates, reasons
 from serving.text import product_text
 
 
@@ -438,8 +438,14 @@ class Recommender:
         return pubs
 
     def _on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
-        # Only lists whose top-C holds q can change (rules and reasons look at q).
-        affected = {p for p in self._rev.get(q, ()) if self._rank_of(p, q) < self.config.candidate_depth}
+        # Only lists whose top-C holds q can change: those that list q (reasons, rules) and
+        # those q may now enter as a substitute.
+        c_depth = self.config.candidate_depth
+        affected = {
+            p
+            for p in self._rev.get(q, ())
+            if self._rank_of(p, q) < c_depth and self._may_change(p, left=(), entered=(q,))
+        }
         if q in self._buf:
             affected.add(q)
         return self._refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
@@ -494,7 +500,7 @@ class Recommender:
     def _drop(self, p: str, q: str) -> bool:
         """Take ``q`` out of ``p``'s buffer (the caller fixes ``rev[q]``); refill if too short.
 
-        Returns whether ``p``'s top-C changed.
+        Returns whether ``p``'s lists may have changed.
         """
         i = self._rank_of(p, q)
         buf = self._buf.get(p)
@@ -502,10 +508,51 @@ class Recommender:
             return False
         del buf.keys[i]
         del buf.parts[q]
-        if not buf.complete and len(buf.keys) < self.config.candidate_depth:
+        c_depth = self.config.candidate_depth
+        if not buf.complete and len(buf.keys) < c_depth:
             self._refills += 1
             self._fill(p, reuse_lexical=True)
-        return i < self.config.candidate_depth
+            return True
+        if i >= c_depth:
+            return False
+        moved_in = (buf.keys[c_depth - 1][1],) if len(buf.keys) >= c_depth else ()
+        return self._may_change(p, left=(q,), entered=moved_in)
+
+    def _may_change(self, p: str, *, left: Iterable[str], entered: Iterable[str]) -> bool:
+        """Whether ``p``'s lists can differ after ``left`` left its top-C and ``entered`` entered.
+
+        Exact, not a heuristic: a list is the top-k by content of the top-C (filtered for
+        substitutes), so it is unchanged when nothing it lists left (or was touched) and
+        nothing that entered beats its last item or fills a short list. ``entered`` ids
+        must already be in ``p``'s buffer with their current scores.
+        """
+        similar = self._lists[Kind.SIMILAR].get(p)
+        subs = self._lists[Kind.SUBSTITUTES].get(p)
+        if similar is None or subs is None:
+            return True
+        listed = {i.product_id for i in similar}
+        listed.update(i.product_id for i in subs)
+        if any(x in listed for x in left):
+            return True
+        k = self.config.k
+        buf = self._buf[p]
+        owner = self.catalog.get(p)
+        for e in entered:
+            if e in listed:
+                return True
+            dense, lexical = buf.parts[e]
+            key = (-content_score(dense, lexical, self.config), e)
+            if len(similar) < k or key < (-similar[-1].content, similar[-1].product_id):
+                return True
+            cand = self.catalog.get(e)
+            if (
+                owner is not None
+                and cand is not None
+                and (len(subs) < k or key < (-subs[-1].content, subs[-1].product_id))
+                and is_substitute(owner, cand, self.config)
+            ):
+                return True
+        return False
 
     def _enter(self, q: str, vq: np.ndarray, extra: Iterable[str], affected: set[str]) -> None:
         """Insert ``q`` into every buffer whose last member it now beats."""
@@ -537,13 +584,15 @@ class Recommender:
             buf.keys.insert(pos, key)
             buf.parts[q] = (d, cosine(self._lex[p], lex_q))
             self._rev.setdefault(q, set()).add(p)
+            # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
+            pushed_out = (buf.keys[c_depth][1],) if pos < c_depth and len(buf.keys) > c_depth else ()
+            if pos < c_depth and self._may_change(p, left=pushed_out, entered=(q,)):
+                affected.add(p)
             if len(buf.keys) > depth:
                 _d, dropped = buf.keys.pop()
                 del buf.parts[dropped]
                 self._rev_discard(dropped, p)
                 buf.complete = False
-            if pos < c_depth:
-                affected.add(p)
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self._buf[p]

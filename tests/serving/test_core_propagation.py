@@ -79,14 +79,22 @@ def run_stream(
     return stream
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: No slack (buffer depth == C), and a lexical-heavy blend, stress the boundary cases.
+TIGHT = RecommenderConfig(dim=6, k=3, candidate_depth=5, candidate_slack=0, reverse_depth=10)
+LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, reverse_depth=10, lexical_weight=0.9)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    config=st.sampled_from([SMALL, TIGHT, LEXICAL]),
     seed=st.integers(0, 2**31),
     initial=st.integers(0, 40),
     ops=st.lists(op_strategy, max_size=60),
 )
-def test_exact_index_lists_equal_recomputation(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
-    stream = run_stream("exact", SMALL, seed, initial, ops)
+def test_exact_index_lists_equal_recomputation(
+    config: RecommenderConfig, seed: int, initial: int, ops: list[tuple[str, int]]
+) -> None:
+    stream = run_stream("exact", config, seed, initial, ops)
     check_against_exact(stream, exact=True)
 
 
