@@ -34,12 +34,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The SavedModel is a generated artifact: exported into the cache once, never committed.
 model: install
-	@if [ -f "$(MODEL_BASE)/$(MODEL_VERSION)/saved_model.pb" ]; then \
-	  echo "encoder SavedModel present: $(MODEL_BASE)/$(MODEL_VERSION)"; \
-	elif $(BIN)/simstream --help | grep -q export-encoder; then \
-	  $(BIN)/simstream export-encoder --out "$(MODEL_BASE)" --version $(MODEL_VERSION); \
-	else echo "export-encoder not available yet; skipping model export"; fi
+	$(BIN)/simstream export-encoder --out "$(MODEL_BASE)" --version $(MODEL_VERSION) --if-missing
 
 kafka-up:
 	KAFKA_PORT=$(KAFKA_PORT) infra/kafka/kafka.sh up

@@ -264,8 +264,11 @@ class ProductPipeline(Edge):
             if embedded is not None and vector is not None:
                 stored = StoredEmbedding(pid, np.asarray(vector, dtype=np.float32), self.model_version,
                                          embedded.content_hash)
-                self.embeddings[pid] = stored
-                out.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
+                known = self.embeddings.get(pid)
+                # A vector reused from the cache (a redelivered event) is already on the topic.
+                if known is None or known.content_hash != stored.content_hash or known.model_version != stored.model_version:
+                    self.embeddings[pid] = stored
+                    out.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
             out.append(Outbound(s.topic_products, pid, product_to_wire(after)))
         out += self.publications_to_records(publications, own=pid, event_ts=change.ts)
         return out
