@@ -22,10 +22,8 @@ from serving.config import RecommenderConfig
 
 def is_substitute(product: Product, candidate: Product, config: RecommenderConfig) -> bool:
     """True when ``candidate`` may be offered in place of ``product``."""
-    if candidate.product_id == product.product_id or not candidate.in_stock:
-        return False
-    leaf, other_leaf = product.leaf_category, candidate.leaf_category
-    if leaf and other_leaf and leaf.strip().casefold() != other_leaf.strip().casefold():
+    # Cheapest and most selective tests first: this runs for every top-C candidate.
+    if not candidate.in_stock or candidate.product_id == product.product_id:
         return False
     if (
         product.price is not None
@@ -33,4 +31,7 @@ def is_substitute(product: Product, candidate: Product, config: RecommenderConfi
         and abs(candidate.price - product.price) > config.price_band * abs(product.price) + 1e-9
     ):
         return False
-    return not (product.group_id is not None and candidate.group_id == product.group_id)
+    if product.group_id is not None and candidate.group_id == product.group_id:
+        return False
+    leaf, other_leaf = product.leaf_category, candidate.leaf_category
+    return not (leaf and other_leaf and leaf.strip().casefold() != other_leaf.strip().casefold())

@@ -65,7 +65,7 @@ def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> t
     if owner.brand and _norm(owner.brand) == _norm(candidate.brand):
         out.append("same brand")
     if owner.leaf_category and _norm(owner.leaf_category) == _norm(candidate.leaf_category):
-        out.append(f"same category: {candidate.leaf_category}")
+        out.append(f"same category: {(candidate.leaf_category or '').strip()}")
     gap = price_gap_percent(owner, candidate)
     if gap is not None:
         out.append("same price" if gap == 0 else f"price within {gap}%")
