@@ -65,3 +65,14 @@ def test_bad_input() -> None:
     with pytest.raises(InvalidVector):
         hybrid_rank(QUERY, np.zeros((1, 4)), CORPUS, CVECS, 1, CFG)
     assert hybrid_rank(QUERY, QVEC, [], np.zeros((0, 4)), 3, CFG) == [[]]
+
+
+def test_texts_override_product_text() -> None:
+    # Lexical evidence from the given texts flips the order the product titles would give.
+    texts = ["alpha beta", "gamma delta", "zzz"]
+    got = hybrid_rank(QUERY, QVEC, CORPUS, CVECS, 2, CFG, query_texts=["gamma delta"], corpus_texts=texts)
+    assert got == [["y", "x"]]
+    got = hybrid_rank(QUERY, QVEC, CORPUS, CVECS, 2, CFG, query_texts=["alpha beta"], corpus_texts=texts)
+    assert got == [["x", "y"]]
+    with pytest.raises(InvalidInput):
+        hybrid_rank(QUERY, QVEC, CORPUS, CVECS, 2, CFG, corpus_texts=texts[:2])
