@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from core_helpers import SMALL, Stream, check_against_exact, make_index, random_upsert
@@ -17,12 +20,22 @@ OPS = ["new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retit
 op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 10_000))
 
 
+def half(pid: str) -> bool:
+    """A stable ownership split, as a worker owning some partitions would have."""
+    return zlib.crc32(pid.encode()) % 2 == 0
+
+
 def run_stream(
-    kind: str, config: RecommenderConfig, seed: int, initial: int, ops: list[tuple[str, int]]
+    kind: str,
+    config: RecommenderConfig,
+    seed: int,
+    initial: int,
+    ops: list[tuple[str, int]],
+    owns: Callable[[str], bool] | None = None,
 ) -> Stream:
     """Build a catalog of ``initial`` clustered products, then apply ``ops``; return the stream."""
     rng = np.random.default_rng(seed)
-    stream = Stream(Recommender(config, make_index(kind, config)))
+    stream = Stream(Recommender(config, make_index(kind, config), owns=owns))
     centers = rng.normal(size=(6, config.dim))
     ts = 1.0
     deleted: list[str] = []
@@ -63,7 +76,7 @@ def run_stream(
             current = stream.rec.catalog.get(pid)
             assert current is not None
             pubs = stream.apply(ProductUpsert(pid, ts, in_stock=not current.in_stock))
-            if current.in_stock:
+            if current.in_stock and stream.rec.owns(pid):
                 own = [p for p in pubs if p.kind is Kind.SUBSTITUTES and p.product_id == pid]
                 assert len(own) == 1 and own[0].trigger is Trigger.OUT_OF_STOCK
             # A stock flip changes no similar list but its owner's (reasons do not mention stock).
@@ -90,11 +103,12 @@ LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, re
     seed=st.integers(0, 2**31),
     initial=st.integers(0, 40),
     ops=st.lists(op_strategy, max_size=60),
+    partitioned=st.booleans(),
 )
 def test_exact_index_lists_equal_recomputation(
-    config: RecommenderConfig, seed: int, initial: int, ops: list[tuple[str, int]]
+    config: RecommenderConfig, seed: int, initial: int, ops: list[tuple[str, int]], partitioned: bool
 ) -> None:
-    stream = run_stream("exact", config, seed, initial, ops)
+    stream = run_stream("exact", config, seed, initial, ops, owns=half if partitioned else None)
     check_against_exact(stream, exact=True)
 
 
