@@ -23,6 +23,16 @@ def product_text(product: Product, *, description_chars: int = DEFAULT_DESCRIPTI
     The brand is skipped when the title already names it, and the description (truncated to
     ``description_chars``) comes last so that truncation to the model's maximum length
     drops it first.
+
+    Measured with ``simstream eval matching`` on Amazon-Google (1,113 queries against 3,226
+    Google products; hit@1 of the MiniLM port / word TF-IDF / char TF-IDF):
+
+    * title only: 0.650 / 0.713 / 0.715
+    * this template, ``description_chars=0`` (title + brand here): **0.724** / 0.721 / 0.728
+    * title + brand + price: 0.704 / 0.725 / 0.735 (the price hurts the dense encoder)
+    * ``description_chars=200``: 0.664 / 0.664 / 0.637; ``=500``: 0.654 / 0.648 / 0.612
+
+    Hence the default of 0: the description only dilutes the title.
     """
     parts = [product.title.strip()]
     brand = (product.brand or "").strip()
