@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
 
 from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
+from serving.errors import SnapshotError
 from serving.recommender import Kind, Recommender
-from streams.kafka_io import latest_by_key, read_topic, ssl_context
+from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Outbound, ProductPipeline, UserPipeline
 from streams.settings import Settings
@@ -41,6 +44,34 @@ class Runtime:
     encoder_ok: bool = False
     started_at: float = field(default_factory=time.time)
     last_event_at: float | None = None
+    restored_from: str | None = None  # "snapshot" or "topics"
+    #: Next offset per partition of the state topics this worker wrote, acknowledged:
+    #: what a snapshot covers.
+    written: dict[str, dict[int, int]] = field(default_factory=dict)
+    last_snapshot_at: float = field(default_factory=time.monotonic)
+    dirty: bool = False
+    #: Held while a batch is applied and published, so a snapshot never sees a half-done batch.
+    batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def snapshot_root(self) -> Path:
+        """One snapshot directory per model version: vectors of two models never mix."""
+        assert self.products.encoder is not None
+        version = re.sub(r"[^A-Za-z0-9._-]", "-", self.products.encoder.model_version)
+        return self.settings.data_dir / "snapshots" / version
+
+    def take_snapshot(self) -> None:
+        """Save the core with the offsets it covers (run on the core's executor, between batches)."""
+        core = self.products.core
+        core.offsets = {topic: dict(parts) for topic, parts in self.written.items()}
+        started = time.monotonic()
+        try:
+            path = core.save(self.snapshot_root)
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot must not stop the stream
+            log.error("snapshot failed, the previous one is kept: %s", exc)
+            return
+        self.dirty = False
+        log.info("snapshot %s written in %.2f s", path, time.monotonic() - started)
 
 
 def recommender_config(settings: Settings) -> RecommenderConfig:
@@ -138,6 +169,8 @@ def create_app(settings: Settings) -> faust.App:
     user_events = raw_topic(settings.topic_user_events)
     outputs: dict[str, Any] = {}
 
+    state_topics = {settings.topic_products, settings.topic_embeddings}
+
     async def publish(records: Iterable[Outbound]) -> None:
         pending = []
         for record in records:
@@ -148,42 +181,83 @@ def create_app(settings: Settings) -> faust.App:
             pending.append((record, await topic.send(key=key, value=value)))
             metrics.published.labels(record.topic).inc()
         # Wait for the broker's acks before the input offset may be committed.
-        await asyncio.gather(*(future for _, future in pending))
+        acks = await asyncio.gather(*(future for _, future in pending))
         now = time.time()
-        for record, _ in pending:
+        for (record, _), meta in zip(pending, acks, strict=True):
             if record.event_ts is not None:
                 metrics.freshness.labels(record.topic).observe(max(0.0, now - record.event_ts))
+            if record.topic in state_topics:
+                parts = runtime.written.setdefault(record.topic, {})
+                parts[meta.partition] = max(parts.get(meta.partition, 0), meta.offset + 1)
+                runtime.dirty = True
+
+    def load_snapshot() -> Recommender | None:
+        root = runtime.snapshot_root
+        if not (root / "CURRENT").exists():
+            return None
+        try:
+            return Recommender.load(root, recommender_config(settings))
+        except SnapshotError as exc:
+            log.error("not using the snapshot, rebuilding from the topics instead: %s", exc)
+            return None
 
     @app.task
     async def restore() -> None:
-        """Start the encoder, rebuild state from the compacted topics, then open the gates."""
+        """Start the encoder, rebuild state (snapshot + replay, or the topics), then open the gates."""
         pipeline = runtime.products
         assert pipeline.encoder is not None
         await pipeline.encoder.start()
         runtime.encoder_ok = True
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        snapshot = await loop.run_in_executor(pipeline.executor, load_snapshot)
 
-        def read(topic: str) -> dict[str, Any]:
-            return latest_by_key(read_topic(settings, topic, timeout_s=300))
+        def read(topic: str, offsets: dict[int, int] | None = None) -> dict[str, Any]:
+            records = read_topic(settings, topic, from_offsets=offsets, timeout_s=300)
+            return last_values(records) if offsets is not None else latest_by_key(records)
 
-        products, embeddings, similar, substitutes = await asyncio.gather(*(
-            loop.run_in_executor(None, read, topic)
-            for topic in (settings.topic_products, settings.topic_embeddings,
-                          settings.topic_similar_items, settings.topic_substitutes)
-        ))
-        records = await pipeline.restore(products, embeddings, {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes})
+        if snapshot is not None:
+            pipeline.recommender = snapshot
+            runtime.written = {t: dict(p) for t, p in snapshot.offsets.items()}
+            products, embeddings = await asyncio.gather(*(
+                loop.run_in_executor(None, read, topic, snapshot.offsets.get(topic, {}))
+                for topic in (settings.topic_products, settings.topic_embeddings)))
+            records = await pipeline.restore(products, embeddings, None, from_snapshot=True)
+            runtime.restored_from = "snapshot"
+        else:
+            products, embeddings, similar, substitutes = await asyncio.gather(*(
+                loop.run_in_executor(None, read, topic)
+                for topic in (settings.topic_products, settings.topic_embeddings,
+                              settings.topic_similar_items, settings.topic_substitutes)
+            ))
+            records = await pipeline.restore(products, embeddings,
+                                             {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes})
+            runtime.restored_from = "topics"
         await publish(records)
-        log.info("restored %d products (%d embedded again, %d lists republished) in %.1f s",
-                 len(pipeline.core.catalog), pipeline.embedded_texts, len(records), time.monotonic() - started)
+        log.info("restored %d products from %s (%d embedded again, %d records republished) in %.1f s",
+                 len(pipeline.core.catalog), runtime.restored_from, pipeline.embedded_texts, len(records),
+                 time.monotonic() - started)
         runtime.ready.set()
+
+    @app.timer(interval=1.0)
+    async def snapshot_timer() -> None:
+        """Snapshot on the configured interval, between batches, when something changed."""
+        interval = settings.snapshot_interval_s
+        if interval <= 0 or not runtime.ready.is_set() or not runtime.dirty:
+            return
+        if time.monotonic() - runtime.last_snapshot_at < interval:
+            return
+        async with runtime.batch_lock:
+            runtime.last_snapshot_at = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(runtime.products.executor, runtime.take_snapshot)
 
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
         await runtime.ready.wait()
         async for events in stream.take_events(settings.embed_batch_size, within=settings.embed_batch_within_s):
             runtime.last_event_at = time.time()
-            await publish(await runtime.products.handle_batch([_inbound(e) for e in events]))
+            async with runtime.batch_lock:
+                await publish(await runtime.products.handle_batch([_inbound(e) for e in events]))
 
     @app.agent(user_events, name="user-events")
     async def on_user_events(stream: Any) -> None:

@@ -233,6 +233,11 @@ def _parse(raw: bytes | None) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
+def last_values(records: Iterator[Record]) -> dict[str, Any]:
+    """The last value per key, keeping tombstones as ``None`` (a change log since some offset)."""
+    return {r.key: r.value for r in records if r.key is not None}
+
+
 def latest_by_key(records: Iterator[Record]) -> dict[str, Any]:
     """The last value per key (a compacted view); tombstones remove the key."""
     state: dict[str, Any] = {}

@@ -29,7 +29,7 @@ import numpy as np
 from encoders.base import Encoder
 from serving.catalog import Product, ProductChange, ProductDelete, ProductUpsert
 from serving.errors import SimstreamError
-from serving.recommender import Kind, Publication, Recommender
+from serving.recommender import Kind, Publication, Recommender, last_per_key
 from serving.text import product_text
 from streams.metrics import Metrics
 from streams.records import (
@@ -298,29 +298,44 @@ class ProductPipeline(Edge):
 
     async def restore(
         self,
-        products: Mapping[str, Mapping[str, Any]],
-        embeddings: Mapping[str, Mapping[str, Any]],
-        published: Mapping[Kind, Mapping[str, Mapping[str, Any]]],
+        products: Mapping[str, Mapping[str, Any] | None],
+        embeddings: Mapping[str, Mapping[str, Any] | None],
+        published: Mapping[Kind, Mapping[str, Mapping[str, Any]]] | None,
         *,
+        from_snapshot: bool = False,
         batch_size: int = 256,
     ) -> list[Outbound]:
         """Rebuild state from the compacted topics and return only what must be republished.
 
-        ``products``, ``embeddings`` and ``published`` are the last value per key of
-        ``simstream-products``, ``simstream-embeddings`` and the two list topics. Vectors
-        whose content hash and model version still match are reused, so nothing already
-        embedded is embedded again. Published versions seed the per-key counters, so
-        ``version`` keeps increasing across restarts. A list that differs from what is on
-        its topic (a crash between apply and publish, a model change, an IDF refit) is
-        republished; a list whose product is gone gets a tombstone.
+        ``products`` and ``embeddings`` are the last value per key of ``simstream-products``
+        and ``simstream-embeddings`` (``None`` for a tombstone): the whole topics for a
+        rebuild, or what came after the snapshot's offsets when the recommender was loaded
+        from a snapshot. Vectors whose content hash and model version still match are
+        reused, so nothing already embedded is embedded again.
+
+        For a rebuild, ``published`` holds the last value per key of the two list topics:
+        their versions seed the per-key counters (so ``version`` keeps increasing across
+        restarts), and a list that differs from what is on its topic (a crash between apply
+        and publish, a model change, the IDF refit) is republished; a list whose product is
+        gone gets a tombstone. After a snapshot, the snapshot's lists and versions are the
+        published ones, and the replayed changes publish what they change.
         """
+        if from_snapshot:
+            self._embeddings_from_index()
         for key, value in embeddings.items():
+            if value is None:
+                self.embeddings.pop(key, None)
+                continue
             try:
                 self.embeddings[key] = embedding_from_wire(value)
             except SimstreamError as exc:
                 log.error("ignoring embedding record for %s: %s", key, exc)
         catalog: list[Product] = []
+        deleted: list[str] = []
         for key, value in products.items():
+            if value is None:
+                deleted.append(key)
+                continue
             try:
                 catalog.append(product_from_wire(value))
             except Exception as exc:  # noqa: BLE001 - one bad record must not stop a restart
@@ -330,23 +345,43 @@ class ProductPipeline(Edge):
         for start in range(0, len(missing), batch_size):
             vectors.update(await self.embed([product_text(p) for p in missing[start : start + batch_size]]))
 
-        def rebuild() -> None:
+        def rebuild() -> list[Publication]:
+            pubs: list[Publication] = []
+            core = self.core
+            for pid in deleted:
+                current = core.catalog.get(pid)
+                if current is not None:
+                    pubs += core.apply(ProductDelete(pid, current.ts))
             for product in sorted(catalog, key=lambda p: p.product_id):
                 vector = self.cached_vector(product)
                 if vector is None:
                     vector = vectors[product_text(product)]
                     self.embeddings[product.product_id] = StoredEmbedding(
                         product.product_id, vector, self.model_version, product.content_hash)
-                self.core.apply(_as_upsert(product), vector)
-            if len(self.core.catalog):
-                self.core.refit_lexical()
+                pubs += core.apply(_as_upsert(product), vector)
+            if not from_snapshot and len(core.catalog):
+                core.refit_lexical()
+            return pubs
 
-        await self._in_core(rebuild)
+        replayed = await self._in_core(rebuild)
         out = [Outbound(self.settings.topic_embeddings, p.product_id,
                         embedding_to_wire(self.embeddings[p.product_id])) for p in missing]
-        out += await self._in_core(self._reconcile, published)
+        if from_snapshot:
+            out += self.publications_to_records(last_per_key(replayed))
+        else:
+            out += await self._in_core(self._reconcile, published or {})
         self._update_gauges()
         return out
+
+    def _embeddings_from_index(self) -> None:
+        """After a snapshot load, the index holds each product's vector for its current text."""
+        vectors = self.core.vectors()
+        for product in self.core.catalog:
+            vector = vectors.get(product.product_id)
+            if vector is not None:
+                self.embeddings[product.product_id] = StoredEmbedding(
+                    product.product_id, np.asarray(vector, dtype=np.float32), self.model_version,
+                    product.content_hash)
 
     def _reconcile(self, published: Mapping[Kind, Mapping[str, Mapping[str, Any]]]) -> list[Outbound]:
         core = self.core

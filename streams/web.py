@@ -89,6 +89,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "index_live": stats.index_live,
                 "index_deleted": stats.index_deleted,
                 "stale_events": stats.stale_events,
+                "restored_from": runtime.restored_from,
                 "uptime_s": round(time.time() - runtime.started_at, 1),
             }
             return self.json(body, status=200 if healthy else 503)

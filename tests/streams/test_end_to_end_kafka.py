@@ -257,10 +257,13 @@ def test_catalog_churn_keeps_every_list_exact(
             assert abs(candidate["price"] - owner["price"]) <= settings.price_band * owner["price"] + 1e-9
 
 
+@pytest.mark.parametrize("restore_from", ["topics", "snapshot"])
 def test_a_restarted_worker_loses_nothing_and_embeds_nothing_twice(
-    model_base: Path, settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess],
+    restore_from: str, model_base: Path, settings_for: Callable[..., Settings],
+    worker_factory: Callable[..., WorkerProcess],
 ) -> None:
-    env = {"SIMSTREAM_ENCODER": "local", "SIMSTREAM_MODEL_BASE": str(model_base)}
+    env = {"SIMSTREAM_ENCODER": "local", "SIMSTREAM_MODEL_BASE": str(model_base),
+           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "1" if restore_from == "snapshot" else "0"}
     settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
     create_topics(settings)
     scenario = Scenario(seed=11)
@@ -269,12 +272,20 @@ def test_a_restarted_worker_loses_nothing_and_embeds_nothing_twice(
     scenario.churn(rounds=1)
     second_half = scenario.events[len(first_half):]
 
+    env_dir = settings.data_dir
     first = run_worker(worker_factory, **env)
     scenario.send(settings, first_half + second_half[: len(second_half) // 2])
-    time.sleep(1.0)  # stop it mid-stream, while it is still working through the churn
+    if restore_from == "snapshot":  # let it snapshot the catalog, then stop it mid-churn
+        deadline = time.monotonic() + 120
+        while not any(Path(env_dir).glob("snapshots/*/CURRENT")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert any(Path(env_dir).glob("snapshots/*/CURRENT")), first.log_tail()
+    else:
+        time.sleep(1.0)  # stop it mid-stream, while it is still working through the churn
     first.stop()
 
     second = run_worker(worker_factory, **env)
+    assert second.get("/health")[1]["restored_from"] == restore_from
     scenario.send(settings, second_half[len(second_half) // 2:])
     wait_quiet(second, 1)  # events counts only what the second worker consumed
     deadline = time.monotonic() + 120

@@ -202,3 +202,29 @@ async def test_user_events_are_validated() -> None:
     assert users.handle(good) == []
     out = users.handle(bad)
     assert out[0].topic == "simstream-dead-letters" and "unknown event type" in (out[0].value or {})["error"]
+
+
+async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: ProductPipeline, tmp_path: Any) -> None:
+    await load(pipeline)
+    pipeline.core.save(tmp_path)
+    after = await pipeline.handle_batch([
+        upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard"),
+        message({"op": "delete", "product_id": "H3", "ts": NOW - 40}, key="H3"),
+    ])
+    changes: dict[str, dict[str, Any]] = {}
+    for record in after:
+        if record.topic in ("simstream-products", "simstream-embeddings"):
+            changes.setdefault(record.topic, {})[record.key] = record.value  # type: ignore[assignment]
+
+    encoder = CountingEncoder()
+    fresh = make_pipeline(encoder)
+    fresh.recommender = Recommender.load(tmp_path, pipeline.core.config)
+    records = await fresh.restore(changes["simstream-products"], changes["simstream-embeddings"], None,
+                                  from_snapshot=True)
+    assert encoder.calls == []  # the edit's vector came from the embeddings topic, the rest from the snapshot
+    assert fresh.core.catalog.get("H3") is None
+    k2 = fresh.core.catalog.get("K2")
+    assert k2 is not None and k2.title == "Logitech K380 multi-device keyboard"
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        assert fresh.core.lists(kind) == pipeline.core.lists(kind)
+    assert any(r.topic == "similar-items" and r.key == "H3" and r.value is None for r in records)
