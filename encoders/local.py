@@ -101,8 +101,7 @@ class LocalEncoder:
 
     @property
     def model_version(self) -> str:
-        """``<model_name>/<version>`` of the loaded SavedModel (loads it if needed)."""
-        self._ensure_loaded()
+        """``<model_name>/<version>`` of the loaded SavedModel ("" until ``start()`` or the first encode)."""
         return self._version
 
     def _ensure_loaded(self) -> tuple[RunBatch, WordPieceTokenizer]:
