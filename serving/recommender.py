@@ -46,8 +46,16 @@ from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
 from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
 from serving.lexical import LexicalModel, SparseVec, cosine, cosine_many
-from serving.rules import is_substitute
-from serving.scoring import content_score, dense_scores, final_score, rank_candidates, reasons
+from serving.rules import profile_is_substitute
+from serving.scoring import (
+    Profile,
+    content_score,
+    dense_scores,
+    final_score,
+    profile,
+    profile_reasons,
+    rank_candidates,
+)
 from serving.text import product_text
 
 
@@ -118,21 +126,24 @@ class _Buffer:
 
 
 def build_lists(
-    owner: Product,
+    owner: Profile,
     candidates: Iterable[tuple[str, float, float]],
-    products: Callable[[str], Product | None],
+    profiles: Callable[[str], Profile | None],
     config: RecommenderConfig,
 ) -> tuple[Items, Items]:
-    """(similar, substitutes) for ``owner`` from its top-C (id, dense, lexical) candidates."""
+    """(similar, substitutes) for ``owner`` from its top-C (id, dense, lexical) candidates.
+
+    ``profiles`` gives ``serving.scoring.profile(product)`` by id.
+    """
     ranked = rank_candidates(candidates, config)
     similar: list[ScoredItem] = []
     subs: list[ScoredItem] = []
     for pid, content, dense, lexical in ranked:
-        cand = products(pid)
+        cand = profiles(pid)
         if cand is None:
             continue
         want_similar = len(similar) < config.k
-        want_sub = len(subs) < config.k and is_substitute(owner, cand, config)
+        want_sub = len(subs) < config.k and profile_is_substitute(owner, cand, config)
         if not (want_similar or want_sub):
             continue
         item = ScoredItem(
@@ -142,7 +153,7 @@ def build_lists(
             dense=dense,
             lexical=lexical,
             behavior=0.0,
-            reasons=reasons(owner, cand),
+            reasons=profile_reasons(owner, cand),
         )
         if want_similar:
             similar.append(item)
@@ -178,6 +189,7 @@ def exact_lists(
     m64 = mat.astype(np.float64)
     sims = m64 @ m64.T
     lex = {i: lexical.vectorize(product_text(prods[i])) for i in ids}
+    profs = {i: profile(prods[i]) for i in ids}
     id_arr = np.array(ids, dtype=object)
     c = config.candidate_depth
     for row, pid in enumerate(ids):
@@ -187,7 +199,7 @@ def exact_lists(
         order = [j for j in np.lexsort((id_arr, -scores)) if j != row][:c]
         lexical_scores = cosine_many(lex[pid], [lex[ids[j]] for j in order])
         cands = [(ids[j], float(scores[j]), lx) for j, lx in zip(order, lexical_scores, strict=True)]
-        similar, subs = build_lists(prods[pid], cands, prods.get, config)
+        similar, subs = build_lists(profs[pid], cands, profs.get, config)
         out[Kind.SIMILAR][pid] = similar
         out[Kind.SUBSTITUTES][pid] = subs
     return out
@@ -250,6 +262,7 @@ class Recommender:
         self.offsets: Offsets = {}
         self.versions: dict[tuple[Kind, str], int] = {}
         self._lex: dict[str, SparseVec] = {}
+        self._prof: dict[str, Profile] = {}
         self._buf: dict[str, _Buffer] = {}
         self._rev: dict[str, set[str]] = {}
         self._lists: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
@@ -330,8 +343,10 @@ class Recommender:
             self.index.upsert([pid], np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector)
             self.catalog.commit(update, change.ts)
             self._lex[pid] = lex
+            self._prof[pid] = profile(after)
             return self._on_vector_change(pid)
         self.catalog.commit(update, change.ts)
+        self._prof[pid] = profile(after)
         return self._on_attributes_change(pid, update)
 
     def apply_many(
@@ -381,6 +396,7 @@ class Recommender:
         self.index.upsert(ids, vectors)
         self.catalog = catalog
         self._lex = lex
+        self._prof = {p.product_id: profile(p) for p in catalog}
         owned = [pid for pid in ids if self.owns(pid)]
         chunk = 4096
         for start in range(0, len(owned), chunk):
@@ -427,6 +443,7 @@ class Recommender:
             for c in own.parts:
                 self._rev_discard(c, q)
         self._lex.pop(q, None)
+        self._prof.pop(q, None)
         old_rev = self._rev.pop(q, set())
         self.index.delete(q)
         affected = {p for p in old_rev if self._drop(p, q)}
@@ -536,7 +553,7 @@ class Recommender:
             return True
         k = self.config.k
         buf = self._buf[p]
-        owner = self.catalog.get(p)
+        owner = self._prof.get(p)
         for e in entered:
             if e in listed:
                 return True
@@ -544,12 +561,12 @@ class Recommender:
             key = (-content_score(dense, lexical, self.config), e)
             if len(similar) < k or key < (-similar[-1].content, similar[-1].product_id):
                 return True
-            cand = self.catalog.get(e)
+            cand = self._prof.get(e)
             if (
                 owner is not None
                 and cand is not None
                 and (len(subs) < k or key < (-subs[-1].content, subs[-1].product_id))
-                and is_substitute(owner, cand, self.config)
+                and profile_is_substitute(owner, cand, self.config)
             ):
                 return True
         return False
@@ -596,11 +613,9 @@ class Recommender:
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self._buf[p]
-        owner = self.catalog.get(p)
-        assert owner is not None
         top = buf.keys[: self.config.candidate_depth]
         cands = [(c, *buf.parts[c]) for _d, c in top]
-        return build_lists(owner, cands, self.catalog.get, self.config)
+        return build_lists(self._prof[p], cands, self._prof.get, self.config)
 
     def _refresh(self, affected: Iterable[str], *, out_of_stock: str | None = None) -> list[Publication]:
         pubs: list[Publication] = []

@@ -18,10 +18,16 @@ from __future__ import annotations
 
 from serving.catalog import Product
 from serving.config import RecommenderConfig
+from serving.scoring import Profile, profile
 
 
 def is_substitute(product: Product, candidate: Product, config: RecommenderConfig) -> bool:
     """True when ``candidate`` may be offered in place of ``product``."""
+    return profile_is_substitute(profile(product), profile(candidate), config)
+
+
+def profile_is_substitute(product: Profile, candidate: Profile, config: RecommenderConfig) -> bool:
+    """``is_substitute`` on normalised profiles (the hot path)."""
     # Cheapest and most selective tests first: this runs for every top-C candidate.
     if not candidate.in_stock or candidate.product_id == product.product_id:
         return False
@@ -33,5 +39,4 @@ def is_substitute(product: Product, candidate: Product, config: RecommenderConfi
         return False
     if product.group_id is not None and candidate.group_id == product.group_id:
         return False
-    leaf, other_leaf = product.leaf_category, candidate.leaf_category
-    return not (leaf and other_leaf and leaf.strip().casefold() != other_leaf.strip().casefold())
+    return not (product.has_leaf and candidate.has_leaf and product.leaf != candidate.leaf)

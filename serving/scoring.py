@@ -9,7 +9,9 @@ recomputation agree on order whenever they agree on the numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,32 +52,81 @@ def _norm(text: str | None) -> str:
     return (text or "").strip().casefold()
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Profile:
+    """The fields of a product that rules and reasons read, normalised once.
+
+    Lists are rebuilt thousands of times per second; normalising strings on every
+    comparison would dominate that cost.
+    """
+
+    product_id: str
+    in_stock: bool
+    price: float | None
+    group_id: str | None
+    has_brand: bool
+    brand: str
+    has_leaf: bool
+    leaf: str
+    leaf_display: str
+    attrs: tuple[tuple[str, str, str, str], ...]  # (key, value, key_norm, value_norm)
+    attr_map: dict[str, str]  # key_norm -> value_norm (last one wins)
+
+
+def profile(product: Product) -> Profile:
+    """Normalise the rule and reason fields of a product."""
+    leaf = product.leaf_category
+    return Profile(
+        product_id=product.product_id,
+        in_stock=product.in_stock,
+        price=product.price,
+        group_id=product.group_id,
+        has_brand=bool(product.brand),
+        brand=_norm(product.brand),
+        has_leaf=bool(leaf),
+        leaf=_norm(leaf),
+        leaf_display=(leaf or "").strip(),
+        attrs=tuple((k, v, _norm(k), _norm(v)) for k, v in product.attributes),
+        attr_map={_norm(k): _norm(v) for k, v in product.attributes},
+    )
+
+
+def _price_gap(owner_price: float | None, price: float | None) -> int | None:
+    if owner_price is None or price is None or owner_price <= 0:
+        return None
+    gap = abs(price - owner_price) / owner_price * 100.0
+    # Round up so "within N%" never understates the gap; tolerate float noise.
+    return max(0, math.ceil(gap - 1e-9))
+
+
 def price_gap_percent(owner: Product, candidate: Product) -> int | None:
     """Relative price difference to the owner's price, in whole percent (rounded up)."""
-    if owner.price is None or candidate.price is None or owner.price <= 0:
-        return None
-    gap = abs(candidate.price - owner.price) / owner.price * 100.0
-    # Round up so "within N%" never understates the gap; tolerate float noise.
-    return max(0, int(np.ceil(gap - 1e-9)))
+    return _price_gap(owner.price, candidate.price)
 
 
-def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> tuple[str, ...]:
-    """Human-readable reasons why ``candidate`` is listed for ``owner``."""
+def profile_reasons(owner: Profile, candidate: Profile, *, max_attributes: int = 3) -> tuple[str, ...]:
+    """``reasons`` on normalised profiles."""
     out: list[str] = []
-    if owner.brand and _norm(owner.brand) == _norm(candidate.brand):
+    if owner.has_brand and owner.brand == candidate.brand:
         out.append("same brand")
-    if owner.leaf_category and _norm(owner.leaf_category) == _norm(candidate.leaf_category):
-        out.append(f"same category: {(candidate.leaf_category or '').strip()}")
-    gap = price_gap_percent(owner, candidate)
+    if owner.has_leaf and owner.leaf == candidate.leaf:
+        out.append(f"same category: {candidate.leaf_display}")
+    gap = _price_gap(owner.price, candidate.price)
     if gap is not None:
         out.append("same price" if gap == 0 else f"price within {gap}%")
-    theirs = {_norm(k): v for k, v in candidate.attributes}
     shared = 0
-    for key, value in owner.attributes:
-        other = theirs.get(_norm(key))
-        if other is not None and _norm(other) and _norm(other) == _norm(value):
+    theirs = candidate.attr_map
+    for key, value, key_norm, value_norm in owner.attrs:
+        other = theirs.get(key_norm)
+        if other and other == value_norm:
             out.append(f"shared {key}: {value}")
             shared += 1
             if shared >= max_attributes:
                 break
     return tuple(out)
+
+
+def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> tuple[str, ...]:
+    """Human-readable reasons why ``candidate`` is listed for ``owner``: same brand, same
+    leaf category, price gap, shared attribute values (case-insensitive)."""
+    return profile_reasons(profile(owner), profile(candidate), max_attributes=max_attributes)

@@ -51,6 +51,7 @@ from serving.index import (
 )
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender, _Buffer
+from serving.scoring import profile
 
 FORMAT = 1
 CURRENT = "CURRENT"
@@ -313,6 +314,7 @@ def _build(
 
     rec = Recommender._restored(config, index, owns=owns, lexical=lexical)
     rec.catalog = catalog
+    rec._prof = {p.product_id: profile(p) for p in catalog}
     rec.offsets = offsets
     rec.versions = {(Kind(k), str(pid)): int(v) for k, pid, v in state["versions"]}
     rec._publications = int(state.get("publications", 0))

@@ -216,11 +216,9 @@ def main() -> None:
         top = np.argpartition(-scores, c)[:c]
         cand_ids = [all_ids[j] for j in top]
         lex = cosine_many(rec._lex[pid], [rec._lex[x] for x in cand_ids])
-        owner = rec.catalog.get(pid)
-        assert owner is not None
         want, _subs = build_lists(
-            owner, [(x, float(scores[j]), lx) for x, j, lx in zip(cand_ids, top, lex, strict=True)],
-            rec.catalog.get, config,
+            rec._prof[pid], [(x, float(scores[j]), lx) for x, j, lx in zip(cand_ids, top, lex, strict=True)],
+            rec._prof.get, config,
         )
         got = rec.similar(pid) or ()
         w = {i.product_id for i in want}
