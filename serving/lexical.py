@@ -112,8 +112,9 @@ def cosine(a: SparseVec, b: SparseVec) -> float:
 def cosine_many(a: SparseVec, others: Sequence[SparseVec]) -> list[float]:
     """``cosine(a, b)`` for every ``b`` in one vectorised pass.
 
-    Each result is the float64 sum, in ``b``'s bucket order, of the matching products, so
-    a pair scores bit-for-bit the same whether it is computed alone or in a batch.
+    Each result is the float64 sum, in ascending bucket order, of the matching products, so
+    a pair scores bit-for-bit the same alone or in a batch, and in either orientation
+    (``cosine(a, b) == cosine(b, a)`` exactly).
     """
     n = len(others)
     ai, av = a

@@ -45,7 +45,7 @@ from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductCha
 from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
 from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
-from serving.lexical import LexicalModel, SparseVec, cosine, cosine_many
+from serving.lexical import LexicalModel, SparseVec, cosine_many
 from serving.rules import profile_is_substitute
 from serving.scoring import (
     Profile,
@@ -589,17 +589,17 @@ class Recommender:
                 admitted.append((p, d))
         if not admitted:
             return
-        # The owner is always the first argument of the lexical cosine, as in _fill, so a
-        # stored pair value never depends on which path computed it.
+        # cosine_many is bitwise symmetric (matches are summed in bucket order), so one batch
+        # from q's side stores exactly what _fill computes from each owner's side.
+        lexical = cosine_many(self._lex[q], [self._lex[p] for p, _d in admitted])
         depth = self.config.buffer_depth
         c_depth = self.config.candidate_depth
-        lex_q = self._lex[q]
-        for p, d in admitted:
+        for (p, d), lx in zip(admitted, lexical, strict=True):
             buf = self._buf[p]
             key = (-d, q)
             pos = bisect_left(buf.keys, key)
             buf.keys.insert(pos, key)
-            buf.parts[q] = (d, cosine(self._lex[p], lex_q))
+            buf.parts[q] = (d, lx)
             self._rev.setdefault(q, set()).add(p)
             # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
             pushed_out = (buf.keys[c_depth][1],) if pos < c_depth and len(buf.keys) > c_depth else ()

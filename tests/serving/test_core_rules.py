@@ -67,3 +67,18 @@ def test_reasons_and_scores() -> None:
     cfg = RecommenderConfig(dim=4, lexical_weight=0.25, behavior_weight=0.5)
     assert content_score(0.8, 0.4, cfg) == pytest.approx(0.7)
     assert final_score(0.7, 0.1, cfg) == pytest.approx(0.4)
+
+
+def test_lexical_cosine_is_bitwise_symmetric_and_batch_independent() -> None:
+    from serving.lexical import LexicalModel, cosine, cosine_many
+
+    model = LexicalModel.fit(["sony wh-1000xm4 headphones", "bose qc45 headphones", "usb-c cable 2m"])
+    texts = ["Sony WH-1000XM4 black", "Bose QC45 headphones", "usb-c to usb-c cable", "", "xm4"]
+    vecs = [model.vectorize(t) for t in texts]
+    for a in vecs:
+        batch = cosine_many(a, vecs)
+        for b, value in zip(vecs, batch, strict=True):
+            assert value == cosine(a, b) == cosine(b, a)
+            assert -1e-6 <= value <= 1.0 + 1e-6
+    assert cosine(vecs[0], vecs[0]) == pytest.approx(1.0, abs=1e-6)
+    assert cosine(vecs[3], vecs[0]) == 0.0
