@@ -14,7 +14,7 @@ WEB_PORT ?= 6066
 export HNSWLIB_NO_NATIVE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install model kafka-up kafka-down topics demo test lint unit bench clean
+.PHONY: help install model browser kafka-up kafka-down topics demo test lint unit bench clean
 
 help:
 	@echo "make demo   - local Kafka + worker + a real catalog streamed in, output topics shown"
@@ -38,6 +38,14 @@ install: $(VENV)/.installed
 model: install
 	$(BIN)/simstream export-encoder --out "$(MODEL_BASE)" --version $(MODEL_VERSION) --if-missing
 
+# The page test drives Debian's Chromium; install it (as root) when it is missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "make test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; exit 1; fi; \
+	fi
+
 kafka-up:
 	KAFKA_PORT=$(KAFKA_PORT) infra/kafka/kafka.sh up
 
@@ -53,7 +61,7 @@ lint: install
 
 # The broker for tests runs on its own port with a fresh data directory, so a developer's
 # Kafka on 9092 is never touched and no state leaks between runs.
-test: install model
+test: install model browser
 	@rm -rf "$(CACHE)/kafka/data-$(TEST_KAFKA_PORT)"
 	$(MAKE) --no-print-directory lint
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh up

@@ -1,0 +1,101 @@
+"""The page at ``/``, driven in headless Chromium against a live worker on a real broker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from streams.kafka_io import create_topics, producer
+from streams.settings import Settings
+from tests.support import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+PRODUCTS = [
+    ("H1", "Sony WH-1000XM4 wireless noise cancelling headphones", "Sony", 278.0),
+    ("H2", "Sony WH-1000XM5 wireless noise cancelling headphones", "Sony", 299.0),
+    ("H3", "Bose QuietComfort 45 wireless noise cancelling headphones", "Bose", 289.0),
+    ("K1", "Logitech MX Keys wireless keyboard", "Logitech", 99.0),
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "install Debian's chromium and chromium-driver (make test does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    driver.set_window_size(1280, 900)
+    yield driver
+    driver.quit()
+
+
+def test_search_pick_and_see_lists_with_scores_and_reasons(
+    settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess], browser: Any,
+    tmp_path: Any,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    screenshot_dir = tmp_path
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory()
+    worker.wait_ready()
+    kafka = producer(settings)
+    for pid, title, brand, price in PRODUCTS:
+        event = {"op": "upsert", "product_id": pid, "title": title, "brand": brand, "price": price,
+                 "category": ["Electronics", "Audio" if pid[0] == "H" else "Keyboards"], "ts": time.time() - 5}
+        kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
+    kafka.flush()
+    kafka.close()
+    deadline = time.monotonic() + 60
+    while worker.get("/stats")[1]["products"] < len(PRODUCTS) and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+    wait = WebDriverWait(browser, 20)
+    browser.get(worker.web + "/")
+    wait.until(lambda d: "products: 4" in d.find_element(By.ID, "counters").text)
+
+    browser.find_element(By.ID, "q").send_keys("wh-1000xm4")
+    hit = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#results li[data-product='H1']")))
+    assert "Sony WH-1000XM4" in hit.text
+    hit.click()
+
+    similar = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#similar tr[data-item]")))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#similar tr[data-item]")
+    assert [r.get_attribute("data-item") for r in rows][0] == "H2"
+    assert float(similar.find_elements(By.TAG_NAME, "td")[1].text) > 0
+    assert "same brand" in rows[0].text
+    substitutes = browser.find_elements(By.CSS_SELECTOR, "#substitutes tr[data-item]")
+    assert {r.get_attribute("data-item") for r in substitutes} == {"H2", "H3"}  # same category, in the band
+    assert "in stock" in browser.find_element(By.ID, "product").text
+
+    # Live: the product goes out of stock, and the page shows it on the next visit.
+    kafka = producer(settings)
+    kafka.send(settings.topic_product_changes, key=b"H1", value=json.dumps(
+        {"op": "upsert", "product_id": "H1", "in_stock": False, "ts": time.time()}).encode())
+    kafka.flush()
+    kafka.close()
+    deadline = time.monotonic() + 30
+    while worker.get("/products/H1")[1]["in_stock"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    browser.refresh()
+    wait.until(lambda d: "out of stock" in d.find_element(By.ID, "product").text)
+    browser.save_screenshot(str(screenshot_dir / "page.png"))
