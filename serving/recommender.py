@@ -69,7 +69,7 @@ class Trigger(enum.StrEnum):
     REFRESH = "refresh"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScoredItem:
     """One entry of a list, with the parts of its score and why it is there."""
 
@@ -82,7 +82,7 @@ class ScoredItem:
     reasons: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Publication:
     """A whole list to put on the wire; ``items is None`` is a tombstone."""
 

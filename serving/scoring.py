@@ -10,6 +10,7 @@ recomputation agree on order whenever they agree on the numbers.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -123,7 +124,8 @@ def profile_reasons(owner: Profile, candidate: Profile, *, max_attributes: int =
             shared += 1
             if shared >= max_attributes:
                 break
-    return tuple(out)
+    # Interned: a few hundred distinct strings are shared by millions of list items.
+    return tuple(sys.intern(r) for r in out)
 
 
 def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> tuple[str, ...]:
