@@ -89,3 +89,22 @@ def test_hashing_is_deterministic() -> None:
     a = HashingEncoder().encode_blocking(TEXTS).vectors
     b = HashingEncoder().encode_blocking(TEXTS).vectors
     assert np.array_equal(a, b)
+
+
+async def test_local_encode_does_not_block_the_event_loop(local_encoder: Encoder) -> None:
+    import asyncio
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    await local_encoder.encode([f"adobe photoshop cs{i % 5} upgrade for mac and windows" for i in range(400)])
+    elapsed = time.perf_counter() - started
+    task.cancel()
+    assert ticks >= int(elapsed / 0.005 * 0.3)  # the loop kept ticking while the model ran
