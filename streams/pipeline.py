@@ -39,6 +39,7 @@ from streams.records import (
     dead_letter,
     decode_product_change,
     decode_user_event,
+    iso,
     product_from_wire,
     product_to_wire,
 )
@@ -276,17 +277,22 @@ class ProductPipeline(Edge):
     def publications_to_records(
         self, publications: Iterable[Publication], *, own: str | None = None, event_ts: float | None = None
     ) -> list[Outbound]:
+        """Wire records for publications. ``own`` and ``event_ts`` name the change that caused them.
+
+        Each list then carries ``caused_by`` (the product and event time of that change), so
+        an operator can trace why a list moved, and freshness can be measured per event.
+        """
         now = self.clock()
         topics = {Kind.SIMILAR: self.settings.topic_similar_items, Kind.SUBSTITUTES: self.settings.topic_substitutes}
-        return [
-            Outbound(
-                topics[pub.kind],
-                pub.product_id,
-                publication_to_wire(pub, model_version=self.model_version, at=now),
-                event_ts=event_ts if pub.product_id == own else None,
-            )
-            for pub in publications
-        ]
+        cause = {"product_id": own, "event_ts": iso(event_ts)} if own is not None and event_ts is not None else None
+        records = []
+        for pub in publications:
+            value = publication_to_wire(pub, model_version=self.model_version, at=now)
+            if value is not None and cause is not None:
+                value["caused_by"] = cause
+            records.append(Outbound(topics[pub.kind], pub.product_id, value,
+                                    event_ts=event_ts if pub.product_id == own else None))
+        return records
 
     def _update_gauges(self) -> None:
         stats = self.core.stats()

@@ -88,6 +88,8 @@ async def test_a_batch_is_embedded_in_one_call_and_every_list_is_published(pipel
     first = similar["H1"]
     assert first is not None and first["items"][0]["product_id"] == "H2"
     assert first["model_version"] == "hashing/1" and first["updated_at"] == "2026-11-18T11:06:40.000Z"
+    assert first["caused_by"]["event_ts"] == "2026-11-18T11:05:00.000Z"
+    assert first["caused_by"]["product_id"] in {pid for pid, *_ in CATALOG}
     assert {"score", "content", "dense", "lexical", "behavior", "reasons"} <= set(first["items"][0])
     stored = embedding_from_wire(out["simstream-embeddings"][0].value or {})
     assert stored.vector.shape == (384,) and stored.model_version == "hashing/1"

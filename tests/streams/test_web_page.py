@@ -80,7 +80,7 @@ def test_search_pick_and_see_lists_with_scores_and_reasons(
 
     similar = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#similar tr[data-item]")))
     rows = browser.find_elements(By.CSS_SELECTOR, "#similar tr[data-item]")
-    assert [r.get_attribute("data-item") for r in rows][0] == "H2"
+    assert rows[0].get_attribute("data-item") == "H2"
     assert float(similar.find_elements(By.TAG_NAME, "td")[1].text) > 0
     assert "same brand" in rows[0].text
     substitutes = browser.find_elements(By.CSS_SELECTOR, "#substitutes tr[data-item]")
