@@ -491,7 +491,7 @@ class HnswIndex:
             if new:
                 labels = np.arange(self._next_label, self._next_label + len(new), dtype=np.uint64)
                 self._next_label += len(new)
-                threads = -1 if len(new) >= 1024 else 1  # big batches: bulk load, use every core
+                threads = -1 if len(new) >= 256 else 1  # batches (bulk load, replays): every core
                 self._index.add_items(rows[new], labels, num_threads=threads, replace_deleted=True)
                 for i, label in zip(new, labels.tolist(), strict=True):
                     self._label[id_list[i]] = label
