@@ -44,9 +44,13 @@ def rank_candidates(
     candidates: Iterable[Candidate], config: RecommenderConfig
 ) -> list[tuple[str, float, float, float]]:
     """Re-rank (id, dense, lexical) by content score, best first; returns (id, content, dense, lexical)."""
-    scored = [(pid, content_score(d, lx, config), d, lx) for pid, d, lx in candidates]
-    scored.sort(key=lambda t: (-t[1], t[0]))
-    return scored
+    w_dense = 1.0 - config.lexical_weight
+    w_lex = config.lexical_weight
+    # Same arithmetic, in the same order, as content_score (so the values are bitwise equal);
+    # inlined and sorted on plain tuples because this runs for every list rebuild.
+    keyed = [(-(w_dense * d + w_lex * lx), pid, d, lx) for pid, d, lx in candidates]
+    keyed.sort()
+    return [(pid, -neg, d, lx) for neg, pid, d, lx in keyed]
 
 
 def _norm(text: str | None) -> str:
