@@ -22,7 +22,7 @@ import faust
 
 from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
-from serving.errors import SnapshotError
+from serving.errors import EncoderUnavailable, SnapshotError
 from serving.recommender import Kind, Recommender
 from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
@@ -41,7 +41,6 @@ class Runtime:
     products: ProductPipeline
     users: UserPipeline
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    encoder_ok: bool = False
     started_at: float = field(default_factory=time.time)
     last_event_at: float | None = None
     restored_from: str | None = None  # "snapshot" or "topics"
@@ -52,6 +51,10 @@ class Runtime:
     dirty: bool = False
     #: Held while a batch is applied and published, so a snapshot never sees a half-done batch.
     batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def encoder_ok(self) -> bool:
+        return self.products.encoder_ok
 
     @property
     def snapshot_root(self) -> Path:
@@ -206,8 +209,16 @@ def create_app(settings: Settings) -> faust.App:
         """Start the encoder, rebuild state (snapshot + replay, or the topics), then open the gates."""
         pipeline = runtime.products
         assert pipeline.encoder is not None
-        await pipeline.encoder.start()
-        runtime.encoder_ok = True
+        delay = 0.5
+        while True:
+            try:
+                await pipeline.encoder.start()
+                break
+            except EncoderUnavailable as exc:
+                log.error("encoder unavailable at start-up, retrying in %.1f s: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        pipeline.encoder_ok = True
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         snapshot = await loop.run_in_executor(pipeline.executor, load_snapshot)

@@ -30,6 +30,9 @@ class Metrics:
             "simstream_encoder_batch_size", "Texts per encoder call",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
         )
+        self.encoder_outages = Counter(
+            "simstream_encoder_outages_total", "Encoder calls that found it unavailable (then retried)", registry=r
+        )
         self.encoder_latency = Histogram(
             "simstream_encoder_seconds", "Latency of one encoder call", registry=r
         )

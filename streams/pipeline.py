@@ -28,7 +28,7 @@ import numpy as np
 
 from encoders.base import Encoder
 from serving.catalog import Product, ProductChange, ProductDelete, ProductUpsert
-from serving.errors import SimstreamError
+from serving.errors import EncoderUnavailable, SimstreamError
 from serving.recommender import Kind, Publication, Recommender, last_per_key
 from serving.text import product_text
 from streams.metrics import Metrics
@@ -53,6 +53,8 @@ from streams.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_OUTAGE_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,7 @@ class ProductPipeline(Edge):
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="simstream-core")
     )
     embedded_texts: int = 0
+    encoder_ok: bool = False
 
     @property
     def core(self) -> Recommender:
@@ -175,12 +178,32 @@ class ProductPipeline(Edge):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def embed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """text -> unit vector, in one encoder call."""
+        """text -> unit vector, in one encoder call.
+
+        An unreachable encoder is an outage, not bad input: the call is retried with
+        exponential backoff (capped at ``MAX_OUTAGE_BACKOFF_S``) until it answers, with
+        ``encoder_ok`` false meanwhile, so the partition waits and no event is dead-lettered
+        or lost.
+        """
         if not texts:
             return {}
         assert self.encoder is not None
-        started = time.perf_counter()
-        result = await self.encoder.encode(texts)
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.encoder.encode(texts)
+                break
+            except EncoderUnavailable as exc:
+                if self.encoder_ok:
+                    log.error("encoder unavailable, holding text changes until it answers: %s", exc)
+                self.encoder_ok = False
+                self.metrics.encoder_outages.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_OUTAGE_BACKOFF_S)
+        if not self.encoder_ok:
+            log.info("encoder answers again")
+        self.encoder_ok = True
         self.metrics.encoder_latency.observe(time.perf_counter() - started)
         self.metrics.encoder_batch_size.observe(len(texts))
         self.embedded_texts += len(texts)

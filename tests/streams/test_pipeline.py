@@ -230,3 +230,29 @@ async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: Pr
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
         assert fresh.core.lists(kind) == pipeline.core.lists(kind)
     assert any(r.topic == "similar-items" and r.key == "H3" and r.value is None for r in records)
+
+
+class FlakyEncoder(HashingEncoder):
+    """Unavailable for the first ``failures`` calls, like a TF Serving restart."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def encode(self, texts: Any) -> Any:
+        from serving.errors import EncoderUnavailable
+
+        if self.failures:
+            self.failures -= 1
+            raise EncoderUnavailable("connection refused")
+        return await super().encode(texts)
+
+
+async def test_an_encoder_outage_holds_the_batch_and_loses_nothing() -> None:
+    encoder = FlakyEncoder(failures=2)
+    pipeline = make_pipeline(encoder)
+    pipeline.encoder_ok = True
+    out = await load(pipeline)
+    assert not [r for r in out if r.topic == "simstream-dead-letters"]
+    assert len(pipeline.core.catalog) == len(CATALOG) and pipeline.encoder_ok
+    assert pipeline.metrics.encoder_outages._value.get() == 2

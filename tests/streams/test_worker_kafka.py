@@ -125,3 +125,55 @@ def test_a_restarted_worker_gets_its_catalog_back(
     assert health["products"] == 20
     status, body = second.get("/products/P7")
     assert status == 200 and body["price"] == 17.0
+
+
+def test_read_api_validates_ids_and_guards_with_a_token(
+    settings_for: Callable[..., Any], worker_factory: Callable[..., Any]
+) -> None:
+    import urllib.request
+
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory(SIMSTREAM_WEB_TOKEN="s3cret")
+    worker.wait_ready()
+    kafka = producer(settings)
+    for pid, title in (("A1", "Sony WH-1000XM4 headphones"), ("A2", "Sony WH-1000XM5 headphones")):
+        kafka.send(settings.topic_product_changes, key=pid.encode(),
+                   value=json.dumps({"op": "upsert", "product_id": pid, "title": title, "ts": TS}).encode())
+    kafka.flush()
+    kafka.close()
+
+    def get(path: str, token: str | None = "s3cret") -> tuple[int, Any]:
+        request = urllib.request.Request(worker.web + path)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                body = response.read()
+                return response.status, body if path == "/metrics" else json.loads(body)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    wait_for(lambda: get("/similar/A1")[0] == 200 and get("/similar/A1")[1]["items"], what="A1's list")
+    status, body = get("/similar/A1")
+    assert [i["product_id"] for i in body["items"]] == ["A2"] and body["version"] >= 1
+    assert get("/substitutes/A1")[0] == 200
+    product = get("/products/A1")[1]
+    assert product["title"] == "Sony WH-1000XM4 headphones" and product["similar"][0]["product_id"] == "A2"
+    assert get("/search?q=xm5")[1]["results"][0]["product_id"] == "A2"
+
+    assert get("/similar/nope")[0] == 404 and "unknown product" in get("/similar/nope")[1]["error"]
+    assert get("/similar/bad%01id")[0] == 400
+    assert get("/products/" + "x" * 300)[0] == 400
+    assert get("/search?q=" + "x" * 300)[0] == 400
+    assert get("/similar/A1", token=None)[0] == 401
+    assert get("/similar/A1", token="wrong")[0] == 401
+    assert get("/metrics", token=None)[0] == 401
+    assert worker.get("/health")[0] == 200  # health stays open for probes
+
+    status, metrics = get("/metrics")
+    assert status == 200
+    text = metrics.decode()
+    for name in ("simstream_events_total", "simstream_published_total", "simstream_freshness_seconds_bucket",
+                 "simstream_encoder_batch_size_bucket", "simstream_index_live", "simstream_dead_letters_total"):
+        assert name in text, name
