@@ -8,7 +8,8 @@
 #
 # Environment: KAFKA_VERSION (3.9.1), KAFKA_PORT (9092), KAFKA_CACHE (~/.cache/simstream/kafka),
 # KAFKA_DATA (a directory per port under the cache), KAFKA_EXTRA_CONFIG (a file appended to
-# server.properties, e.g. for a TLS listener).
+# server.properties, e.g. for a TLS listener), KAFKA_SCRAM_USERS (SCRAM credentials registered
+# when the storage is formatted).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -61,7 +62,10 @@ up() {
   if [ ! -f "$data/log/meta.properties" ]; then
     local cluster_id
     cluster_id="$(java -cp "$cp" "${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)"
-    java -cp "$cp" "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$props" >/dev/null
+    local scram=()
+    # KAFKA_SCRAM_USERS, e.g. 'SCRAM-SHA-256=[name=alice,password=secret]', registers SCRAM users.
+    if [ -n "${KAFKA_SCRAM_USERS:-}" ]; then scram=(--add-scram "$KAFKA_SCRAM_USERS"); fi
+    java -cp "$cp" "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$props" "${scram[@]}" >/dev/null
   fi
   nohup java -cp "$cp" "${jvm[@]}" kafka.Kafka "$props" >"$logfile" 2>&1 &
   echo $! > "$pidfile"
