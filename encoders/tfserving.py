@@ -195,13 +195,18 @@ class TFServingEncoder:
                 vectors, version = await self._predict(ids, mask)
                 return idx, vectors, version
 
-        results = await asyncio.gather(*(one(idx) for idx in batches))
-        versions = {version for _, _, version in results}
-        if len(versions) > 1:
-            # The server rolled to a new version mid-call: vectors from two models must not mix.
-            raise EncoderUnavailable(
-                f"model versions changed during one encode call ({sorted(versions)}); retry the call"
-            )
+        # Vectors of two models must never mix. When the server rolls to a new version in the
+        # middle of a call, the whole call is sent once more (it then lands on the new one).
+        for attempt in range(2):
+            results = await asyncio.gather(*(one(idx) for idx in batches))
+            versions = {version for _, _, version in results}
+            if len(versions) == 1:
+                break
+            if attempt == 1:
+                raise EncoderUnavailable(
+                    f"the served model version changed twice during one encode call ({sorted(versions)}); "
+                    "retry when the rollout has finished"
+                )
         out = np.empty((len(cut), self.dim), dtype=np.float32)
         for idx, vectors, _ in results:
             out[idx] = vectors

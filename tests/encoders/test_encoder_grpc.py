@@ -139,3 +139,26 @@ def test_encode_blocking_from_sync_code(grpc_server: Any) -> None:
     client = TFServingEncoder(grpc_server.address)
     assert client.encode_blocking(["a", "b"]).vectors.shape == (2, 384)
     asyncio.run(client.close())
+
+
+async def test_version_rollover_mid_call_never_mixes_models(server_factory: Any) -> None:
+    server = server_factory(run=lambda ids, mask: np.ones((ids.shape[0], 384), np.float32))
+    owner = server.server
+    calls = 0
+    original = owner.fill_spec
+
+    def rolling(spec: Any, signature: str | None) -> None:
+        nonlocal calls
+        calls += 1
+        original(spec, signature)
+        if calls > 2:  # metadata and the first batch see version 1, everything after version 2
+            spec.version.value = 2
+
+    owner.fill_spec = rolling
+    client = TFServingEncoder(server.address, batch_size=1, concurrency=1)
+    await client.start()
+    assert client.model_version == "minilm/1"
+    result = await client.encode(["a", "b", "c"])
+    assert result.model_version == "minilm/2"
+    assert calls == 1 + 3 + 3  # metadata, a mixed first pass, a clean second pass
+    await client.close()
