@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ class Runtime:
     dirty: bool = False
     #: Held while a batch is applied and published, so a snapshot never sees a half-done batch.
     batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Operations the admin endpoints run: name -> coroutine returning a JSON-able result.
+    actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
 
     @property
     def encoder_ok(self) -> bool:
@@ -63,7 +65,7 @@ class Runtime:
         version = re.sub(r"[^A-Za-z0-9._-]", "-", self.products.encoder.model_version)
         return self.settings.data_dir / "snapshots" / version
 
-    def take_snapshot(self) -> None:
+    def take_snapshot(self) -> Path | None:
         """Save the core with the offsets it covers (run on the core's executor, between batches)."""
         core = self.products.core
         core.offsets = {topic: dict(parts) for topic, parts in self.written.items()}
@@ -72,9 +74,10 @@ class Runtime:
             path = core.save(self.snapshot_root)
         except Exception as exc:  # noqa: BLE001 - a failed snapshot must not stop the stream
             log.error("snapshot failed, the previous one is kept: %s", exc)
-            return
+            return None
         self.dirty = False
         log.info("snapshot %s written in %.2f s", path, time.monotonic() - started)
+        return path
 
 
 def recommender_config(settings: Settings) -> RecommenderConfig:
@@ -194,6 +197,48 @@ def create_app(settings: Settings) -> faust.App:
                 parts[meta.partition] = max(parts.get(meta.partition, 0), meta.offset + 1)
                 runtime.dirty = True
 
+    def read_state(topic: str, offsets: dict[int, int] | None = None) -> dict[str, Any]:
+        records = read_topic(settings, topic, from_offsets=offsets, timeout_s=300)
+        return last_values(records) if offsets is not None else latest_by_key(records)
+
+    async def rebuild_from_topics(pipeline: ProductPipeline) -> list[Outbound]:
+        """Load ``pipeline`` from the whole state and list topics; return what must be republished."""
+        loop = asyncio.get_running_loop()
+        products, embeddings, similar, substitutes = await asyncio.gather(*(
+            loop.run_in_executor(None, read_state, topic)
+            for topic in (settings.topic_products, settings.topic_embeddings,
+                          settings.topic_similar_items, settings.topic_substitutes)
+        ))
+        return await pipeline.restore(products, embeddings, {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes})
+
+    async def snapshot_now() -> dict[str, Any]:
+        async with runtime.batch_lock:
+            path = await asyncio.get_running_loop().run_in_executor(runtime.products.executor, runtime.take_snapshot)
+        if path is None:
+            raise SnapshotError("the snapshot could not be written; see the worker log")
+        return {"snapshot": str(path)}
+
+    async def rebuild_index() -> dict[str, Any]:
+        """Rebuild the core from the compacted topics beside the live one, then swap atomically.
+
+        Ingestion pauses for the rebuild (the batch lock); the read API keeps answering from
+        the old core until the swap, and lists that differ afterwards are republished.
+        """
+        started = time.monotonic()
+        async with runtime.batch_lock:
+            old = runtime.products
+            fresh = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
+                                    encoder=old.encoder, executor=old.executor)
+            fresh.encoder_ok = old.encoder_ok
+            records = await rebuild_from_topics(fresh)
+            await publish(records)
+            runtime.products = fresh
+            runtime.dirty = True
+        return {"products": len(fresh.core.catalog), "republished": len(records),
+                "embedded": fresh.embedded_texts, "seconds": round(time.monotonic() - started, 2)}
+
+    runtime.actions.update({"snapshot": snapshot_now, "rebuild-index": rebuild_index})
+
     def load_snapshot() -> Recommender | None:
         root = runtime.snapshot_root
         if not (root / "CURRENT").exists():
@@ -223,26 +268,16 @@ def create_app(settings: Settings) -> faust.App:
         started = time.monotonic()
         snapshot = await loop.run_in_executor(pipeline.executor, load_snapshot)
 
-        def read(topic: str, offsets: dict[int, int] | None = None) -> dict[str, Any]:
-            records = read_topic(settings, topic, from_offsets=offsets, timeout_s=300)
-            return last_values(records) if offsets is not None else latest_by_key(records)
-
         if snapshot is not None:
             pipeline.recommender = snapshot
             runtime.written = {t: dict(p) for t, p in snapshot.offsets.items()}
             products, embeddings = await asyncio.gather(*(
-                loop.run_in_executor(None, read, topic, snapshot.offsets.get(topic, {}))
+                loop.run_in_executor(None, read_state, topic, snapshot.offsets.get(topic, {}))
                 for topic in (settings.topic_products, settings.topic_embeddings)))
             records = await pipeline.restore(products, embeddings, None, from_snapshot=True)
             runtime.restored_from = "snapshot"
         else:
-            products, embeddings, similar, substitutes = await asyncio.gather(*(
-                loop.run_in_executor(None, read, topic)
-                for topic in (settings.topic_products, settings.topic_embeddings,
-                              settings.topic_similar_items, settings.topic_substitutes)
-            ))
-            records = await pipeline.restore(products, embeddings,
-                                             {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes})
+            records = await rebuild_from_topics(pipeline)
             runtime.restored_from = "topics"
         await publish(records)
         log.info("restored %d products from %s (%d embedded again, %d records republished) in %.1f s",

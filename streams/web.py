@@ -42,7 +42,6 @@ def _authorized(runtime: Runtime, request: Request) -> bool:
 
 def register_views(app: faust.App, runtime: Runtime) -> None:
     """Attach every view to ``app``."""
-    pipeline = runtime.products
 
     class Base(View):
         def guard(self, request: Request) -> Response | None:
@@ -60,7 +59,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             return self.json({"error": f"unknown product {product_id!r}"}, status=404)
 
     def lists_of(product_id: str) -> dict[str, Any]:
-        core = pipeline.core
+        core = runtime.products.core
         out: dict[str, Any] = {}
         for kind, name in ((Kind.SIMILAR, "similar"), (Kind.SUBSTITUTES, "substitutes")):
             items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
@@ -69,7 +68,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         return out
 
     def _title(product_id: str) -> str | None:
-        product = pipeline.core.catalog.get(product_id)
+        product = runtime.products.core.catalog.get(product_id)
         return product.title if product else None
 
     @app.page("/health")
@@ -78,13 +77,13 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
 
         async def get(self, request: Request) -> Response:
             ready = runtime.ready.is_set()
-            stats = pipeline.core.stats()
+            stats = runtime.products.core.stats()
             healthy = ready and runtime.encoder_ok
             body = {
                 "status": "ok" if healthy else ("degraded" if ready else "starting"),
                 "catalog_loaded": ready,
                 "encoder_reachable": runtime.encoder_ok,
-                "model_version": pipeline.encoder.model_version if runtime.encoder_ok and pipeline.encoder else None,
+                "model_version": runtime.products.encoder.model_version if runtime.encoder_ok and runtime.products.encoder else None,
                 "products": stats.products,
                 "index_live": stats.index_live,
                 "index_deleted": stats.index_deleted,
@@ -106,7 +105,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, product_id: str) -> Response:
             if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
                 return denied
-            product = pipeline.core.catalog.get(product_id)
+            product = runtime.products.core.catalog.get(product_id)
             if product is None:
                 return self.unknown(product_id)
             return self.json({**product_to_wire(product), **lists_of(product_id)})
@@ -117,15 +116,15 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             async def get(self, request: Request, product_id: str) -> Response:
                 if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
                     return denied
-                if product_id not in pipeline.core.catalog:
+                if product_id not in runtime.products.core.catalog:
                     return self.unknown(product_id)
-                core = pipeline.core
+                core = runtime.products.core
                 items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
                 return self.json({
                     "product_id": product_id,
                     "items": [item_to_wire(i) for i in items or ()],
                     "version": core.versions.get((kind, product_id), 0),
-                    "model_version": pipeline.model_version,
+                    "model_version": runtime.products.model_version,
                 })
 
     list_view(Kind.SIMILAR, "/similar/{product_id}")
@@ -147,7 +146,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 return self.json({"error": "limit must be an integer"}, status=400)
             words = query.lower().split()
             hits = []
-            for product in list(pipeline.core.catalog):
+            for product in list(runtime.products.core.catalog):
                 title = product.title.lower()
                 if all(w in title for w in words):
                     hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
@@ -163,7 +162,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            stats = pipeline.core.stats()
+            stats = runtime.products.core.stats()
             registry = runtime.metrics.registry
             def total(name: str) -> float:
                 return sum(s.value for m in registry.collect() if m.name == name for s in m.samples
@@ -172,8 +171,8 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "products": stats.products, "index_live": stats.index_live, "index_deleted": stats.index_deleted,
                 "stale_events": stats.stale_events, "lists": stats.lists, "publications": stats.publications,
                 "events": total("simstream_events"), "dead_letters": total("simstream_dead_letters"),
-                "published_records": total("simstream_published"), "embedded_texts": pipeline.embedded_texts,
-                "model_version": pipeline.model_version if runtime.encoder_ok else None,
+                "published_records": total("simstream_published"), "embedded_texts": runtime.products.embedded_texts,
+                "model_version": runtime.products.model_version if runtime.encoder_ok else None,
                 "last_event_at": runtime.last_event_at,
             })
 
@@ -184,9 +183,27 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            model = pipeline.core.lexical
+            model = runtime.products.core.lexical
             idf = None if model.idf is None else base64.b64encode(np.asarray(model.idf, "<f4").tobytes()).decode()
             return self.json({"n_docs": model.n_docs, "idf": idf})
+
+    def admin_view(path: str, action: str) -> None:
+        @app.page(path)
+        class Admin(Base):
+            """Operations (token-guarded like the read API): run one worker action, answer its result."""
+
+            async def post(self, request: Request) -> Response:
+                if (denied := self.guard(request)) is not None:
+                    return denied
+                if not runtime.ready.is_set():
+                    return self.json({"error": "the worker is still starting"}, status=503)
+                try:
+                    return self.json(await runtime.actions[action]())
+                except Exception as exc:  # noqa: BLE001 - report, keep serving
+                    return self.json({"error": f"{action} failed: {exc}"}, status=500)
+
+    admin_view("/admin/snapshot", "snapshot")
+    admin_view("/admin/rebuild-index", "rebuild-index")
 
     @app.page("/")
     class Page(Base):

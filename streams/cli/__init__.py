@@ -25,7 +25,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from streams.cli import kafka_commands  # noqa: F401  (registers commands on import)
+    from streams.cli import (
+        kafka_commands,  # noqa: F401  (registers commands on import)
+        ops_commands,  # noqa: F401
+    )
 
     for optional in ("encoder_commands", "eval_commands"):
         try:
