@@ -667,7 +667,7 @@ class HnswIndex:
         stored = set(int(x) for x in index.get_ids_list())
         if not set(label_of.values()) <= stored:
             raise SnapshotError(f"index file {path} lacks labels named in its metadata")
-        store = _VectorStore(self.dim, len(label_of) + 16)
+        store = _VectorStore(self.dim, capacity)  # same spare room as the graph
         pids = list(label_of)
         for start in range(0, len(pids), 4096):
             chunk = pids[start : start + 4096]

@@ -125,15 +125,22 @@ class _Buffer:
         self.complete = False  # holds every other product
 
 
+#: Reasons already computed for one owner: candidate id -> (candidate profile, reasons).
+ReasonCache = dict[str, tuple[Profile, tuple[str, ...]]]
+
+
 def build_lists(
     owner: Profile,
     candidates: Iterable[tuple[str, float, float]],
     profiles: Callable[[str], Profile | None],
     config: RecommenderConfig,
+    cache: ReasonCache | None = None,
 ) -> tuple[Items, Items]:
     """(similar, substitutes) for ``owner`` from its top-C (id, dense, lexical) candidates.
 
-    ``profiles`` gives ``serving.scoring.profile(product)`` by id.
+    ``profiles`` gives ``serving.scoring.profile(product)`` by id. ``cache`` (optional)
+    holds reasons from the last build for the same owner profile; an entry is reused only
+    while the candidate's profile is the very same object, and is refreshed in place.
     """
     ranked = rank_candidates(candidates, config)
     similar: list[ScoredItem] = []
@@ -153,7 +160,7 @@ def build_lists(
             dense=dense,
             lexical=lexical,
             behavior=0.0,
-            reasons=profile_reasons(owner, cand),
+            reasons=_cached_reasons(owner, cand, pid, cache),
         )
         if want_similar:
             similar.append(item)
@@ -162,6 +169,17 @@ def build_lists(
         if len(similar) >= config.k and len(subs) >= config.k:
             break
     return tuple(similar), tuple(subs)
+
+
+def _cached_reasons(owner: Profile, cand: Profile, pid: str, cache: ReasonCache | None) -> tuple[str, ...]:
+    if cache is None:
+        return profile_reasons(owner, cand)
+    hit = cache.get(pid)
+    if hit is not None and hit[0] is cand:
+        return hit[1]
+    found = profile_reasons(owner, cand)
+    cache[pid] = (cand, found)
+    return found
 
 
 def exact_lists(
@@ -263,6 +281,8 @@ class Recommender:
         self.versions: dict[tuple[Kind, str], int] = {}
         self._lex: dict[str, SparseVec] = {}
         self._prof: dict[str, Profile] = {}
+        # Per owner: (owner profile the reasons were computed for, reasons by candidate).
+        self._reasons: dict[str, tuple[Profile, ReasonCache]] = {}
         self._buf: dict[str, _Buffer] = {}
         self._rev: dict[str, set[str]] = {}
         self._lists: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
@@ -439,6 +459,7 @@ class Recommender:
 
     def _on_delete(self, q: str) -> list[Publication]:
         own = self._buf.pop(q, None)
+        self._reasons.pop(q, None)
         if own is not None:
             for c in own.parts:
                 self._rev_discard(c, q)
@@ -615,7 +636,15 @@ class Recommender:
         buf = self._buf[p]
         top = buf.keys[: self.config.candidate_depth]
         cands = [(c, *buf.parts[c]) for _d, c in top]
-        return build_lists(self._prof[p], cands, self._prof.get, self.config)
+        owner = self._prof[p]
+        held = self._reasons.get(p)
+        cache: ReasonCache = held[1] if held is not None and held[0] is owner else {}
+        similar, subs = build_lists(owner, cands, self._prof.get, self.config, cache)
+        # Keep reasons only for what is listed now, so the cache stays as small as the lists.
+        listed = {i.product_id for i in similar}
+        listed.update(i.product_id for i in subs)
+        self._reasons[p] = (owner, {c: cache[c] for c in listed if c in cache})
+        return similar, subs
 
     def _refresh(self, affected: Iterable[str], *, out_of_stock: str | None = None) -> list[Publication]:
         pubs: list[Publication] = []
