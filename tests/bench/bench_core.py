@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -109,6 +110,7 @@ def main() -> None:
     base, spare = vecs[:n], vecs[n:]
     rng = np.random.default_rng(args.seed + 1)
     ids = [f"P{i:07d}" for i in range(n + extra)]
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"data: {n} clustered vectors, dim {dim}, effective dim {args.latent}, {args.clusters} clusters")
 
     # ---- index alone: batched and one-at-a-time upserts, query latency and recall
@@ -171,18 +173,23 @@ def main() -> None:
     # ---- apply() latencies with propagation
     def timed(label: str, changes: Sequence[tuple[ProductChange, np.ndarray | None]]) -> None:
         lat: list[float] = []
+        cpu: list[float] = []
         pubs = 0
         for change, vec in changes:
+            c = time.process_time()
             t = time.perf_counter()
             out = rec.apply(change, vec)
             lat.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             pubs += len(out)
         res[f"apply_{label}"] = {
             "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": pct(lat, 100),
+            "cpu_p50_ms": pct(cpu, 50), "cpu_p99_ms": pct(cpu, 99),
             "publications_per_op": pubs / len(changes),
         }
         print(f"apply {label:<12}: p50 {pct(lat, 50):6.2f} ms  p99 {pct(lat, 99):6.2f} ms  "
-              f"max {pct(lat, 100):6.2f} ms  publications/op {pubs / len(changes):.1f}")
+              f"max {pct(lat, 100):6.2f} ms  (cpu p50 {pct(cpu, 50):.2f} p99 {pct(cpu, 99):.2f})  "
+              f"publications/op {pubs / len(changes):.1f}")
 
     ts = 2.0
     new_ids = list(range(n, n + args.ops))
@@ -243,6 +250,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     text_example = product_text(rec.catalog.get(all_ids[0]))  # type: ignore[arg-type]
     print(f"example product text: {text_example!r}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 
