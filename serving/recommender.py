@@ -364,7 +364,7 @@ class Recommender:
             self.catalog.commit(update, change.ts)
             self._lex[pid] = lex
             self._prof[pid] = profile(after)
-            return self._on_vector_change(pid)
+            return self._on_vector_change(pid, out_of_stock=update.went_out_of_stock)
         self.catalog.commit(update, change.ts)
         self._prof[pid] = profile(after)
         return self._on_attributes_change(pid, update)
@@ -444,7 +444,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ internals
 
-    def _on_vector_change(self, q: str) -> list[Publication]:
+    def _on_vector_change(self, q: str, *, out_of_stock: bool = False) -> list[Publication]:
         affected: set[str] = set()
         old_rev = self._rev.pop(q, set())
         for p in old_rev:
@@ -455,7 +455,7 @@ class Recommender:
             affected.add(q)
         vq = self.index.get_vector(q)
         self._enter(q, vq, old_rev, affected)
-        return self._refresh(affected)
+        return self._refresh(affected, out_of_stock=q if out_of_stock else None)
 
     def _on_delete(self, q: str) -> list[Publication]:
         own = self._buf.pop(q, None)

@@ -15,7 +15,7 @@ from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.recommender import Kind, Recommender, Trigger
 
-OPS = ["new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retitle", "stale", "noop"]
+OPS = ["new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retitle", "stale", "noop", "move_oos"]
 
 op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 10_000))
 
@@ -81,6 +81,14 @@ def run_stream(
                 assert len(own) == 1 and own[0].trigger is Trigger.OUT_OF_STOCK
             # A stock flip changes no similar list but its owner's (reasons do not mention stock).
             assert all(p.kind is Kind.SUBSTITUTES for p in pubs)
+        elif op == "move_oos":
+            # Text, vector and stock change in one event: still an out_of_stock trigger.
+            current = stream.rec.catalog.get(pid)
+            assert current is not None
+            pubs = stream.apply(ProductUpsert(pid, ts, title=f"gone {pick}", in_stock=False), vec())
+            if current.in_stock and stream.rec.owns(pid):
+                own = [p for p in pubs if p.kind is Kind.SUBSTITUTES and p.product_id == pid]
+                assert len(own) == 1 and own[0].trigger is Trigger.OUT_OF_STOCK
         elif op == "price":
             stream.apply(ProductUpsert(pid, ts, price=float(5 + pick % 40)))
         elif op == "retitle":
