@@ -300,10 +300,30 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
         await runtime.ready.wait()
-        async for events in stream.take_events(settings.embed_batch_size, within=settings.embed_batch_within_s):
+        # noack_take: an event is acknowledged (its offset may be committed) only after the
+        # records it produced are on the broker. With take_events, Faust would ack a batch
+        # even when its processing was cancelled halfway, on shutdown.
+        async for events in stream.noack_take(settings.embed_batch_size, within=settings.embed_batch_within_s):
             runtime.last_event_at = time.time()
             async with runtime.batch_lock:
-                await publish(await runtime.products.handle_batch([_inbound(e) for e in events]))
+                records = await runtime.products.handle_batch([_inbound(e) for e in events])
+                await publish_until_acked(records)
+            for event in events:
+                await stream.ack(event)
+
+    async def publish_until_acked(records: list[Outbound]) -> None:
+        """Publish, retrying a broker outage with backoff: the batch is never skipped."""
+        delay = 0.5
+        while True:
+            try:
+                await publish(records)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker is down or refusing; try again
+                log.error("publishing %d records failed, retrying in %.1f s: %s", len(records), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     @app.agent(user_events, name="user-events")
     async def on_user_events(stream: Any) -> None:

@@ -40,6 +40,16 @@ def _authorized(runtime: Runtime, request: Request) -> bool:
     return hmac.compare_digest(header.encode(), f"Bearer {token.get_secret_value()}".encode())
 
 
+def _snapshot_of_catalog(runtime: Runtime) -> list[Any]:
+    """A copy of the catalog's products; the core thread may be inserting while we copy."""
+    for _ in range(10):
+        try:
+            return list(runtime.products.core.catalog)
+        except RuntimeError:  # "dictionary changed size during iteration": copy again
+            continue
+    return []
+
+
 def register_views(app: faust.App, runtime: Runtime) -> None:
     """Attach every view to ``app``."""
 
@@ -146,7 +156,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 return self.json({"error": "limit must be an integer"}, status=400)
             words = query.lower().split()
             hits = []
-            for product in list(runtime.products.core.catalog):
+            for product in _snapshot_of_catalog(runtime):
                 title = product.title.lower()
                 if all(w in title for w in words):
                     hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
