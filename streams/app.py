@@ -285,17 +285,25 @@ def create_app(settings: Settings) -> faust.App:
                  time.monotonic() - started)
         runtime.ready.set()
 
+    async def periodic_snapshot() -> None:
+        async with runtime.batch_lock:
+            await asyncio.get_running_loop().run_in_executor(runtime.products.executor, runtime.take_snapshot)
+
+    snapshots: set[asyncio.Task[None]] = set()
+
     @app.timer(interval=1.0)
     async def snapshot_timer() -> None:
         """Snapshot on the configured interval, between batches, when something changed."""
         interval = settings.snapshot_interval_s
-        if interval <= 0 or not runtime.ready.is_set() or not runtime.dirty:
+        if interval <= 0 or not runtime.ready.is_set() or not runtime.dirty or snapshots:
             return
         if time.monotonic() - runtime.last_snapshot_at < interval:
             return
-        async with runtime.batch_lock:
-            runtime.last_snapshot_at = time.monotonic()
-            await asyncio.get_running_loop().run_in_executor(runtime.products.executor, runtime.take_snapshot)
+        runtime.last_snapshot_at = time.monotonic()
+        # In a task of its own: the timer must not wait for a batch to finish.
+        task = asyncio.ensure_future(periodic_snapshot())
+        snapshots.add(task)
+        task.add_done_callback(snapshots.discard)
 
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
