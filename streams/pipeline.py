@@ -229,7 +229,13 @@ class ProductPipeline(Edge):
             except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
                 out.append(self.reject(message, exc))
 
-        vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in decoded)))
+        try:
+            vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in decoded)))
+        except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
+            # One text the encoder refuses fails the whole call; embed one at a time below,
+            # so that only the events behind that text are dead-lettered.
+            log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
+            vectors = {}
         for message, change in decoded:
             stale_before = self.core.catalog.stale_events
             try:
@@ -269,8 +275,8 @@ class ProductPipeline(Edge):
         for change in changes:
             try:
                 product = self.core.needs_embedding(change)
-            except SimstreamError:
-                continue  # reported when the change is applied
+            except Exception:  # noqa: BLE001 - reported, per event, when the change is applied
+                continue
             if product is not None and self.cached_vector(product) is None:
                 texts.add(product_text(product))
         return texts

@@ -256,3 +256,25 @@ async def test_an_encoder_outage_holds_the_batch_and_loses_nothing() -> None:
     assert not [r for r in out if r.topic == "simstream-dead-letters"]
     assert len(pipeline.core.catalog) == len(CATALOG) and pipeline.encoder_ok
     assert pipeline.metrics.encoder_outages._value.get() == 2
+
+
+class PickyEncoder(HashingEncoder):
+    """Refuses any batch holding a poison text, as a server answering INVALID_ARGUMENT would."""
+
+    async def encode(self, texts: Any) -> Any:
+        from serving.errors import EncoderError
+
+        if any("POISON" in t for t in texts):
+            raise EncoderError("INVALID_ARGUMENT: the model refused the input")
+        return await super().encode(texts)
+
+
+async def test_a_text_the_encoder_refuses_dead_letters_only_its_event() -> None:
+    pipeline = make_pipeline(PickyEncoder())
+    out = await pipeline.handle_batch([upsert("A", NOW, title="good headphones"),
+                                       upsert("B", NOW, title="POISON pill"),
+                                       upsert("C", NOW, title="good keyboard")])
+    letters = [r for r in out if r.topic == "simstream-dead-letters"]
+    assert [letter.value["key"] for letter in letters if letter.value] == ["B"]
+    assert "INVALID_ARGUMENT" in (letters[0].value or {})["error"]
+    assert {p.product_id for p in pipeline.core.catalog} == {"A", "C"}
