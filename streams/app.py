@@ -314,8 +314,10 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.noack_take(settings.embed_batch_size, within=settings.embed_batch_within_s):
             runtime.last_event_at = time.time()
             async with runtime.batch_lock:
-                records = await runtime.products.handle_batch([_inbound(e) for e in events])
-                await publish_until_acked(records)
+                pipeline = runtime.products
+                lanes = pipeline.split([_inbound(e) for e in events])
+                await publish_until_acked(await pipeline.apply_fast(lanes))
+                await publish_until_acked(await pipeline.apply_slow(lanes))
             for event in events:
                 await stream.ack(event)
 

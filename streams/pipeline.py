@@ -144,6 +144,15 @@ class Edge:
 
 
 @dataclass
+class Lanes:
+    """One decoded batch: dead letters, and the changes by lane (see ``ProductPipeline.split``)."""
+
+    rejected: list[Outbound] = field(default_factory=list)
+    fast: list[tuple[Inbound, ProductChange]] = field(default_factory=list)
+    slow: list[tuple[Inbound, ProductChange]] = field(default_factory=list)
+
+
+@dataclass
 class ProductPipeline(Edge):
     """``product-changes`` to embeddings, catalog state and republished lists.
 
@@ -219,36 +228,78 @@ class ProductPipeline(Edge):
             return stored.vector
         return None
 
-    async def handle_batch(self, messages: Iterable[Inbound]) -> list[Outbound]:
-        """Decode, embed and apply a batch of product changes; return everything to publish."""
-        out: list[Outbound] = []
-        decoded: list[tuple[Inbound, ProductChange]] = []
+    def split(self, messages: Iterable[Inbound]) -> Lanes:
+        """Decode a batch and sort it into a fast lane and a slow lane.
+
+        The fast lane holds changes that need no embedding (stock, price, deletes, ...) of
+        products with no text change earlier in the batch; they can be applied and published
+        before the encoder is called, which keeps a stock-out's substitutes from waiting
+        behind other products' embeddings. Everything else, in order, is the slow lane.
+        Per product, order is kept: once a product has a change in the slow lane, its later
+        changes follow it there.
+        """
+        lanes = Lanes()
+        slow_products: set[str] = set()
         for message in messages:
             try:
-                decoded.append((message, self.decode_product(message).to_core()))
+                change = self.decode_product(message).to_core()
             except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
-                out.append(self.reject(message, exc))
+                lanes.rejected.append(self.reject(message, exc))
+                continue
+            try:
+                needs_text = self.core.needs_embedding(change) is not None
+            except Exception:  # noqa: BLE001 - reported, per event, when the change is applied
+                needs_text = False
+            if needs_text or change.product_id in slow_products:
+                slow_products.add(change.product_id)
+                lanes.slow.append((message, change))
+            else:
+                lanes.fast.append((message, change))
+        return lanes
 
+    async def apply_fast(self, lanes: Lanes) -> list[Outbound]:
+        """Apply the fast lane; return its records and the batch's dead letters."""
+        out = list(lanes.rejected)
+        for message, change in lanes.fast:
+            out.extend(await self._apply_reporting(message, change, {}))
+        self._update_gauges()
+        return self._last_list_per_key(out)
+
+    async def apply_slow(self, lanes: Lanes) -> list[Outbound]:
+        """Embed the slow lane's texts in one encoder call, then apply it in order."""
+        if not lanes.slow:
+            return []
         try:
-            vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in decoded)))
+            vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in lanes.slow)))
         except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
             # One text the encoder refuses fails the whole call; embed one at a time below,
             # so that only the events behind that text are dead-lettered.
             log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
             vectors = {}
-        for message, change in decoded:
-            stale_before = self.core.catalog.stale_events
-            try:
-                out.extend(await self._apply_one(change, vectors))
-            except Exception as exc:  # noqa: BLE001
-                out.append(self.reject(message, exc))
-                continue
-            stale = self.core.catalog.stale_events > stale_before
-            if stale:
-                log.info("stale product change ignored at %s (product %s)", message.where, change.product_id)
-            self.metrics.events.labels(message.topic, "stale" if stale else "applied").inc()
+        out: list[Outbound] = []
+        for message, change in lanes.slow:
+            out.extend(await self._apply_reporting(message, change, vectors))
         self._update_gauges()
         return self._last_list_per_key(out)
+
+    async def handle_batch(self, messages: Iterable[Inbound]) -> list[Outbound]:
+        """Decode, embed and apply a batch of product changes; return everything to publish."""
+        lanes = self.split(messages)
+        return await self.apply_fast(lanes) + await self.apply_slow(lanes)
+
+    async def _apply_reporting(
+        self, message: Inbound, change: ProductChange, vectors: dict[str, np.ndarray]
+    ) -> list[Outbound]:
+        stale_before = self.core.catalog.stale_events
+        try:
+            records = await self._apply_one(change, vectors)
+        except Exception as exc:  # noqa: BLE001
+            return [self.reject(message, exc)]
+        stale = self.core.catalog.stale_events > stale_before
+        if stale:
+            log.info("stale product change ignored at %s (product %s)", message.where, change.product_id)
+        self.metrics.events.labels(message.topic, "stale" if stale else "applied").inc()
+        return records
 
     def _last_list_per_key(self, records: list[Outbound]) -> list[Outbound]:
         """Within one batch only the last version of a list matters on a compacted topic.

@@ -278,3 +278,23 @@ async def test_a_text_the_encoder_refuses_dead_letters_only_its_event() -> None:
     assert [letter.value["key"] for letter in letters if letter.value] == ["B"]
     assert "INVALID_ARGUMENT" in (letters[0].value or {})["error"]
     assert {p.product_id for p in pipeline.core.catalog} == {"A", "C"}
+
+
+async def test_stock_changes_take_the_fast_lane_and_per_product_order_holds(pipeline: ProductPipeline) -> None:
+    await load(pipeline)
+    assert isinstance(pipeline.encoder, CountingEncoder)
+    calls = len(pipeline.encoder.calls)
+    lanes = pipeline.split([
+        upsert("K1", NOW - 50, title="Logitech MX Keys S wireless keyboard"),
+        upsert("H2", NOW - 49, in_stock=False),
+        upsert("K1", NOW - 48, in_stock=False),
+    ])
+    assert [change.product_id for _, change in lanes.fast] == ["H2"]
+    assert [change.product_id for _, change in lanes.slow] == ["K1", "K1"]
+    fast = await pipeline.apply_fast(lanes)
+    assert len(pipeline.encoder.calls) == calls  # published before any embedding
+    assert any(r.topic == "substitutes" and r.key == "H2" and (r.value or {}).get("trigger") == "out_of_stock"
+               for r in fast)
+    await pipeline.apply_slow(lanes)
+    k1 = pipeline.core.catalog.get("K1")
+    assert k1 is not None and k1.title == "Logitech MX Keys S wireless keyboard" and not k1.in_stock
