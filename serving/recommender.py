@@ -454,8 +454,9 @@ class Recommender:
             self._fill(q, reuse_lexical=False)
             affected.add(q)
         vq = self.index.get_vector(q)
-        self._enter(q, vq, old_rev, affected)
-        return self._refresh(affected, out_of_stock=q if out_of_stock else None)
+        patched: dict[str, tuple[Items, Items]] = {}
+        self._enter(q, vq, old_rev, affected, patched)
+        return self._refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
 
     def _on_delete(self, q: str) -> list[Publication]:
         own = self._buf.pop(q, None)
@@ -592,8 +593,19 @@ class Recommender:
                 return True
         return False
 
-    def _enter(self, q: str, vq: np.ndarray, extra: Iterable[str], affected: set[str]) -> None:
-        """Insert ``q`` into every buffer whose last member it now beats."""
+    def _enter(
+        self,
+        q: str,
+        vq: np.ndarray,
+        extra: Iterable[str],
+        affected: set[str],
+        patched: dict[str, tuple[Items, Items]],
+    ) -> None:
+        """Insert ``q`` into every buffer whose last member it now beats.
+
+        A list that only gains ``q`` is patched in place (``patched``); one that needs more
+        is marked for a rebuild (``affected``).
+        """
         if self.index.exact:
             pool: Iterable[str] = self._buf.keys()
         else:
@@ -625,12 +637,62 @@ class Recommender:
             # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
             pushed_out = (buf.keys[c_depth][1],) if pos < c_depth and len(buf.keys) > c_depth else ()
             if pos < c_depth and self._may_change(p, left=pushed_out, entered=(q,)):
-                affected.add(p)
+                fast = None if p in affected else self._patched_lists(p, q, d, lx, pushed_out)
+                if fast is None:
+                    affected.add(p)
+                else:
+                    patched[p] = fast
             if len(buf.keys) > depth:
                 _d, dropped = buf.keys.pop()
                 del buf.parts[dropped]
                 self._rev_discard(dropped, p)
                 buf.complete = False
+
+    def _patched_lists(
+        self, p: str, q: str, dense: float, lexical: float, pushed_out: tuple[str, ...]
+    ) -> tuple[Items, Items] | None:
+        """``p``'s lists after ``q`` entered its top-C, without a rebuild; ``None`` if unsafe.
+
+        Exact when neither ``q`` nor what it pushed out of the top-C is listed: each list is
+        the top-k by (content, id) of the top-C, so it changes only by taking ``q`` in at
+        its rank (and dropping its last item when full). The item is built exactly as
+        ``build_lists`` builds it, so the result equals a rebuild.
+        """
+        similar = self._lists[Kind.SIMILAR].get(p)
+        subs = self._lists[Kind.SUBSTITUTES].get(p)
+        owner = self._prof.get(p)
+        cand = self._prof.get(q)
+        if similar is None or subs is None or owner is None or cand is None:
+            return None
+        for items in (similar, subs):
+            for item in items:
+                if item.product_id == q or item.product_id in pushed_out:
+                    return None
+        content = content_score(dense, lexical, self.config)
+        key = (-content, q)
+        k = self.config.k
+        held = self._reasons.get(p)
+        if held is None or held[0] is not owner:
+            held = (owner, {})
+            self._reasons[p] = held
+        item = ScoredItem(
+            product_id=q,
+            score=final_score(content, 0.0, self.config),
+            content=content,
+            dense=dense,
+            lexical=lexical,
+            behavior=0.0,
+            reasons=_cached_reasons(owner, cand, q, held[1]),
+        )
+
+        def insert(items: Items) -> Items:
+            if len(items) >= k and not key < (-items[-1].content, items[-1].product_id):
+                return items
+            at = bisect_left([(-i.content, i.product_id) for i in items], key)
+            return (*items[:at], item, *items[at:])[:k]
+
+        new_subs = insert(subs) if profile_is_substitute(owner, cand, self.config) else subs
+        return insert(similar), new_subs
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self._buf[p]
@@ -646,12 +708,20 @@ class Recommender:
         self._reasons[p] = (owner, {c: cache[c] for c in listed if c in cache})
         return similar, subs
 
-    def _refresh(self, affected: Iterable[str], *, out_of_stock: str | None = None) -> list[Publication]:
+    def _refresh(
+        self,
+        affected: Iterable[str],
+        *,
+        out_of_stock: str | None = None,
+        patched: Mapping[str, tuple[Items, Items]] | None = None,
+    ) -> list[Publication]:
+        patched = patched or {}
+        rebuild = set(affected)
         pubs: list[Publication] = []
-        for p in sorted(affected):
+        for p in sorted(rebuild | patched.keys()):
             if p not in self._buf:
                 continue
-            similar, subs = self._compute(p)
+            similar, subs = self._compute(p) if p in rebuild else patched[p]
             if self._lists[Kind.SIMILAR].get(p) != similar:
                 self._lists[Kind.SIMILAR][p] = similar
                 pubs.append(self._publish(Kind.SIMILAR, p, similar, None))
