@@ -655,8 +655,10 @@ class Recommender:
 
         Exact when neither ``q`` nor what it pushed out of the top-C is listed: each list is
         the top-k by (content, id) of the top-C, so it changes only by taking ``q`` in at
-        its rank (and dropping its last item when full). The item is built exactly as
-        ``build_lists`` builds it, so the result equals a rebuild.
+        its rank (and dropping its last item when full). A substitute list that is not full
+        holds *every* valid candidate of the top-C, so the pushed-out item can simply leave
+        it. The item is built exactly as ``build_lists`` builds it, so the result equals a
+        rebuild.
         """
         similar = self._lists[Kind.SIMILAR].get(p)
         subs = self._lists[Kind.SUBSTITUTES].get(p)
@@ -664,13 +666,20 @@ class Recommender:
         cand = self._prof.get(q)
         if similar is None or subs is None or owner is None or cand is None:
             return None
-        for items in (similar, subs):
-            for item in items:
-                if item.product_id == q or item.product_id in pushed_out:
-                    return None
+        k = self.config.k
+        for item in similar:
+            if item.product_id == q or item.product_id in pushed_out:
+                return None
+        for item in subs:
+            if item.product_id == q:
+                return None
+            if item.product_id in pushed_out:
+                if len(subs) >= k:
+                    return None  # the next valid candidate would move up: rebuild
+                subs = tuple(i for i in subs if i.product_id not in pushed_out)
+                break
         content = content_score(dense, lexical, self.config)
         key = (-content, q)
-        k = self.config.k
         held = self._reasons.get(p)
         if held is None or held[0] is not owner:
             held = (owner, {})
