@@ -26,7 +26,7 @@ from serving.errors import EncoderUnavailable, SnapshotError
 from serving.recommender import Kind, Recommender
 from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, Outbound, ProductPipeline, UserPipeline
+from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline, UserPipeline
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ def create_app(settings: Settings) -> faust.App:
         web_in_thread=False,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        stream_wait_empty=True,
+        # Deferred (unacknowledged) events must not block a rebalance or a commit; they are
+        # simply not committed, so another owner re-reads them.
+        stream_wait_empty=False,
         loghandlers=[],
     )
     runtime = build_runtime(settings)
@@ -305,6 +307,23 @@ def create_app(settings: Settings) -> faust.App:
         snapshots.add(task)
         task.add_done_callback(snapshots.discard)
 
+    #: Events of slow-lane changes deferred during an encoder outage, by (topic, partition,
+    #: offset); acknowledged once their changes are applied and published.
+    waiting: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+    def position(message: Inbound) -> tuple[str, int, int]:
+        return (message.topic, message.partition, message.offset)
+
+    async def run_slow_lane(lanes: Lanes) -> None:
+        """Apply (or defer) the slow lane, publish, and acknowledge what is done."""
+        result = await runtime.products.apply_slow(lanes)
+        await publish_until_acked(result.records)
+        for message in result.done:
+            stream_and_event = waiting.pop(position(message), None)
+            if stream_and_event is not None:
+                stream, event = stream_and_event
+                await stream.ack(event)
+
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
         await runtime.ready.wait()
@@ -313,13 +332,25 @@ def create_app(settings: Settings) -> faust.App:
         # even when its processing was cancelled halfway, on shutdown.
         async for events in stream.noack_take(settings.embed_batch_size, within=settings.embed_batch_within_s):
             runtime.last_event_at = time.time()
+            by_position = {(e.message.topic, e.message.partition, e.message.offset): e for e in events}
             async with runtime.batch_lock:
                 pipeline = runtime.products
                 lanes = pipeline.split([_inbound(e) for e in events])
                 await publish_until_acked(await pipeline.apply_fast(lanes))
-                await publish_until_acked(await pipeline.apply_slow(lanes))
-            for event in events:
-                await stream.ack(event)
+                slow = {position(message) for message, _ in lanes.slow}
+                for key in slow:
+                    waiting[key] = (stream, by_position[key])
+                await run_slow_lane(lanes)
+            for key, event in by_position.items():
+                if key not in slow:
+                    await stream.ack(event)
+
+    @app.timer(interval=1.0)
+    async def retry_deferred() -> None:
+        """Retry text changes deferred by an encoder outage, even when no new event arrives."""
+        if runtime.products.pending and not runtime.batch_lock.locked():
+            async with runtime.batch_lock:
+                await run_slow_lane(Lanes())
 
     async def publish_until_acked(records: list[Outbound]) -> None:
         """Publish, retrying a broker outage with backoff: the batch is never skipped."""

@@ -33,6 +33,9 @@ class Metrics:
         self.encoder_outages = Counter(
             "simstream_encoder_outages_total", "Encoder calls that found it unavailable (then retried)", registry=r
         )
+        self.pending_changes = Gauge(
+            "simstream_pending_text_changes", "Text changes deferred while the encoder is unreachable", registry=r
+        )
         self.encoder_latency = Histogram(
             "simstream_encoder_seconds", "Latency of one encoder call", registry=r
         )

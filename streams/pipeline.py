@@ -152,6 +152,14 @@ class Lanes:
     slow: list[tuple[Inbound, ProductChange]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SlowResult:
+    """What the slow lane produced, and which input records are now fully handled."""
+
+    records: list[Outbound]
+    done: list[Inbound]
+
+
 @dataclass
 class ProductPipeline(Edge):
     """``product-changes`` to embeddings, catalog state and republished lists.
@@ -172,6 +180,9 @@ class ProductPipeline(Edge):
     )
     embedded_texts: int = 0
     encoder_ok: bool = False
+    #: Slow-lane changes deferred while the encoder is unreachable, in arrival order.
+    pending: list[tuple[Inbound, ProductChange]] = field(default_factory=list)
+    max_pending: int = 10_000
 
     @property
     def core(self) -> Recommender:
@@ -186,13 +197,13 @@ class ProductPipeline(Edge):
     async def _in_core(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def embed(self, texts: list[str]) -> dict[str, np.ndarray]:
+    async def embed(self, texts: list[str], *, wait: bool = True) -> dict[str, np.ndarray]:
         """text -> unit vector, in one encoder call.
 
-        An unreachable encoder is an outage, not bad input: the call is retried with
-        exponential backoff (capped at ``MAX_OUTAGE_BACKOFF_S``) until it answers, with
-        ``encoder_ok`` false meanwhile, so the partition waits and no event is dead-lettered
-        or lost.
+        An unreachable encoder is an outage, not bad input. With ``wait`` the call is retried
+        with exponential backoff (capped at ``MAX_OUTAGE_BACKOFF_S``) until it answers;
+        without it, ``EncoderUnavailable`` is raised at once so the caller can defer the
+        work. Either way ``encoder_ok`` is false meanwhile, and nothing is dead-lettered.
         """
         if not texts:
             return {}
@@ -208,6 +219,8 @@ class ProductPipeline(Edge):
                     log.error("encoder unavailable, holding text changes until it answers: %s", exc)
                 self.encoder_ok = False
                 self.metrics.encoder_outages.inc()
+                if not wait:
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_OUTAGE_BACKOFF_S)
         if not self.encoder_ok:
@@ -239,7 +252,7 @@ class ProductPipeline(Edge):
         changes follow it there.
         """
         lanes = Lanes()
-        slow_products: set[str] = set()
+        slow_products: set[str] = {change.product_id for _, change in self.pending}
         for message in messages:
             try:
                 change = self.decode_product(message).to_core()
@@ -265,27 +278,42 @@ class ProductPipeline(Edge):
         self._update_gauges()
         return self._last_list_per_key(out)
 
-    async def apply_slow(self, lanes: Lanes) -> list[Outbound]:
-        """Embed the slow lane's texts in one encoder call, then apply it in order."""
-        if not lanes.slow:
-            return []
+    async def apply_slow(self, lanes: Lanes) -> SlowResult:
+        """Embed the slow lane's texts in one encoder call, then apply it in order.
+
+        Changes deferred by an earlier outage go first. When the encoder is unreachable
+        and fewer than ``max_pending`` changes wait, the lane is deferred instead: it joins
+        ``pending``, its events stay unacknowledged (their offsets are not committed, so a
+        crash loses nothing), and later fast-lane changes of other products keep flowing.
+        With ``max_pending`` reached, the call waits for the encoder (backpressure).
+        """
+        work = self.pending + lanes.slow
+        if not work:
+            return SlowResult([], [])
+        texts = sorted(self._texts_to_embed(change for _, change in work))
         try:
-            vectors = await self.embed(sorted(self._texts_to_embed(change for _, change in lanes.slow)))
+            vectors = await self.embed(texts, wait=len(work) >= self.max_pending)
+        except EncoderUnavailable:
+            self.pending = work
+            self.metrics.pending_changes.set(len(work))
+            return SlowResult([], [])
         except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
             # One text the encoder refuses fails the whole call; embed one at a time below,
             # so that only the events behind that text are dead-lettered.
             log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
             vectors = {}
+        self.pending = []
+        self.metrics.pending_changes.set(0)
         out: list[Outbound] = []
-        for message, change in lanes.slow:
+        for message, change in work:
             out.extend(await self._apply_reporting(message, change, vectors))
         self._update_gauges()
-        return self._last_list_per_key(out)
+        return SlowResult(self._last_list_per_key(out), [message for message, _ in work])
 
     async def handle_batch(self, messages: Iterable[Inbound]) -> list[Outbound]:
         """Decode, embed and apply a batch of product changes; return everything to publish."""
         lanes = self.split(messages)
-        return await self.apply_fast(lanes) + await self.apply_slow(lanes)
+        return await self.apply_fast(lanes) + (await self.apply_slow(lanes)).records
 
     async def _apply_reporting(
         self, message: Inbound, change: ProductChange, vectors: dict[str, np.ndarray]

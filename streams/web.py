@@ -88,11 +88,12 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             ready = runtime.ready.is_set()
             stats = runtime.products.core.stats()
-            healthy = ready and runtime.encoder_ok
+            healthy = ready and runtime.encoder_ok and not runtime.products.pending
             body = {
                 "status": "ok" if healthy else ("degraded" if ready else "starting"),
                 "catalog_loaded": ready,
                 "encoder_reachable": runtime.encoder_ok,
+                "pending_text_changes": len(runtime.products.pending),
                 "model_version": runtime.products.encoder.model_version if runtime.encoder_ok and runtime.products.encoder else None,
                 "products": stats.products,
                 "index_live": stats.index_live,

@@ -92,3 +92,16 @@ def worker_factory(isolated_env: dict[str, str], tmp_path: Path) -> Iterator[Cal
 def simstream_cli() -> str:
     path = shutil.which("simstream", path=str(Path(sys.executable).parent)) or SIMSTREAM
     return path
+
+
+@pytest.fixture(scope="session")
+def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported SavedModel: the one ``make`` exported, or a fresh export for this session."""
+    configured = os.environ.get("SIMSTREAM_MODEL_BASE")
+    if configured and (Path(configured) / "1" / "saved_model.pb").exists():
+        return Path(configured)
+    from encoders.export import export_encoder
+
+    base = tmp_path_factory.mktemp("models") / "minilm"
+    export_encoder(base, version=1, config_dir=base.parent / "tfserving")
+    return base

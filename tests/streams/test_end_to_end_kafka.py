@@ -41,19 +41,6 @@ BASE_TS = time.time() - 3600
 
 
 @pytest.fixture(scope="module")
-def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The exported SavedModel: the one ``make`` exported, or a fresh export for this module."""
-    configured = os.environ.get("SIMSTREAM_MODEL_BASE")
-    if configured and (Path(configured) / "1" / "saved_model.pb").exists():
-        return Path(configured)
-    from encoders.export import export_encoder
-
-    base = tmp_path_factory.mktemp("models") / "minilm"
-    export_encoder(base, version=1, config_dir=base.parent / "tfserving")
-    return base
-
-
-@pytest.fixture(scope="module")
 def grpc_encoder(model_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``simstream serve-encoder``: a real gRPC PredictionService over the same SavedModel."""
     port = free_port()

@@ -81,3 +81,98 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     assert len(lists) == 60, worker.log_tail()
     assert len(latest_by_key(read_topic(settings, settings.topic_products))) == 60
     assert worker.alive
+
+
+class EncoderServer:
+    """``simstream serve-encoder`` on a fixed loopback port, which the test stops and restarts."""
+
+    def __init__(self, model_base: Path, log: Path) -> None:
+        from tests.support import SIMSTREAM
+
+        self.port = free_port()
+        self.args = [SIMSTREAM, "serve-encoder", "--model-base", str(model_base), "--port", str(self.port)]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import grpc
+
+        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{self.port}")).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+        raise AssertionError("serve-encoder did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+OUTAGE_S = 30.0
+
+
+def test_an_encoder_outage_holds_text_changes_while_stock_changes_flow(
+    model_base: Path, settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    server = EncoderServer(model_base, tmp_path / "serve-encoder.log")
+    server.start()
+    try:
+        env = {"SIMSTREAM_ENCODER": f"grpc://127.0.0.1:{server.port}", "SIMSTREAM_MODEL_BASE": str(model_base),
+               "SIMSTREAM_ENCODER_TIMEOUT_S": "1", "SIMSTREAM_ENCODER_RETRIES": "1"}
+        settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+        create_topics(settings)
+        worker = worker_factory(**env)
+        worker.wait_ready(timeout=180)
+        send(settings, 0, 40)
+        deadline = time.monotonic() + 120
+        while worker.get("/stats")[1]["products"] < 40 and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+        server.stop()
+        stopped = time.monotonic()
+        kafka = producer(settings)
+        for i in range(0, 10):  # title edits: need the encoder
+            kafka.send(settings.topic_product_changes, key=f"P{i}".encode(), value=json.dumps(
+                {"op": "upsert", "product_id": f"P{i}", "title": f"studio monitor speakers {i}",
+                 "ts": time.time()}).encode())
+        for i in range(20, 30):  # stock changes: must keep flowing
+            kafka.send(settings.topic_product_changes, key=f"P{i}".encode(), value=json.dumps(
+                {"op": "upsert", "product_id": f"P{i}", "in_stock": False, "ts": time.time()}).encode())
+        kafka.flush()
+        kafka.close()
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(not worker.get(f"/products/P{i}")[1]["in_stock"] for i in range(20, 30)):
+                break
+            time.sleep(0.5)
+        assert all(not worker.get(f"/products/P{i}")[1]["in_stock"] for i in range(20, 30)), worker.log_tail()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and worker.get("/health")[1]["pending_text_changes"] < 10:
+            time.sleep(0.5)
+        status, health = worker.get("/health")
+        assert status == 503 and health["status"] == "degraded" and health["pending_text_changes"] == 10, health
+        assert all(worker.get(f"/products/P{i}")[1]["title"] == f"noise cancelling headphones model {i}"
+                   for i in range(10)), "a title edit was applied without its embedding"
+
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
+        server.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and worker.get("/health")[0] != 200:
+            time.sleep(0.5)
+        assert worker.get("/health")[0] == 200, worker.log_tail()
+        titles = [worker.get(f"/products/P{i}")[1]["title"] for i in range(10)]
+        assert titles == [f"studio monitor speakers {i}" for i in range(10)]
+        assert worker.get("/stats")[1]["dead_letters"] == 0
+        lists = latest_by_key(read_topic(settings, settings.topic_similar_items))
+        assert len(lists) == 40
+        assert all(i["product_id"] in {f"P{n}" for n in range(40)} for v in lists.values() for i in v["items"])
+    finally:
+        server.stop()

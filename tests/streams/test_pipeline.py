@@ -248,13 +248,19 @@ class FlakyEncoder(HashingEncoder):
         return await super().encode(texts)
 
 
-async def test_an_encoder_outage_holds_the_batch_and_loses_nothing() -> None:
+async def test_an_encoder_outage_defers_the_batch_and_loses_nothing() -> None:
+    from streams.pipeline import Lanes
+
     encoder = FlakyEncoder(failures=2)
     pipeline = make_pipeline(encoder)
     pipeline.encoder_ok = True
     out = await load(pipeline)
     assert not [r for r in out if r.topic == "simstream-dead-letters"]
-    assert len(pipeline.core.catalog) == len(CATALOG) and pipeline.encoder_ok
+    assert len(pipeline.pending) == len(CATALOG) and not pipeline.encoder_ok
+    assert (await pipeline.apply_slow(Lanes())).done == []  # still down
+    result = await pipeline.apply_slow(Lanes())
+    assert len(result.done) == len(CATALOG) and pipeline.encoder_ok and not pipeline.pending
+    assert len(pipeline.core.catalog) == len(CATALOG)
     assert pipeline.metrics.encoder_outages._value.get() == 2
 
 
@@ -298,3 +304,27 @@ async def test_stock_changes_take_the_fast_lane_and_per_product_order_holds(pipe
     await pipeline.apply_slow(lanes)
     k1 = pipeline.core.catalog.get("K1")
     assert k1 is not None and k1.title == "Logitech MX Keys S wireless keyboard" and not k1.in_stock
+
+
+async def test_an_outage_defers_text_changes_while_stock_changes_keep_flowing() -> None:
+    encoder = FlakyEncoder(failures=0)
+    pipeline = make_pipeline(encoder)
+    await load(pipeline)
+    encoder.failures = 1  # TF Serving goes away
+
+    first = pipeline.split([upsert("K1", NOW - 50, title="Logitech MX Keys S"), upsert("H2", NOW - 49, in_stock=False)])
+    fast = await pipeline.apply_fast(first)
+    assert any(r.topic == "substitutes" and r.key == "H2" for r in fast)
+    deferred = await pipeline.apply_slow(first)
+    assert deferred.records == [] and deferred.done == []
+    assert [c.product_id for _, c in pipeline.pending] == ["K1"] and not pipeline.encoder_ok
+
+    # K1's later stock change queues behind its deferred title; H3's goes straight through.
+    second = pipeline.split([upsert("K1", NOW - 40, in_stock=False), upsert("H3", NOW - 39, price=250.0)])
+    assert [c.product_id for _, c in second.fast] == ["H3"]
+    await pipeline.apply_fast(second)
+    done = await pipeline.apply_slow(second)  # the encoder is back
+    assert [m.offset for m in done.done] == [0, 0] and pipeline.pending == [] and pipeline.encoder_ok
+    k1 = pipeline.core.catalog.get("K1")
+    assert k1 is not None and k1.title == "Logitech MX Keys S" and not k1.in_stock
+    assert not [r for r in fast + done.records if r.topic == "simstream-dead-letters"]
