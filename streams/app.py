@@ -232,6 +232,8 @@ def create_app(settings: Settings) -> faust.App:
             fresh = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
                                     encoder=old.encoder, executor=old.executor)
             fresh.encoder_ok = old.encoder_ok
+            # Changes deferred by an encoder outage were never applied nor published: keep them.
+            fresh.pending = old.pending
             records = await rebuild_from_topics(fresh)
             await publish(records)
             runtime.products = fresh
