@@ -741,6 +741,23 @@ class Recommender:
                 pubs.append(self._publish(Kind.SUBSTITUTES, p, subs, trigger))
         return pubs
 
+    def seed_version(self, kind: Kind, product_id: str, version: int) -> None:
+        """Continue a list's version counter from ``version`` (what its topic already holds).
+
+        Used after a rebuild from the topics, so ``version`` keeps increasing across restarts.
+        A lower value than the one held is ignored.
+        """
+        key = (Kind(kind), product_id)
+        self.versions[key] = max(self.versions.get(key, 0), int(version))
+
+    def republish(self, kind: Kind, product_id: str) -> Publication:
+        """A publication of the current list (a tombstone when there is none), with the next version.
+
+        For reconciling with a topic that holds something else, e.g. after a crash between
+        ``apply`` and the publish, or for a list whose product is gone.
+        """
+        return self._publish(Kind(kind), product_id, self._lists[Kind(kind)].get(product_id), None)
+
     def _publish(self, kind: Kind, p: str, items: Items | None, trigger: Trigger | None) -> Publication:
         version = self.versions.get((kind, p), 0) + 1
         self.versions[(kind, p)] = version

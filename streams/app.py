@@ -10,6 +10,7 @@ idempotent under replay, see ``serving/catalog.py``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -287,6 +288,10 @@ def create_app(settings: Settings) -> faust.App:
         log.info("restored %d products from %s (%d embedded again, %d records republished) in %.1f s",
                  len(pipeline.core.catalog), runtime.restored_from, pipeline.embedded_texts, len(records),
                  time.monotonic() - started)
+        # Everything restored is long-lived: keep it out of the collector's young generations,
+        # whose scans over ~10^6 objects otherwise show up as 10+ ms pauses in apply().
+        gc.collect()
+        gc.freeze()
         runtime.ready.set()
 
     async def periodic_snapshot() -> None:

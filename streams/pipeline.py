@@ -531,14 +531,14 @@ class ProductPipeline(Edge):
             for pid, value in on_topic.items():
                 version = value.get("version")
                 if isinstance(version, int):
-                    core.versions[(kind, pid)] = version
+                    core.seed_version(kind, pid, version)
             current = core.lists(kind)
             for pid, items in current.items():
                 if not same_items(on_topic.get(pid), items) or on_topic[pid].get("model_version") != self.model_version:
-                    pubs.append(core._publish(kind, pid, items, None))
+                    pubs.append(core.republish(kind, pid))
             for pid in on_topic.keys() - current.keys():
                 if core.owns(pid):
-                    pubs.append(core._publish(kind, pid, None, None))
+                    pubs.append(core.republish(kind, pid))
         return self.publications_to_records(pubs)
 
 
