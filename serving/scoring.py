@@ -96,6 +96,10 @@ def profile(product: Product) -> Profile:
     )
 
 
+#: Largest price gap, in percent, that is still given as a reason ("price within N%").
+SIMILAR_PRICE_PERCENT = 50
+
+
 def _price_gap(owner_price: float | None, price: float | None) -> int | None:
     if owner_price is None or price is None or owner_price <= 0:
         return None
@@ -117,7 +121,8 @@ def profile_reasons(owner: Profile, candidate: Profile, *, max_attributes: int =
     if owner.has_leaf and owner.leaf == candidate.leaf:
         out.append(f"same category: {candidate.leaf_display}")
     gap = _price_gap(owner.price, candidate.price)
-    if gap is not None:
+    # A price is a reason only when it is close; "price within 400%" explains nothing.
+    if gap is not None and gap <= SIMILAR_PRICE_PERCENT:
         out.append("same price" if gap == 0 else f"price within {gap}%")
     shared = 0
     theirs = candidate.attr_map
