@@ -181,7 +181,9 @@ def eval_group() -> None:
               help="Indexed products (product-changes JSONL).")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="CSV with header left_id,right_id.")
-@click.option("--method", type=click.Choice(METHODS), default="encoder", show_default=True)
+@click.option("--method", "methods", type=click.Choice([*METHODS, "all"]), multiple=True, default=["encoder"],
+              show_default=True,
+              help="Repeat it (or say all) to compare methods side by side in one run, on one set of vectors.")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--text", "template", type=click.Choice(TEMPLATES), default="product", show_default=True,
               help="Product text template (product = serving.text.product_text).")
@@ -191,7 +193,7 @@ def eval_group() -> None:
               help="SavedModel base for the local encoder [SIMSTREAM_MODEL_BASE].")
 @click.option("--dump-texts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the query and corpus texts and the truth as JSON (to run a reference model).")
-def eval_matching(left: Path, right: Path, truth: Path, method: str, k: int, template: str,
+def eval_matching(left: Path, right: Path, truth: Path, methods: tuple[str, ...], k: int, template: str,
                   encoder_target: str | None, model_base: Path | None, dump_texts: Path | None) -> None:
     """Index RIGHT, query with every LEFT product that has a true match; report hit@1, hit@k, MRR@k."""
     from serving.matching_eval import evaluate_rankings, load_truth
@@ -211,11 +213,16 @@ def eval_matching(left: Path, right: Path, truth: Path, method: str, k: int, tem
             "corpus": [[p.product_id, t] for p, t in zip(task.corpus, task.corpus_texts, strict=True)],
             "truth": {q: sorted(r) for q, r in truth_map.items()},
         }, ensure_ascii=False), encoding="utf-8")
-    rankings = RANKERS[method](task, k, encoder_target, model_base)
-    report = evaluate_rankings(method, [p.product_id for p in queries], rankings, truth_map, k)
-    click.echo(f"{method} on {len(queries)} queries x {len(corpus)} products, text={template}, "
-               f"{time.perf_counter() - started:.1f} s", err=True)
-    click.echo(json.dumps(report.as_dict()))
+    chosen = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
+    reports = []
+    for method in chosen:
+        rankings = RANKERS[method](task, k, encoder_target, model_base)
+        report = evaluate_rankings(method, [p.product_id for p in queries], rankings, truth_map, k).as_dict()
+        reports.append(report)
+        click.echo(f"{method} on {len(queries)} queries x {len(corpus)} products, text={template}: "
+                   f"hit@1 {report['hit@1']:.3f}, {time.perf_counter() - started:.1f} s", err=True)
+    # One method: one JSON object; several: one JSON list, on the last line either way.
+    click.echo(json.dumps(reports[0] if len(reports) == 1 else reports))
 
 
 def _rank_tfidf(method: str) -> Callable[..., list[list[str]]]:
@@ -228,7 +235,17 @@ def _rank_tfidf(method: str) -> Callable[..., list[list[str]]]:
     return rank
 
 
+_VECTORS: dict[int, tuple[Any, Any]] = {}
+
+
 def _vectors(task: MatchingTask, encoder_target: str | None, model_base: Path | None) -> tuple[Any, Any]:
+    """Query and corpus vectors, computed once per task (several methods share them)."""
+    if id(task) not in _VECTORS:
+        _VECTORS[id(task)] = _embed_task(task, encoder_target, model_base)
+    return _VECTORS[id(task)]
+
+
+def _embed_task(task: MatchingTask, encoder_target: str | None, model_base: Path | None) -> tuple[Any, Any]:
     from encoders.factory import create_encoder
     from streams.settings import get_settings
 

@@ -69,6 +69,16 @@ def test_eval_matching_prints_json_last(matching_set: Path, method: str) -> None
     assert report["hit@1"] >= 2 / 3
 
 
+def test_eval_matching_compares_every_method_in_one_run(matching_set: Path) -> None:
+    args = ["eval", "matching", "--left", str(matching_set / "left.jsonl"), "--right", str(matching_set / "right.jsonl"),
+            "--truth", str(matching_set / "truth.csv"), "--method", "all", "--k", "2", "--encoder", "hashing"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["method"] for r in reports] == ["encoder", "tfidf-word", "tfidf-char", "hybrid"]
+    assert all(r["n_queries"] == 3 and 0.0 <= r["hit@1"] <= 1.0 for r in reports)
+
+
 def test_metrics() -> None:
     truth = {"q1": {"a"}, "q2": {"b", "c"}, "q3": {"z"}}
     report = evaluate_rankings("m", ["q1", "q2", "q3"], [["a", "x"], ["x", "c"], ["x", "y"]], truth, 2)
