@@ -32,6 +32,9 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
+GC_FREEZE_INTERVAL_S = 5.0
+GC_FULL_INTERVAL_S = 900.0
+
 
 @dataclass
 class Runtime:
@@ -297,6 +300,18 @@ def create_app(settings: Settings) -> faust.App:
     async def periodic_snapshot() -> None:
         async with runtime.batch_lock:
             await asyncio.get_running_loop().run_in_executor(runtime.products.executor, runtime.take_snapshot)
+
+    @app.timer(interval=GC_FREEZE_INTERVAL_S)
+    async def freeze_survivors() -> None:
+        """Move long-lived objects out of the collector's reach.
+
+        The core holds about 45 Python objects per product; with 20k products a full
+        collection takes ~0.4 s, and list churn triggers one every few tens of seconds,
+        which showed as the p99 of freshness. Frozen objects are still freed by reference
+        counting; only cycles among them wait for the next snapshot's full collection.
+        """
+        if runtime.ready.is_set():
+            gc.freeze()
 
     snapshots: set[asyncio.Task[None]] = set()
 
