@@ -65,3 +65,93 @@ def eval_sessions(train_path: Path, test_path: Path, k: int) -> None:
             ]
         )
     )
+
+
+def _convert_group() -> click.Group:
+    from streams.cli.eval_commands import convert
+
+    return convert
+
+
+@_convert_group().command("giftcards")
+@click.argument("meta", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out-catalog", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out-truth", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def convert_giftcards(meta: Path, out_catalog: Path, out_truth: Path) -> None:
+    """Amazon metadata (``meta_*.json.gz``) -> product upserts JSONL + ``product_id,related_id,kind`` CSV."""
+    import csv
+
+    from serving.errors import SimstreamError
+    from serving.related_eval import convert_amazon_meta
+
+    try:
+        upserts, truth = convert_amazon_meta(meta)
+    except SimstreamError as e:
+        raise click.ClickException(str(e)) from e
+    with out_catalog.open("w", encoding="utf-8") as f:
+        for u in upserts:
+            f.write(json.dumps(u, ensure_ascii=False) + "\n")
+    with out_truth.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["product_id", "related_id", "kind"])
+        w.writerows(truth)
+    kinds = {k: sum(1 for t in truth if t[2] == k) for k in ("view", "buy")}
+    click.echo(json.dumps({"products": len(upserts), "pairs": kinds}))
+
+
+@eval_group.command("related")
+@click.option("--catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--encoder", "encoder_target", default=None, help="local, grpc://host:port or hashing.")
+@click.option("--model-base", type=click.Path(path_type=Path), default=None)
+def eval_related(
+    catalog: Path, truth: Path, k: int, encoder_target: str | None, model_base: Path | None
+) -> None:
+    """hit@k / nDCG@k per kind of content-only lists (``serving.matching.hybrid_rank``, as the worker)."""
+    from encoders.factory import create_encoder
+    from serving.config import RecommenderConfig
+    from serving.errors import SimstreamError
+    from serving.matching import hybrid_rank
+    from serving.related_eval import load_truth, score_lists
+    from serving.text import product_text
+    from streams.cli.eval_commands import _encode, load_products
+    from streams.settings import get_settings
+
+    t0 = time.perf_counter()
+    try:
+        pairs = load_truth(truth)
+    except SimstreamError as e:
+        raise click.ClickException(str(e)) from e
+    products = load_products(catalog)
+    settings = get_settings()
+    encoder = create_encoder(
+        encoder_target or settings.encoder,
+        model_base=model_base or settings.model_base,
+        model_name=settings.model_name,
+        model_version=settings.model_version,
+        max_length=settings.max_length,
+        timeout_s=settings.encoder_timeout_s,
+        retries=settings.encoder_retries,
+    )
+    vectors = _encode([product_text(p) for p in products], encoder, "catalog")
+    wanted = {pid for by in pairs.values() for pid in by}
+    queries = [i for i, p in enumerate(products) if p.product_id in wanted]
+    config = RecommenderConfig(k=k + 1, candidate_depth=max(50, k + 1))
+    ranked = hybrid_rank([products[i] for i in queries], vectors[queries], products, vectors, k + 1, config)
+    lists = {
+        products[i].product_id: [r for r in row if r != products[i].product_id][:k]
+        for i, row in zip(queries, ranked, strict=True)
+    }
+    results = score_lists(lists, pairs, k)
+    for r in results:
+        click.echo(f"{r.kind:<5} hit@{k}={r.hit:.4f} ndcg@{k}={r.ndcg:.4f} n={r.n}")
+    click.echo(f"elapsed {time.perf_counter() - t0:.1f}s")
+    click.echo(
+        json.dumps(
+            [
+                {"kind": r.kind, f"hit@{k}": round(r.hit, 4), f"ndcg@{k}": round(r.ndcg, 4), "n": r.n}
+                for r in results
+            ]
+        )
+    )
