@@ -62,6 +62,7 @@ lint: install
 # The broker for tests runs on its own port with a fresh data directory, so a developer's
 # Kafka on 9092 is never touched and no state leaks between runs.
 test: install model browser
+	@KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh down >/dev/null
 	@rm -rf "$(CACHE)/kafka/data-$(TEST_KAFKA_PORT)"
 	$(MAKE) --no-print-directory lint
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh up
