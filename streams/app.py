@@ -100,15 +100,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
 def build_runtime(settings: Settings) -> Runtime:
     """Wire settings, metrics, encoder and core together (no I/O happens here)."""
     metrics = Metrics()
-    encoder = create_encoder(
-        settings.encoder,
-        model_base=settings.model_base,
-        model_name=settings.model_name,
-        model_version=settings.model_version,
-        max_length=settings.max_length,
-        timeout_s=settings.encoder_timeout_s,
-        retries=settings.encoder_retries,
-    )
+    encoder = create_encoder(settings.encoder, **settings.encoder_options())
     products = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
                                encoder=encoder)
     return Runtime(settings=settings, metrics=metrics, products=products, users=UserPipeline(settings, metrics))

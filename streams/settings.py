@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,6 +103,17 @@ class Settings(BaseSettings):
                 "SIMSTREAM_KAFKA_SASL_USERNAME (and _PASSWORD) are required with a SASL security protocol"
             )
         return self
+
+    def encoder_options(self, model_base: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``encoders.factory.create_encoder`` besides the target."""
+        return {
+            "model_base": model_base or self.model_base,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "max_length": self.max_length,
+            "timeout_s": self.encoder_timeout_s,
+            "retries": self.encoder_retries,
+        }
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -125,15 +125,7 @@ def eval_related(
         raise click.ClickException(str(e)) from e
     products = load_products(catalog)
     settings = get_settings()
-    encoder = create_encoder(
-        encoder_target or settings.encoder,
-        model_base=model_base or settings.model_base,
-        model_name=settings.model_name,
-        model_version=settings.model_version,
-        max_length=settings.max_length,
-        timeout_s=settings.encoder_timeout_s,
-        retries=settings.encoder_retries,
-    )
+    encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
     vectors = _encode([product_text(p) for p in products], encoder, "catalog")
     wanted = {pid for by in pairs.values() for pid in by}
     queries = [i for i, p in enumerate(products) if p.product_id in wanted]

@@ -250,15 +250,7 @@ def _embed_task(task: MatchingTask, encoder_target: str | None, model_base: Path
     from streams.settings import get_settings
 
     settings = get_settings()
-    encoder = create_encoder(
-        encoder_target or settings.encoder,
-        model_base=model_base or settings.model_base,
-        model_name=settings.model_name,
-        model_version=settings.model_version,
-        max_length=settings.max_length,
-        timeout_s=settings.encoder_timeout_s,
-        retries=settings.encoder_retries,
-    )
+    encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
     return _encode(task.query_texts, encoder, "queries"), _encode(task.corpus_texts, encoder, "corpus")
 
 
