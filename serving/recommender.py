@@ -34,6 +34,7 @@ replicates the whole index but maintains and publishes only the lists of its par
 from __future__ import annotations
 
 import enum
+import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.behavior import BehaviorModel
 from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
@@ -58,10 +60,20 @@ from serving.scoring import (
 )
 from serving.text import product_text
 
+COMPLEMENT_CHANNELS = ("cart", "purchase")
+
 
 class Kind(enum.StrEnum):
     SIMILAR = "similar"
     SUBSTITUTES = "substitutes"
+    COMPLEMENTS = "complements"
+
+
+#: The kinds every owned product has; complements exist only where behaviour does.
+CONTENT_KINDS = (Kind.SIMILAR, Kind.SUBSTITUTES)
+
+#: The reason every complement carries, before the content reasons.
+BOUGHT_TOGETHER = "often bought together"
 
 
 class Trigger(enum.StrEnum):
@@ -114,6 +126,53 @@ class RecommenderStats:
 Items = tuple[ScoredItem, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class BehaviorRow:
+    """One owned item's behaviour partners, as the stream last computed them.
+
+    ``partners``: (id, score in [0, 1]) over every channel (co-view, co-cart, co-purchase),
+    which feeds the ``behavior`` part of similar-items and substitutes. ``complements``:
+    (id, score in [0, 1]) over co-cart and co-purchase only, which makes the complements
+    list. The recommender stores rows as given, so its lists are a deterministic function
+    of catalog, vectors and rows (the behaviour model's clock never leaks in).
+    """
+
+    partners: tuple[tuple[str, float], ...] = ()
+    complements: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def from_model(cls, model: BehaviorModel, item: str, k: int) -> BehaviorRow:
+        """The row of ``item`` now: top-``k`` partners, and top-``k`` complements.
+
+        A complement's score is the event-weighted mean of its co-cart and co-purchase
+        scores, so a pair bought together outranks one only carted together.
+        """
+        cfg = model.config
+        weights = {ch: cfg.channel_weight(ch) for ch in COMPLEMENT_CHANNELS}
+        total = sum(weights.values())
+        mixed: dict[str, float] = {}
+        for ch, w in weights.items():
+            for other, score in model.partners(item, ch, k):
+                mixed[other] = mixed.get(other, 0.0) + w * score
+        complements = sorted(((o, min(1.0, s / total)) for o, s in mixed.items()), key=lambda t: (-t[1], t[0]))
+        return cls(partners=tuple(model.partners(item, "all", k)), complements=tuple(complements[:k]))
+
+    def names(self) -> set[str]:
+        """Every product the row mentions."""
+        return {c for c, _s in self.partners} | {c for c, _s in self.complements}
+
+    def validate(self, owner: str) -> None:
+        """Raise ``InvalidInput`` for a row no behaviour model could have produced."""
+        for label, pairs in (("partners", self.partners), ("complements", self.complements)):
+            for other, score in pairs:
+                if not isinstance(other, str) or not other:
+                    raise InvalidInput(f"behaviour row of {owner!r}: {label} ids must be non-empty strings")
+                if not (isinstance(score, float | int) and math.isfinite(score) and 0.0 <= score <= 1.0):
+                    raise InvalidInput(
+                        f"behaviour row of {owner!r}: {label} score for {other!r} must be in [0, 1], got {score!r}"
+                    )
+
+
 class _Buffer:
     """Exact dense top-n of one product: keys ``(-dense, id)`` ascending, and pair scores."""
 
@@ -135,17 +194,31 @@ def build_lists(
     profiles: Callable[[str], Profile | None],
     config: RecommenderConfig,
     cache: ReasonCache | None = None,
+    behavior: Mapping[str, float] | None = None,
 ) -> tuple[Items, Items]:
-    """(similar, substitutes) for ``owner`` from its top-C (id, dense, lexical) candidates.
+    """(similar, substitutes) for ``owner`` from its (id, dense, lexical) candidates.
 
-    ``profiles`` gives ``serving.scoring.profile(product)`` by id. ``cache`` (optional)
-    holds reasons from the last build for the same owner profile; an entry is reused only
-    while the candidate's profile is the very same object, and is refreshed in place.
+    The candidates are the top-C by dense score, plus (when ``behavior_weight > 0``) the
+    owner's behaviour partners. ``behavior`` maps candidate id to its behaviour score; the
+    ranking is by ``final_score(content, behavior)``, then id. ``profiles`` gives
+    ``serving.scoring.profile(product)`` by id. ``cache`` (optional) holds reasons from the
+    last build for the same owner profile; an entry is reused only while the candidate's
+    profile is the very same object, and is refreshed in place.
     """
     ranked = rank_candidates(candidates, config)
+    if behavior:
+        # With behaviour the blend can reorder content ranks; without it, the content
+        # order already is the score order and the extra sort is skipped.
+        scored = sorted(
+            (-final_score(content, behavior.get(pid, 0.0), config), pid, content, dense, lexical)
+            for pid, content, dense, lexical in ranked
+        )
+        rows = ((pid, -neg, content, dense, lexical) for neg, pid, content, dense, lexical in scored)
+    else:
+        rows = ((pid, final_score(content, 0.0, config), content, dense, lexical) for pid, content, dense, lexical in ranked)
     similar: list[ScoredItem] = []
     subs: list[ScoredItem] = []
-    for pid, content, dense, lexical in ranked:
+    for pid, score, content, dense, lexical in rows:
         cand = profiles(pid)
         if cand is None:
             continue
@@ -155,11 +228,11 @@ def build_lists(
             continue
         item = ScoredItem(
             product_id=pid,
-            score=final_score(content, 0.0, config),
+            score=score,
             content=content,
             dense=dense,
             lexical=lexical,
-            behavior=0.0,
+            behavior=behavior.get(pid, 0.0) if behavior else 0.0,
             reasons=_cached_reasons(owner, cand, pid, cache),
         )
         if want_similar:
@@ -169,6 +242,44 @@ def build_lists(
         if len(similar) >= config.k and len(subs) >= config.k:
             break
     return tuple(similar), tuple(subs)
+
+
+def build_complements(
+    owner: Profile,
+    row: BehaviorRow,
+    profiles: Callable[[str], Profile | None],
+    parts: Callable[[list[str]], list[tuple[float, float]]],
+    config: RecommenderConfig,
+) -> Items:
+    """The complements list of ``owner``: its bought-together partners that are live and in
+    stock, best behaviour score first (ties by id), first ``k``.
+
+    ``parts(ids)`` gives each listed id's (dense, lexical) pair with the owner, so every
+    complement explains itself like a similar item does.
+    """
+    picked: list[tuple[str, float, Profile]] = []
+    for other, score in sorted(row.complements, key=lambda t: (-t[1], t[0])):
+        cand = profiles(other)
+        if cand is None or not cand.in_stock or other == owner.product_id:
+            continue
+        picked.append((other, float(score), cand))
+        if len(picked) >= config.k:
+            break
+    if not picked:
+        return ()
+    scored = parts([o for o, _s, _c in picked])
+    return tuple(
+        ScoredItem(
+            product_id=other,
+            score=score,
+            content=content_score(dense, lexical, config),
+            dense=dense,
+            lexical=lexical,
+            behavior=score,
+            reasons=(BOUGHT_TOGETHER, *profile_reasons(owner, cand)),
+        )
+        for (other, score, cand), (dense, lexical) in zip(picked, scored, strict=True)
+    )
 
 
 def _cached_reasons(owner: Profile, cand: Profile, pid: str, cache: ReasonCache | None) -> tuple[str, ...]:
@@ -189,18 +300,21 @@ def exact_lists(
     lexical: LexicalModel | None = None,
     *,
     owns: Callable[[str], bool] | None = None,
+    behavior: Mapping[str, BehaviorRow] | None = None,
 ) -> dict[Kind, dict[str, Items]]:
     """The lists a quiet service must have published, computed from scratch by brute force.
 
     ``vectors`` maps every product id to its (not necessarily normalised) embedding;
-    ``lexical`` must be the recommender's frozen model (``Recommender.lexical``). Dense
-    scores are float64 inner products of the float32 unit vectors the index stores, so
-    they agree with the incremental ones to about 1e-12; compare scores with a tolerance.
+    ``lexical`` must be the recommender's frozen model (``Recommender.lexical``);
+    ``behavior`` the rows given to ``Recommender.apply_behavior`` (owned, live products).
+    Dense scores are float64 inner products of the float32 unit vectors the index stores,
+    so they agree with the incremental ones to about 1e-12; compare scores with a tolerance.
     """
     lexical = lexical or LexicalModel()
+    behavior = behavior or {}
     prods = {p.product_id: p for p in products}
     ids = sorted(prods)
-    out: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
+    out: dict[Kind, dict[str, Items]] = {kind: {} for kind in Kind}
     if not ids:
         return out
     mat = normalize_rows(np.stack([np.asarray(vectors[i], dtype=np.float64) for i in ids]), config.dim)
@@ -208,6 +322,7 @@ def exact_lists(
     sims = m64 @ m64.T
     lex = {i: lexical.vectorize(product_text(prods[i])) for i in ids}
     profs = {i: profile(prods[i]) for i in ids}
+    pos = {pid: j for j, pid in enumerate(ids)}
     id_arr = np.array(ids, dtype=object)
     c = config.candidate_depth
     for row, pid in enumerate(ids):
@@ -215,11 +330,23 @@ def exact_lists(
             continue
         scores = sims[row].copy()
         order = [j for j in np.lexsort((id_arr, -scores)) if j != row][:c]
+        beh = behavior.get(pid)
+        partners = dict(beh.partners) if beh is not None else {}
+        if partners and config.behavior_weight > 0:
+            listed = set(order)
+            order += [pos[o] for o in sorted(partners) if o in pos and o != pid and pos[o] not in listed]
         lexical_scores = cosine_many(lex[pid], [lex[ids[j]] for j in order])
         cands = [(ids[j], float(scores[j]), lx) for j, lx in zip(order, lexical_scores, strict=True)]
-        similar, subs = build_lists(profs[pid], cands, profs.get, config)
+        similar, subs = build_lists(profs[pid], cands, profs.get, config, behavior=partners)
         out[Kind.SIMILAR][pid] = similar
         out[Kind.SUBSTITUTES][pid] = subs
+        if beh is not None:
+
+            def parts(others: list[str], row: int = row, pid: str = pid) -> list[tuple[float, float]]:
+                lx = cosine_many(lex[pid], [lex[o] for o in others])
+                return [(float(sims[row][pos[o]]), v) for o, v in zip(others, lx, strict=True)]
+
+            out[Kind.COMPLEMENTS][pid] = build_complements(profs[pid], beh, profs.get, parts, config)
     return out
 
 
@@ -285,9 +412,14 @@ class Recommender:
         self._reasons: dict[str, tuple[Profile, ReasonCache]] = {}
         self._buf: dict[str, _Buffer] = {}
         self._rev: dict[str, set[str]] = {}
-        self._lists: dict[Kind, dict[str, Items]] = {Kind.SIMILAR: {}, Kind.SUBSTITUTES: {}}
+        self._lists: dict[Kind, dict[str, Items]] = {kind: {} for kind in Kind}
+        # Behaviour rows of owned products, and which rows name a product (so a change of
+        # that product reaches every list it may sit in through behaviour alone).
+        self._beh: dict[str, BehaviorRow] = {}
+        self._brev: dict[str, set[str]] = {}
         self._publications = 0
         self._refills = 0
+        self.behavior_ignored = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -298,6 +430,14 @@ class Recommender:
     def substitutes(self, product_id: str) -> Items | None:
         """The current substitutes list, or ``None`` for an unknown or unowned product."""
         return self._lists[Kind.SUBSTITUTES].get(product_id)
+
+    def complements(self, product_id: str) -> Items | None:
+        """The current complements list, or ``None`` where no behaviour was seen."""
+        return self._lists[Kind.COMPLEMENTS].get(product_id)
+
+    def behavior_rows(self) -> dict[str, BehaviorRow]:
+        """A copy of the stored behaviour rows (for ``exact_lists`` and snapshots)."""
+        return dict(self._beh)
 
     def lists(self, kind: Kind) -> dict[str, Items]:
         """A copy of every current list of one kind."""
@@ -391,6 +531,46 @@ class Recommender:
                 on_error(i, exc)
         return last_per_key(pubs)
 
+    def apply_behavior(self, rows: Mapping[str, BehaviorRow]) -> list[Publication]:
+        """Store the behaviour rows of some items and return the lists that changed.
+
+        Rows of products that are unknown, deleted or not owned are counted in
+        ``behavior_ignored`` and skipped, so behaviour never creates a phantom item; partners
+        that are not (yet) products are kept and listed once they exist. An empty row clears
+        the item's behaviour. All rows are checked before any is stored (``InvalidInput``).
+        """
+        for pid, row in rows.items():
+            row.validate(pid)
+        affected: set[str] = set()
+        for pid, row in rows.items():
+            if pid not in self._buf:
+                self.behavior_ignored += 1
+                continue
+            old = self._beh.get(pid)
+            if old == row:
+                continue
+            self._set_row(pid, row)
+            affected.add(pid)
+        return self._refresh(affected)
+
+    def _set_row(self, pid: str, row: BehaviorRow | None) -> None:
+        old = self._beh.pop(pid, None)
+        if old is not None:
+            for c in old.names():
+                holders = self._brev.get(c)
+                if holders is not None:
+                    holders.discard(pid)
+                    if not holders:
+                        del self._brev[c]
+        if row is not None and (row.partners or row.complements):
+            self._beh[pid] = row
+            for c in row.names():
+                self._brev.setdefault(c, set()).add(pid)
+
+    def _behavior_holders(self, q: str) -> set[str]:
+        """Owned products whose behaviour row names ``q``."""
+        return {p for p in self._brev.get(q, ()) if p in self._buf and p != q}
+
     def bulk_load(self, products: Sequence[ProductUpsert], vectors: np.ndarray) -> list[Publication]:
         """Load a whole catalog into an empty recommender at once (start-up, benchmarks).
 
@@ -453,6 +633,7 @@ class Recommender:
         if self.owns(q):
             self._fill(q, reuse_lexical=False)
             affected.add(q)
+        affected |= self._behavior_holders(q)
         vq = self.index.get_vector(q)
         patched: dict[str, tuple[Items, Items]] = {}
         self._enter(q, vq, old_rev, affected, patched)
@@ -466,9 +647,11 @@ class Recommender:
                 self._rev_discard(c, q)
         self._lex.pop(q, None)
         self._prof.pop(q, None)
+        self._set_row(q, None)
         old_rev = self._rev.pop(q, set())
         self.index.delete(q)
         affected = {p for p in old_rev if self._drop(p, q)}
+        affected |= self._behavior_holders(q)
         pubs: list[Publication] = []
         for kind in Kind:
             if self._lists[kind].pop(q, None) is not None:
@@ -487,6 +670,7 @@ class Recommender:
         }
         if q in self._buf:
             affected.add(q)
+        affected |= self._behavior_holders(q)
         return self._refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
 
     def _rev_discard(self, c: str, p: str) -> None:
@@ -567,8 +751,8 @@ class Recommender:
         """
         similar = self._lists[Kind.SIMILAR].get(p)
         subs = self._lists[Kind.SUBSTITUTES].get(p)
-        if similar is None or subs is None:
-            return True
+        if similar is None or subs is None or p in self._beh:
+            return True  # behaviour re-weights the ranking: rebuild rather than reason about it
         listed = {i.product_id for i in similar}
         listed.update(i.product_id for i in subs)
         if any(x in listed for x in left):
@@ -664,7 +848,7 @@ class Recommender:
         subs = self._lists[Kind.SUBSTITUTES].get(p)
         owner = self._prof.get(p)
         cand = self._prof.get(q)
-        if similar is None or subs is None or owner is None or cand is None:
+        if similar is None or subs is None or owner is None or cand is None or p in self._beh:
             return None
         k = self.config.k
         for item in similar:
@@ -708,14 +892,36 @@ class Recommender:
         top = buf.keys[: self.config.candidate_depth]
         cands = [(c, *buf.parts[c]) for _d, c in top]
         owner = self._prof[p]
+        row = self._beh.get(p)
+        partners = dict(row.partners) if row is not None else None
+        if partners and self.config.behavior_weight > 0:
+            listed_now = {c for _d, c in top}
+            extra = [c for c in sorted(partners) if c not in listed_now and c != p and c in self._lex]
+            cands += [(c, d, lx) for c, (d, lx) in zip(extra, self._pair_parts(p, extra), strict=True)]
         held = self._reasons.get(p)
         cache: ReasonCache = held[1] if held is not None and held[0] is owner else {}
-        similar, subs = build_lists(owner, cands, self._prof.get, self.config, cache)
+        similar, subs = build_lists(owner, cands, self._prof.get, self.config, cache, behavior=partners)
         # Keep reasons only for what is listed now, so the cache stays as small as the lists.
         listed = {i.product_id for i in similar}
         listed.update(i.product_id for i in subs)
         self._reasons[p] = (owner, {c: cache[c] for c in listed if c in cache})
         return similar, subs
+
+    def _pair_parts(self, p: str, others: list[str]) -> list[tuple[float, float]]:
+        """(dense, lexical) of ``p`` with each of ``others``, computed as the buffers do."""
+        if not others:
+            return []
+        dense = dense_scores(self.index.get_vector(p), self.index.get_vectors(others)).tolist()
+        lexical = cosine_many(self._lex[p], [self._lex[o] for o in others])
+        return list(zip(dense, lexical, strict=True))
+
+    def _compute_complements(self, p: str) -> Items:
+        row = self._beh.get(p)
+        if row is None:
+            return ()
+        return build_complements(
+            self._prof[p], row, self._prof.get, lambda others: self._pair_parts(p, others), self.config
+        )
 
     def _refresh(
         self,
@@ -739,6 +945,14 @@ class Recommender:
                 self._lists[Kind.SUBSTITUTES][p] = subs
                 trigger = Trigger.OUT_OF_STOCK if forced else Trigger.REFRESH
                 pubs.append(self._publish(Kind.SUBSTITUTES, p, subs, trigger))
+            # A list once published stays (possibly empty) while the product lives, so a
+            # consumer never keeps complements that behaviour or stock took away.
+            held = self._lists[Kind.COMPLEMENTS].get(p)
+            if p in rebuild and (p in self._beh or held is not None):
+                comp = self._compute_complements(p)
+                if held != comp and (held is not None or comp):
+                    self._lists[Kind.COMPLEMENTS][p] = comp
+                    pubs.append(self._publish(Kind.COMPLEMENTS, p, comp, None))
         return pubs
 
     def seed_version(self, kind: Kind, product_id: str, version: int) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from serving.catalog import Catalog, Product
 from serving.config import RecommenderConfig
-from serving.errors import SnapshotError
+from serving.errors import InvalidInput, SnapshotError
 from serving.index import (
     ExactIndex,
     HnswIndex,
@@ -50,7 +50,7 @@ from serving.index import (
     sha256_file,
 )
 from serving.lexical import LexicalModel
-from serving.recommender import Kind, Recommender, _Buffer
+from serving.recommender import BehaviorRow, Kind, Recommender, _Buffer
 from serving.scoring import profile
 
 FORMAT = 1
@@ -162,6 +162,14 @@ def _write_files(rec: Recommender, out: Path) -> None:
     )
     if rec.lexical.idf is not None:
         files["idf.npy"] = _npy_bytes(rec.lexical.idf)
+
+    files["behavior.json"] = json.dumps(
+        {
+            pid: {"partners": [list(t) for t in row.partners], "complements": [list(t) for t in row.complements]}
+            for pid, row in sorted(rec._beh.items())
+        },
+        sort_keys=True,
+    ).encode("utf-8")
 
     files["state.json"] = json.dumps(
         {
@@ -354,8 +362,22 @@ def _build(
         rec._buf[pid] = buf
         for c in buf.parts:
             rec._rev.setdefault(c, set()).add(pid)
+    if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
+        try:
+            for pid, raw in json.loads((snap / "behavior.json").read_text("utf-8")).items():
+                row = BehaviorRow(
+                    partners=tuple((str(c), float(v)) for c, v in raw["partners"]),
+                    complements=tuple((str(c), float(v)) for c, v in raw["complements"]),
+                )
+                row.validate(pid)
+                if pid in rec._buf:
+                    rec._set_row(pid, row)
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+            raise _fail(snap, f"behaviour rows are malformed ({exc})") from exc
     for pid in rec._buf:
         similar, subs = rec._compute(pid)
         rec._lists[Kind.SIMILAR][pid] = similar
         rec._lists[Kind.SUBSTITUTES][pid] = subs
+        if pid in rec._beh:
+            rec._lists[Kind.COMPLEMENTS][pid] = rec._compute_complements(pid)
     return rec

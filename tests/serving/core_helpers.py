@@ -9,7 +9,15 @@ import numpy as np
 from serving.catalog import ProductChange, ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex, HnswIndex, VectorIndex
-from serving.recommender import Kind, Publication, Recommender, exact_lists, last_per_key
+from serving.recommender import (
+    CONTENT_KINDS,
+    BehaviorRow,
+    Kind,
+    Publication,
+    Recommender,
+    exact_lists,
+    last_per_key,
+)
 from serving.rules import is_substitute
 
 SMALL = RecommenderConfig(
@@ -37,6 +45,17 @@ class Stream:
     published: dict[tuple[Kind, str], Publication] = field(default_factory=dict)
     all_pubs: list[Publication] = field(default_factory=list)
 
+    def apply_behavior(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
+        return self._record(self.rec.apply_behavior(rows))
+
+    def _record(self, pubs: list[Publication]) -> list[Publication]:
+        for pub in pubs:
+            prev = self.published.get(pub.key)
+            assert prev is None or pub.version > prev.version, "versions must increase per key"
+            self.published[pub.key] = pub
+        self.all_pubs.extend(pubs)
+        return pubs
+
     def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
         needed = self.rec.needs_embedding(change)
         pubs = self.rec.apply(change, vector if needed is not None else None)
@@ -45,12 +64,7 @@ class Stream:
             self.vectors[change.product_id] = np.asarray(vector)
         if isinstance(change, ProductDelete) and change.product_id not in self.rec.catalog:
             self.vectors.pop(change.product_id, None)
-        for pub in pubs:
-            prev = self.published.get(pub.key)
-            assert prev is None or pub.version > prev.version, "versions must increase per key"
-            self.published[pub.key] = pub
-        self.all_pubs.extend(pubs)
-        return pubs
+        return self._record(pubs)
 
 
 def random_upsert(rng: np.random.Generator, pid: str, ts: float, *, full: bool = True) -> ProductUpsert:
@@ -77,9 +91,20 @@ def check_against_exact(stream: Stream, *, exact: bool, min_overlap: float = 0.9
     config = rec.config
     live = {p.product_id: p for p in rec.catalog}
     assert set(stream.vectors) == set(live)
-    expected = exact_lists(list(live.values()), stream.vectors, config, rec.lexical, owns=rec.owns)
+    expected = exact_lists(
+        list(live.values()), stream.vectors, config, rec.lexical, owns=rec.owns, behavior=rec.behavior_rows()
+    )
     overlaps: list[float] = []
-    for kind in Kind:
+    complements = rec.lists(Kind.COMPLEMENTS)
+    assert set(complements) <= set(live), "complements left for deleted products"
+    for pid, want in expected[Kind.COMPLEMENTS].items():
+        got = complements.get(pid, ())
+        assert [i.product_id for i in got] == [i.product_id for i in want], f"complements[{pid}]"
+        for a, b in zip(got, want, strict=True):
+            assert a.score == b.score and abs(a.dense - b.dense) < 1e-9 and a.reasons == b.reasons
+        pub = stream.published.get((Kind.COMPLEMENTS, pid))
+        assert (pub.items if pub is not None else ()) == got, f"complements[{pid}] not published as current"
+    for kind in CONTENT_KINDS:
         current = rec.lists(kind)
         owned = {p for p in live if rec.owns(p)}
         assert set(current) == owned, f"{kind}: lists missing or left for deleted products"

@@ -13,9 +13,12 @@ from hypothesis import strategies as st
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.recommender import Kind, Recommender, Trigger
+from serving.recommender import BehaviorRow, Kind, Recommender, Trigger
 
-OPS = ["new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retitle", "stale", "noop", "move_oos"]
+OPS = [
+    "new", "move", "near_dup", "delete", "reinsert", "stock", "price", "retitle", "stale", "noop", "move_oos",
+    "behavior",
+]
 
 op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 10_000))
 
@@ -80,7 +83,7 @@ def run_stream(
                 own = [p for p in pubs if p.kind is Kind.SUBSTITUTES and p.product_id == pid]
                 assert len(own) == 1 and own[0].trigger is Trigger.OUT_OF_STOCK
             # A stock flip changes no similar list but its owner's (reasons do not mention stock).
-            assert all(p.kind is Kind.SUBSTITUTES for p in pubs)
+            assert all(p.kind is not Kind.SIMILAR for p in pubs)
         elif op == "move_oos":
             # Text, vector and stock change in one event: still an out_of_stock trigger.
             current = stream.rec.catalog.get(pid)
@@ -95,6 +98,16 @@ def run_stream(
             stream.apply(ProductUpsert(pid, ts, title=f"renamed {pick}"), stream.vectors[pid])
         elif op == "stale":
             assert stream.apply(ProductUpsert(pid, ts - 10_000, title="old")) == []
+        elif op == "behavior":
+            # Partners may be live, deleted or never seen: only live ones may be listed.
+            pool = [*live, *deleted, f"ghost{pick % 3}"]
+            picks = rng.choice(len(pool), size=min(len(pool), int(rng.integers(0, 5))), replace=False)
+            names = [pool[int(i)] for i in picks]
+            row = BehaviorRow(
+                partners=tuple((n, round(float(rng.random()), 3)) for n in names),
+                complements=tuple((n, round(float(rng.random()), 3)) for n in names[: len(names) // 2 + 1]),
+            )
+            stream.apply_behavior({pid: row})
         elif op == "noop":
             assert stream.apply(ProductUpsert(pid, ts, image_url=f"https://img/{pick}")) == []
     return stream
@@ -103,11 +116,13 @@ def run_stream(
 #: No slack (buffer depth == C), and a lexical-heavy blend, stress the boundary cases.
 TIGHT = RecommenderConfig(dim=6, k=3, candidate_depth=5, candidate_slack=0, reverse_depth=10)
 LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, reverse_depth=10, lexical_weight=0.9)
+#: Behaviour blended in: partners outside the dense top-C become candidates.
+BEHAVIOR = RecommenderConfig(dim=6, k=3, candidate_depth=4, candidate_slack=1, reverse_depth=10, behavior_weight=0.6)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    config=st.sampled_from([SMALL, TIGHT, LEXICAL]),
+    config=st.sampled_from([SMALL, TIGHT, LEXICAL, BEHAVIOR]),
     seed=st.integers(0, 2**31),
     initial=st.integers(0, 40),
     ops=st.lists(op_strategy, max_size=60),
@@ -118,6 +133,21 @@ def test_exact_index_lists_equal_recomputation(
 ) -> None:
     stream = run_stream("exact", config, seed, initial, ops, owns=half if partitioned else None)
     check_against_exact(stream, exact=True)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), initial=st.integers(2, 30), ops=st.lists(op_strategy, max_size=60))
+def test_behavior_lists_equal_recomputation(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
+    """Behaviour rows mixed into every kind of catalog change: similar, substitutes and
+    complements all equal the recomputation, and no list names a dead or phantom item."""
+    ops = [*ops, *[("behavior", i) for i in range(initial)]]
+    stream = run_stream("exact", BEHAVIOR, seed, initial, ops)
+    check_against_exact(stream, exact=True)
+    live = set(stream.vectors)
+    for items in stream.rec.lists(Kind.COMPLEMENTS).values():
+        for item in items:
+            product = stream.rec.catalog.get(item.product_id)
+            assert item.product_id in live and product is not None and product.in_stock
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
