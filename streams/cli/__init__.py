@@ -30,7 +30,7 @@ def _register() -> None:
         ops_commands,  # noqa: F401
     )
 
-    for optional in ("encoder_commands", "eval_commands", "behavior_commands"):
+    for optional in ("encoder_commands", "eval_commands", "behavior_commands", "learning_commands"):
         try:
             __import__(f"streams.cli.{optional}")
         except ModuleNotFoundError as exc:  # a module that is not written yet
