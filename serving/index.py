@@ -548,11 +548,12 @@ class HnswIndex:
             else:
                 return []
             out: list[tuple[str, float]] = []
+            id_of = self._id.get
             for label, dist in zip(labels[0].tolist(), dists[0].tolist(), strict=True):
-                pid = self._id.get(int(label))
+                pid = id_of(label)
                 if pid is None or pid in exclude:
                     continue
-                out.append((pid, 1.0 - float(dist)))
+                out.append((pid, 1.0 - dist))
                 if len(out) >= k:
                     break
             return out

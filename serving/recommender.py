@@ -180,7 +180,10 @@ class _Buffer:
 
     def __init__(self) -> None:
         self.keys: list[tuple[float, str]] = []
-        self.parts: dict[str, tuple[float, float]] = {}  # id -> (dense, lexical)
+        # id -> complex(dense, lexical): a complex is not a GC container, so the dict stays
+        # untracked by the cyclic GC. With tuple values every insert re-tracked the dict and
+        # each young collection walked ~60 of them per change (cache misses over a GB heap).
+        self.parts: dict[str, complex] = {}
         self.complete = False  # holds every other product
 
 
@@ -291,6 +294,11 @@ def _cached_reasons(owner: Profile, cand: Profile, pid: str, cache: ReasonCache 
     found = profile_reasons(owner, cand)
     cache[pid] = (cand, found)
     return found
+
+
+def _beats(item: ScoredItem, last: ScoredItem) -> bool:
+    """Whether ``item`` ranks before ``last`` by (content, id)."""
+    return (-item.content, item.product_id) < (-last.content, last.product_id)
 
 
 def exact_lists(
@@ -619,7 +627,7 @@ class Recommender:
         for pid, buf in self._buf.items():
             members = list(buf.parts)
             lexical = cosine_many(self._lex[pid], [self._lex[c] for c in members])
-            buf.parts = {c: (buf.parts[c][0], lx) for c, lx in zip(members, lexical, strict=True)}
+            buf.parts = {c: complex(buf.parts[c].real, lx) for c, lx in zip(members, lexical, strict=True)}
         return self._refresh(set(self._buf))
 
     # ------------------------------------------------------------------ internals
@@ -630,13 +638,21 @@ class Recommender:
         for p in old_rev:
             if self._drop(p, q):
                 affected.add(p)
+        vq = self.index.get_vector(q)
+        near: list[str] | None = None
+        if not self.index.exact:
+            # One search serves q's own buffer (its head) and the reverse check (all of it).
+            depth = max(self.config.buffer_depth, self.config.reverse_depth)
+            near = [c for c, _ in self.index.query(vq, depth, exclude=(q,))]
         if self.owns(q):
-            self._fill(q, reuse_lexical=False)
+            if near is None:
+                self._fill(q, reuse_lexical=False)
+            else:
+                self._set_buffer(q, vq, near[: self.config.buffer_depth], reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
-        vq = self.index.get_vector(q)
         patched: dict[str, tuple[Items, Items]] = {}
-        self._enter(q, vq, old_rev, affected, patched)
+        self._enter(q, vq, old_rev, affected, patched, near=near)
         return self._refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
 
     def _on_delete(self, q: str) -> list[Publication]:
@@ -695,11 +711,11 @@ class Recommender:
         known = old.parts if (reuse_lexical and old is not None) else {}
         fresh = [c for c in found if c not in known]
         lexical = dict(zip(fresh, cosine_many(own_lex, [self._lex[c] for c in fresh]), strict=True))
-        parts: dict[str, tuple[float, float]] = {}
+        parts: dict[str, complex] = {}
         for c, d in zip(found, dense.tolist(), strict=True):
-            parts[c] = (d, known[c][1] if c in known else lexical[c])
+            parts[c] = complex(d, known[c].imag if c in known else lexical[c])
         buf = _Buffer()
-        buf.keys = sorted((-d, c) for c, (d, _lx) in parts.items())[:depth]
+        buf.keys = sorted((-z.real, c) for c, z in parts.items())[:depth]
         buf.parts = {c: parts[c] for _d, c in buf.keys}
         buf.complete = len(self.index) - 1 <= depth
         old_members = set(old.parts) if old is not None else set()
@@ -714,7 +730,7 @@ class Recommender:
         buf = self._buf.get(p)
         if buf is None or q not in buf.parts:
             return 1 << 30
-        key = (-buf.parts[q][0], q)
+        key = (-buf.parts[q].real, q)
         i = bisect_left(buf.keys, key)
         if i < len(buf.keys) and buf.keys[i] == key:
             return i
@@ -763,7 +779,8 @@ class Recommender:
         for e in entered:
             if e in listed:
                 return True
-            dense, lexical = buf.parts[e]
+            z = buf.parts[e]
+            dense, lexical = z.real, z.imag
             key = (-content_score(dense, lexical, self.config), e)
             if len(similar) < k or key < (-similar[-1].content, similar[-1].product_id):
                 return True
@@ -784,6 +801,8 @@ class Recommender:
         extra: Iterable[str],
         affected: set[str],
         patched: dict[str, tuple[Items, Items]],
+        *,
+        near: list[str] | None = None,
     ) -> None:
         """Insert ``q`` into every buffer whose last member it now beats.
 
@@ -793,38 +812,50 @@ class Recommender:
         if self.index.exact:
             pool: Iterable[str] = self._buf.keys()
         else:
-            near = [c for c, _ in self.index.query(vq, self.config.reverse_depth, exclude=(q,))]
-            pool = [*near, *extra]
-        cands = [p for p in dict.fromkeys(pool) if p != q and p in self._buf and q not in self._buf[p].parts]
+            if near is None:
+                near = [c for c, _ in self.index.query(vq, self.config.reverse_depth, exclude=(q,))]
+            pool = [*near[: self.config.reverse_depth], *extra]
+        bufs = self._buf
+        seen: set[str] = {q}
+        cands: list[str] = []
+        cand_bufs: list[_Buffer] = []
+        for p in pool:
+            if p in seen:
+                continue
+            seen.add(p)
+            b = bufs.get(p)
+            if b is not None and q not in b.parts:
+                cands.append(p)
+                cand_bufs.append(b)
         if not cands:
             return
         scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
-        admitted: list[tuple[str, float]] = []
-        for p, d in zip(cands, scores, strict=True):
-            buf = self._buf[p]
+        admitted: list[tuple[str, float, _Buffer]] = []
+        for p, d, buf in zip(cands, scores, cand_bufs, strict=True):
             if buf.complete or not buf.keys or (-d, q) < buf.keys[-1]:
-                admitted.append((p, d))
+                admitted.append((p, d, buf))
         if not admitted:
             return
         # cosine_many is bitwise symmetric (matches are summed in bucket order), so one batch
         # from q's side stores exactly what _fill computes from each owner's side.
-        lexical = cosine_many(self._lex[q], [self._lex[p] for p, _d in admitted])
+        lexical = cosine_many(self._lex[q], [self._lex[p] for p, _d, _b in admitted])
         depth = self.config.buffer_depth
         c_depth = self.config.candidate_depth
-        for (p, d), lx in zip(admitted, lexical, strict=True):
-            buf = self._buf[p]
+        rev = self._rev
+        for (p, d, buf), lx in zip(admitted, lexical, strict=True):
             key = (-d, q)
             pos = bisect_left(buf.keys, key)
             buf.keys.insert(pos, key)
-            buf.parts[q] = (d, lx)
-            self._rev.setdefault(q, set()).add(p)
+            buf.parts[q] = complex(d, lx)
+            # Looked up each time: trimming below can drop q again and delete its entry.
+            rev.setdefault(q, set()).add(p)
             # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
-            pushed_out = (buf.keys[c_depth][1],) if pos < c_depth and len(buf.keys) > c_depth else ()
-            if pos < c_depth and self._may_change(p, left=pushed_out, entered=(q,)):
-                fast = None if p in affected else self._patched_lists(p, q, d, lx, pushed_out)
+            if pos < c_depth and p not in affected:
+                pushed_out = (buf.keys[c_depth][1],) if len(buf.keys) > c_depth else ()
+                fast = self._patched_lists(p, q, d, lx, pushed_out)
                 if fast is None:
                     affected.add(p)
-                else:
+                elif fast[0] is not self._lists[Kind.SIMILAR][p] or fast[1] is not self._lists[Kind.SUBSTITUTES][p]:
                     patched[p] = fast
             if len(buf.keys) > depth:
                 _d, dropped = buf.keys.pop()
@@ -837,12 +868,14 @@ class Recommender:
     ) -> tuple[Items, Items] | None:
         """``p``'s lists after ``q`` entered its top-C, without a rebuild; ``None`` if unsafe.
 
-        Exact when neither ``q`` nor what it pushed out of the top-C is listed: each list is
-        the top-k by (content, id) of the top-C, so it changes only by taking ``q`` in at
-        its rank (and dropping its last item when full). A substitute list that is not full
-        holds *every* valid candidate of the top-C, so the pushed-out item can simply leave
-        it. The item is built exactly as ``build_lists`` builds it, so the result equals a
-        rebuild.
+        Each list is the top-k by (content, id) of the top-C (valid substitutes only, for
+        the substitutes list), and the top-C changed by exactly one swap: ``q`` in, and
+        ``pushed_out`` (when the buffer was full) out. So a list keeps its other items and
+        takes, in rank order, ``q`` and, when ``pushed_out`` leaves a gap, the best top-C
+        member it did not list. A substitute list that is not full holds *every* valid
+        candidate of the top-C, so nothing unlisted can fill its gap. Items are built exactly
+        as ``build_lists`` builds them, so the result equals a rebuild; a list that does not
+        change comes back as the very same tuple.
         """
         similar = self._lists[Kind.SIMILAR].get(p)
         subs = self._lists[Kind.SUBSTITUTES].get(p)
@@ -851,46 +884,96 @@ class Recommender:
         if similar is None or subs is None or owner is None or cand is None or p in self._beh:
             return None
         k = self.config.k
-        for item in similar:
-            if item.product_id == q or item.product_id in pushed_out:
-                return None
-        for item in subs:
-            if item.product_id == q:
-                return None
-            if item.product_id in pushed_out:
-                if len(subs) >= k:
-                    return None  # the next valid candidate would move up: rebuild
-                subs = tuple(i for i in subs if i.product_id not in pushed_out)
-                break
-        content = content_score(dense, lexical, self.config)
-        key = (-content, q)
+        q_content = content_score(dense, lexical, self.config)
+        q_key = (-q_content, q)
+        made: dict[str, ScoredItem] = {}
+
+        def make(c: str, d: float, lx: float) -> ScoredItem:
+            item = made.get(c)
+            if item is None:
+                held = self._reasons.get(p)
+                if held is None or held[0] is not owner:
+                    held = (owner, {})
+                    self._reasons[p] = held
+                content = q_content if c == q else content_score(d, lx, self.config)
+                item = made[c] = ScoredItem(
+                    product_id=c,
+                    score=final_score(content, 0.0, self.config),
+                    content=content,
+                    dense=d,
+                    lexical=lx,
+                    behavior=0.0,
+                    reasons=_cached_reasons(owner, self._prof[c], c, held[1]),
+                )
+            return item
+
+        def patch(items: Items, q_valid: bool, substitutes: bool) -> Items | None:
+            gap = False
+            for i in items:
+                if i.product_id == q:
+                    return None  # listed without being in the buffer: never expected, rebuild
+                if i.product_id in pushed_out:
+                    gap = True
+            if not gap:
+                if not q_valid or (len(items) >= k and not q_key < (-items[-1].content, items[-1].product_id)):
+                    return items
+                at = bisect_left([(-i.content, i.product_id) for i in items], q_key)
+                return (*items[:at], make(q, dense, lexical), *items[at:])[:k]
+            pool = [i for i in items if i.product_id not in pushed_out]
+            if q_valid:
+                pool.append(make(q, dense, lexical))
+            if len(items) >= k or not substitutes:
+                # The slot pushed_out left goes to the best unlisted top-C member (or q).
+                fill = self._best_unlisted(p, owner, {i.product_id for i in items} | {q}, substitutes)
+                if fill is not None:
+                    pool.append(make(*fill))
+            pool.sort(key=lambda i: (-i.content, i.product_id))
+            return tuple(pool[:k])
+
+        new_similar = patch(similar, True, substitutes=False)
+        new_subs = patch(subs, profile_is_substitute(owner, cand, self.config), substitutes=True)
+        if new_similar is None or new_subs is None:
+            return None
         held = self._reasons.get(p)
-        if held is None or held[0] is not owner:
-            held = (owner, {})
-            self._reasons[p] = held
-        item = ScoredItem(
-            product_id=q,
-            score=final_score(content, 0.0, self.config),
-            content=content,
-            dense=dense,
-            lexical=lexical,
-            behavior=0.0,
-            reasons=_cached_reasons(owner, cand, q, held[1]),
-        )
+        if held is not None:
+            for gone in pushed_out:  # out of the top-C, so in neither list: its reasons go too
+                held[1].pop(gone, None)
+        return new_similar, new_subs
 
-        def insert(items: Items) -> Items:
-            if len(items) >= k and not key < (-items[-1].content, items[-1].product_id):
-                return items
-            at = bisect_left([(-i.content, i.product_id) for i in items], key)
-            return (*items[:at], item, *items[at:])[:k]
+    def _best_unlisted(
+        self, p: str, owner: Profile, listed: set[str], substitutes: bool
+    ) -> tuple[str, float, float] | None:
+        """The best (content, id) member of ``p``'s top-C not in ``listed``, as (id, dense, lexical).
 
-        new_subs = insert(subs) if profile_is_substitute(owner, cand, self.config) else subs
-        return insert(similar), new_subs
+        With ``substitutes``, only members that pass the substitute rules count. The rule
+        check runs only for members that would beat the best found so far.
+        """
+        buf = self._buf[p]
+        w_lex = self.config.lexical_weight
+        w_dense = 1.0 - w_lex
+        best: tuple[float, str] | None = None
+        found: tuple[str, float, float] | None = None
+        for _key, c in buf.keys[: self.config.candidate_depth]:
+            if c in listed:
+                continue
+            z = buf.parts[c]
+            d, lx = z.real, z.imag
+            key = (-(w_dense * d + w_lex * lx), c)
+            if best is not None and key >= best:
+                continue
+            if substitutes:
+                prof = self._prof.get(c)
+                if prof is None or not profile_is_substitute(owner, prof, self.config):
+                    continue
+            best = key
+            found = (c, d, lx)
+        return found
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self._buf[p]
         top = buf.keys[: self.config.candidate_depth]
-        cands = [(c, *buf.parts[c]) for _d, c in top]
+        parts = buf.parts
+        cands = [(c, parts[c].real, parts[c].imag) for _d, c in top]
         owner = self._prof[p]
         row = self._beh.get(p)
         partners = dict(row.partners) if row is not None else None

@@ -76,11 +76,16 @@ class Profile:
     leaf_display: str
     attrs: tuple[tuple[str, str, str, str], ...]  # (key, value, key_norm, value_norm)
     attr_map: dict[str, str]  # key_norm -> value_norm (last one wins)
+    # Reason strings, formatted and interned once per product rather than once per pair.
+    category_reason: str = ""
+    attr_reasons: tuple[tuple[str, str, str], ...] = ()  # (key_norm, value_norm, reason)
 
 
 def profile(product: Product) -> Profile:
     """Normalise the rule and reason fields of a product."""
     leaf = product.leaf_category
+    leaf_display = (leaf or "").strip()
+    attrs = tuple((k, v, _norm(k), _norm(v)) for k, v in product.attributes)
     return Profile(
         product_id=product.product_id,
         in_stock=product.in_stock,
@@ -90,14 +95,19 @@ def profile(product: Product) -> Profile:
         brand=_norm(product.brand),
         has_leaf=bool(leaf),
         leaf=_norm(leaf),
-        leaf_display=(leaf or "").strip(),
-        attrs=tuple((k, v, _norm(k), _norm(v)) for k, v in product.attributes),
+        leaf_display=leaf_display,
+        attrs=attrs,
         attr_map={_norm(k): _norm(v) for k, v in product.attributes},
+        category_reason=sys.intern(f"same category: {leaf_display}"),
+        attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs),
     )
 
 
 #: Largest price gap, in percent, that is still given as a reason ("price within N%").
 SIMILAR_PRICE_PERCENT = 50
+
+
+_PRICE_REASONS = ["same price"] + [sys.intern(f"price within {g}%") for g in range(1, SIMILAR_PRICE_PERCENT + 1)]
 
 
 def _price_gap(owner_price: float | None, price: float | None) -> int | None:
@@ -119,22 +129,22 @@ def profile_reasons(owner: Profile, candidate: Profile, *, max_attributes: int =
     if owner.has_brand and owner.brand == candidate.brand:
         out.append("same brand")
     if owner.has_leaf and owner.leaf == candidate.leaf:
-        out.append(f"same category: {candidate.leaf_display}")
+        out.append(candidate.category_reason)
     gap = _price_gap(owner.price, candidate.price)
     # A price is a reason only when it is close; "price within 400%" explains nothing.
     if gap is not None and gap <= SIMILAR_PRICE_PERCENT:
-        out.append("same price" if gap == 0 else f"price within {gap}%")
+        out.append(_PRICE_REASONS[gap])
     shared = 0
     theirs = candidate.attr_map
-    for key, value, key_norm, value_norm in owner.attrs:
+    for key_norm, value_norm, reason in owner.attr_reasons:
         other = theirs.get(key_norm)
         if other and other == value_norm:
-            out.append(f"shared {key}: {value}")
+            out.append(reason)
             shared += 1
             if shared >= max_attributes:
                 break
-    # Interned: a few hundred distinct strings are shared by millions of list items.
-    return tuple(sys.intern(r) for r in out)
+    # Every string is interned: a few hundred distinct ones are shared by millions of items.
+    return tuple(out)
 
 
 def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> tuple[str, ...]:

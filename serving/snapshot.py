@@ -133,7 +133,8 @@ def _write_files(rec: Recommender, out: Path) -> None:
     for owner in owners:
         buf = rec._buf[owner]
         for _key, c in buf.keys:
-            d, lx = buf.parts[c]
+            z = buf.parts[c]
+            d, lx = z.real, z.imag
             cand.append(pos[c])
             dense.append(d)
             lex.append(lx)
@@ -356,7 +357,7 @@ def _build(
         buf = _Buffer()
         a, b = int(indptr[j]), int(indptr[j + 1])
         buf.keys = [(-dense_l[i], cand_ids[i]) for i in range(a, b)]
-        buf.parts = {cand_ids[i]: (dense_l[i], lex_l[i]) for i in range(a, b)}
+        buf.parts = {cand_ids[i]: complex(dense_l[i], lex_l[i]) for i in range(a, b)}
         buf.complete = bool(complete[j])
         pid = ids[o]
         rec._buf[pid] = buf
