@@ -579,6 +579,51 @@ class Recommender:
         """Owned products whose behaviour row names ``q``."""
         return {p for p in self._brev.get(q, ()) if p in self._buf and p != q}
 
+    def set_ownership(
+        self, owns: Callable[[str], bool], behavior: Mapping[str, BehaviorRow] | None = None
+    ) -> list[Publication]:
+        """Hand lists over after a rebalance: maintain exactly the products ``owns`` accepts.
+
+        Products no longer owned lose their buffers, lists and behaviour rows here, with no
+        tombstones (their new owner keeps publishing them). Newly owned products get their
+        buffers from the replicated index (one batched search) and their lists; the
+        publications of those lists are returned with versions continuing from what this
+        recommender last published, so call ``seed_version`` first with what the list topics
+        hold, or reconcile with ``republish``. ``behavior`` holds the behaviour rows the
+        previous owners published (rows of products this worker keeps are ignored); a gained
+        product whose topic holds complements but that has no row gets an empty list. The
+        index and catalog are untouched: every worker replicates all of them.
+        """
+        for pid, row in (behavior or {}).items():
+            row.validate(pid)
+        self.owns = owns
+        for p in [p for p in self._buf if not owns(p)]:
+            buf = self._buf.pop(p)
+            for c in buf.parts:
+                self._rev_discard(c, p)
+            self._reasons.pop(p, None)
+            self._set_row(p, None)
+            for kind in Kind:
+                self._lists[kind].pop(p, None)
+        gained = sorted(p.product_id for p in self.catalog if owns(p.product_id) and p.product_id not in self._buf)
+        chunk = 4096
+        for start in range(0, len(gained), chunk):
+            part = gained[start : start + chunk]
+            mat = self.index.get_vectors(part)
+            found = self.index.query_batch(mat, self.config.buffer_depth, exclude=part)
+            for pid, vp, hits in zip(part, mat, found, strict=True):
+                self._set_buffer(pid, vp, [c for c, _ in hits], reuse_lexical=False)
+        emptied: list[Publication] = []
+        for pid in gained:
+            handed = (behavior or {}).get(pid)
+            if handed is not None:
+                self._set_row(pid, handed)
+            elif (Kind.COMPLEMENTS, pid) in self.versions:
+                # The topic holds the old owner's complements, and no row says what they are.
+                self._lists[Kind.COMPLEMENTS][pid] = ()
+                emptied.append(self._publish(Kind.COMPLEMENTS, pid, (), None))
+        return emptied + self._refresh(gained)
+
     def bulk_load(self, products: Sequence[ProductUpsert], vectors: np.ndarray) -> list[Publication]:
         """Load a whole catalog into an empty recommender at once (start-up, benchmarks).
 
@@ -670,7 +715,10 @@ class Recommender:
         affected |= self._behavior_holders(q)
         pubs: list[Publication] = []
         for kind in Kind:
-            if self._lists[kind].pop(q, None) is not None:
+            held = self._lists[kind].pop(q, None)
+            # Complements may sit on the topic without a list here (a row lost in a handover).
+            stale = kind is Kind.COMPLEMENTS and self.owns(q) and (kind, q) in self.versions
+            if held is not None or stale:
                 pubs.append(self._publish(kind, q, None, None))
         pubs.extend(self._refresh(affected))
         return pubs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,3 +135,57 @@ def check_against_exact(stream: Stream, *, exact: bool, min_overlap: float = 0.9
     mean = float(np.mean(overlaps)) if overlaps else 1.0
     assert mean >= (1.0 if exact else min_overlap), f"mean overlap {mean:.3f}"
     return mean
+
+
+def split(members: int, turn: int) -> list[Callable[[str], bool]]:
+    """Ownership of ``members`` workers: worker i owns the ids hashing to ``(i + turn) % members``."""
+    return [
+        (lambda pid, want=(i + turn) % members: zlib.crc32(pid.encode()) % members == want) for i in range(members)
+    ]
+
+
+class Cluster(Stream):
+    """Several workers, each replicating every change and owning a split of the lists; their
+    publications land on one set of topics (``published``), as in a consumer group."""
+
+    def __init__(self, recs: list[Recommender]) -> None:
+        super().__init__(recs[0])
+        self.recs = recs
+
+    def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
+        needed = self.rec.needs_embedding(change)
+        pubs: list[Publication] = []
+        for rec in self.recs:
+            pubs += rec.apply(change, vector if needed is not None else None)
+        if needed is not None:
+            assert vector is not None
+            self.vectors[change.product_id] = np.asarray(vector)
+        if isinstance(change, ProductDelete) and change.product_id not in self.rec.catalog:
+            self.vectors.pop(change.product_id, None)
+        return self._record(pubs)
+
+    def apply_behavior(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
+        pubs: list[Publication] = []
+        for rec in self.recs:  # rows travel to the item's owner (repartitioned by item)
+            pubs += rec.apply_behavior({pid: row for pid, row in rows.items() if rec.owns(pid)})
+        return self._record(pubs)
+
+    def rebalance(self, turn: int) -> list[Publication]:
+        """Move ownership; each new owner first continues the versions the topics hold."""
+        pubs: list[Publication] = []
+        rows = {pid: row for rec in self.recs for pid, row in rec.behavior_rows().items()}
+        for rec, owns in zip(self.recs, split(len(self.recs), turn), strict=True):
+            for (kind, pid), pub in self.published.items():
+                if owns(pid):
+                    rec.seed_version(kind, pid, pub.version)
+            pubs += rec.set_ownership(owns, rows)
+        return self._record(pubs)
+
+    def check(self, *, exact: bool) -> None:
+        """The invariant for every worker's own lists, against the shared topics."""
+        live = {p.product_id for p in self.rec.catalog}
+        owned: list[str] = []
+        for rec in self.recs:
+            check_against_exact(Stream(rec, self.vectors, self.published, self.all_pubs), exact=exact)
+            owned += [p for p in live if rec.owns(p)]
+        assert sorted(owned) == sorted(live), "every live product has exactly one owner"

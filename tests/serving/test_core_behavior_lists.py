@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from test_core_recommender import CFG, VECS, build, ids
+from test_core_recommender import CFG, VECS, A, B, C, D, E, build, ids
 
 from serving.behavior import BehaviorModel
 from serving.catalog import ProductDelete, ProductUpsert, UserEvent, UserEventType
@@ -114,3 +114,21 @@ def test_row_from_the_behavior_model_puts_bought_together_first() -> None:
     assert [c for c, _s in row.partners][:1] == ["B"]
     assert [c for c, _s in row.complements] == ["B"]  # C was only viewed with A
     assert all(0.0 < s <= 1.0 for _c, s in (*row.partners, *row.complements))
+
+
+def test_handover_without_rows_replaces_the_old_owners_complements() -> None:
+    """A new owner that did not receive the behaviour rows must not leave the previous
+    owner's complements on the topic: it publishes an empty list, and a tombstone on delete."""
+    rec, _ = build(config=BLEND)
+    owns_nothing = Recommender(BLEND, owns=lambda _pid: False)
+    for change in (A, B, C, D, E):
+        owns_nothing.apply(change, VECS[change.product_id])
+    assert owns_nothing.lists(Kind.SIMILAR) == {}
+    owns_nothing.seed_version(Kind.COMPLEMENTS, "A", 3)
+    pubs = owns_nothing.set_ownership(lambda _pid: True)
+    comp = [p for p in pubs if p.kind is Kind.COMPLEMENTS]
+    assert [(p.product_id, p.items, p.version) for p in comp] == [("A", (), 4)]
+    assert ids(owns_nothing.similar("A")) == ids(rec.similar("A"))  # lists built from the replica
+    pubs = owns_nothing.apply(ProductDelete("A", 9))
+    assert (Kind.COMPLEMENTS, "A") in {p.key for p in pubs if p.items is None}
+

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from core_helpers import SMALL, Stream, check_against_exact, make_index, random_upsert
+from core_helpers import SMALL, Cluster, Stream, check_against_exact, make_index, random_upsert, split
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -35,10 +35,19 @@ def run_stream(
     initial: int,
     ops: list[tuple[str, int]],
     owns: Callable[[str], bool] | None = None,
+    workers: int = 1,
 ) -> Stream:
-    """Build a catalog of ``initial`` clustered products, then apply ``ops``; return the stream."""
+    """Build a catalog of ``initial`` clustered products, then apply ``ops``; return the stream.
+
+    With ``workers > 1`` the stream is a ``Cluster`` whose workers split the ownership.
+    """
     rng = np.random.default_rng(seed)
-    stream = Stream(Recommender(config, make_index(kind, config), owns=owns))
+    if workers > 1:
+        stream: Stream = Cluster(
+            [Recommender(config, make_index(kind, config), owns=owns) for owns in split(workers, 0)]
+        )
+    else:
+        stream = Stream(Recommender(config, make_index(kind, config), owns=owns))
     centers = rng.normal(size=(6, config.dim))
     ts = 1.0
     deleted: list[str] = []
@@ -108,6 +117,9 @@ def run_stream(
                 complements=tuple((n, round(float(rng.random()), 3)) for n in names[: len(names) // 2 + 1]),
             )
             stream.apply_behavior({pid: row})
+        elif op == "rebalance":
+            assert isinstance(stream, Cluster)
+            stream.rebalance(pick)  # ownership moves, as after a consumer-group rebalance
         elif op == "noop":
             assert stream.apply(ProductUpsert(pid, ts, image_url=f"https://img/{pick}")) == []
     return stream
@@ -190,3 +202,30 @@ def test_lexical_refit_republishes_to_recomputation(seed: int, ops: list[tuple[s
     for i, (_op, pick) in enumerate(ops[20:]):
         stream.apply(random_upsert(rng, f"late{pick % 30}", 10_000.0 + i), rng.normal(size=SMALL.dim))
     check_against_exact(stream, exact=True)
+
+
+REBALANCE = st.tuples(st.just("rebalance"), st.integers(0, 10_000))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from([SMALL, TIGHT, BEHAVIOR]),
+    kind=st.sampled_from(["exact", "hnsw"]),
+    seed=st.integers(0, 2**31),
+    initial=st.integers(0, 30),
+    ops=st.lists(st.one_of(op_strategy, REBALANCE), max_size=60),
+)
+def test_ownership_handover_keeps_lists_exact(
+    config: RecommenderConfig, kind: str, seed: int, initial: int, ops: list[tuple[str, int]]
+) -> None:
+    """Scale-out: three workers replicate every change and own a split each; ownership moves
+    mid-stream. Afterwards each worker's lists equal the recomputation, the shared topics
+    hold exactly those lists (tombstones for the deleted), versions only grow per key, and
+    no worker keeps lists or behaviour for products it no longer owns."""
+    stream = run_stream(kind, config, seed, initial, [*ops, ("rebalance", 1)], workers=3)
+    assert isinstance(stream, Cluster)
+    stream.check(exact=kind == "exact")
+    for rec in stream.recs:
+        for k in Kind:
+            assert all(rec.owns(p) for p in rec.lists(k))
+        assert all(rec.owns(p) for p in rec.behavior_rows())
