@@ -679,9 +679,10 @@ class Recommender:
 
     def _on_vector_change(self, q: str, *, out_of_stock: bool = False) -> list[Publication]:
         affected: set[str] = set()
+        patched: dict[str, tuple[Items, Items]] = {}
         old_rev = self._rev.pop(q, set())
         for p in old_rev:
-            if self._drop(p, q):
+            if self._drop(p, q, patched):
                 affected.add(p)
         vq = self.index.get_vector(q)
         near: list[str] | None = None
@@ -696,7 +697,6 @@ class Recommender:
                 self._set_buffer(q, vq, near[: self.config.buffer_depth], reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
-        patched: dict[str, tuple[Items, Items]] = {}
         self._enter(q, vq, old_rev, affected, patched, near=near)
         return self._refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
 
@@ -711,7 +711,8 @@ class Recommender:
         self._set_row(q, None)
         old_rev = self._rev.pop(q, set())
         self.index.delete(q)
-        affected = {p for p in old_rev if self._drop(p, q)}
+        patched: dict[str, tuple[Items, Items]] = {}
+        affected = {p for p in old_rev if self._drop(p, q, patched)}
         affected |= self._behavior_holders(q)
         pubs: list[Publication] = []
         for kind in Kind:
@@ -720,7 +721,7 @@ class Recommender:
             stale = kind is Kind.COMPLEMENTS and self.owns(q) and (kind, q) in self.versions
             if held is not None or stale:
                 pubs.append(self._publish(kind, q, None, None))
-        pubs.extend(self._refresh(affected))
+        pubs.extend(self._refresh(affected, patched=patched))
         return pubs
 
     def _on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
@@ -784,10 +785,11 @@ class Recommender:
             return i
         return next(j for j, k in enumerate(buf.keys) if k[1] == q)  # safety net, never expected
 
-    def _drop(self, p: str, q: str) -> bool:
+    def _drop(self, p: str, q: str, patched: dict[str, tuple[Items, Items]] | None = None) -> bool:
         """Take ``q`` out of ``p``'s buffer (the caller fixes ``rev[q]``); refill if too short.
 
-        Returns whether ``p``'s lists may have changed.
+        Returns whether ``p``'s lists must be rebuilt. With ``patched``, lists that only lose
+        ``q`` (and take what moved into the top-C) are patched there instead.
         """
         i = self._rank_of(p, q)
         buf = self._buf.get(p)
@@ -803,6 +805,13 @@ class Recommender:
         if i >= c_depth:
             return False
         moved_in = (buf.keys[c_depth - 1][1],) if len(buf.keys) >= c_depth else ()
+        if patched is not None:
+            entered = moved_in[0] if moved_in else None
+            z = buf.parts[entered] if entered is not None else 0j
+            fast = self._patched_lists(p, entered, z.real, z.imag, (q,), base=patched.get(p))
+            if fast is not None:
+                patched[p] = fast
+                return False
         return self._may_change(p, left=(q,), entered=moved_in)
 
     def _may_change(self, p: str, *, left: Iterable[str], entered: Iterable[str]) -> bool:
@@ -900,10 +909,10 @@ class Recommender:
             # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
             if pos < c_depth and p not in affected:
                 pushed_out = (buf.keys[c_depth][1],) if len(buf.keys) > c_depth else ()
-                fast = self._patched_lists(p, q, d, lx, pushed_out)
+                fast = self._patched_lists(p, q, d, lx, pushed_out, base=patched.get(p))
                 if fast is None:
                     affected.add(p)
-                elif fast[0] is not self._lists[Kind.SIMILAR][p] or fast[1] is not self._lists[Kind.SUBSTITUTES][p]:
+                else:
                     patched[p] = fast
             if len(buf.keys) > depth:
                 _d, dropped = buf.keys.pop()
@@ -912,7 +921,14 @@ class Recommender:
                 buf.complete = False
 
     def _patched_lists(
-        self, p: str, q: str, dense: float, lexical: float, pushed_out: tuple[str, ...]
+        self,
+        p: str,
+        q: str | None,
+        dense: float,
+        lexical: float,
+        pushed_out: tuple[str, ...],
+        *,
+        base: tuple[Items, Items] | None = None,
     ) -> tuple[Items, Items] | None:
         """``p``'s lists after ``q`` entered its top-C, without a rebuild; ``None`` if unsafe.
 
@@ -924,16 +940,19 @@ class Recommender:
         candidate of the top-C, so nothing unlisted can fill its gap. Items are built exactly
         as ``build_lists`` builds them, so the result equals a rebuild; a list that does not
         change comes back as the very same tuple.
+
+        The same swap describes a removal: ``q`` is then what moved up into the top-C (or
+        ``None``) and ``pushed_out`` what left it. ``base`` holds lists already patched in
+        this change, which stand in for the published ones.
         """
-        similar = self._lists[Kind.SIMILAR].get(p)
-        subs = self._lists[Kind.SUBSTITUTES].get(p)
+        similar, subs = base if base is not None else (self._lists[Kind.SIMILAR].get(p), self._lists[Kind.SUBSTITUTES].get(p))
         owner = self._prof.get(p)
-        cand = self._prof.get(q)
-        if similar is None or subs is None or owner is None or cand is None or p in self._beh:
+        cand = self._prof.get(q) if q is not None else None
+        if similar is None or subs is None or owner is None or (q is not None and cand is None) or p in self._beh:
             return None
         k = self.config.k
         q_content = content_score(dense, lexical, self.config)
-        q_key = (-q_content, q)
+        q_key = (-q_content, q or "")
         made: dict[str, ScoredItem] = {}
 
         def make(c: str, d: float, lx: float) -> ScoredItem:
@@ -965,21 +984,26 @@ class Recommender:
             if not gap:
                 if not q_valid or (len(items) >= k and not q_key < (-items[-1].content, items[-1].product_id)):
                     return items
+                assert q is not None  # q_valid implies it
                 at = bisect_left([(-i.content, i.product_id) for i in items], q_key)
                 return (*items[:at], make(q, dense, lexical), *items[at:])[:k]
             pool = [i for i in items if i.product_id not in pushed_out]
             if q_valid:
+                assert q is not None
                 pool.append(make(q, dense, lexical))
             if len(items) >= k or not substitutes:
                 # The slot pushed_out left goes to the best unlisted top-C member (or q).
-                fill = self._best_unlisted(p, owner, {i.product_id for i in items} | {q}, substitutes)
+                listed = {i.product_id for i in items}
+                if q is not None:
+                    listed.add(q)
+                fill = self._best_unlisted(p, owner, listed, substitutes)
                 if fill is not None:
                     pool.append(make(*fill))
             pool.sort(key=lambda i: (-i.content, i.product_id))
             return tuple(pool[:k])
 
-        new_similar = patch(similar, True, substitutes=False)
-        new_subs = patch(subs, profile_is_substitute(owner, cand, self.config), substitutes=True)
+        new_similar = patch(similar, q is not None, substitutes=False)
+        new_subs = patch(subs, cand is not None and profile_is_substitute(owner, cand, self.config), substitutes=True)
         if new_similar is None or new_subs is None:
             return None
         held = self._reasons.get(p)

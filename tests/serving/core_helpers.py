@@ -105,7 +105,7 @@ def check_against_exact(stream: Stream, *, exact: bool, min_overlap: float = 0.9
         for a, b in zip(got, want, strict=True):
             assert a.score == b.score and abs(a.dense - b.dense) < 1e-9 and a.reasons == b.reasons
         pub = stream.published.get((Kind.COMPLEMENTS, pid))
-        assert (pub.items if pub is not None else ()) == got, f"complements[{pid}] not published as current"
+        assert ((pub.items or ()) if pub is not None else ()) == got, f"complements[{pid}] not published as current"
     for kind in CONTENT_KINDS:
         current = rec.lists(kind)
         owned = {p for p in live if rec.owns(p)}
