@@ -606,13 +606,7 @@ class Recommender:
             for kind in Kind:
                 self._lists[kind].pop(p, None)
         gained = sorted(p.product_id for p in self.catalog if owns(p.product_id) and p.product_id not in self._buf)
-        chunk = 4096
-        for start in range(0, len(gained), chunk):
-            part = gained[start : start + chunk]
-            mat = self.index.get_vectors(part)
-            found = self.index.query_batch(mat, self.config.buffer_depth, exclude=part)
-            for pid, vp, hits in zip(part, mat, found, strict=True):
-                self._set_buffer(pid, vp, [c for c, _ in hits], reuse_lexical=False)
+        self._build_buffers(gained)
         emptied: list[Publication] = []
         for pid in gained:
             handed = (behavior or {}).get(pid)
@@ -651,14 +645,17 @@ class Recommender:
         self._lex = lex
         self._prof = {p.product_id: profile(p) for p in catalog}
         owned = [pid for pid in ids if self.owns(pid)]
-        chunk = 4096
-        for start in range(0, len(owned), chunk):
-            part = owned[start : start + chunk]
+        self._build_buffers(owned)
+        return self._refresh(owned)
+
+    def _build_buffers(self, ids: list[str], chunk: int = 4096) -> None:
+        """Candidate buffers of many products from batched index searches."""
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
             mat = self.index.get_vectors(part)
             found = self.index.query_batch(mat, self.config.buffer_depth, exclude=part)
             for pid, vp, hits in zip(part, mat, found, strict=True):
                 self._set_buffer(pid, vp, [c for c, _ in hits], reuse_lexical=False)
-        return self._refresh(owned)
 
     def refit_lexical(self) -> list[Publication]:
         """Refit the IDF on the current catalog and republish every list that changed.

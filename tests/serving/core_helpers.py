@@ -58,9 +58,14 @@ class Stream:
         self.all_pubs.extend(pubs)
         return pubs
 
+    def workers(self) -> list[Recommender]:
+        return [self.rec]
+
     def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
         needed = self.rec.needs_embedding(change)
-        pubs = self.rec.apply(change, vector if needed is not None else None)
+        pubs: list[Publication] = []
+        for rec in self.workers():
+            pubs += rec.apply(change, vector if needed is not None else None)
         if needed is not None:
             assert vector is not None
             self.vectors[change.product_id] = np.asarray(vector)
@@ -152,17 +157,8 @@ class Cluster(Stream):
         super().__init__(recs[0])
         self.recs = recs
 
-    def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
-        needed = self.rec.needs_embedding(change)
-        pubs: list[Publication] = []
-        for rec in self.recs:
-            pubs += rec.apply(change, vector if needed is not None else None)
-        if needed is not None:
-            assert vector is not None
-            self.vectors[change.product_id] = np.asarray(vector)
-        if isinstance(change, ProductDelete) and change.product_id not in self.rec.catalog:
-            self.vectors.pop(change.product_id, None)
-        return self._record(pubs)
+    def workers(self) -> list[Recommender]:
+        return self.recs
 
     def apply_behavior(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
         pubs: list[Publication] = []
