@@ -36,6 +36,8 @@ from serving.lexical import cosine_many
 from serving.recommender import Kind, Recommender, build_lists
 from serving.text import product_text
 
+QUICK_ARGS = ["--n", "3000", "--ops", "60", "--queries", "100"]
+
 BRANDS = [f"Brand{i}" for i in range(60)]
 NOUNS = ["headphones", "speaker", "cable", "charger", "mouse", "keyboard", "monitor", "lamp", "kettle", "drill"]
 COLORS = ["black", "white", "red", "blue", "silver"]
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--out", type=Path, default=os.environ.get("SIMSTREAM_BENCH_OUT"),
+                    help="write raw latency samples to OUT/core.samples.json (for make bench's plots)")
     args = ap.parse_args()
     n, dim = args.n, args.dim
     res: dict[str, object] = {"n": n, "dim": dim, "latent_dim": args.latent, "clusters": args.clusters}
@@ -135,6 +139,7 @@ def main() -> None:
     )
     truth = brute_topk(base, queries, 10)
     qres = {}
+    samples: dict[str, dict[str, list[float]]] = {"query": {}, "apply": {}}
     for ef in (50, 100, 200):
         index.set_ef(ef)
         lat: list[float] = []
@@ -145,6 +150,7 @@ def main() -> None:
             lat.append(time.perf_counter() - t)
             hits += len({int(pid[1:]) for pid, _ in found} & set(truth[qi].tolist()))
         recall = hits / (10 * len(queries))
+        samples["query"][f"ef {ef}"] = [round(x * 1000, 4) for x in lat]
         qres[ef] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "recall@10": recall}
         print(f"query ef={ef:>3}: p50 {pct(lat, 50):.3f} ms  p99 {pct(lat, 99):.3f} ms  recall@10 {recall:.4f}")
     res["query"] = qres
@@ -182,6 +188,7 @@ def main() -> None:
             lat.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
             pubs += len(out)
+        samples["apply"][label] = [round(x * 1000, 4) for x in lat]
         res[f"apply_{label}"] = {
             "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": pct(lat, 100),
             "cpu_p50_ms": pct(cpu, 50), "cpu_p99_ms": pct(cpu, 99),
@@ -253,6 +260,14 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "core.samples.json").write_text(json.dumps({"bench": "core", "plots": [
+            {"id": "core-apply", "kind": "latency", "unit": "ms", "series": samples["apply"],
+             "title": f"Recommender.apply, propagation included ({n:,} products)"},
+            {"id": "core-query", "kind": "latency", "unit": "ms", "series": samples["query"],
+             "title": f"HNSW query latency, k=10 ({n:,} vectors)"}]}))
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":
