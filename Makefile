@@ -10,16 +10,22 @@ MODEL_BASE ?= $(CACHE)/models/minilm
 MODEL_VERSION ?= 1
 KAFKA_PORT ?= 9092
 TEST_KAFKA_PORT ?= 19092
+FAULTS_KAFKA_PORT ?= 19094
+BENCH_KAFKA_PORT ?= 39092
 WEB_PORT ?= 6066
 export HNSWLIB_NO_NATIVE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install model browser kafka-up kafka-down topics demo test lint unit bench clean
+.PHONY: help install model browser kafka-up kafka-down topics demo test test-faults lint unit bench bench-report soak clean
 
 help:
 	@echo "make demo   - local Kafka + worker + a real catalog streamed in, output topics shown"
-	@echo "make test   - ruff, mypy and pytest against a real Kafka broker (started and stopped)"
-	@echo "make bench  - benchmarks under tests/bench (not part of make test)"
+	@echo "make test        - ruff, mypy and pytest against a real Kafka broker (started and stopped)"
+	@echo "make test-faults - the fault tests that take over a minute (marker faults), on their own broker"
+	@echo "make bench       - every benchmark under tests/bench and the soak, then BENCHMARKS.md (about 1 h)"
+	@echo "                   BENCH_ARGS=--quick: a smoke run into var/bench-quick; --only NAME,...: rerun some"
+	@echo "make soak        - only the 20-minute soak (SOAK_ARGS=\"--duration 300\"), then BENCHMARKS.md"
+	@echo "make bench-report - regenerate BENCHMARKS.md from the results in var/bench"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,12 +61,26 @@ kafka-down:
 topics: install
 	SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) $(BIN)/simstream topics create
 
+# $(call with-broker,PORT,COMMAND): COMMAND against a fresh broker on PORT (stopped, data wiped,
+# started), with SIMSTREAM_KAFKA_BOOTSTRAP and SIMSTREAM_MODEL_BASE set; the broker is stopped
+# afterwards whatever COMMAND returns, and COMMAND's status is make's.
+define with-broker
+	@KAFKA_PORT=$(1) infra/kafka/kafka.sh down >/dev/null
+	@rm -rf "$(CACHE)/kafka/data-$(1)"
+	KAFKA_PORT=$(1) infra/kafka/kafka.sh up
+	@status=0; \
+	SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(1) SIMSTREAM_MODEL_BASE="$(MODEL_BASE)" $(2) || status=$$?; \
+	KAFKA_PORT=$(1) infra/kafka/kafka.sh down; \
+	exit $$status
+endef
+
 lint: install
 	$(BIN)/ruff check serving encoders streams tests
 	$(BIN)/mypy
 
 # The broker for tests runs on its own port with a fresh data directory, so a developer's
-# Kafka on 9092 is never touched and no state leaks between runs.
+# Kafka on 9092 is never touched and no state leaks between runs. The fault tests that take
+# over a minute (marker faults) are left to make test-faults.
 test: install model browser
 	@KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh down >/dev/null
 	@rm -rf "$(CACHE)/kafka/data-$(TEST_KAFKA_PORT)"
@@ -68,9 +88,13 @@ test: install model browser
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh up
 	@status=0; \
 	SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) SIMSTREAM_MODEL_BASE="$(MODEL_BASE)" \
-	  $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/pytest -m "not faults" $(PYTEST_ARGS) || status=$$?; \
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh down; \
 	exit $$status
+
+# Same pattern as test, on a broker of its own (FAULTS_KAFKA_PORT), so it may run beside it.
+test-faults: install model
+	$(call with-broker,$(FAULTS_KAFKA_PORT),$(BIN)/pytest -m faults $(PYTEST_ARGS))
 
 unit: install
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
@@ -80,12 +104,19 @@ demo: install model
 	SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) SIMSTREAM_WEB_PORT=$(WEB_PORT) \
 	  SIMSTREAM_MODEL_BASE="$(MODEL_BASE)" $(BIN)/python -m streams.demo --catalog data/amazon-software/catalog.jsonl
 
+# Every tests/bench/bench_*.py, then the soak, against a fresh broker on BENCH_KAFKA_PORT;
+# results and raw samples in var/bench, the report in BENCHMARKS.md with its plots in
+# docs/bench/ (commit those two after a real run on a quiet machine). BENCH_ARGS go to
+# tests/bench/run.py: --quick (smoke sizes, everything under var/bench-quick), --only/--skip
+# NAME,... and --args 'NAME=ARGS'.
 bench: install model
-	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh up
-	@status=0; for b in tests/bench/bench_*.py; do \
-	  echo "== $$b"; SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) SIMSTREAM_MODEL_BASE="$(MODEL_BASE)" \
-	    $(BIN)/python $$b || status=1; done; \
-	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh down; exit $$status
+	$(call with-broker,$(BENCH_KAFKA_PORT),$(BIN)/python tests/bench/run.py $(BENCH_ARGS))
+
+soak: install model
+	$(call with-broker,$(BENCH_KAFKA_PORT),$(BIN)/python tests/bench/run.py --only soak --args "soak=$(SOAK_ARGS)" $(BENCH_ARGS))
+
+bench-report: install
+	$(BIN)/python tests/bench/report.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 import tracemalloc
+from pathlib import Path
+from typing import Any
 
 from serving.behavior import BehaviorConfig, BehaviorModel
 from serving.catalog import Product, UserEvent, UserEventType
 from serving.feeds import FeedConfig, UserFeeds
+
+QUICK_ARGS = ["--events", "20000"]
 
 
 def main() -> None:
@@ -25,6 +30,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--items", type=int, default=50_000)
     ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--out", type=Path, default=os.environ.get("SIMSTREAM_BENCH_OUT"),
+                    help="write raw latency samples to OUT/behavior.samples.json (for make bench's plots)")
     args = ap.parse_args()
     rng = random.Random(7)
     bcfg = BehaviorConfig(top_n=50, max_items=20_000, max_sessions=20_000)
@@ -38,6 +45,9 @@ def main() -> None:
     lat: list[float] = []
     tracemalloc.start()
     checkpoints = {args.events // 4, args.events // 2, args.events}
+    rows: list[dict[str, Any]] = []
+    samples: dict[str, list[float]] = {}
+    done = 0
     ts = 1.7e9
     for n in range(1, args.events + 1):
         ts += 0.005  # 200 events/s of event time
@@ -58,19 +68,33 @@ def main() -> None:
         if n in checkpoints:
             cur, _ = tracemalloc.get_traced_memory()
             s = sorted(lat)
-            print(
-                json.dumps(
-                    {
-                        "events": n,
-                        "p50_ms": round(s[len(s) // 2] * 1e3, 3),
-                        "p99_ms": round(s[int(len(s) * 0.99)] * 1e3, 3),
-                        "traced_mb": round(cur / 2**20, 1),
-                        "behavior": model.size(),
-                        "feeds": feeds.size(),
-                    }
-                )
+            samples[f"events {done + 1:,}–{n:,}"] = [round(x * 1e3, 4) for x in lat]
+            done = n
+            rows.append(
+                {
+                    "events": n,
+                    "p50_ms": round(s[len(s) // 2] * 1e3, 3),
+                    "p99_ms": round(s[int(len(s) * 0.99)] * 1e3, 3),
+                    "traced_mb": round(cur / 2**20, 1),
+                    "behavior": model.size(),
+                    "feeds": feeds.size(),
+                }
             )
+            print(json.dumps(rows[-1]), flush=True)
             lat.clear()
+    print("\n| events (latency of those since the previous row) | p50 ms | p99 ms | traced MB | behaviour state | feeds state |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        state = {k: ", ".join(f"{name} {v:,}" for name, v in r[k].items()) for k in ("behavior", "feeds")}
+        print(f"| {r['events']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['traced_mb']} | {state['behavior']} "
+              f"| {state['feeds']} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "behavior.samples.json").write_text(json.dumps({"bench": "behavior", "plots": [
+            {"id": "behavior-event", "kind": "latency", "unit": "ms", "series": samples,
+             "title": "One user event: ingest, observe and the user's feed recomputed"}]}))
+    print(json.dumps({"bench": "behavior", "events": args.events, "items": args.items, "users": args.users,
+                      "checkpoints": rows}))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[2]
 PEAK_FLOPS = 380e9
 FLOP_PER_TOKEN = 21e6
+QUICK_ARGS = ["--batch", "32"]
 
 REFERENCE = r"""
 import json, sys, time, torch
@@ -109,6 +110,7 @@ def main() -> None:
         if args.reference_python:
             line += f" {r['reference_texts_per_s']} | {r['ratio']} |"
         print(line)
+    print(json.dumps({"bench": "encoder", "threads": args.threads, "texts": len(texts["title"]), "rows": rows}))
 
 
 def _timed(encoder: object, items: list[str]) -> float:

@@ -117,6 +117,7 @@ class EncoderServer:
 OUTAGE_S = 30.0
 
 
+@pytest.mark.faults  # over a minute (model loads, a 30 s outage): make test-faults runs it
 def test_an_encoder_outage_holds_text_changes_while_stock_changes_flow(
     model_base: Path, settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess],
     tmp_path: Path,

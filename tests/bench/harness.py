@@ -1,0 +1,327 @@
+"""Pieces the benchmarks share: where results go, percentiles, process stats, and a worker on
+real Kafka fed with a real catalog and mixed changes (``bench_stream.py`` and ``soak.py``).
+
+Conventions every ``tests/bench`` script follows, so ``run.py`` and ``report.py`` need to know
+nothing about a new bench:
+
+* it prints human output, markdown tables included, and a final line that is one JSON object
+  (its summary);
+* given ``--out DIR`` (default: ``$SIMSTREAM_BENCH_OUT``, which ``run.py`` sets) it may write
+  ``DIR/<name>.samples.json`` with raw samples for plots (``write_samples``; a bench without
+  samples simply writes none);
+* a module-level ``QUICK_ARGS`` list holds the arguments of a short smoke run (``make bench
+  BENCH_ARGS=--quick``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streams.kafka_io import create_topics, producer, read_topic  # noqa: E402
+from streams.records import iso  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from tests.support import WorkerProcess, free_port  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_OUT = ROOT / "var" / "bench"
+VARIANTS = ["black", "white", "blue", "red", "2-pack", "3-pack", "large", "small", "2025 edition",
+            "deluxe", "bundle", "refurbished", "gift box", "travel size", "pro", "lite"]
+TOPICS = ("product_changes", "user_events", "similar_items", "substitutes", "complements",
+          "user_recommendations", "dead_letters", "products", "embeddings")
+
+
+# ---- results
+
+
+def out_dir(value: Path | str | None = None) -> Path:
+    """The results folder: ``--out``, else ``$SIMSTREAM_BENCH_OUT``, else ``var/bench``."""
+    chosen = Path(value or os.environ.get("SIMSTREAM_BENCH_OUT") or DEFAULT_OUT)
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def latency_plot(plot_id: str, title: str, series: dict[str, list[float]], unit: str = "ms") -> dict[str, Any]:
+    """A latency distribution: one series of raw samples per label (histogram and CDF)."""
+    return {"id": plot_id, "kind": "latency", "title": title, "unit": unit,
+            "series": {label: [round(v, 4) for v in values] for label, values in series.items() if values}}
+
+
+def timeseries_plot(plot_id: str, title: str, panels: list[dict[str, Any]], xlabel: str = "s") -> dict[str, Any]:
+    """Stacked panels sharing x; each ``{"ylabel", "series": {label: {"x", "y"}}, "hlines", "vlines", "log"}``."""
+    return {"id": plot_id, "kind": "timeseries", "title": title, "xlabel": xlabel, "panels": panels}
+
+
+def write_samples(out: Path, name: str, plots: list[dict[str, Any]]) -> Path:
+    path = out / f"{name}.samples.json"
+    path.write_text(json.dumps({"bench": name, "plots": plots}))
+    return path
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def ms(value: float) -> float | None:
+    """Seconds to whole milliseconds; None (JSON null) where nothing was measured."""
+    return None if value != value else round(value * 1000)
+
+
+class ProcStats:
+    """CPU seconds and RSS of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+# ---- catalog
+
+
+def real_products() -> list[dict[str, Any]]:
+    """Every real product title in ``shared/data``: Amazon-Google software and Amazon gift cards."""
+    products: list[dict[str, Any]] = []
+    for name, title_col in (("Amazon.csv", "title"), ("GoogleProducts.csv", "name")):
+        with open(SHARED / "amazon-google" / name, encoding="latin-1", newline="") as handle:
+            for row in csv.DictReader(handle):
+                title = row[title_col].strip()
+                if not title:
+                    continue
+                price = float(row["price"].split()[0].replace("$", "").replace(",", "") or 0) if row["price"] else 0
+                products.append({"title": title, "brand": row["manufacturer"].strip() or None,
+                                 "price": price or None, "category": ["Software"]})
+    with gzip.open(SHARED / "amazon-giftcards" / "meta_Gift_Cards.json.gz", "rt", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row.get("title"):
+                try:
+                    price = float(str(row.get("price", "")).replace("$", "").replace(",", ""))
+                except ValueError:
+                    price = None
+                products.append({"title": row["title"][:300], "brand": row.get("brand") or None, "price": price,
+                                 "category": [c for c in row.get("category", []) if c][:4] or ["Gift Cards"]})
+    return products
+
+
+def build_catalog(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` products: the real ones, then variants of them ("<title> - black") in their group."""
+    base = real_products()
+    catalog = []
+    for i in range(n):
+        src = base[i % len(base)]
+        variant = i // len(base)
+        title = src["title"] if variant == 0 else f"{src['title']} - {VARIANTS[(variant - 1) % len(VARIANTS)]}"
+        price = src["price"] or round(rng.uniform(5, 300), 2)
+        catalog.append({"op": "upsert", "product_id": f"p{i:06d}", "title": title, "brand": src["brand"],
+                        "category": src["category"], "price": price, "currency": "USD", "in_stock": True,
+                        "group_id": f"g{i % len(base):06d}"})
+    return catalog
+
+
+# ---- a worker on real Kafka
+
+
+@dataclass
+class BenchWorker:
+    """One ``simstream worker`` process on its own topics and consumer group."""
+
+    settings: Settings
+    worker: WorkerProcess
+    stats: ProcStats
+    data_dir: Path
+
+
+def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: str) -> BenchWorker:
+    """Create fresh topics named ``bench-<tag>-*`` and start a worker on them (waits until ready)."""
+    bootstrap = os.environ.get("SIMSTREAM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        raise SystemExit("set SIMSTREAM_KAFKA_BOOTSTRAP (make bench and make soak start a broker)")
+    tag = uuid.uuid4().hex[:6]
+    data_dir = scratch / f"{name}-{tag}"
+    env = {"SIMSTREAM_KAFKA_BOOTSTRAP": bootstrap, "SIMSTREAM_APP_ID": f"bench-{tag}",
+           "SIMSTREAM_WEB_PORT": str(free_port()), "SIMSTREAM_DATA_DIR": str(data_dir),
+           "SIMSTREAM_ENCODER": encoder, "SIMSTREAM_LOG_LEVEL": "warning", **extra_env}
+    for topic in TOPICS:
+        env[f"SIMSTREAM_TOPIC_{topic.upper()}"] = f"bench-{tag}-{topic.replace('_', '-')}"
+    if os.environ.get("SIMSTREAM_MODEL_BASE"):
+        env["SIMSTREAM_MODEL_BASE"] = os.environ["SIMSTREAM_MODEL_BASE"]
+    settings = Settings(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+    create_topics(settings)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(env, data_dir / "worker.log").start()
+    worker.wait_ready(timeout=300)
+    assert worker.proc is not None
+    return BenchWorker(settings, worker, ProcStats(worker.proc.pid), data_dir)
+
+
+def consumed(worker: WorkerProcess) -> int:
+    """Input events the worker has processed (its ``/stats`` counter)."""
+    return int(worker.get("/stats")[1]["events"])
+
+
+def wait_consumed(worker: WorkerProcess, target: int, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if consumed(worker) >= target:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise SystemExit(f"worker did not consume {target} events in {timeout:.0f} s:\n{worker.log_tail()}")
+
+
+def load_catalog(bench: BenchWorker, catalog: list[dict[str, Any]], timeout: float = 3600) -> float:
+    """Send the whole catalog and wait until the worker has consumed it; returns the seconds taken."""
+    kafka = producer(bench.settings)
+    started = time.monotonic()
+    for product in catalog:
+        kafka.send(bench.settings.topic_product_changes, key=product["product_id"].encode(),
+                   value=json.dumps({**product, "ts": iso(time.time())}).encode())
+    kafka.flush()
+    kafka.close()
+    wait_consumed(bench.worker, len(catalog), timeout=timeout)
+    return time.monotonic() - started
+
+
+# ---- mixed changes at a fixed rate
+
+
+@dataclass
+class MixedChanges:
+    """60% title edits, 20% stock flips, 20% price changes on random catalog products.
+
+    ``sent`` maps each event's cause (product id, event ``ts``) to (send time, kind), which is
+    what every list's ``caused_by`` names.
+    """
+
+    catalog: list[dict[str, Any]]
+    rng: random.Random
+    sent: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
+
+    def events(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Endless (product id, event) pairs; each is recorded in ``sent`` when yielded."""
+        rng = self.rng
+        while True:
+            product = self.catalog[rng.randrange(len(self.catalog))]
+            pid = product["product_id"]
+            roll = rng.random()
+            now = time.time()
+            ts = iso(now)
+            if (pid, ts) in self.sent:  # two events for one product in the same millisecond: skip the second
+                continue
+            if roll < 0.6:
+                words = product["title"].split()
+                rng.shuffle(words)
+                event: dict[str, Any] = {"op": "upsert", "product_id": pid,
+                                         "title": " ".join(words) + f" {rng.choice(VARIANTS)}"}
+                kind = "text"
+            elif roll < 0.8:
+                product["in_stock"] = not product["in_stock"]
+                event = {"op": "upsert", "product_id": pid, "in_stock": product["in_stock"]}
+                kind = "stock_out" if not product["in_stock"] else "stock_in"
+            else:
+                event = {"op": "upsert", "product_id": pid,
+                         "price": round(product["price"] * rng.uniform(0.7, 1.3), 2)}
+                kind = "price"
+            event["ts"] = ts
+            self.sent[(pid, ts)] = (now, kind)
+            yield pid, event
+
+
+def send_at_rate(settings: Settings, changes: MixedChanges, rate: float, duration: float) -> int:
+    """Send mixed changes at ``rate`` per second for ``duration`` seconds; returns how many were sent."""
+    kafka = producer(settings, linger_ms=0)
+    start = time.monotonic()
+    i = 0
+    source = changes.events()
+    while time.monotonic() - start < duration:
+        due = start + i / rate
+        if due > time.monotonic():
+            time.sleep(due - time.monotonic())
+        pid, event = next(source)
+        kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
+        i += 1
+    kafka.flush()
+    kafka.close()
+    return i
+
+
+@dataclass
+class Latencies:
+    """Seconds from each event's send time to the lists it caused, by kind."""
+
+    own: dict[str, list[float]]
+    last: list[float]
+    own_by_cause: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @property
+    def all_own(self) -> list[float]:
+        return [v for values in self.own.values() for v in values]
+
+
+def attribute_latencies(settings: Settings, sent: dict[tuple[str, str], tuple[float, str]]) -> Latencies:
+    """Read the list topics and attribute each list to the event that caused it (``caused_by``).
+
+    own list: event to the broker timestamp of the changed product's own list (``similar-items``
+    for a text edit, ``substitutes`` for stock and price changes); last list: event to the last
+    list that event republished.
+    """
+    first_seen: dict[tuple[str, str], float] = {}
+    last_seen: dict[tuple[str, str], float] = {}
+    for topic in (settings.topic_similar_items, settings.topic_substitutes):
+        for record in read_topic(settings, topic, timeout_s=120):
+            value = record.value
+            if not isinstance(value, dict) or "caused_by" not in value:
+                continue
+            cause = (value["caused_by"]["product_id"], value["caused_by"]["event_ts"])
+            if cause not in sent:
+                continue
+            last_seen[cause] = max(last_seen.get(cause, 0.0), record.timestamp)
+            _sent_at, kind = sent[cause]
+            wants = settings.topic_similar_items if kind == "text" else settings.topic_substitutes
+            if record.key == cause[0] and topic == wants:
+                first_seen[cause] = min(first_seen.get(cause, float("inf")), record.timestamp)
+    own: dict[str, list[float]] = {"text": [], "stock_out": [], "stock_in": [], "price": []}
+    last: list[float] = []
+    by_cause: dict[tuple[str, str], float] = {}
+    for cause, (sent_at, kind) in sent.items():
+        if cause in first_seen:
+            by_cause[cause] = max(0.0, first_seen[cause] - sent_at)
+            own[kind].append(by_cause[cause])
+        if cause in last_seen:
+            last.append(max(0.0, last_seen[cause] - sent_at))
+    return Latencies(own, last, by_cause)
+
+
+def backlog_growing(backlog: list[float], rate: float) -> bool:
+    """Whether the second half's mean backlog is well above the first half's (falling behind)."""
+    half = len(backlog) // 2
+    return len(backlog) > 4 and statistics.mean(backlog[half:]) > max(
+        2 * rate, 2 * statistics.mean(backlog[:half]) + rate)
