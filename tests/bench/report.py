@@ -245,8 +245,8 @@ def _rows(value: Any, prefix: str = "") -> list[tuple[str, str]]:
         value = {str(i + 1): v for i, v in enumerate(value)}
     if not isinstance(value, dict):
         return [(prefix, _scalar(value))]
-    nested = any(isinstance(v, dict | list) and v and not all(not isinstance(x, dict) for x in v)
-                 if isinstance(v, list) else isinstance(v, dict) for v in value.values())
+    nested = any(isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, dict) for x in v))
+                 for v in value.values())
     if prefix and not nested:
         return [(prefix, " · ".join(f"{k} {_scalar(v)}" for k, v in value.items()))]
     rows: list[tuple[str, str]] = []
@@ -329,7 +329,7 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         summary = run.get("summary") or {}
         if "memory_pass" in summary:
             status += f"; memory flat within 10%: **{'PASS' if summary['memory_pass'] else 'FAIL'}**"
-        anchor = re.sub(r"[^a-z0-9 -]", "", f"{run['name']}").replace(" ", "-")
+        anchor = re.sub(r"[^a-z0-9 _-]", "", run["name"].lower()).replace(" ", "-")
         lines.append(f"| [{run['name']}](#{anchor}) | `{run['script']}` | {status} | {_minutes(run['wall_s'])} |")
     lines.append("")
     lines += machine_section(machine)

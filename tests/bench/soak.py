@@ -174,7 +174,7 @@ def main() -> None:
     by_minute: dict[int, list[float]] = {}
     for cause, seconds in lat.own_by_cause.items():
         by_minute.setdefault(int((changes.sent[cause][0] - start_wall) // 60), []).append(seconds)
-    own_by_minute = {m: ms(pct(v, 99)) for m, v in sorted(by_minute.items())}
+    own_by_minute = {m: ms(pct(v, 99)) for m, v in sorted(by_minute.items()) if len(v) >= 10}  # no stub minute
 
     memory = memory_check(series["t"], series["rss_mb"], warmup)
     post_backlog = [b for x, b in zip(series["t"], series["backlog"], strict=True) if x >= warmup]
