@@ -124,10 +124,10 @@ def real_products() -> list[dict[str, Any]]:
             row = json.loads(line)
             if row.get("title"):
                 try:
-                    price = float(str(row.get("price", "")).replace("$", "").replace(",", ""))
+                    gift_price: float | None = float(str(row.get("price", "")).replace("$", "").replace(",", ""))
                 except ValueError:
-                    price = None
-                products.append({"title": row["title"][:300], "brand": row.get("brand") or None, "price": price,
+                    gift_price = None
+                products.append({"title": row["title"][:300], "brand": row.get("brand") or None, "price": gift_price,
                                  "category": [c for c in row.get("category", []) if c][:4] or ["Gift Cards"]})
     return products
 
@@ -167,7 +167,7 @@ def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: 
         raise SystemExit("set SIMSTREAM_KAFKA_BOOTSTRAP (make bench and make soak start a broker)")
     tag = uuid.uuid4().hex[:6]
     data_dir = scratch / f"{name}-{tag}"
-    env = {"SIMSTREAM_KAFKA_BOOTSTRAP": bootstrap, "SIMSTREAM_APP_ID": f"bench-{tag}",
+    env: dict[str, Any] = {"SIMSTREAM_KAFKA_BOOTSTRAP": bootstrap, "SIMSTREAM_APP_ID": f"bench-{tag}",
            "SIMSTREAM_WEB_PORT": str(free_port()), "SIMSTREAM_DATA_DIR": str(data_dir),
            "SIMSTREAM_ENCODER": encoder, "SIMSTREAM_LOG_LEVEL": "warning", **extra_env}
     for topic in TOPICS:

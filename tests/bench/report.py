@@ -106,7 +106,7 @@ def _gpu() -> str:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
