@@ -25,9 +25,10 @@ from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
 from serving.recommender import Kind, Recommender
+from streams.behavior_stream import BehaviorPipeline
 from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline, UserPipeline
+from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics
     products: ProductPipeline
-    users: UserPipeline
+    users: BehaviorPipeline
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.time)
     last_event_at: float | None = None
@@ -103,7 +104,12 @@ def build_runtime(settings: Settings) -> Runtime:
     encoder = create_encoder(settings.encoder, **settings.encoder_options())
     products = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
                                encoder=encoder)
-    return Runtime(settings=settings, metrics=metrics, products=products, users=UserPipeline(settings, metrics))
+    holder: list[Runtime] = []
+    # The behaviour side reads whichever core is live (rebuild-index swaps it).
+    users = BehaviorPipeline(settings, metrics, products=lambda: holder[0].products)
+    runtime = Runtime(settings=settings, metrics=metrics, products=products, users=users)
+    holder.append(runtime)
+    return runtime
 
 
 def _credentials(settings: Settings) -> Any:
@@ -171,6 +177,7 @@ def create_app(settings: Settings) -> faust.App:
 
     product_changes = raw_topic(settings.topic_product_changes)
     user_events = raw_topic(settings.topic_user_events)
+    pair_updates = raw_topic(settings.topic_pair_updates)
     outputs: dict[str, Any] = {}
 
     state_topics = {settings.topic_products, settings.topic_embeddings}
@@ -331,7 +338,7 @@ def create_app(settings: Settings) -> faust.App:
     async def run_slow_lane(lanes: Lanes) -> None:
         """Apply (or defer) the slow lane, publish, and acknowledge what is done."""
         result = await runtime.products.apply_slow(lanes)
-        await publish_until_acked(result.records)
+        await publish_products(result.records)
         for message in result.done:
             stream_and_event = waiting.pop(position(message), None)
             if stream_and_event is not None:
@@ -350,7 +357,7 @@ def create_app(settings: Settings) -> faust.App:
             async with runtime.batch_lock:
                 pipeline = runtime.products
                 lanes = pipeline.split([_inbound(e) for e in events])
-                await publish_until_acked(await pipeline.apply_fast(lanes))
+                await publish_products(await pipeline.apply_fast(lanes))
                 slow = {position(message) for message, _ in lanes.slow}
                 for key in slow:
                     waiting[key] = (stream, by_position[key])
@@ -358,6 +365,13 @@ def create_app(settings: Settings) -> faust.App:
             for key, event in by_position.items():
                 if key not in slow:
                     await stream.ack(event)
+
+    async def publish_products(records: list[Outbound]) -> None:
+        """Publish a product batch's records, then the feeds that listed what went out of stock."""
+        await publish_until_acked(records)
+        feeds = runtime.users.feeds_after_products(records)
+        if feeds:
+            await publish_until_acked(feeds)
 
     @app.timer(interval=1.0)
     async def retry_deferred() -> None:
@@ -384,7 +398,32 @@ def create_app(settings: Settings) -> faust.App:
     async def on_user_events(stream: Any) -> None:
         await runtime.ready.wait()
         async for event in stream.events():
-            await publish(runtime.users.handle(_inbound(event)))
+            runtime.last_event_at = time.time()
+            await publish_until_acked(runtime.users.handle(_inbound(event)))
+
+    @app.agent(pair_updates, name="pair-updates")
+    async def on_pair_updates(stream: Any) -> None:
+        await runtime.ready.wait()
+        async for events in stream.take(500, within=0.05):
+            rejected = runtime.users.apply_pairs([_inbound(e) for e in events])
+            if rejected:
+                await publish_until_acked(rejected)
+            metrics.behavior_dirty.set(len(runtime.users.dirty))
+
+    @app.timer(interval=max(0.05, settings.behavior_debounce_ms / 2000.0))
+    async def flush_behavior() -> None:
+        """Publish the lists of items whose behaviour changed, at most once per debounce interval."""
+        users = runtime.users
+        if not users.dirty or not runtime.ready.is_set():
+            return
+        async with runtime.batch_lock:
+            rows = users.due()
+            if not rows:
+                return
+            pipeline = runtime.products
+            pubs = await pipeline._in_core(users.publish_rows, rows)
+            await publish_until_acked(pipeline.publications_to_records(pubs))
+        metrics.behavior_dirty.set(len(users.dirty))
 
     from streams.web import register_views
 

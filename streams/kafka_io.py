@@ -82,6 +82,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_dead_letters, False),
         TopicSpec(settings.topic_products, True),
         TopicSpec(settings.topic_embeddings, True),
+        TopicSpec(settings.topic_pair_updates, False),
     ]
 
 

@@ -40,6 +40,11 @@ class Metrics:
             "simstream_encoder_seconds", "Latency of one encoder call", registry=r
         )
         self.catalog_size = Gauge("simstream_catalog_products", "Live products in the catalog", registry=r)
+        self.unknown_product_events = Counter(
+            "simstream_user_events_unknown_product", "User events naming a product not in the catalog", registry=r
+        )
+        self.forgotten_users = Counter("simstream_users_forgotten", "Forget events applied", registry=r)
+        self.behavior_dirty = Gauge("simstream_behavior_dirty_items", "Items waiting for their debounce", registry=r)
         self.index_live = Gauge("simstream_index_live", "Live vectors in the index", registry=r)
         self.index_deleted = Gauge("simstream_index_deleted", "Deleted-but-not-reclaimed index entries", registry=r)
         self.freshness = Histogram(

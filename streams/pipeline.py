@@ -122,11 +122,15 @@ class Edge:
 
     def reject(self, message: Inbound, exc: BaseException) -> Outbound:
         """Turn a failure into a dead letter and one log line that says where it happened."""
-        if isinstance(exc, SimstreamError):
-            reason = str(exc)
+        reason = str(exc) if isinstance(exc, SimstreamError) else f"internal error ({type(exc).__name__}): {exc}"
+        if message.topic == self.settings.topic_user_events:
+            # A reason may quote the event, and user ids must never reach a log line: the
+            # reason is on the dead-letter topic only.
+            log.warning("dead-lettered %s (%s); the reason is on %s", message.where, type(exc).__name__,
+                        self.settings.topic_dead_letters)
+        elif isinstance(exc, SimstreamError):
             log.warning("dead-lettered %s: %s", message.where, reason)
         else:
-            reason = f"internal error ({type(exc).__name__}): {exc}"
             log.error("dead-lettered %s after an unexpected error", message.where, exc_info=exc)
         self.metrics.events.labels(message.topic, "dead_letter").inc()
         self.metrics.dead_letters.labels(message.topic).inc()
@@ -411,7 +415,8 @@ class ProductPipeline(Edge):
         an operator can trace why a list moved, and freshness can be measured per event.
         """
         now = self.clock()
-        topics = {Kind.SIMILAR: self.settings.topic_similar_items, Kind.SUBSTITUTES: self.settings.topic_substitutes}
+        topics = {Kind.SIMILAR: self.settings.topic_similar_items, Kind.SUBSTITUTES: self.settings.topic_substitutes,
+                  Kind.COMPLEMENTS: self.settings.topic_complements}
         cause = {"product_id": own, "event_ts": iso(event_ts)} if own is not None and event_ts is not None else None
         records = []
         for pub in publications:
@@ -549,16 +554,3 @@ def _as_upsert(product: Product) -> ProductUpsert:
         in_stock=product.in_stock, group_id=product.group_id, attributes=product.attributes,
         image_url=product.image_url,
     )
-
-
-@dataclass
-class UserPipeline(Edge):
-    """``user-events``: validated now; behaviour signals and feeds arrive with the behaviour issue."""
-
-    def handle(self, message: Inbound) -> list[Outbound]:
-        try:
-            self.decode_user(message).to_core()
-        except Exception as exc:  # noqa: BLE001
-            return [self.reject(message, exc)]
-        self.metrics.events.labels(message.topic, "accepted").inc()
-        return []

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     topic_dead_letters: str = Field("simstream-dead-letters", description="Output: events that could not be processed.")
     topic_products: str = Field("simstream-products", description="Internal (compacted): merged catalog state.")
     topic_embeddings: str = Field("simstream-embeddings", description="Internal (compacted): vectors per product.")
+    topic_pair_updates: str = Field(
+        "simstream-pair-updates", description="Internal: behaviour pair updates, keyed (repartitioned) by item."
+    )
     topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
     topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
 
@@ -79,6 +82,22 @@ class Settings(BaseSettings):
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW M (graph degree).")
+
+    # --- Behaviour and feeds ---------------------------------------------------------------
+    session_gap_s: float = Field(1800.0, gt=0, le=86400, description="Inactivity that ends a session without session_id.")
+    behavior_half_life_s: float = Field(7 * 86400.0, gt=0, description="Half-life of co-occurrence counts.")
+    behavior_top_n: int = Field(100, ge=1, le=1000, description="Behaviour partners kept per item (and per row published).")
+    behavior_max_items: int = Field(200_000, ge=1, description="Items with behaviour rows kept (least recent evicted).")
+    behavior_max_sessions: int = Field(100_000, ge=1, description="Open sessions kept (least recent evicted).")
+    behavior_debounce_ms: int = Field(
+        500, ge=0, le=600_000, description="A hot item's lists republish at most once per interval; the last state always."
+    )
+    feed_k: int = Field(20, ge=1, le=100, description="Items per user feed.")
+    feed_history_len: int = Field(20, ge=1, le=200, description="Events kept per user.")
+    feed_history_ttl_s: float = Field(7 * 86400.0, gt=0, description="History older than this is ignored.")
+    feed_max_per_group: int = Field(1, ge=1, le=100, description="Feed diversity: items per group_id in the top 10.")
+    feed_max_per_leaf: int = Field(3, ge=1, le=100, description="Feed diversity: items per leaf category in the top 10.")
+    feed_max_users: int = Field(100_000, ge=1, description="Users with a history kept (least recent evicted).")
 
     # --- Worker ------------------------------------------------------------------------
     data_dir: Path = Field(Path("./var/simstream"), description="Faust tables and index snapshots live here.")

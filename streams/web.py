@@ -30,6 +30,7 @@ _ID = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_ID_CHARS}}}$")
 PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_QUERY_CHARS = 200
 MAX_RESULTS = 50
+MAX_FEED_ITEMS = 100
 
 
 def _authorized(runtime: Runtime, request: Request) -> bool:
@@ -140,6 +141,37 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
 
     list_view(Kind.SIMILAR, "/similar/{product_id}")
     list_view(Kind.SUBSTITUTES, "/substitutes/{product_id}")
+
+    @app.page("/complements/{product_id}")
+    class Complements(Base):
+        async def get(self, request: Request, product_id: str) -> Response:
+            if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
+                return denied
+            core = runtime.products.core
+            if product_id not in core.catalog:
+                return self.unknown(product_id)
+            return self.json({"product_id": product_id,
+                              "items": [item_to_wire(i) for i in core.complements(product_id) or ()],
+                              "version": core.versions.get((Kind.COMPLEMENTS, product_id), 0)})
+
+    @app.page("/users/{user_id}/recommendations")
+    class UserRecommendations(Base):
+        """The user's feed now; ``k`` (1 to ``MAX_FEED_ITEMS``) items, trending for new users."""
+
+        async def get(self, request: Request, user_id: str) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            if not _ID.match(user_id):
+                return self.json({"error": f"invalid user id (1 to {MAX_ID_CHARS} characters, no control characters)"},
+                                 status=400)
+            raw_k = request.query.get("k", str(runtime.settings.feed_k))
+            if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_FEED_ITEMS:
+                return self.json({"error": f"k must be an integer from 1 to {MAX_FEED_ITEMS}"}, status=400)
+            items = runtime.users.recommend(user_id, k=int(raw_k))
+            return self.json({"user_id": user_id,
+                              "items": [{"product_id": i.product_id, "score": i.score, "because": list(i.because)}
+                                        for i in items],
+                              "history": len(runtime.users.feeds.history(user_id, time.time()))})
 
     @app.page("/search")
     class Search(Base):

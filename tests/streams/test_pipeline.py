@@ -16,7 +16,7 @@ from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.recommender import Kind, Recommender
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, Outbound, ProductPipeline, UserPipeline
+from streams.pipeline import Inbound, Outbound, ProductPipeline
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
 
@@ -195,15 +195,6 @@ async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(p
     for r in records:
         if r.value is not None and r.key in latest.get(r.topic, {}):
             assert r.value["version"] > latest[r.topic][r.key]["version"]
-
-
-async def test_user_events_are_validated() -> None:
-    users = UserPipeline(Settings(), Metrics(), clock=lambda: NOW)
-    good = message({"user_id": "u1", "product_id": "B1", "type": "view", "ts": NOW}, key="u1", topic="user-events")
-    bad = message({"user_id": "u1", "product_id": "B1", "type": "like", "ts": NOW}, key="u1", topic="user-events")
-    assert users.handle(good) == []
-    out = users.handle(bad)
-    assert out[0].topic == "simstream-dead-letters" and "unknown event type" in (out[0].value or {})["error"]
 
 
 async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: ProductPipeline, tmp_path: Any) -> None:

@@ -1,0 +1,221 @@
+"""User events in the stream: behaviour pairs repartitioned by item, debounced list updates,
+and real-time user feeds. Thin glue around ``serving.behavior`` and ``serving.feeds``.
+
+Flow (DESIGN.md, "Scale-out"):
+
+* ``user-events`` (partitioned by user): each event is sessionized on the user's owner
+  (``BehaviorModel.observe``) and becomes pair updates, written to the internal topic
+  ``simstream-pair-updates`` keyed by *item*, so the owner of an item holds that item's row.
+  The same event updates the user's history and republishes their feed.
+* ``simstream-pair-updates`` (partitioned by item): ``apply_pair`` on the item's owner marks
+  the item dirty. A timer publishes dirty items at most once per debounce interval each: the
+  behaviour row goes to ``Recommender.apply_behavior``, which returns the similar-items,
+  substitutes and complements lists that changed. A hot item's last state is always
+  published, because the timer keeps running until nothing is dirty.
+* A product going out of stock or deleted republishes the feeds that listed it.
+
+Count updates (``partner == item``) are the item's own occurrence count, which every row's
+normaliser reads; they travel on the same topic keyed by the item. With one worker that is
+all it needs. With several workers a row's normaliser also reads its partners' counts, which
+live on their owners: they are then approximated by the counts this worker has seen (noted
+in the README under scale-out).
+
+Privacy: user ids never reach a log line (``Edge.reject`` keeps user-event reasons on the
+dead-letter topic only), and ``forget`` erases the user's sessions and history and publishes
+a tombstone for their feed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.behavior import CHANNELS, BehaviorConfig, BehaviorModel, PairUpdate
+from serving.catalog import UserEventType
+from serving.errors import InvalidInput
+from serving.feeds import FeedConfig, FeedItem, UserFeeds
+from serving.recommender import BehaviorRow, Publication
+from streams.pipeline import Edge, Inbound, Outbound, ProductPipeline
+from streams.records import iso
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def behavior_config(settings: Settings) -> BehaviorConfig:
+    """The behaviour model's bounds and weights, from the settings."""
+    return BehaviorConfig(
+        session_gap_s=settings.session_gap_s,
+        half_life_s=settings.behavior_half_life_s,
+        top_n=settings.behavior_top_n,
+        max_items=settings.behavior_max_items,
+        max_sessions=settings.behavior_max_sessions,
+    )
+
+
+def feed_config(settings: Settings) -> FeedConfig:
+    """The feeds' bounds and diversity caps, from the settings."""
+    return FeedConfig(
+        history_len=settings.feed_history_len,
+        history_ttl_s=settings.feed_history_ttl_s,
+        max_per_group=settings.feed_max_per_group,
+        max_per_leaf=settings.feed_max_per_leaf,
+        max_users=settings.feed_max_users,
+    )
+
+
+def pair_to_wire(update: PairUpdate) -> dict[str, Any]:
+    return {"item": update.item, "partner": update.partner, "channel": update.channel,
+            "weight": update.weight, "ts": update.ts}
+
+
+def pair_from_wire(raw: bytes | None) -> PairUpdate:
+    """Decode one ``simstream-pair-updates`` value; ``InvalidInput`` when it is not one."""
+    try:
+        obj = json.loads(raw or b"")
+        update = PairUpdate(str(obj["item"]), str(obj["partner"]), str(obj["channel"]),
+                            float(obj["weight"]), float(obj["ts"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"not a pair update ({type(exc).__name__}: {exc})") from exc
+    if update.channel not in CHANNELS or not update.item or not update.partner:
+        raise InvalidInput(f"not a pair update: channel {update.channel!r}")
+    return update
+
+
+def feed_to_wire(user_id: str, items: Iterable[FeedItem], at: float) -> dict[str, Any]:
+    """The ``user-recommendations`` value (DESIGN.md)."""
+    return {
+        "user_id": user_id,
+        "items": [{"product_id": i.product_id, "score": i.score, "because": list(i.because)} for i in items],
+        "updated_at": iso(at),
+    }
+
+
+@dataclass
+class BehaviorPipeline(Edge):
+    """``user-events`` and ``simstream-pair-updates`` (see the module docstring)."""
+
+    products: Callable[[], ProductPipeline] = field(default=lambda: _no_products())
+    model: BehaviorModel = field(init=False)
+    feeds: UserFeeds = field(init=False)
+    #: item -> monotonic time it became dirty (insertion order = first dirty first)
+    dirty: dict[str, float] = field(default_factory=dict)
+    #: item -> monotonic time its row was last published (debounce)
+    last_flush: dict[str, float] = field(default_factory=dict)
+    #: product -> users whose last published feed lists it (bounded by users x feed_k)
+    listed_in: dict[str, set[str]] = field(default_factory=dict)
+    feed_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model = BehaviorModel(behavior_config(self.settings))
+        self.feeds = UserFeeds(feed_config(self.settings))
+
+    # ------------------------------------------------------------------ user side
+    def handle(self, message: Inbound) -> list[Outbound]:
+        """One user event: pair updates for the item owners, and the user's new feed."""
+        try:
+            event = self.decode_user(message).to_core()
+            updates = self.model.observe(event)
+            self.feeds.observe(event)
+        except Exception as exc:  # noqa: BLE001 - one bad event must never stop the stream
+            return [self.reject(message, exc)]
+        self.metrics.events.labels(message.topic, "accepted").inc()
+        if event.type is UserEventType.FORGET:
+            self._unlist(event.user_id)
+            self.metrics.forgotten_users.inc()
+            return [Outbound(self.settings.topic_user_recommendations, event.user_id, None)]
+        if event.product_id is not None and self.products().core.catalog.get(event.product_id) is None:
+            # Counted, and harmless: lists and feeds only ever name products in the catalog.
+            self.metrics.unknown_product_events.inc()
+        out = [Outbound(self.settings.topic_pair_updates, u.item, pair_to_wire(u)) for u in updates]
+        out.append(self.feed_record(event.user_id, event.ts))
+        return out
+
+    def recommend(self, user_id: str, now: float | None = None, k: int | None = None) -> list[FeedItem]:
+        """The user's feed now, from the current lists and catalog."""
+        core = self.products().core
+
+        def similar(pid: str) -> list[tuple[str, float]]:
+            return [(i.product_id, i.score) for i in core.similar(pid) or ()]
+
+        def complements(pid: str) -> list[tuple[str, float]]:
+            return [(i.product_id, i.score) for i in core.complements(pid) or ()]
+
+        return self.feeds.recommend(
+            user_id, time.time() if now is None else now, similar=similar, complements=complements,
+            products=core.catalog.get, k=k or self.settings.feed_k,
+        )
+
+    def feed_record(self, user_id: str, now: float) -> Outbound:
+        items = self.recommend(user_id, now)
+        self._unlist(user_id)
+        listed = tuple(i.product_id for i in items)
+        self.feed_of[user_id] = listed
+        for pid in listed:
+            self.listed_in.setdefault(pid, set()).add(user_id)
+        while len(self.feed_of) > self.feeds.config.max_users:  # the least recently updated go first
+            self._unlist(next(iter(self.feed_of)))
+        return Outbound(self.settings.topic_user_recommendations, user_id, feed_to_wire(user_id, items, self.clock()))
+
+    def _unlist(self, user_id: str) -> None:
+        for pid in self.feed_of.pop(user_id, ()):
+            users = self.listed_in.get(pid)
+            if users is not None:
+                users.discard(user_id)
+                if not users:
+                    del self.listed_in[pid]
+
+    def feeds_after_products(self, records: Iterable[Outbound]) -> list[Outbound]:
+        """Feeds that listed a product which just went out of stock or was deleted."""
+        s = self.settings
+        gone: set[str] = set()
+        for r in records:
+            went_out = r.topic == s.topic_substitutes and r.value is not None and r.value.get("trigger") == "out_of_stock"
+            deleted = r.topic == s.topic_similar_items and r.value is None
+            if went_out or deleted:
+                gone.add(r.key)
+        users = sorted({u for pid in gone for u in self.listed_in.get(pid, ())})
+        now = time.time()
+        return [self.feed_record(u, now) for u in users]
+
+    # ------------------------------------------------------------------ item side
+    def apply_pairs(self, messages: Iterable[Inbound]) -> list[Outbound]:
+        """Apply pair updates on the item owner and mark the items dirty; dead-letter bad ones."""
+        out: list[Outbound] = []
+        now = time.monotonic()
+        for message in messages:
+            try:
+                update = pair_from_wire(message.value)
+                self.model.apply_pair(update)
+            except Exception as exc:  # noqa: BLE001
+                out.append(self.reject(message, exc))
+                continue
+            self.dirty.setdefault(update.item, now)
+        return out
+
+    def due(self, now: float | None = None) -> dict[str, BehaviorRow]:
+        """Rows of the dirty items whose debounce interval has passed; they stop being dirty."""
+        now = time.monotonic() if now is None else now
+        interval = self.settings.behavior_debounce_ms / 1000.0
+        ready = [i for i in self.dirty if now - self.last_flush.get(i, -1e18) >= interval]
+        rows: dict[str, BehaviorRow] = {}
+        for item in ready:
+            del self.dirty[item]
+            self.last_flush[item] = now
+            rows[item] = BehaviorRow.from_model(self.model, item, self.settings.behavior_top_n)
+        # Forget flush times older than the interval: they no longer hold anything back.
+        if len(self.last_flush) > 4 * max(1, len(self.dirty)) + 1024:
+            self.last_flush = {i: t for i, t in self.last_flush.items() if now - t < interval}
+        return rows
+
+    def publish_rows(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
+        """Hand rows to the core (call it where the core is applied, between batches)."""
+        return self.products().core.apply_behavior(rows) if rows else []
+
+
+def _no_products() -> ProductPipeline:
+    raise RuntimeError("BehaviorPipeline needs the worker's ProductPipeline")

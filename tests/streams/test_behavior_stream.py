@@ -1,0 +1,145 @@
+"""User events through the behaviour pipeline, without a broker: pairs keyed by item, debounced
+rows, complements and behaviour parts in the lists, feeds, forget, privacy in logs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from test_pipeline import NOW, load, make_pipeline, message
+
+from encoders.hashing import HashingEncoder
+from serving.config import RecommenderConfig
+from serving.index import ExactIndex
+from serving.recommender import Recommender
+from streams.behavior_stream import BehaviorPipeline, pair_from_wire
+from streams.metrics import Metrics
+from streams.pipeline import Inbound, Outbound, ProductPipeline
+from streams.settings import Settings
+
+USER = "user-7f3a91"
+
+
+def event(kind: str, product: str | None, ts: float, user: str = USER, **extra: Any) -> Inbound:
+    value: dict[str, Any] = {"user_id": user, "type": kind, "ts": ts, **extra}
+    if product is not None:
+        value["product_id"] = product
+    return message(value, key=user, topic="user-events")
+
+
+def as_inbound(records: list[Outbound], topic: str) -> list[Inbound]:
+    out = []
+    for i, r in enumerate(records):
+        if r.topic == topic:
+            key, value = r.encoded()
+            out.append(Inbound(topic, 0, i, key, value))
+    return out
+
+
+@pytest.fixture
+async def stack() -> tuple[BehaviorPipeline, ProductPipeline]:
+    settings = Settings(behavior_debounce_ms=1000, behavior_weight=0.5)
+    config = RecommenderConfig(k=3, candidate_depth=5, behavior_weight=settings.behavior_weight)
+    products = ProductPipeline(settings, Metrics(), clock=lambda: NOW,
+                               recommender=Recommender(config, ExactIndex(config.dim)), encoder=HashingEncoder())
+    await load(products)
+    users = BehaviorPipeline(settings, Metrics(), clock=lambda: NOW, products=lambda: products)
+    return users, products
+
+
+def shop(users: BehaviorPipeline, steps: list[tuple[str, str]], user: str = USER, t0: float = NOW - 60) -> list[Outbound]:
+    out: list[Outbound] = []
+    for i, (kind, product) in enumerate(steps):
+        out += users.handle(event(kind, product, t0 + i, user=user))
+    return out
+
+
+async def test_pairs_are_keyed_by_item_and_feed_follows_each_event(stack: Any) -> None:
+    users, _ = stack
+    out = shop(users, [("view", "H1")])
+    feeds = [r for r in out if r.topic == "user-recommendations"]
+    assert len(feeds) == 1 and feeds[0].key == USER and feeds[0].value is not None
+    assert "H1" not in [i["product_id"] for i in feeds[0].value["items"]]  # history is excluded
+    out = shop(users, [("view", "H2")], t0=NOW - 50)
+    pairs = [r for r in out if r.topic == "simstream-pair-updates"]
+    # H2's count, then the pair from both sides, each keyed by the item whose row it updates.
+    assert [(r.key, r.value["partner"]) for r in pairs if r.value] == [("H2", "H2"), ("H2", "H1"), ("H1", "H2")]
+    assert all(pair_from_wire(r.encoded()[1]).item == r.key for r in pairs)
+
+
+async def test_bought_together_becomes_complements_and_behaviour_parts(stack: Any) -> None:
+    users, products = stack
+    records: list[Outbound] = []
+    for n in range(3):  # three shoppers buy a headphone and a keyboard together
+        records += shop(users, [("purchase", "H1"), ("purchase", "K2")], user=f"u{n}", t0=NOW - 60 + 5 * n)
+    users.apply_pairs(as_inbound(records, "simstream-pair-updates"))
+    assert set(users.dirty) == {"H1", "K2"}
+    pubs = users.publish_rows(users.due())
+    by_key = {(str(p.kind), p.product_id): p for p in pubs}
+    assert [i.product_id for i in by_key[("complements", "H1")].items or ()] == ["K2"]
+    assert [i.product_id for i in by_key[("complements", "K2")].items or ()] == ["H1"]
+    k2 = next(i for i in products.core.similar("H1") or () if i.product_id == "K2")
+    assert k2.behavior > 0  # the keyboard entered the headphone's similar items through behaviour
+    wire = products.publications_to_records(pubs)
+    assert {r.topic for r in wire} >= {"complements", "similar-items"}
+
+
+async def test_a_hot_item_republishes_at_most_once_per_interval_and_its_last_state_always(stack: Any) -> None:
+    users, _ = stack
+    users.apply_pairs(as_inbound(shop(users, [("add_to_cart", "H1"), ("add_to_cart", "K1")]), "simstream-pair-updates"))
+    t = 1000.0
+    assert set(users.due(now=t)) == {"H1", "K1"}
+    users.apply_pairs(as_inbound(shop(users, [("add_to_cart", "K2")], t0=NOW - 30), "simstream-pair-updates"))
+    # Within the interval H1 and K1 are held back (K2 was never published, so it goes now)...
+    assert set(users.due(now=t + 0.5)) == {"K2"}
+    assert {"H1", "K1"} <= set(users.dirty)  # ... but not dropped
+    late = users.due(now=t + 1.0)
+    assert set(late) == {"H1", "K1"} and not users.dirty
+    assert {"K1", "K2"} <= {c for c, _ in late["H1"].complements}  # the final state
+
+
+async def test_purchased_and_out_of_stock_items_leave_the_feed(stack: Any) -> None:
+    users, products = stack
+    shop(users, [("view", "H1")])
+    feed = [i.product_id for i in users.recommend(USER, NOW)]
+    assert "H2" in feed and "H3" in feed
+    shop(users, [("purchase", "H2")], t0=NOW - 40)
+    assert "H2" not in [i.product_id for i in users.recommend(USER, NOW)]
+    out = await products.handle_batch([message({"op": "upsert", "product_id": "H3", "ts": NOW - 5, "in_stock": False},
+                                               key="H3", offset=99)])
+    refreshed = users.feeds_after_products(out)
+    assert [r.key for r in refreshed] == [USER]
+    assert "H3" not in [i["product_id"] for i in (refreshed[0].value or {})["items"]]
+
+
+async def test_forget_erases_the_user_and_tombstones_the_feed(stack: Any, caplog: pytest.LogCaptureFixture) -> None:
+    users, _ = stack
+    caplog.set_level(logging.DEBUG)
+    shop(users, [("view", "H1"), ("purchase", "H2")])
+    assert users.feeds.history(USER, NOW)
+    out = users.handle(event("forget", None, NOW))
+    assert [(r.topic, r.key, r.value) for r in out] == [("user-recommendations", USER, None)]
+    assert users.feeds.history(USER, NOW) == [] and USER not in users.feed_of
+    # Bad events of this user are dead-lettered with the reason, and the log names no user.
+    bad = users.handle(event("like", "H1", NOW))
+    assert bad[0].topic == "simstream-dead-letters" and "unknown event type" in (bad[0].value or {})["error"]
+    assert USER not in caplog.text
+
+
+async def test_events_for_unknown_products_are_counted_and_create_nothing(stack: Any) -> None:
+    users, products = stack
+    records = shop(users, [("purchase", "ghost-1"), ("purchase", "H1")])
+    assert users.metrics.unknown_product_events._value.get() == 1
+    users.apply_pairs(as_inbound(records, "simstream-pair-updates"))
+    users.publish_rows(users.due())
+    assert "ghost-1" not in products.core.catalog
+    for kind in ("similar", "complements"):
+        for items in products.core.lists(kind).values():  # type: ignore[arg-type]
+            assert "ghost-1" not in [i.product_id for i in items]
+
+
+async def test_a_malformed_pair_update_is_dead_lettered() -> None:
+    users = BehaviorPipeline(Settings(), Metrics(), products=make_pipeline)
+    out = users.apply_pairs([Inbound("simstream-pair-updates", 0, 1, b"X", b'{"item": "X"}')])
+    assert out[0].topic == "simstream-dead-letters" and "not a pair update" in (out[0].value or {})["error"]
