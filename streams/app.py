@@ -404,10 +404,13 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(pair_updates, name="pair-updates")
     async def on_pair_updates(stream: Any) -> None:
         await runtime.ready.wait()
-        async for events in stream.take(500, within=0.05):
+        # Acknowledged after they are applied, so a crash replays pair updates, never skips them.
+        async for events in stream.noack_take(500, within=0.05):
             rejected = runtime.users.apply_pairs([_inbound(e) for e in events])
             if rejected:
                 await publish_until_acked(rejected)
+            for event in events:
+                await stream.ack(event)
             metrics.behavior_dirty.set(len(runtime.users.dirty))
 
     @app.timer(interval=max(0.05, settings.behavior_debounce_ms / 2000.0))

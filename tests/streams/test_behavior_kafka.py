@@ -28,14 +28,15 @@ CATALOG = [
 ]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", worker: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    tail = worker.log_tail() if worker is not None else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def send(settings: Settings, topic: str, records: list[tuple[str, dict[str, Any]]]) -> None:
@@ -89,7 +90,7 @@ def test_behaviour_reaches_lists_and_feeds_and_forget_erases_the_user(
                                       ("purchase", "A1"), ("purchase", "C1")], NOW + 10 * n)
     complements = wait_for(
         lambda: (lambda c: c if c.get("A1") and c.get("C1") else None)(latest(settings, settings.topic_complements)),
-        what="complements")
+        what="complements", worker=worker)
     assert feed_ids(complements["A1"])[0] == "C1" and feed_ids(complements["C1"])[0] == "A1"
     assert "often bought together" in complements["A1"]["items"][0]["reasons"]
     similar = latest(settings, settings.topic_similar_items)["A1"]
