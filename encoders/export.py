@@ -188,17 +188,18 @@ def signature_problems(sig: Any, dim: int = EMBEDDING_DIM) -> list[str]:
 
 
 def models_config_text(model_name: str = DEFAULT_MODEL_NAME, base_path: str | None = None) -> str:
-    """TF Serving ``--model_config_file`` content serving the latest version of ``model_name``."""
+    """TF Serving ``--model_config_file`` content serving the two latest versions of ``model_name``."""
     base = base_path if base_path is not None else f"{CONTAINER_MODEL_ROOT}/{model_name}"
     return (
         "# Written by `simstream export-encoder`. base_path is the model base as the TF Serving\n"
-        "# container sees it (mount MODEL_BASE there); the highest version folder is served.\n"
+        "# container sees it (mount MODEL_BASE there). The two highest version folders are served,\n"
+        "# so a worker rolling over from version N to a new M embeds with both until it swaps.\n"
         "model_config_list {\n"
         "  config {\n"
         f'    name: "{model_name}"\n'
         f'    base_path: "{base}"\n'
         '    model_platform: "tensorflow"\n'
-        "    model_version_policy { latest { num_versions: 1 } }\n"
+        "    model_version_policy { latest { num_versions: 2 } }\n"
         "  }\n"
         "}\n"
     )

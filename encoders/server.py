@@ -6,6 +6,14 @@ tested without TF Serving. It implements ``Predict`` and ``GetModelMetadata`` of
 Serving's status codes: NOT_FOUND for an unknown model name or version, INVALID_ARGUMENT for a
 bad signature name, missing inputs, or wrong dtypes and shapes.
 
+Versions: like TF Serving with ``model_version_policy { all {} }``, an unpinned server serves
+every version folder under the base path, watches the base (every ``poll_s`` seconds, and
+whenever a request names a version it does not have) and loads new versions as they appear,
+so a worker can roll from version N to M while both answer. A request without a version gets
+the latest. A version that fails to load (not a simstream encoder) is reported by
+``GetModelStatus`` as ``END`` with its error, and is not served. A pinned server
+(``model_version``) serves that version only.
+
 Production does not use it: there the client points at ``tensorflow/serving:*-gpu`` with
 ``infra/tfserving/models.config`` and ``batching_parameters.txt`` (server-side batching, GPU).
 """
@@ -13,8 +21,10 @@ Production does not use it: there the client points at ``tensorflow/serving:*-gp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,7 @@ from encoders.export import (
     INPUT_IDS,
     OUTPUT,
     SIGNATURE,
+    list_versions,
     read_signature_defs,
     resolve_version,
 )
@@ -70,6 +81,22 @@ def _float_proto(array: np.ndarray) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Servable:
+    """One loaded version: its folder, signatures and forward pass."""
+
+    version: int
+    version_dir: Path
+    signatures: dict[str, Any]
+    run: RunBatch
+
+
+def load_version(version_dir: Path, version: int, run: RunBatch | None = None) -> Servable:
+    """Load one version folder (raises when it is not a simstream encoder SavedModel)."""
+    signatures = read_signature_defs(version_dir)
+    return Servable(version, version_dir, signatures, run if run is not None else load_servable(version_dir))
+
+
 class EncoderServer:
     """PredictionService + ModelService over ``model_base/<version>/`` on ``host:port``."""
 
@@ -84,18 +111,78 @@ class EncoderServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         workers: int = 1,
         run: RunBatch | None = None,
+        poll_s: float = 2.0,
     ) -> None:
         self.model_base = Path(model_base).expanduser()
         self.model_name = model_name
-        self.version, self.version_dir = resolve_version(self.model_base, model_version)
+        self.pinned = model_version
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
-        self._signatures = read_signature_defs(self.version_dir)
-        self._run = run if run is not None else load_servable(self.version_dir)
+        self.poll_s = poll_s
+        #: Loaded versions, and versions that failed to load with the reason.
+        self.servables: dict[int, Servable] = {}
+        self.failed: dict[int, str] = {}
+        # The first version (pinned, or the latest) must load: it is what the server is for.
+        version, version_dir = resolve_version(self.model_base, model_version)
+        self.servables[version] = load_version(version_dir, version, run)
+        if model_version is None:
+            self._load_new(self._wanted())
         # One model run at a time per worker: TensorFlow spreads each batch over the cores.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encoder-server")
         self._server: Any = None
+        self._refresh_lock: asyncio.Lock | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def version(self) -> int:
+        """The latest loaded version: what a request without a version gets."""
+        return max(self.servables)
+
+    @property
+    def version_dir(self) -> Path:
+        return self.servables[self.version].version_dir
+
+    @property
+    def _signatures(self) -> dict[str, Any]:
+        return self.servables[self.version].signatures
+
+    def _wanted(self) -> list[int]:
+        return [v for v in list_versions(self.model_base) if v not in self.servables and v not in self.failed]
+
+    def _load_new(self, versions: list[int]) -> None:
+        for version in versions:
+            try:
+                self.servables[version] = load_version(self.model_base / str(version), version)
+                log.info("loaded model %s version %s", self.model_name, version)
+            except Exception as exc:  # noqa: BLE001 - a bad version must not stop the others
+                self.failed[version] = f"{type(exc).__name__}: {exc}"
+                log.error("not serving model %s version %s: %s", self.model_name, version, exc)
+
+    async def refresh(self) -> None:
+        """Load versions that appeared under the base, drop those whose folder is gone (unpinned only)."""
+        if self.pinned is not None:
+            return
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:
+            present = set(list_versions(self.model_base))
+            for gone in [v for v in self.servables if v not in present and len(self.servables) > 1]:
+                del self.servables[gone]
+                log.info("unloaded model %s version %s (its folder is gone)", self.model_name, gone)
+            for gone in [v for v in self.failed if v not in present]:
+                del self.failed[gone]
+            wanted = self._wanted()
+            if wanted:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._load_new, wanted)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep watching
+                log.error("scanning %s failed: %s", self.model_base, exc)
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with ``port=0``)."""
@@ -114,8 +201,10 @@ class EncoderServer:
             raise OSError(f"cannot bind {self.host}:{self.port}; is the port in use?")
         self.port = bound
         await self._server.start()
-        log.info("serving model %s version %s from %s on %s:%s", self.model_name, self.version,
-                 self.version_dir, self.host, bound)
+        if self.pinned is None and self.poll_s > 0:
+            self._watcher = asyncio.ensure_future(self._watch())
+        log.info("serving model %s version(s) %s from %s on %s:%s", self.model_name, sorted(self.servables),
+                 self.model_base, self.host, bound)
         return bound
 
     async def wait(self) -> None:
@@ -124,35 +213,51 @@ class EncoderServer:
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace_s``, release the executor."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
         self._executor.shutdown(wait=False)
 
     # --- shared checks ----------------------------------------------------------------
-    async def check_spec(self, spec: Any, context: Any) -> None:
+    async def check_spec(self, spec: Any, context: Any) -> Servable:
+        """The servable a request's ``model_spec`` names; aborts NOT_FOUND when there is none."""
         import grpc
 
         if spec.name != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"Servable not found for request: Latest({spec.name}); "
                                 f"this server serves '{self.model_name}'")
-        if spec.HasField("version") and spec.version.value != self.version:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"Servable not found for request: Specific({spec.name}, {spec.version.value}); "
-                                f"available: {self.version}")
         if spec.version_label:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no version label '{spec.version_label}' is assigned")
+        if not spec.HasField("version"):
+            return self.servables[self.version]
+        wanted = spec.version.value
+        if wanted not in self.servables:
+            await self.refresh()  # it may just have been exported
+        servable = self.servables.get(wanted)
+        if servable is None:
+            reason = f" (it failed to load: {self.failed[wanted]})" if wanted in self.failed else ""
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"Servable not found for request: Specific({spec.name}, {wanted}){reason}; "
+                                f"available: {', '.join(map(str, sorted(self.servables)))}")
+        assert servable is not None
+        return servable
 
-    def fill_spec(self, spec: Any, signature: str | None) -> None:
+    def fill_spec(self, spec: Any, signature: str | None, version: int | None = None) -> None:
         spec.name = self.model_name
-        spec.version.value = self.version
+        spec.version.value = self.version if version is None else version
         if signature is not None:
             spec.signature_name = signature
 
-    async def predict(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    async def predict(self, ids: np.ndarray, mask: np.ndarray, servable: Servable | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, ids, mask)
+        run = (servable or self.servables[self.version]).run
+        return await loop.run_in_executor(self._executor, run, ids, mask)
 
 
 def _servicer_base() -> type:
@@ -170,7 +275,7 @@ class _Prediction(_servicer_base()):  # type: ignore[misc]
         from tensorflow_serving.apis import predict_pb2
 
         owner = self.owner
-        await owner.check_spec(request.model_spec, context)
+        servable = await owner.check_spec(request.model_spec, context)
         signature = request.model_spec.signature_name or SIGNATURE
         if signature != SIGNATURE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -195,9 +300,9 @@ class _Prediction(_servicer_base()):  # type: ignore[misc]
                 raise ValueError(f"length {ids.shape[1]} exceeds the model's 512 positions")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        vectors = await owner.predict(ids, mask)
+        vectors = await owner.predict(ids, mask, servable)
         response = predict_pb2.PredictResponse()
-        owner.fill_spec(response.model_spec, SIGNATURE)
+        owner.fill_spec(response.model_spec, SIGNATURE, version=servable.version)
         response.outputs[OUTPUT].CopyFrom(_float_proto(vectors))
         return response
 
@@ -206,15 +311,15 @@ class _Prediction(_servicer_base()):  # type: ignore[misc]
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         owner = self.owner
-        await owner.check_spec(request.model_spec, context)
+        servable = await owner.check_spec(request.model_spec, context)
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"Metadata field(s) {fields} not supported; ask for ['signature_def']")
         response = get_model_metadata_pb2.GetModelMetadataResponse()
-        owner.fill_spec(response.model_spec, None)
+        owner.fill_spec(response.model_spec, None, version=servable.version)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, sig in owner._signatures.items():
+        for name, sig in servable.signatures.items():
             sig_map.signature_def[name].CopyFrom(sig)
         response.metadata["signature_def"].Pack(sig_map)
         return response
@@ -231,13 +336,27 @@ class _ModelStatus(_status_base()):  # type: ignore[misc]
         self.owner = owner
 
     async def GetModelStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
-        from tensorflow_serving.apis import get_model_status_pb2
+        """Every version's state (AVAILABLE, or END with the load error), as TF Serving reports them."""
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2, status_pb2
 
-        await self.owner.check_spec(request.model_spec, context)
-        status = get_model_status_pb2.ModelVersionStatus(
-            version=self.owner.version, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        )
-        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[status])
+        owner = self.owner
+        spec = request.model_spec
+        if spec.name != owner.model_name or spec.version_label:
+            await owner.check_spec(spec, context)  # aborts with TF Serving's NOT_FOUND
+        await owner.refresh()
+        states = get_model_status_pb2.ModelVersionStatus
+        statuses = [states(version=v, state=states.AVAILABLE) for v in sorted(owner.servables)]
+        statuses += [states(version=v, state=states.END,
+                            status=status_pb2.StatusProto(error_code=3, error_message=reason))
+                     for v, reason in sorted(owner.failed.items())]
+        if spec.HasField("version"):
+            statuses = [s for s in statuses if s.version == spec.version.value]
+            if not statuses:
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"Could not find version {spec.version.value} of model {spec.name}")
+        statuses.sort(key=lambda s: s.version)
+        return get_model_status_pb2.GetModelStatusResponse(model_version_status=statuses)
 
 
 async def serve(model_base: Path, *, host: str = "127.0.0.1", port: int = 8500,

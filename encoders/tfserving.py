@@ -156,6 +156,19 @@ class TFServingEncoder:
         self._version = self._version_of(response.model_spec)
         self._checked = True
 
+    async def available_versions(self) -> list[int]:
+        """The versions of ``model_name`` the server reports AVAILABLE (``ModelService.GetModelStatus``)."""
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+        self._stub()  # opens this loop's channel
+        channel = self._channels[asyncio.get_running_loop()][0]
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        response = await self._call(stub.GetModelStatus, request, "GetModelStatus")
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return sorted(s.version for s in response.model_version_status if s.state == available)
+
     async def close(self) -> None:
         """Close this loop's channel and stop the private loop of ``encode_blocking``."""
         entry = self._channels.pop(asyncio.get_running_loop(), None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.base import EMBEDDING_DIM
+from encoders.base import EMBEDDING_DIM, Encoder
 from encoders.export import SIGNATURE, list_versions, read_signature_defs, signature_problems
 from serving.errors import ModelMismatch
 
@@ -113,3 +113,28 @@ def choose_version(model_base: Path, wanted: int | None, current: int | None,
         log.error("model version %s refused, keeping version %s: %s", target, current, exc)
         return current, str(exc)
     return target, None
+
+
+#: Texts ``probe_encoder`` embeds through a running encoder.
+PROBE_TEXTS = ("hello world", "")
+
+
+async def probe_encoder(encoder: Encoder, expected_dim: int = EMBEDDING_DIM) -> str:
+    """Start ``encoder`` and embed two texts through it; returns the model version it reports.
+
+    The same checks as ``verify_model``'s probe, through the adapter the worker will use (for
+    TF Serving, ``start()`` also checks the served signature). Raises ``ModelMismatch`` for a
+    wrong dimension or non-unit output; ``EncoderUnavailable`` passes through (an outage is
+    not a verdict on the model).
+    """
+    await encoder.start()
+    result = await encoder.encode(list(PROBE_TEXTS))
+    vectors = np.asarray(result.vectors)
+    if vectors.ndim != 2 or vectors.shape != (len(PROBE_TEXTS), expected_dim):
+        raise ModelMismatch(f"model {result.model_version or '?'} returned vectors of shape {vectors.shape}, "
+                            f"the index needs ({len(PROBE_TEXTS)}, {expected_dim})")
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.all(np.isfinite(vectors)) or not np.allclose(norms, 1.0, atol=1e-3):
+        raise ModelMismatch(f"model {result.model_version} returned non-finite or non-unit vectors "
+                            f"(norms {norms.tolist()})")
+    return result.model_version

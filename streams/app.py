@@ -29,6 +29,7 @@ from streams.behavior_stream import BehaviorPipeline
 from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline
+from streams.rollover import ModelRollover, RolloverBusy, register_rollover_views
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Runtime:
     batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Operations the admin endpoints run: name -> coroutine returning a JSON-able result.
     actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
+    #: The live model version and its rollovers (``streams/rollover.py``).
+    rollover: ModelRollover | None = None
 
     @property
     def encoder_ok(self) -> bool:
@@ -109,6 +112,7 @@ def build_runtime(settings: Settings) -> Runtime:
     users = BehaviorPipeline(settings, metrics, products=lambda: holder[0].products)
     runtime = Runtime(settings=settings, metrics=metrics, products=products, users=users)
     holder.append(runtime)
+    runtime.rollover = ModelRollover(runtime)
     return runtime
 
 
@@ -229,6 +233,8 @@ def create_app(settings: Settings) -> faust.App:
         Ingestion pauses for the rebuild (the batch lock); the read API keeps answering from
         the old core until the swap, and lists that differ afterwards are republished.
         """
+        if runtime.rollover is not None and runtime.rollover.running:
+            raise RolloverBusy("a model rollover is running; rebuild the index once it is done (see /health)")
         started = time.monotonic()
         async with runtime.batch_lock:
             old = runtime.products
@@ -260,11 +266,12 @@ def create_app(settings: Settings) -> faust.App:
     async def restore() -> None:
         """Start the encoder, rebuild state (snapshot + replay, or the topics), then open the gates."""
         pipeline = runtime.products
-        assert pipeline.encoder is not None
+        assert pipeline.encoder is not None and runtime.rollover is not None
         delay = 0.5
         while True:
             try:
-                await pipeline.encoder.start()
+                # Pins the encoder to the configured (or newest) version that passes verification.
+                await runtime.rollover.start_live_encoder()
                 break
             except EncoderUnavailable as exc:
                 log.error("encoder unavailable at start-up, retrying in %.1f s: %s", delay, exc)
@@ -428,7 +435,17 @@ def create_app(settings: Settings) -> faust.App:
             await publish_until_acked(pipeline.publications_to_records(pubs))
         metrics.behavior_dirty.set(len(users.dirty))
 
+    @app.timer(interval=1.0)
+    async def follow_model_version() -> None:
+        """Roll over when a newer model version is on offer (SIMSTREAM_MODEL_VERSION unset)."""
+        assert runtime.rollover is not None
+        await runtime.rollover.poll()
+
+    assert runtime.rollover is not None
+    runtime.rollover.publish = publish_until_acked
+
     from streams.web import register_views
 
     register_views(app, runtime)
+    register_rollover_views(app, runtime)
     return app

@@ -47,6 +47,15 @@ class Metrics:
         self.behavior_dirty = Gauge("simstream_behavior_dirty_items", "Items waiting for their debounce", registry=r)
         self.index_live = Gauge("simstream_index_live", "Live vectors in the index", registry=r)
         self.index_deleted = Gauge("simstream_index_deleted", "Deleted-but-not-reclaimed index entries", registry=r)
+        self.rollover_progress = Gauge(
+            "simstream_rollover_progress", "Share of the catalog re-embedded by the running model rollover (0 to 1)",
+            registry=r,
+        )
+        self.rollover_active = Gauge("simstream_rollover_active", "1 while a model rollover runs", registry=r)
+        self.rollovers = Counter(
+            "simstream_rollovers_total", "Model rollovers by outcome (swapped, refused, failed)", ["outcome"], registry=r
+        )
+        self.model_info = Gauge("simstream_model_info", "The live model version (value 1)", ["model_version"], registry=r)
         self.freshness = Histogram(
             "simstream_freshness_seconds", "Event timestamp to publication of its own list",
             ["topic"], buckets=FRESHNESS_BUCKETS, registry=r,

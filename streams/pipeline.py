@@ -187,6 +187,9 @@ class ProductPipeline(Edge):
     #: Slow-lane changes deferred while the encoder is unreachable, in arrival order.
     pending: list[tuple[Inbound, ProductChange]] = field(default_factory=list)
     max_pending: int = 10_000
+    #: While a model rollover runs (``streams.rollover``): every change applied to this core,
+    #: in order, so the new core can catch up with them. ``None`` otherwise.
+    journal: list[ProductChange] | None = None
 
     @property
     def core(self) -> Recommender:
@@ -375,6 +378,8 @@ class ProductPipeline(Edge):
                 vector = vectors[text] if text in vectors else (await self.embed([text]))[text]
         before = self.core.catalog.get(change.product_id)
         publications: list[Publication] = await self._in_core(self.core.apply, change, vector)
+        if self.journal is not None:
+            self.journal.append(change)
         after = self.core.catalog.get(change.product_id)
         return self._records_for(change, before, after, product, vector, publications)
 

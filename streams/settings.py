@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     encoder_retries: int = Field(4, ge=0, le=20, description="Retries on UNAVAILABLE or DEADLINE_EXCEEDED (gRPC).")
     embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder batch taken from the stream.")
     embed_batch_within_s: float = Field(0.05, gt=0, le=10, description="How long the stream waits to fill a batch.")
+    model_poll_interval_s: float = Field(
+        30.0, ge=0, le=86400,
+        description="With SIMSTREAM_MODEL_VERSION unset: seconds between checks for a newer model version "
+        "(TF Serving's GetModelStatus, or the model base for `local`), which starts a live rollover; 0 disables.",
+    )
+    rollover_batch_size: int = Field(256, ge=1, le=8192, description="Products re-embedded per encoder call during a model rollover.")
+    rollover_pause_s: float = Field(
+        0.0, ge=0, le=60, description="Pause between rollover batches, to leave encoder capacity to the live stream."
+    )
 
     # --- Recommendations ----------------------------------------------------------------
     k: int = Field(10, ge=1, le=200, description="Items per published list.")

@@ -102,6 +102,8 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "stale_events": stats.stale_events,
                 "restored_from": runtime.restored_from,
                 "uptime_s": round(time.time() - runtime.started_at, 1),
+                # A refused model version (the old one stays live) and the rollover's progress.
+                **(runtime.rollover.health() if runtime.rollover is not None else {}),
             }
             return self.json(body, status=200 if healthy else 503)
 
@@ -217,6 +219,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "published_records": total("simstream_published"), "embedded_texts": runtime.products.embedded_texts,
                 "model_version": runtime.products.model_version if runtime.encoder_ok else None,
                 "last_event_at": runtime.last_event_at,
+                **(runtime.rollover.health() if runtime.rollover is not None else {}),
             })
 
     @app.page("/debug/lexical")

@@ -147,10 +147,10 @@ async def test_version_rollover_mid_call_never_mixes_models(server_factory: Any)
     calls = 0
     original = owner.fill_spec
 
-    def rolling(spec: Any, signature: str | None) -> None:
+    def rolling(spec: Any, signature: str | None, version: int | None = None) -> None:
         nonlocal calls
         calls += 1
-        original(spec, signature)
+        original(spec, signature, version)
         if calls > 2:  # metadata and the first batch see version 1, everything after version 2
             spec.version.value = 2
 
