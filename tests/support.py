@@ -83,3 +83,25 @@ class WorkerProcess:
             self.proc.wait(10)
 
 
+def write_toy_model(target: Path, dim: int = 384, seed: int = 2) -> None:
+    """A SavedModel with simstream's signature: unit-normalised sums of per-token sine features."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    freqs = tf.constant(rng.uniform(0.01, 3.0, dim), tf.float32)
+    phases = tf.constant(rng.uniform(0.0, 2 * np.pi, dim), tf.float32)
+    spec = [tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+            tf.TensorSpec([None, None], tf.int32, name="attention_mask")]
+
+    @tf.function(input_signature=spec)
+    def serve(input_ids: Any, attention_mask: Any) -> dict[str, Any]:
+        feats = tf.sin(tf.cast(input_ids, tf.float32)[..., None] * freqs + phases)
+        mask = tf.cast(attention_mask, tf.float32)[..., None]
+        return {"embedding": tf.math.l2_normalize(tf.reduce_sum(feats * mask, axis=1), axis=1)}
+
+    module = tf.Module()
+    module.serve = serve
+    tmp = target.parent / f".tmp-{target.name}"
+    tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+    os.replace(tmp, target)  # a watcher never sees half a model

@@ -162,3 +162,44 @@ async def test_version_rollover_mid_call_never_mixes_models(server_factory: Any)
     assert result.model_version == "minilm/2"
     assert calls == 1 + 3 + 3  # metadata, a mixed first pass, a clean second pass
     await client.close()
+
+
+async def test_an_unpinned_server_serves_every_version_and_picks_up_new_ones(model_base: Any, tmp_path: Any) -> None:
+    """Versions 1 and 2 answer side by side; a version exported later is loaded; a bad one is END."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    from tests.encoders.conftest import ServerThread
+    from tests.support import write_toy_model
+
+    base = tmp_path / "minilm"
+    base.mkdir()
+    (base / "1").symlink_to(model_base / "1", target_is_directory=True)
+    write_toy_model(base / "2")
+    server = ServerThread(base, poll_s=0.2)
+    try:
+        one = TFServingEncoder(server.address, model_version=1)
+        two = TFServingEncoder(server.address, model_version=2)
+        latest = TFServingEncoder(server.address)
+        a, b, c = [await e.encode(["copper kettle"]) for e in (one, two, latest)]
+        assert (a.model_version, b.model_version, c.model_version) == ("minilm/1", "minilm/2", "minilm/2")
+        assert float(np.dot(a.vectors[0], b.vectors[0])) < 0.9  # two different models
+        assert await one.available_versions() == [1, 2]
+
+        write_toy_model(base / "3", dim=8)  # not a simstream encoder: reported, not served
+        write_toy_model(base / "4", seed=4)
+        assert (await TFServingEncoder(server.address, model_version=4).encode(["x"])).model_version == "minilm/4"
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = "minilm"
+            response = await model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=30)
+        states = {s.version: (s.state, s.status.error_message) for s in response.model_version_status}
+        assert sorted(states) == [1, 2, 3, 4]
+        assert states[3][0] == get_model_status_pb2.ModelVersionStatus.END and "384" in states[3][1]
+        assert await one.available_versions() == [1, 2, 4]
+        with pytest.raises(ModelMismatch, match="version 3"):
+            await TFServingEncoder(server.address, model_version=3, retries=0).start()
+        for encoder in (one, two, latest):
+            await encoder.close()
+    finally:
+        server.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import threading
 import time
@@ -31,7 +30,7 @@ from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
-from tests.support import SIMSTREAM, WorkerProcess, free_port
+from tests.support import SIMSTREAM, WorkerProcess, free_port, write_toy_model
 
 pytestmark = pytest.mark.integration
 
@@ -39,29 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "data" / "amazon-software" / "catalog.jsonl"
 N_PRODUCTS = 100
 BASE_TS = time.time() - 3600
-
-
-def write_toy_model(target: Path, dim: int = 384, seed: int = 2) -> None:
-    """A SavedModel with simstream's signature: unit-normalised sums of per-token sine features."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    freqs = tf.constant(rng.uniform(0.01, 3.0, dim), tf.float32)
-    phases = tf.constant(rng.uniform(0.0, 2 * np.pi, dim), tf.float32)
-    spec = [tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-            tf.TensorSpec([None, None], tf.int32, name="attention_mask")]
-
-    @tf.function(input_signature=spec)
-    def serve(input_ids: Any, attention_mask: Any) -> dict[str, Any]:
-        feats = tf.sin(tf.cast(input_ids, tf.float32)[..., None] * freqs + phases)
-        mask = tf.cast(attention_mask, tf.float32)[..., None]
-        return {"embedding": tf.math.l2_normalize(tf.reduce_sum(feats * mask, axis=1), axis=1)}
-
-    module = tf.Module()
-    module.serve = serve
-    tmp = target.parent / f".tmp-{target.name}"
-    tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
-    os.replace(tmp, target)  # a watcher never sees half a model
 
 
 @pytest.fixture
