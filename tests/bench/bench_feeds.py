@@ -100,12 +100,17 @@ def stream_part(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
         kafka.flush()
         kafka.close()
         elapsed = time.monotonic() - started
-        time.sleep(3.0)
-        cpu_cores = (bench.stats.cpu_s() - cpu0) / (time.monotonic() - started)
+        cpu_cores = (bench.stats.cpu_s() - cpu0) / elapsed
         rss = bench.stats.rss_mb()
+        records = []
+        for _ in range(60):  # until every feed is out (or a minute without progress)
+            records = list(read_topic(settings, settings.topic_user_recommendations, timeout_s=120))
+            if len(records) >= total:
+                break
+            time.sleep(1.0)
         seen: dict[str, int] = {}
         latencies: list[float] = []
-        for record in read_topic(settings, settings.topic_user_recommendations, timeout_s=120):
+        for record in records:
             if record.key is None or record.value is None:
                 continue
             n = seen.get(record.key, 0)
