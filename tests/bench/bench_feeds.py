@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import random
 import sys
@@ -58,18 +59,21 @@ class Shoppers:
     def __init__(self, products: list[str], users: int, seed: int) -> None:
         self.rng = random.Random(seed)
         self.products = products
-        self.weights = [1.0 / (r + 1) ** 1.1 for r in range(len(products))]
+        self.cum_weights = list(itertools.accumulate(1.0 / (r + 1) ** 1.1 for r in range(len(products))))
         self.users = users
         self.left: dict[int, int] = {}
 
     def next(self) -> tuple[str, str, str]:
-        user = self.rng.randrange(self.users)
-        self.left.setdefault(user, self.rng.randint(1, 8))
+        """The next event: shoppers come in sessions of 1 to 8 events, a few at a time."""
+        if not self.left:
+            for _ in range(4):
+                self.left[self.rng.randrange(self.users)] = self.rng.randint(1, 8)
+        user = self.rng.choice(list(self.left))
         self.left[user] -= 1
         if self.left[user] <= 0:
             del self.left[user]
         kind = self.rng.choices([k for k, _ in KINDS], [w for _, w in KINDS])[0]
-        item = self.rng.choices(self.products, self.weights)[0]
+        item = self.rng.choices(self.products, cum_weights=self.cum_weights)[0]
         return f"u{user:07d}", kind, item
 
 
@@ -181,7 +185,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--items", type=int, default=100_000)
-    ap.add_argument("--memory-users", type=int, default=2_000_000)
+    ap.add_argument("--memory-users", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-stream", action="store_true", help="only the in-process memory part")
     ap.add_argument("--out", type=Path)
