@@ -408,10 +408,7 @@ def create_app(settings: Settings) -> faust.App:
         # round trip capped the stream near 100 events/s). Acked after their outputs are.
         async for events in stream.noack_take(256, within=0.005):
             runtime.last_event_at = time.time()
-            records: list[Outbound] = []
-            for event in events:
-                records += runtime.users.handle(_inbound(event))
-            await publish_until_acked(records)
+            await publish_until_acked(runtime.users.handle_batch([_inbound(e) for e in events]))
             for event in events:
                 await stream.ack(event)
 

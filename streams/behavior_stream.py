@@ -68,22 +68,24 @@ def feed_config(settings: Settings) -> FeedConfig:
     )
 
 
-def pair_to_wire(update: PairUpdate) -> dict[str, Any]:
-    return {"item": update.item, "partner": update.partner, "channel": update.channel,
-            "weight": update.weight, "ts": update.ts}
+def pairs_to_wire(item: str, updates: Iterable[PairUpdate]) -> dict[str, Any]:
+    """One ``simstream-pair-updates`` value: every update of one item's row from a batch of
+    events (one record per item, not per pair: the records are most of the worker's traffic)."""
+    return {"item": item, "updates": [[u.partner, u.channel, u.weight, u.ts] for u in updates]}
 
 
-def pair_from_wire(raw: bytes | None) -> PairUpdate:
+def pairs_from_wire(raw: bytes | None) -> list[PairUpdate]:
     """Decode one ``simstream-pair-updates`` value; ``InvalidInput`` when it is not one."""
     try:
         obj = json.loads(raw or b"")
-        update = PairUpdate(str(obj["item"]), str(obj["partner"]), str(obj["channel"]),
-                            float(obj["weight"]), float(obj["ts"]))
+        item = str(obj["item"])
+        updates = [PairUpdate(item, str(p), str(c), float(w), float(t)) for p, c, w, t in obj["updates"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"not a pair update ({type(exc).__name__}: {exc})") from exc
-    if update.channel not in CHANNELS or not update.item or not update.partner:
-        raise InvalidInput(f"not a pair update: channel {update.channel!r}")
-    return update
+    for u in updates:
+        if u.channel not in CHANNELS or not item or not u.partner:
+            raise InvalidInput(f"not a pair update: channel {u.channel!r}")
+    return updates
 
 
 def feed_to_wire(user_id: str, items: Iterable[FeedItem], at: float) -> dict[str, Any]:
@@ -115,25 +117,39 @@ class BehaviorPipeline(Edge):
         self.feeds = UserFeeds(feed_config(self.settings))
 
     # ------------------------------------------------------------------ user side
+    def handle_batch(self, messages: Iterable[Inbound]) -> list[Outbound]:
+        """User events in order: their pair updates grouped into one record per item, then
+        each event's feed (and dead letters, tombstones)."""
+        by_item: dict[str, list[PairUpdate]] = {}
+        out: list[Outbound] = []
+        for message in messages:
+            records, updates = self._handle(message)
+            out += records
+            for u in updates:
+                by_item.setdefault(u.item, []).append(u)
+        pairs = [Outbound(self.settings.topic_pair_updates, item, pairs_to_wire(item, ups)) for item, ups in by_item.items()]
+        return pairs + out
+
     def handle(self, message: Inbound) -> list[Outbound]:
         """One user event: pair updates for the item owners, and the user's new feed."""
+        return self.handle_batch([message])
+
+    def _handle(self, message: Inbound) -> tuple[list[Outbound], list[PairUpdate]]:
         try:
             event = self.decode_user(message).to_core()
             updates = self.model.observe(event)
             self.feeds.observe(event)
         except Exception as exc:  # noqa: BLE001 - one bad event must never stop the stream
-            return [self.reject(message, exc)]
+            return [self.reject(message, exc)], []
         self.metrics.events.labels(message.topic, "accepted").inc()
         if event.type is UserEventType.FORGET:
             self._unlist(event.user_id)
             self.metrics.forgotten_users.inc()
-            return [Outbound(self.settings.topic_user_recommendations, event.user_id, None)]
+            return [Outbound(self.settings.topic_user_recommendations, event.user_id, None)], []
         if event.product_id is not None and self.products().core.catalog.get(event.product_id) is None:
             # Counted, and harmless: lists and feeds only ever name products in the catalog.
             self.metrics.unknown_product_events.inc()
-        out = [Outbound(self.settings.topic_pair_updates, u.item, pair_to_wire(u)) for u in updates]
-        out.append(self.feed_record(event.user_id, event.ts))
-        return out
+        return [self.feed_record(event.user_id, event.ts)], updates
 
     def recommend(self, user_id: str, now: float | None = None, k: int | None = None) -> list[FeedItem]:
         """The user's feed now, from the current lists and catalog."""
@@ -189,12 +205,14 @@ class BehaviorPipeline(Edge):
         now = time.monotonic()
         for message in messages:
             try:
-                update = pair_from_wire(message.value)
-                self.model.apply_pair(update)
+                updates = pairs_from_wire(message.value)
+                for update in updates:
+                    self.model.apply_pair(update)
             except Exception as exc:  # noqa: BLE001
                 out.append(self.reject(message, exc))
                 continue
-            self.dirty.setdefault(update.item, now)
+            for update in updates:
+                self.dirty.setdefault(update.item, now)
         return out
 
     def due(self, now: float | None = None) -> dict[str, BehaviorRow]:

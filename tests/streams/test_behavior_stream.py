@@ -13,7 +13,7 @@ from encoders.hashing import HashingEncoder
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.recommender import Recommender
-from streams.behavior_stream import BehaviorPipeline, pair_from_wire
+from streams.behavior_stream import BehaviorPipeline, pairs_from_wire
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Outbound, ProductPipeline
 from streams.settings import Settings
@@ -63,9 +63,19 @@ async def test_pairs_are_keyed_by_item_and_feed_follows_each_event(stack: Any) -
     assert "H1" not in [i["product_id"] for i in feeds[0].value["items"]]  # history is excluded
     out = shop(users, [("view", "H2")], t0=NOW - 50)
     pairs = [r for r in out if r.topic == "simstream-pair-updates"]
-    # H2's count, then the pair from both sides, each keyed by the item whose row it updates.
-    assert [(r.key, r.value["partner"]) for r in pairs if r.value] == [("H2", "H2"), ("H2", "H1"), ("H1", "H2")]
-    assert all(pair_from_wire(r.encoded()[1]).item == r.key for r in pairs)
+    # One record per item whose row changes, keyed by that item: H2's count and pair, H1's pair.
+    decoded = {r.key: [(u.item, u.partner) for u in pairs_from_wire(r.encoded()[1])] for r in pairs}
+    assert decoded == {"H2": [("H2", "H2"), ("H2", "H1")], "H1": [("H1", "H2")]}
+
+
+async def test_a_batch_sends_one_pair_record_per_item(stack: Any) -> None:
+    users, _ = stack
+    batch = [event(kind, product, NOW - 60 + i) for i, (kind, product) in
+             enumerate([("view", "H1"), ("view", "H2"), ("view", "H3"), ("add_to_cart", "H2")])]
+    out = users.handle_batch(batch)
+    keys = [r.key for r in out if r.topic == "simstream-pair-updates"]
+    assert sorted(keys) == ["H1", "H2", "H3"]  # not one record per pair
+    assert [r.topic for r in out].count("user-recommendations") == 4  # a feed per event
 
 
 async def test_bought_together_becomes_complements_and_behaviour_parts(stack: Any) -> None:
