@@ -151,8 +151,11 @@ class BehaviorPipeline(Edge):
             self.metrics.unknown_product_events.inc()
         return [self.feed_record(event.user_id, event.ts)], updates
 
-    def recommend(self, user_id: str, now: float | None = None, k: int | None = None) -> list[FeedItem]:
-        """The user's feed now, from the current lists and catalog."""
+    def recommend(
+        self, user_id: str, now: float | None = None, k: int | None = None, category: str | None = None
+    ) -> list[FeedItem]:
+        """The user's feed now, from the current lists and catalog (cold start: trending,
+        within ``category`` when given)."""
         core = self.products().core
 
         def similar(pid: str) -> list[tuple[str, float]]:
@@ -163,7 +166,7 @@ class BehaviorPipeline(Edge):
 
         return self.feeds.recommend(
             user_id, time.time() if now is None else now, similar=similar, complements=complements,
-            products=core.catalog.get, k=k or self.settings.feed_k,
+            products=core.catalog.get, k=k or self.settings.feed_k, category=category,
         )
 
     def feed_record(self, user_id: str, now: float) -> Outbound:

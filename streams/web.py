@@ -158,7 +158,8 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
 
     @app.page("/users/{user_id}/recommendations")
     class UserRecommendations(Base):
-        """The user's feed now; ``k`` (1 to ``MAX_FEED_ITEMS``) items, trending for new users."""
+        """The user's feed now; ``k`` (1 to ``MAX_FEED_ITEMS``) items; trending for new users,
+        within ``category`` (a leaf category) when the caller knows one."""
 
         async def get(self, request: Request, user_id: str) -> Response:
             if (denied := self.guard(request)) is not None:
@@ -169,7 +170,10 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             raw_k = request.query.get("k", str(runtime.settings.feed_k))
             if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_FEED_ITEMS:
                 return self.json({"error": f"k must be an integer from 1 to {MAX_FEED_ITEMS}"}, status=400)
-            items = runtime.users.recommend(user_id, k=int(raw_k))
+            category = request.query.get("category") or None
+            if category is not None and len(category) > MAX_QUERY_CHARS:
+                return self.json({"error": f"category is limited to {MAX_QUERY_CHARS} characters"}, status=400)
+            items = runtime.users.recommend(user_id, k=int(raw_k), category=category)
             return self.json({"user_id": user_id,
                               "items": [{"product_id": i.product_id, "score": i.score, "because": list(i.because)}
                                         for i in items],

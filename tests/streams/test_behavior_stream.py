@@ -153,3 +153,12 @@ async def test_a_malformed_pair_update_is_dead_lettered() -> None:
     users = BehaviorPipeline(Settings(), Metrics(), products=make_pipeline)
     out = users.apply_pairs([Inbound("simstream-pair-updates", 0, 1, b"X", b'{"item": "X"}')])
     assert out[0].topic == "simstream-dead-letters" and "not a pair update" in (out[0].value or {})["error"]
+
+
+async def test_a_new_user_gets_trending_items_within_a_known_category(stack: Any) -> None:
+    users, _ = stack
+    for n in range(3):
+        shop(users, [("purchase", "K1"), ("view", "H1")], user=f"t{n}", t0=NOW - 60 + 5 * n)
+    trending = [i.product_id for i in users.recommend("never-seen", NOW)]
+    assert trending[:2] == ["K1", "H1"]
+    assert [i.product_id for i in users.recommend("never-seen", NOW, category="Audio")] == ["H1"]
