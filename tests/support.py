@@ -11,11 +11,26 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMSTREAM = str(Path(sys.executable).parent / "simstream")
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", worker: WorkerProcess | None = None
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with the worker's log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    tail = worker.log_tail() if worker is not None else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import pytest
 
 from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
 from streams.settings import Settings
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +27,6 @@ CATALOG = [
     ("C1", "Hard travel case for over-ear headphones", "Cases", 19.0),
     ("K1", "Logitech MX Keys wireless keyboard", "Keys", 99.0),
 ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", worker: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    tail = worker.log_tail() if worker is not None else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def send(settings: Settings, topic: str, records: list[tuple[str, dict[str, Any]]]) -> None:

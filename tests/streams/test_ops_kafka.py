@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from streams.kafka_io import create_topics, producer
 from streams.settings import Settings
-from tests.support import SIMSTREAM, WorkerProcess
+from tests.support import SIMSTREAM, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +23,6 @@ TS = "2026-11-28T03:00:00Z"
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SIMSTREAM, *args], env={**os.environ, **env}, capture_output=True, text=True,
                           check=check, timeout=300)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 def test_status_snapshot_rebuild_and_replay(

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
 TS = "2026-11-28T03:00:00Z"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_valid_events_are_applied_and_bad_ones_dead_lettered(
