@@ -25,7 +25,7 @@ from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
 from serving.recommender import Kind, Recommender
-from streams.behavior_stream import BehaviorPipeline
+from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline
@@ -430,13 +430,20 @@ def create_app(settings: Settings) -> faust.App:
         users = runtime.users
         if not users.dirty or not runtime.ready.is_set():
             return
-        async with runtime.batch_lock:
-            rows = users.due()
-            if not rows:
-                return
-            pipeline = runtime.products
-            pubs = await pipeline._in_core(users.publish_rows, rows)
-            await publish_until_acked(pipeline.publications_to_records(pubs))
+        now = time.monotonic()
+        # In small steps, each under the batch lock: one flush of a few hundred hot items is
+        # a few hundred ms of core time, and in one piece it stalled every feed behind it (the
+        # core thread holds the GIL). Bounded by what is dirty now, so the flush always ends.
+        left = len(users.dirty)
+        while left > 0:
+            async with runtime.batch_lock:
+                rows = users.due(now, limit=min(left, FLUSH_CHUNK))
+                if not rows:
+                    break
+                left -= len(rows)
+                pipeline = runtime.products
+                pubs = await pipeline._in_core(users.publish_rows, rows)
+                await publish_until_acked(pipeline.publications_to_records(pubs))
         metrics.behavior_dirty.set(len(users.dirty))
 
     @app.timer(interval=1.0)

@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from serving.behavior import CHANNELS, BehaviorConfig, BehaviorModel, PairUpdate
@@ -40,10 +41,15 @@ from serving.errors import InvalidInput
 from serving.feeds import FeedConfig, FeedItem, UserFeeds
 from serving.recommender import BehaviorRow, Publication
 from streams.pipeline import Edge, Inbound, Outbound, ProductPipeline
-from streams.records import iso
+from streams.records import MAX_FUTURE_S, MIN_TS, iso
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Behaviour rows handed to the core per step of a flush. A row costs about a millisecond of
+#: core time (three lists rebuilt); between steps the event loop serves user events, so a
+#: flush of hundreds of hot items never holds feeds back for more than one step.
+FLUSH_CHUNK = 16
 
 
 def behavior_config(settings: Settings) -> BehaviorConfig:
@@ -74,17 +80,33 @@ def pairs_to_wire(item: str, updates: Iterable[PairUpdate]) -> dict[str, Any]:
     return {"item": item, "updates": [[u.partner, u.channel, u.weight, u.ts] for u in updates]}
 
 
-def pairs_from_wire(raw: bytes | None) -> list[PairUpdate]:
-    """Decode one ``simstream-pair-updates`` value; ``InvalidInput`` when it is not one."""
+def pairs_from_wire(raw: bytes | None, now: float | None = None,
+                    config: BehaviorConfig | None = None) -> list[PairUpdate]:
+    """Decode one ``simstream-pair-updates`` value; ``InvalidInput`` when it is not one.
+
+    The topic is internal, but anything may write to it, and one bad update would poison a
+    row for good (an infinite weight, or a ``ts`` far ahead that stops decay): so a weight
+    must lie in (0, the channel's event weight, or 1 for a count] and a ``ts`` follow the
+    user-event rule (2000-01-01 to 24 hours ahead of ``now``).
+    """
     try:
         obj = json.loads(raw or b"")
         item = str(obj["item"])
         updates = [PairUpdate(item, str(p), str(c), float(w), float(t)) for p, c, w, t in obj["updates"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"not a pair update ({type(exc).__name__}: {exc})") from exc
+    if not item:
+        raise InvalidInput("not a pair update: empty item")
+    now = time.time() if now is None else now
+    config = config or BehaviorConfig()
     for u in updates:
-        if u.channel not in CHANNELS or not item or not u.partner:
+        if u.channel not in CHANNELS or not u.partner:
             raise InvalidInput(f"not a pair update: channel {u.channel!r}")
+        cap = max(1.0, config.channel_weight(u.channel))  # a count update weighs 1
+        if not 0.0 < u.weight <= cap:  # NaN fails too
+            raise InvalidInput(f"pair update of {item!r}: weight {u.weight!r} outside (0, {cap}]")
+        if not MIN_TS <= u.ts <= now + MAX_FUTURE_S:
+            raise InvalidInput(f"pair update of {item!r}: ts {u.ts!r} outside 2000-01-01 to 24 hours ahead")
     return updates
 
 
@@ -208,7 +230,10 @@ class BehaviorPipeline(Edge):
         now = time.monotonic()
         for message in messages:
             try:
-                updates = pairs_from_wire(message.value)
+                updates = pairs_from_wire(message.value, config=self.model.config)
+                if updates and message.key is not None and message.key.decode(errors="replace") != updates[0].item:
+                    # Keyed by another item, it would sit on that item's owner (scale-out).
+                    raise InvalidInput("pair update keyed by another item than its own")
                 for update in updates:
                     self.model.apply_pair(update)
             except Exception as exc:  # noqa: BLE001
@@ -218,11 +243,12 @@ class BehaviorPipeline(Edge):
                 self.dirty.setdefault(update.item, now)
         return out
 
-    def due(self, now: float | None = None) -> dict[str, BehaviorRow]:
-        """Rows of the dirty items whose debounce interval has passed; they stop being dirty."""
+    def due(self, now: float | None = None, limit: int | None = None) -> dict[str, BehaviorRow]:
+        """Rows of the dirty items whose debounce interval has passed (at most ``limit``, the
+        longest dirty first); they stop being dirty."""
         now = time.monotonic() if now is None else now
         interval = self.settings.behavior_debounce_ms / 1000.0
-        ready = [i for i in self.dirty if now - self.last_flush.get(i, -1e18) >= interval]
+        ready = list(islice((i for i in self.dirty if now - self.last_flush.get(i, -1e18) >= interval), limit))
         rows: dict[str, BehaviorRow] = {}
         for item in ready:
             del self.dirty[item]

@@ -189,10 +189,11 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             query = request.query.get("q", "")
             if len(query) > MAX_QUERY_CHARS:
                 return self.json({"error": f"q is limited to {MAX_QUERY_CHARS} characters"}, status=400)
-            try:
-                limit = min(int(request.query.get("limit", "20")), MAX_RESULTS)
-            except ValueError:
-                return self.json({"error": "limit must be an integer"}, status=400)
+            raw_limit = request.query.get("limit", "20")
+            # Bounded like every list parameter: out of range is a clear 400, not a silent clamp.
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_RESULTS:
+                return self.json({"error": f"limit must be an integer from 1 to {MAX_RESULTS}"}, status=400)
+            limit = int(raw_limit)
             words = query.lower().split()
             hits = []
             for product in _snapshot_of_catalog(runtime):
@@ -200,7 +201,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 if all(w in title for w in words):
                     hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
                                  "price": product.price, "in_stock": product.in_stock})
-                    if len(hits) >= max(limit, 1):
+                    if len(hits) >= limit:
                         break
             return self.json({"query": query, "results": hits})
 

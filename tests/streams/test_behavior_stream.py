@@ -3,17 +3,23 @@ rows, complements and behaviour parts in the lists, feeds, forget, privacy in lo
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_pipeline import NOW, load, make_pipeline, message
 
 from encoders.hashing import HashingEncoder
+from serving.behavior import CHANNELS, BehaviorConfig, PairUpdate
 from serving.config import RecommenderConfig
+from serving.errors import InvalidInput
 from serving.index import ExactIndex
 from serving.recommender import Recommender
-from streams.behavior_stream import BehaviorPipeline, pairs_from_wire
+from streams.behavior_stream import BehaviorPipeline, pairs_from_wire, pairs_to_wire
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Outbound, ProductPipeline
 from streams.settings import Settings
@@ -162,3 +168,71 @@ async def test_a_new_user_gets_trending_items_within_a_known_category(stack: Any
     trending = [i.product_id for i in users.recommend("never-seen", NOW)]
     assert trending[:2] == ["K1", "H1"]
     assert [i.product_id for i in users.recommend("never-seen", NOW, category="Audio")] == ["H1"]
+
+
+async def test_a_flush_step_takes_at_most_limit_rows_longest_dirty_first(stack: Any) -> None:
+    users, _ = stack
+    users.apply_pairs(as_inbound(shop(users, [("view", p) for p in ("H1", "H2", "H3", "K1", "K2")]),
+                                 "simstream-pair-updates"))
+    order = list(users.dirty)
+    first = users.due(now=1000.0, limit=2)
+    assert list(first) == order[:2] and list(users.dirty) == order[2:]
+    rest = users.due(now=1000.0, limit=10)
+    assert list(rest) == order[2:] and not users.dirty
+
+
+def raw_pairs(item: str, updates: list[list[Any]]) -> bytes:
+    return json.dumps({"item": item, "updates": updates}).encode()
+
+
+@pytest.mark.parametrize("updates, reason", [
+    ([["K1", "view", float("nan"), NOW]], "weight"),
+    ([["K1", "view", float("inf"), NOW]], "weight"),
+    ([["K1", "cart", 0.0, NOW]], "weight"),
+    ([["K1", "view", 2.0, NOW]], "weight"),  # above the view channel's event weight
+    ([["K1", "view", 0.5, NOW + 3 * 86400]], "ts"),  # far ahead: decay would stop for good
+    ([["K1", "view", 0.5, 1_000]], "ts"),
+    ([["K1", "like", 0.5, NOW]], "channel"),
+])
+def test_pair_updates_that_would_poison_a_row_are_refused(updates: list[list[Any]], reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason):
+        pairs_from_wire(raw_pairs("H1", updates), now=NOW)
+
+
+async def test_a_pair_update_keyed_by_another_item_is_dead_lettered(stack: Any) -> None:
+    users, _ = stack
+    out = users.apply_pairs([Inbound("simstream-pair-updates", 0, 1, b"K1", raw_pairs("H1", [["K1", "view", 0.5, NOW]]))])
+    assert "keyed by another item" in (out[0].value or {})["error"] and not users.dirty
+
+
+ids = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+pair_updates = st.builds(
+    lambda item, rows: [PairUpdate(item, partner, ch, w, ts) for partner, ch, w, ts in rows],
+    ids,
+    st.lists(st.tuples(ids, st.sampled_from(CHANNELS), st.floats(0.001, 1.0), st.floats(NOW - 1e8, NOW)), max_size=6),
+)
+
+
+@given(pair_updates)
+def test_pair_updates_survive_the_wire(updates: list[PairUpdate]) -> None:
+    if not updates:
+        return
+    raw = json.dumps(pairs_to_wire(updates[0].item, updates)).encode()
+    assert pairs_from_wire(raw, now=NOW, config=BehaviorConfig()) == updates
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.sampled_from(["item", "updates", "x"]), children),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=64) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_are_pair_updates_or_refused_never_a_crash(raw: bytes) -> None:
+    try:
+        updates = pairs_from_wire(raw, now=NOW)
+    except InvalidInput:
+        return
+    for u in updates:
+        assert u.channel in CHANNELS and math.isfinite(u.weight) and u.weight > 0 and math.isfinite(u.ts)

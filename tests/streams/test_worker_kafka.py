@@ -156,6 +156,7 @@ def test_read_api_validates_ids_and_guards_with_a_token(
     assert get("/similar/bad%01id")[0] == 400
     assert get("/products/" + "x" * 300)[0] == 400
     assert get("/search?q=" + "x" * 300)[0] == 400
+    assert [get(f"/search?q=xm5&limit={n}")[0] for n in ("0", "51", "-1", "ten", "50")] == [400] * 4 + [200]
     assert get("/similar/A1", token=None)[0] == 401
     assert get("/similar/A1", token="wrong")[0] == 401
     assert get("/metrics", token=None)[0] == 401
