@@ -11,12 +11,37 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMSTREAM = str(Path(sys.executable).parent / "simstream")
+
+
+@contextmanager
+def encoder_server(model_base: Path, log: Path) -> Iterator[str]:
+    """``simstream serve-encoder`` (a real gRPC PredictionService) over ``model_base``: yields
+    its ``grpc://`` target once the channel is ready, and stops it afterwards."""
+    import grpc
+
+    port = free_port()
+    proc = subprocess.Popen([SIMSTREAM, "serve-encoder", "--model-base", str(model_base), "--port", str(port)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=1)
+            break
+        except grpc.FutureTimeoutError:
+            continue
+    try:
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def wait_for(

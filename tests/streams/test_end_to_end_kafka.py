@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
-from tests.support import SIMSTREAM, WorkerProcess, free_port
+from tests.support import WorkerProcess, encoder_server
 
 pytestmark = pytest.mark.integration
 
@@ -42,23 +41,8 @@ BASE_TS = time.time() - 3600
 @pytest.fixture(scope="module")
 def grpc_encoder(model_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``simstream serve-encoder``: a real gRPC PredictionService over the same SavedModel."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve-encoder.log"
-    proc = subprocess.Popen([SIMSTREAM, "serve-encoder", "--model-base", str(model_base), "--port", str(port)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    import grpc
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=1)
-            break
-        except grpc.FutureTimeoutError:
-            continue
-    yield f"grpc://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(30)
+    with encoder_server(model_base, tmp_path_factory.mktemp("serve") / "serve-encoder.log") as target:
+        yield target
 
 
 def iso(offset_s: float) -> str:

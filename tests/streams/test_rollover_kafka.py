@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import threading
 import time
 import urllib.error
@@ -30,7 +29,8 @@ from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
-from tests.support import SIMSTREAM, WorkerProcess, free_port, write_toy_model
+from tests.support import WorkerProcess, write_toy_model
+from tests.support import encoder_server as serve_encoder
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +51,8 @@ def models(model_base: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def encoder_server(models: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path / "serve-encoder.log"
-    proc = subprocess.Popen([SIMSTREAM, "serve-encoder", "--model-base", str(models), "--port", str(port)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    import grpc
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=1)
-            break
-        except grpc.FutureTimeoutError:
-            continue
-    yield f"grpc://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(30)
+    with serve_encoder(models, tmp_path / "serve-encoder.log") as target:
+        yield target
 
 
 def iso(offset_s: float) -> str:
