@@ -30,6 +30,7 @@ from streams.kafka_io import last_values, latest_by_key, read_topic, ssl_context
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Lanes, Outbound, ProductPipeline
 from streams.rollover import ModelRollover, RolloverBusy, register_rollover_views
+from streams.scaleout import Ownership, Replica, owns_nothing, run_handovers
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class Runtime:
     actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     #: The live model version and its rollovers (``streams/rollover.py``).
     rollover: ModelRollover | None = None
+    #: Scale-out (``streams/scaleout.py``): this worker's share of the products, and the
+    #: follower of the state topics that replicates the other workers' changes.
+    ownership: Ownership | None = None
+    replica: Replica | None = None
 
     @property
     def encoder_ok(self) -> bool:
@@ -76,7 +81,9 @@ class Runtime:
     def take_snapshot(self) -> Path | None:
         """Save the core with the offsets it covers (run on the core's executor, between batches)."""
         core = self.products.core
-        core.offsets = {topic: dict(parts) for topic, parts in self.written.items()}
+        # With a replica, what is applied here is what it read (every worker's records).
+        covered = self.replica.covered() if self.replica is not None else self.written
+        core.offsets = {topic: dict(parts) for topic, parts in covered.items()}
         started = time.monotonic()
         try:
             path = core.save(self.snapshot_root)
@@ -164,6 +171,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         web_in_thread=False,
         broker_commit_every=100,
+        broker_session_timeout=settings.kafka_session_timeout_s,
         broker_commit_interval=1.0,
         # Deferred (unacknowledged) events must not block a rebalance or a commit; they are
         # simply not committed, so another owner re-reads them.
@@ -171,6 +179,8 @@ def create_app(settings: Settings) -> faust.App:
         loghandlers=[],
     )
     runtime = build_runtime(settings)
+    # A worker owns nothing until the consumer group assigns it partitions (streams/scaleout.py).
+    runtime.products.core.set_ownership(owns_nothing)
     app.simstream = runtime  # type: ignore[attr-defined]
     metrics = runtime.metrics
 
@@ -185,10 +195,28 @@ def create_app(settings: Settings) -> faust.App:
     outputs: dict[str, Any] = {}
 
     state_topics = {settings.topic_products, settings.topic_embeddings}
+    ownership = runtime.ownership = Ownership(settings)
+    #: Where the start-up restore stopped reading the state topics: the replica goes on from there.
+    replica_start: dict[str, dict[int, int]] = {}
+    background: set[asyncio.Future[None]] = set()
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(_app: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        revoked: set[Any] = args[0] if args else _.get("revoked", set())
+        if any(tp.topic == settings.topic_product_changes for tp in revoked):
+            async with runtime.batch_lock:  # the batch in flight finishes and publishes first
+                ownership.on_revoked()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(_app: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        assigned: set[Any] = args[0] if args else _.get("assigned", set())
+        ownership.on_assigned(frozenset(tp.partition for tp in assigned
+                                        if tp.topic == settings.topic_product_changes))
 
     async def publish(records: Iterable[Outbound]) -> None:
         pending = []
-        for record in records:
+        assert runtime.ownership is not None
+        for record in runtime.ownership.gate(records):  # lists of owned products only
             topic = outputs.get(record.topic)
             if topic is None:
                 topic = outputs[record.topic] = raw_topic(record.topic)
@@ -205,9 +233,12 @@ def create_app(settings: Settings) -> faust.App:
                 parts = runtime.written.setdefault(record.topic, {})
                 parts[meta.partition] = max(parts.get(meta.partition, 0), meta.offset + 1)
                 runtime.dirty = True
+                if runtime.replica is not None:  # its own echo is skipped by the replica
+                    runtime.replica.note_own(record.topic, meta.partition, meta.offset)
 
     def read_state(topic: str, offsets: dict[int, int] | None = None) -> dict[str, Any]:
-        records = read_topic(settings, topic, from_offsets=offsets, timeout_s=300)
+        reached = replica_start.setdefault(topic, {}) if topic in state_topics else None
+        records = read_topic(settings, topic, from_offsets=offsets, timeout_s=300, reached=reached)
         return last_values(records) if offsets is not None else latest_by_key(records)
 
     async def rebuild_from_topics(pipeline: ProductPipeline) -> list[Outbound]:
@@ -238,7 +269,8 @@ def create_app(settings: Settings) -> faust.App:
         started = time.monotonic()
         async with runtime.batch_lock:
             old = runtime.products
-            fresh = ProductPipeline(settings, metrics, recommender=Recommender(recommender_config(settings)),
+            fresh = ProductPipeline(settings, metrics,
+                                    recommender=Recommender(recommender_config(settings), owns=old.core.owns),
                                     encoder=old.encoder, executor=old.executor)
             fresh.encoder_ok = old.encoder_ok
             # Changes deferred by an encoder outage were never applied nor published: keep them.
@@ -283,6 +315,8 @@ def create_app(settings: Settings) -> faust.App:
         snapshot = await loop.run_in_executor(pipeline.executor, load_snapshot)
 
         if snapshot is not None:
+            # Lists are built once the group assigns partitions; the snapshot's owner may differ.
+            await loop.run_in_executor(pipeline.executor, snapshot.set_ownership, owns_nothing)
             pipeline.recommender = snapshot
             runtime.written = {t: dict(p) for t, p in snapshot.offsets.items()}
             products, embeddings = await asyncio.gather(*(
@@ -302,6 +336,10 @@ def create_app(settings: Settings) -> faust.App:
         gc.collect()
         gc.freeze()
         runtime.ready.set()
+        # Follow every worker's changes from where the restore stopped reading.
+        replica = runtime.replica = Replica(runtime, publish_until_acked, start=replica_start)
+        background.add(asyncio.ensure_future(replica.run()))
+        background.add(asyncio.ensure_future(run_handovers(runtime, ownership, publish_until_acked)))
 
     async def periodic_snapshot() -> None:
         async with runtime.batch_lock:

@@ -10,7 +10,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,11 +164,16 @@ def read_topic(
     until_end: bool = True,
     timeout_s: float = 30.0,
     follow: bool = False,
+    partitions: Collection[int] | None = None,
+    reached: dict[int, int] | None = None,
 ) -> Iterator[Record]:
     """Read every partition of a topic outside any consumer group, from the start (or offsets).
 
     With ``until_end`` the iterator stops once it has reached the end offsets seen at the
     start; with ``follow`` it keeps reading until ``timeout_s`` passes without a record.
+    ``partitions`` restricts the read to those partitions. ``reached``, when given, is
+    filled with the next offset per partition once the iterator is exhausted: where a
+    follower must continue so that it misses nothing (``streams/scaleout.py``).
     """
     consumer = KafkaConsumer(
         **client_options(settings),
@@ -184,6 +189,8 @@ def read_topic(
         while not parts and time.monotonic() < deadline:
             time.sleep(0.2)
             parts = consumer.partitions_for_topic(topic) or set()
+        if partitions is not None:
+            parts = set(parts) & set(partitions)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
             return
@@ -218,6 +225,12 @@ def read_topic(
             if until_end and not follow and not remaining:
                 return
     finally:
+        if reached is not None:
+            for tp in consumer.assignment():
+                try:
+                    reached[tp.partition] = consumer.position(tp)
+                except Exception:  # noqa: BLE001 - a closed or failed consumer reports nothing
+                    log.debug("no position for %s", tp)
         consumer.close()
 
 

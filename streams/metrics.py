@@ -56,6 +56,17 @@ class Metrics:
             "simstream_rollovers_total", "Model rollovers by outcome (swapped, refused, failed)", ["outcome"], registry=r
         )
         self.model_info = Gauge("simstream_model_info", "The live model version (value 1)", ["model_version"], registry=r)
+        self.owned_partitions = Gauge(
+            "simstream_owned_partitions", "product-changes partitions whose lists this worker publishes", registry=r
+        )
+        self.replica_lag = Gauge(
+            "simstream_replica_lag_records", "Records of a state topic the replica has not applied yet", ["topic"],
+            registry=r,
+        )
+        self.replica_pending = Gauge(
+            "simstream_replica_pending_embeddings", "Replicated products waiting for their embedding record",
+            registry=r,
+        )
         self.freshness = Histogram(
             "simstream_freshness_seconds", "Event timestamp to publication of its own list",
             ["topic"], buckets=FRESHNESS_BUCKETS, registry=r,

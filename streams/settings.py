@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism = Field("PLAIN", description="SASL mechanism when a SASL protocol is used.")
     kafka_sasl_username: str | None = Field(None, description="SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    kafka_session_timeout_s: float = Field(
+        60.0, ge=6, le=300,
+        description="Consumer-group session timeout: how long a crashed worker keeps its partitions before "
+        "the others take them over.",
+    )
 
     # --- Topics -------------------------------------------------------------------------
     app_id: str = Field("simstream", description="Faust app id; also the Kafka consumer group.")

@@ -104,6 +104,9 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "uptime_s": round(time.time() - runtime.started_at, 1),
                 # A refused model version (the old one stays live) and the rollover's progress.
                 **(runtime.rollover.health() if runtime.rollover is not None else {}),
+                # Scale-out: owned partitions, handovers, replica lag (streams/scaleout.py).
+                **(runtime.ownership.health() if runtime.ownership is not None else {}),
+                **(runtime.replica.health() if runtime.replica is not None else {}),
             }
             return self.json(body, status=200 if healthy else 503)
 
@@ -225,6 +228,9 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "model_version": runtime.products.model_version if runtime.encoder_ok else None,
                 "last_event_at": runtime.last_event_at,
                 **(runtime.rollover.health() if runtime.rollover is not None else {}),
+                # Scale-out: owned partitions, handovers, replica lag (streams/scaleout.py).
+                **(runtime.ownership.health() if runtime.ownership is not None else {}),
+                **(runtime.replica.health() if runtime.replica is not None else {}),
             })
 
     @app.page("/debug/lexical")

@@ -1,0 +1,446 @@
+"""Scale-out: several ``simstream worker`` processes share one app id (one consumer group).
+
+* **Ownership** is Kafka's: a worker owns the products whose key falls, under Kafka's
+  default partitioner (murmur2, the one aiokafka and kafka-python producers use), into a
+  ``product-changes`` partition assigned to it. It embeds and applies those products'
+  changes, and it alone publishes their lists.
+* **Replica**: every worker follows ``simstream-products`` and ``simstream-embeddings`` on
+  all partitions, outside the group (``Replica``), and applies the other workers' changes
+  to its own core, so its index and catalog cover the whole catalog; the lists it owns
+  move when another worker's product enters or leaves them.
+* **Rebalances** (``Ownership``): on revocation the worker finishes its batch and holds back
+  every list record (the "gate"); on assignment, under the batch lock, it releases what it
+  held for partitions it keeps, drops what belongs to partitions it lost (never a
+  tombstone: the new owner publishes them), and builds the lists of the products it gained
+  from its replica (``Recommender.set_ownership``), after continuing the versions the list
+  topics hold for those partitions. A gained list already on its topic unchanged is not
+  republished; a list on a gained partition whose product is gone gets its tombstone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kafka.partitioner.default import murmur2
+
+from serving.catalog import Outcome, Product, ProductDelete, ProductUpsert
+from serving.errors import EncoderUnavailable
+from serving.recommender import Kind, Publication, Recommender, last_per_key
+from serving.text import product_text
+from streams.kafka_io import client_options, latest_by_key, read_topic, ssl_context
+from streams.pipeline import Outbound, _as_upsert
+from streams.records import product_from_wire
+from streams.settings import Settings
+from streams.wire import StoredEmbedding, embedding_from_wire, same_items
+
+if TYPE_CHECKING:
+    from streams.app import Runtime
+
+log = logging.getLogger(__name__)
+
+#: A product record whose embedding has not shown up after this long is embedded here
+#: (its writer used another model version, or its embedding record was lost).
+EMBED_PENDING_AFTER_S = 10.0
+
+Publish = Callable[[list[Outbound]], Awaitable[None]]
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for ``key`` (murmur2 of its UTF-8 bytes)."""
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
+
+
+def owns_nothing(_pid: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class PartitionOwnership:
+    """``owns(pid)``: the product's ``product-changes`` partition is one of ``partitions``."""
+
+    partitions: frozenset[int]
+    total: int
+
+    def __call__(self, pid: str) -> bool:
+        return bool(self.partitions) and partition_for(pid, self.total) in self.partitions
+
+
+def partition_count(settings: Settings, topic: str, timeout_s: float = 30.0) -> int:
+    """Partitions of ``topic`` as the brokers report them (blocking; run it in an executor)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return len(parts)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
+            time.sleep(0.2)
+    finally:
+        consumer.close()
+
+
+@dataclass
+class Ownership:
+    """This worker's share of the products, kept in step with the consumer group."""
+
+    settings: Settings
+    #: Partitions of ``product-changes`` whose lists this worker publishes now.
+    allowed: frozenset[int] = frozenset()
+    #: The latest assignment, applied to the core by the next handover.
+    target: frozenset[int] | None = None
+    total: int = 0
+    #: Between a revocation and the handover that follows: list records are held back.
+    holding: bool = False
+    held: dict[tuple[str, str], Outbound] = field(default_factory=dict)
+    rebalances: int = 0
+    last_handover: dict[str, Any] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def list_topics(self) -> tuple[str, str, str]:
+        s = self.settings
+        return (s.topic_similar_items, s.topic_substitutes, s.topic_complements)
+
+    def gate(self, records: Iterable[Outbound]) -> list[Outbound]:
+        """Let through list records of owned partitions only; hold them during a rebalance."""
+        out: list[Outbound] = []
+        topics = self.list_topics
+        for record in records:
+            if record.topic not in topics:
+                out.append(record)
+                continue
+            mine = self.total > 0 and partition_for(record.key, self.total) in self.allowed
+            if not mine:
+                continue  # another worker publishes it (or nobody yet: the next owner builds it)
+            if self.holding:
+                self.held[(record.topic, record.key)] = record
+            else:
+                out.append(record)
+        return out
+
+    def on_revoked(self) -> None:
+        self.holding = True
+
+    def on_assigned(self, partitions: frozenset[int]) -> None:
+        self.target = partitions
+        self.rebalances += 1
+        self.changed.set()
+
+    def release(self, keep: frozenset[int]) -> list[Outbound]:
+        """Held records of partitions kept across the rebalance, in the order they were held."""
+        released = [r for r in self.held.values() if partition_for(r.key, self.total) in keep]
+        self.held.clear()
+        return released
+
+    def health(self) -> dict[str, Any]:
+        return {"owned_partitions": sorted(self.allowed), "product_partitions": self.total,
+                "rebalances": self.rebalances, "handover_pending": self.holding or self.target is not None,
+                "last_handover": self.last_handover}
+
+
+def _read_lists(settings: Settings, partitions: frozenset[int], total: int) -> dict[Kind, dict[str, Any]]:
+    """Last list per key on the given partitions of the three list topics (blocking)."""
+    out: dict[Kind, dict[str, Any]] = {}
+    for kind, topic in ((Kind.SIMILAR, settings.topic_similar_items), (Kind.SUBSTITUTES, settings.topic_substitutes),
+                        (Kind.COMPLEMENTS, settings.topic_complements)):
+        # List topics are keyed by product id like product-changes; with the same partition
+        # count a product's lists sit on its own partition number, otherwise read them all.
+        same = partition_count(settings, topic) == total
+        values = latest_by_key(read_topic(settings, topic, partitions=partitions if same else None, timeout_s=300))
+        out[kind] = {k: v for k, v in values.items() if isinstance(v, dict)
+                     and partition_for(k, total) in partitions}
+    return out
+
+
+def hand_over(core: Recommender, owns: Callable[[str], bool], gained_lists: dict[Kind, dict[str, Any]],
+              model_version: str) -> list[Publication]:
+    """Move the core to ``owns`` and say what to publish for the lists it gained (core thread)."""
+    for kind, values in gained_lists.items():
+        for pid, value in values.items():
+            version = value.get("version")
+            if isinstance(version, int):
+                core.seed_version(kind, pid, version)
+    out: list[Publication] = []
+    for pub in core.set_ownership(owns):
+        if pub.kind is not Kind.COMPLEMENTS and pub.items is not None:
+            on_topic = gained_lists.get(pub.kind, {}).get(pub.product_id)
+            if on_topic is not None and same_items(on_topic, pub.items) \
+                    and on_topic.get("model_version") == model_version:
+                continue  # the previous owner already published exactly this
+        out.append(pub)
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        held = core.lists(kind)
+        for pid in gained_lists.get(kind, {}).keys() - held.keys():
+            if owns(pid):  # its product is gone: the list's last word is a tombstone
+                out.append(core.republish(kind, pid))
+    return out
+
+
+async def run_handovers(runtime: Runtime, ownership: Ownership, publish: Publish) -> None:
+    """Apply each new assignment to the core, between batches (runs for the worker's life)."""
+    settings = runtime.settings
+    loop = asyncio.get_running_loop()
+    await runtime.ready.wait()
+    while True:
+        await ownership.changed.wait()
+        ownership.changed.clear()
+        started = time.monotonic()
+        async with runtime.batch_lock:
+            target = ownership.target
+            if target is None:
+                continue
+            ownership.target = None
+            if not ownership.total:
+                ownership.total = await loop.run_in_executor(
+                    None, partition_count, settings, settings.topic_product_changes)
+            before = ownership.allowed
+            gained = target - before
+            release = ownership.release(target & before)
+            lists = (await loop.run_in_executor(None, _read_lists, settings, gained, ownership.total)
+                     if gained else {})
+            pipeline = runtime.products
+            owns = PartitionOwnership(target, ownership.total)
+            pubs = await pipeline._in_core(hand_over, pipeline.core, owns, lists, pipeline.model_version)
+            ownership.allowed = target
+            ownership.holding = False
+            records = release + pipeline.publications_to_records(pubs)
+            await publish(records)
+        ownership.last_handover = {
+            "gained": sorted(gained), "lost": sorted(before - target), "published": len(records),
+            "released": len(release), "seconds": round(time.monotonic() - started, 3)}
+        runtime.metrics.owned_partitions.set(len(target))
+        log.info("handover: own partitions %s of %d (gained %s, lost %s), %d records published in %.2f s",
+                 sorted(target), ownership.total, sorted(gained), sorted(before - target), len(records),
+                 time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------- replica
+
+
+@dataclass
+class Replica:
+    """Follow the state topics on every partition and apply the other workers' changes."""
+
+    runtime: Runtime
+    publish: Publish
+    #: topic -> partition -> next offset to read (where the start-up restore stopped).
+    start: dict[str, dict[int, int]] = field(default_factory=dict)
+    #: (topic, partition) -> offsets this worker produced and has not read back yet.
+    own: dict[tuple[str, int], set[int]] = field(default_factory=dict)
+    #: Product records waiting for their embedding: pid -> (product, first seen, partition, offset).
+    pending: dict[str, tuple[Product, float, int, int]] = field(default_factory=dict)
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    applied: int = 0
+    skipped_own: int = 0
+
+    def note_own(self, topic: str, partition: int, offset: int) -> None:
+        """A record this worker produced on a state topic (already applied here)."""
+        if offset < self.start.get(topic, {}).get(partition, 0):
+            return  # already read back (and found equal to the catalog)
+        self.own.setdefault((topic, partition), set()).add(offset)
+
+    def _is_own(self, topic: str, partition: int, offset: int) -> bool:
+        mine = self.own.get((topic, partition))
+        if mine is None or offset not in mine:
+            return False
+        mine.discard(offset)
+        self.skipped_own += 1
+        return True
+
+    def covered(self) -> dict[str, dict[int, int]]:
+        """Next offset per partition of the state topics up to which everything is applied here
+        (what a snapshot covers): the replica's position, held back by records still pending."""
+        covered = {topic: dict(parts) for topic, parts in list(self.start.items())}
+        products = covered.setdefault(self.runtime.settings.topic_products, {})
+        for _, _, partition, offset in list(self.pending.values()):
+            products[partition] = min(products.get(partition, offset), offset)
+        return covered
+
+    def health(self) -> dict[str, Any]:
+        by_topic: dict[str, int] = {}
+        for (topic, _), lag in self.lag.items():
+            by_topic[topic] = by_topic.get(topic, 0) + lag
+        return {"replica_lag": by_topic, "replica_applied": self.applied,
+                "replica_pending_embeddings": len(self.pending)}
+
+    def _consumer(self) -> Any:
+        from aiokafka import AIOKafkaConsumer
+
+        s = self.runtime.settings
+        options: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers, "security_protocol": s.kafka_security_protocol,
+            "client_id": f"{s.app_id}-replica", "group_id": None, "enable_auto_commit": False,
+            "auto_offset_reset": "earliest", "fetch_max_bytes": 64 * 1024 * 1024,
+            "max_partition_fetch_bytes": max(s.max_message_bytes * 6, 4 * 1024 * 1024),
+        }
+        if "SSL" in s.kafka_security_protocol:
+            options["ssl_context"] = ssl_context(s)
+        if s.kafka_security_protocol.startswith("SASL"):
+            options.update(sasl_mechanism=s.kafka_sasl_mechanism, sasl_plain_username=s.kafka_sasl_username,
+                           sasl_plain_password=(s.kafka_sasl_password.get_secret_value()
+                                                if s.kafka_sasl_password else None))
+        return AIOKafkaConsumer(**options)
+
+    async def run(self) -> None:
+        """Read both state topics from where the restore stopped, for the worker's life."""
+        from aiokafka import TopicPartition
+
+        s = self.runtime.settings
+        topics = (s.topic_products, s.topic_embeddings)
+        while True:
+            consumer = self._consumer()
+            try:
+                await consumer.start()
+                tps = []
+                loop = asyncio.get_running_loop()
+                for topic in topics:
+                    count = await loop.run_in_executor(None, partition_count, s, topic, 300.0)
+                    tps += [TopicPartition(topic, p) for p in range(count)]
+                consumer.assign(tps)
+                for tp in tps:
+                    offset = self.start.get(tp.topic, {}).get(tp.partition)
+                    if offset is None:
+                        await consumer.seek_to_beginning(tp)
+                    else:
+                        consumer.seek(tp, offset)
+                await self._follow(consumer, tps)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("replica consumer failed, restarting it: %s", exc, exc_info=True)
+                await asyncio.sleep(1.0)
+            finally:
+                await consumer.stop()
+
+    async def _follow(self, consumer: Any, tps: list[Any]) -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+            records = []
+            for tp, messages in batch.items():
+                for m in messages:
+                    self.start.setdefault(tp.topic, {})[tp.partition] = m.offset + 1
+                    if not self._is_own(tp.topic, tp.partition, m.offset):
+                        records.append((tp.topic, tp.partition, m.offset, m.key, m.value))
+            for tp in tps:
+                high = consumer.highwater(tp)
+                position = self.start.get(tp.topic, {}).get(tp.partition)
+                if high is not None and position is not None:
+                    self.lag[(tp.topic, tp.partition)] = max(0, high - position)
+            metrics = self.runtime.metrics
+            for topic in (self.runtime.settings.topic_products, self.runtime.settings.topic_embeddings):
+                metrics.replica_lag.labels(topic).set(
+                    sum(v for (t, _), v in self.lag.items() if t == topic))
+            if records or self._overdue():
+                await self.apply(records)
+            metrics.replica_pending.set(len(self.pending))
+
+    def _overdue(self) -> list[Product]:
+        now = time.monotonic()
+        return [p for p, seen, _, _ in self.pending.values() if now - seen > EMBED_PENDING_AFTER_S]
+
+    async def apply(self, records: list[tuple[str, int, int, bytes | None, bytes | None]]) -> None:
+        """Apply a batch of state records read from the topics (between batches of the stream)."""
+        import json
+
+        s = self.runtime.settings
+        actions: list[tuple[str, Any]] = []
+        for topic, partition, offset, raw_key, raw_value in records:
+            if raw_key is None:
+                continue
+            pid = raw_key.decode("utf-8", errors="replace")
+            try:
+                value = None if raw_value is None else json.loads(raw_value)
+                if topic == s.topic_embeddings:
+                    actions.append(("embedding", (pid, None if value is None else embedding_from_wire(value))))
+                elif value is None:
+                    actions.append(("delete", pid))
+                else:
+                    actions.append(("upsert", (product_from_wire(value), partition, offset)))
+            except Exception as exc:  # noqa: BLE001 - one unreadable record must not stop the replica
+                log.error("replica: ignoring unreadable %s record for %s: %s", topic, pid, exc)
+        async with self.runtime.batch_lock:
+            pipeline = self.runtime.products
+            overdue = self._overdue()
+            if overdue:
+                try:
+                    vectors = await pipeline.embed([product_text(p) for p in overdue], wait=False)
+                except EncoderUnavailable:
+                    vectors = {}
+                for product in overdue:
+                    vector = vectors.get(product_text(product))
+                    if vector is not None:
+                        pipeline.embeddings[product.product_id] = StoredEmbedding(
+                            product.product_id, vector, pipeline.model_version, product.content_hash)
+                        actions.append(("retry", product.product_id))
+            pubs = await pipeline._in_core(self._apply_in_core, pipeline, actions)
+            if pubs:
+                await self.publish(pipeline.publications_to_records(last_per_key(pubs)))
+
+    def _apply_in_core(self, pipeline: Any, actions: list[tuple[str, Any]]) -> list[Publication]:
+        core: Recommender = pipeline.core
+        pubs: list[Publication] = []
+        for action, payload in actions:
+            try:
+                if action == "embedding":
+                    pid, stored = payload
+                    if stored is None:
+                        continue  # its product's tombstone is the delete
+                    if stored.model_version == pipeline.model_version:
+                        pipeline.embeddings[pid] = stored
+                    waiting = self.pending.get(pid)
+                    if waiting is not None and waiting[0].content_hash == stored.content_hash:
+                        product, _, partition, offset = self.pending.pop(pid)
+                        pubs += self._upsert(pipeline, core, product, partition, offset)
+                elif action == "retry":
+                    waiting = self.pending.pop(payload, None)
+                    if waiting is not None:
+                        pubs += self._upsert(pipeline, core, waiting[0], waiting[2], waiting[3])
+                elif action == "delete":
+                    self.pending.pop(payload, None)
+                    current = core.catalog.get(payload)
+                    if current is not None:
+                        change = ProductDelete(payload, current.ts)
+                        pubs += core.apply(change)
+                        self._journal(pipeline, change)
+                        self.applied += 1
+                else:
+                    product, partition, offset = payload
+                    self.pending.pop(product.product_id, None)
+                    pubs += self._upsert(pipeline, core, product, partition, offset)
+            except Exception as exc:  # noqa: BLE001
+                log.error("replica: could not apply %s: %s", action, exc)
+        return pubs
+
+    def _upsert(self, pipeline: Any, core: Recommender, product: Product, partition: int,
+                offset: int) -> list[Publication]:
+        current = core.catalog.get(product.product_id)
+        if current == product:
+            return []  # already here (this worker's own change, or a replay)
+        change: ProductUpsert = _as_upsert(product)
+        if core.catalog.preview(change).outcome is Outcome.STALE:
+            return []  # something newer is already applied; not counted as a stale event
+        vector = None
+        needed = core.needs_embedding(change)
+        if needed is not None:
+            vector = pipeline.cached_vector(needed)
+            if vector is None:
+                self.pending[product.product_id] = (product, time.monotonic(), partition, offset)
+                return []
+        pubs = core.apply(change, vector)
+        self._journal(pipeline, change)
+        self.applied += 1
+        return pubs
+
+    @staticmethod
+    def _journal(pipeline: Any, change: Any) -> None:
+        if pipeline.journal is not None:  # a model rollover catches up with it
+            pipeline.journal.append(change)

@@ -1,0 +1,152 @@
+"""Scale-out on a real broker: several workers in one consumer group keep every list exact.
+
+Two workers share four partitions and run the end-to-end churn; then one is killed with
+SIGKILL while changes flow, and the survivor takes its partitions over; then a third worker
+joins. After each step, once quiet, every live product's lists on the topics agree with the
+exact recomputation, and deleted products end with tombstones (``kafka_e2e.check_invariant``).
+The workers share one ``simstream serve-encoder`` (gRPC) to keep the test light.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.kafka_io import create_topics, latest_by_key, read_topic
+from streams.settings import Settings
+from tests.streams.kafka_e2e import Scenario, check_invariant, grpc_encoder
+from tests.support import WorkerProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["grpc_encoder"]
+
+PARTITIONS = 4
+
+
+def owned(worker: WorkerProcess) -> set[int] | None:
+    status, body = worker.get("/health")
+    if status != 200 or body.get("handover_pending"):
+        return None
+    return set(body["owned_partitions"])
+
+
+def wait_owned(workers: list[WorkerProcess], timeout: float = 90.0) -> list[set[int]]:
+    """Until the live workers split every partition between them, each handover done."""
+    deadline = time.monotonic() + timeout
+    shares: list[set[int] | None] = []
+    while time.monotonic() < deadline:
+        shares = [owned(w) for w in workers]
+        if all(s is not None for s in shares):
+            sets = [s for s in shares if s is not None]
+            if set().union(*sets) == set(range(PARTITIONS)) and sum(map(len, sets)) == PARTITIONS \
+                    and all(sets):
+                return sets
+        time.sleep(0.5)
+    raise AssertionError(f"partitions not split: {shares}\n" + "\n".join(w.log_tail(20) for w in workers))
+
+
+def expected_ts(scenario: Scenario) -> dict[str, str]:
+    last: dict[str, str] = {}
+    for key, event in scenario.events:
+        if isinstance(event, dict) and key in scenario.products:
+            last[key] = max(last.get(key, ""), event["ts"])
+    return {pid: ts for pid, ts in last.items() if pid not in scenario.deleted}
+
+
+def wait_settled(settings: Settings, workers: list[WorkerProcess], scenario: Scenario,
+                 timeout: float = 180.0) -> None:
+    """Until the state topics hold the scenario's final catalog and every replica has caught up,
+    then until the invariant holds (lists follow their replicas by a moment)."""
+    want = expected_ts(scenario)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(w.alive for w in workers), "\n".join(w.log_tail() for w in workers)
+        products = latest_by_key(read_topic(settings, settings.topic_products))
+        if {k: v["ts"] for k, v in products.items()} == want:
+            break
+        assert time.monotonic() < deadline, f"{len(products)} products on the topic, want {len(want)}"
+        time.sleep(1.0)
+    while True:
+        healths = [w.get("/health")[1] for w in workers]
+        if all(sum(h["replica_lag"].values()) == 0 and not h["replica_pending_embeddings"]
+               and h["products"] == len(want) for h in healths):
+            break
+        assert time.monotonic() < deadline, [
+            {k: h.get(k) for k in ("products", "replica_lag", "replica_applied", "replica_pending_embeddings",
+                                   "owned_partitions")} for h in healths]
+        time.sleep(0.5)
+    while True:
+        time.sleep(2.0)
+        try:
+            check_invariant(settings, workers[0], scenario)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def test_workers_share_partitions_and_survive_a_kill_and_a_join(
+    grpc_encoder: str, model_base: Path, settings_for: Callable[..., Settings],
+    worker_factory: Callable[..., WorkerProcess], tmp_path: Path,
+) -> None:
+    env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
+           "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
+           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0"}
+    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+    create_topics(settings)
+
+    def start(name: str) -> WorkerProcess:
+        return worker_factory(**env, SIMSTREAM_WEB_PORT=str(free_port()),
+                              SIMSTREAM_DATA_DIR=str(tmp_path / name))
+
+    # (a) Two workers: the end-to-end invariant over the lists both publish.
+    workers = [start("w1"), start("w2")]
+    for w in workers:
+        w.wait_ready(timeout=180)
+    shares = wait_owned(workers)
+    scenario = Scenario(seed=23)
+    scenario.load()
+    scenario.churn(rounds=2)
+    scenario.send(settings, scenario.events)
+    wait_settled(settings, workers, scenario)
+    stats = [w.get("/stats")[1] for w in workers]
+    assert all(s["events"] > 0 for s in stats), f"one worker did all the work: {stats} ({shares})"
+    assert sum(s["dead_letters"] for s in stats) == scenario.bad
+
+    # (b) SIGKILL one worker while changes flow: the survivor takes its partitions over.
+    done = len(scenario.events)
+    scenario.churn(rounds=2)
+    churn = scenario.events[done:]
+    chunks = [churn[i * len(churn) // 4:(i + 1) * len(churn) // 4] for i in range(4)]
+
+    def produce() -> None:
+        for chunk in chunks:
+            scenario.send(settings, chunk)
+            time.sleep(1.0)
+
+    sender = threading.Thread(target=produce)
+    sender.start()
+    time.sleep(1.5)
+    killed = workers.pop()
+    killed.stop(signal.SIGKILL)
+    sender.join()
+    assert wait_owned(workers, timeout=90) == [set(range(PARTITIONS))]
+    wait_settled(settings, workers, scenario)
+
+    # (c) A third worker joins: a rebalance, more changes, the invariant again.
+    workers.append(start("w3"))
+    workers[-1].wait_ready(timeout=180)
+    wait_owned(workers, timeout=90)
+    done = len(scenario.events)
+    scenario.churn(rounds=1)
+    scenario.send(settings, scenario.events[done:])
+    wait_settled(settings, workers, scenario)
+    health: list[Any] = [w.get("/health")[1] for w in workers]
+    assert all(h["owned_partitions"] for h in health), health
