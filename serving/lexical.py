@@ -74,6 +74,12 @@ class LexicalModel:
     def fitted(self) -> bool:
         return self.idf is not None
 
+    def same_as(self, other: LexicalModel) -> bool:
+        """Whether both weigh every n-gram alike (same IDF, or both unfitted)."""
+        if self.idf is None or other.idf is None:
+            return self.idf is None and other.idf is None
+        return self.n_docs == other.n_docs and bool(np.array_equal(self.idf, other.idf))
+
     @classmethod
     def fit(cls, texts: Iterable[str]) -> LexicalModel:
         """Smoothed IDF ``ln((1 + n) / (1 + df)) + 1`` over the given texts.

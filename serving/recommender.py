@@ -664,7 +664,14 @@ class Recommender:
         start-up after a replay, or when the catalog has grown a lot), never a side
         effect of one streamed change.
         """
-        self.lexical = LexicalModel.fit(product_text(p) for p in self.catalog)
+        return self.use_lexical(LexicalModel.fit(product_text(p) for p in self.catalog))
+
+    def use_lexical(self, model: LexicalModel) -> list[Publication]:
+        """Score with ``model`` (an IDF fitted elsewhere: every worker of a group shares one)
+        and republish every list that changed; nothing happens when it is the model in use."""
+        if model.same_as(self.lexical):
+            return []
+        self.lexical = model
         self._lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
         for pid, buf in self._buf.items():
             members = list(buf.parts)

@@ -68,6 +68,9 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 class TopicSpec:
     name: str
     compacted: bool
+    #: Fixed partition count (else ``topic_partitions``); largest message (else the broker's).
+    partitions: int | None = None
+    max_message_bytes: int | None = None
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -83,6 +86,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_products, True),
         TopicSpec(settings.topic_embeddings, True),
         TopicSpec(settings.topic_pair_updates, False),
+        # One record, read in one order by every worker; the IDF is a few hundred KB.
+        TopicSpec(settings.topic_lexical, True, partitions=1, max_message_bytes=8 * 1024 * 1024),
     ]
 
 
@@ -102,13 +107,15 @@ def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[
             if spec.compacted:
                 # Keep tombstones long enough for every replica to see a delete.
                 configs["delete.retention.ms"] = str(24 * 3600 * 1000)
+            if spec.max_message_bytes:
+                configs["max.message.bytes"] = str(spec.max_message_bytes)
             if spec.name in existing:
                 result[spec.name] = "exists"
                 admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=configs)])
                 continue
             try:
                 admin.create_topics(
-                    [NewTopic(spec.name, partitions, settings.topic_replication, topic_configs=configs)]
+                    [NewTopic(spec.name, spec.partitions or partitions, settings.topic_replication, topic_configs=configs)]
                 )
                 result[spec.name] = "created"
             except TopicAlreadyExistsError:  # a concurrent `topics create`

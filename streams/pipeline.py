@@ -29,6 +29,7 @@ import numpy as np
 from encoders.base import Encoder
 from serving.catalog import Product, ProductChange, ProductDelete, ProductUpsert
 from serving.errors import EncoderUnavailable, SimstreamError
+from serving.lexical import LexicalModel
 from serving.recommender import Kind, Publication, Recommender, last_per_key
 from serving.text import product_text
 from streams.metrics import Metrics
@@ -45,9 +46,11 @@ from streams.records import (
 )
 from streams.settings import Settings
 from streams.wire import (
+    LEXICAL_KEY,
     StoredEmbedding,
     embedding_from_wire,
     embedding_to_wire,
+    lexical_to_wire,
     publication_to_wire,
     same_items,
 )
@@ -448,6 +451,7 @@ class ProductPipeline(Edge):
         *,
         from_snapshot: bool = False,
         batch_size: int = 256,
+        lexical: LexicalModel | None = None,
     ) -> list[Outbound]:
         """Rebuild state from the compacted topics and return only what must be republished.
 
@@ -463,6 +467,11 @@ class ProductPipeline(Edge):
         and publish, a model change, the IDF refit) is republished; a list whose product is
         gone gets a tombstone. After a snapshot, the snapshot's lists and versions are the
         published ones, and the replayed changes publish what they change.
+
+        ``lexical`` is the IDF on ``simstream-lexical``, shared by every worker: it replaces
+        the recommender's. The IDF is fitted here (and returned as a record for that topic)
+        only when there is none yet or the catalog has more than doubled since its fit
+        (``needs_refit``), so workers that start at different times score alike.
         """
         if from_snapshot:
             self._embeddings_from_index()
@@ -489,9 +498,13 @@ class ProductPipeline(Edge):
         for start in range(0, len(missing), batch_size):
             vectors.update(await self.embed([product_text(p) for p in missing[start : start + batch_size]]))
 
+        refitted: list[LexicalModel] = []
+
         def rebuild() -> list[Publication]:
             pubs: list[Publication] = []
             core = self.core
+            if lexical is not None:
+                pubs += core.use_lexical(lexical)
             for pid in deleted:
                 current = core.catalog.get(pid)
                 if current is not None:
@@ -509,13 +522,16 @@ class ProductPipeline(Edge):
             else:
                 for product in ordered:
                     pubs += core.apply(_as_upsert(product), self.embeddings[product.product_id].vector)
-            if not from_snapshot and len(core.catalog):
-                core.refit_lexical()
+            if needs_refit(core.lexical, len(core.catalog)):
+                pubs += core.refit_lexical()
+                refitted.append(core.lexical)
             return pubs
 
         replayed = await self._in_core(rebuild)
         out = [Outbound(self.settings.topic_embeddings, p.product_id,
                         embedding_to_wire(self.embeddings[p.product_id])) for p in missing]
+        out += [Outbound(self.settings.topic_lexical, LEXICAL_KEY, lexical_to_wire(model, at=self.clock()))
+                for model in refitted]
         if from_snapshot:
             out += self.publications_to_records(last_per_key(replayed))
         else:
@@ -550,6 +566,11 @@ class ProductPipeline(Edge):
                 if core.owns(pid):
                     pubs.append(core.republish(kind, pid))
         return self.publications_to_records(pubs)
+
+
+def needs_refit(model: LexicalModel, catalog_size: int) -> bool:
+    """Whether a restore should fit the IDF anew: never fitted, or fitted on under half the catalog."""
+    return catalog_size > 0 and (not model.fitted or model.n_docs * 2 < catalog_size)
 
 
 def _as_upsert(product: Product) -> ProductUpsert:

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 from kafka.partitioner.default import murmur2
 
 from serving.catalog import Outcome, Product, ProductDelete, ProductUpsert
-from serving.errors import EncoderUnavailable
+from serving.errors import EncoderUnavailable, SimstreamError
 from serving.recommender import Kind, Publication, Recommender, last_per_key
 from serving.text import product_text
 from streams.kafka_io import client_options, latest_by_key, read_topic, ssl_context
 from streams.pipeline import Outbound, _as_upsert
 from streams.records import product_from_wire
 from streams.settings import Settings
-from streams.wire import StoredEmbedding, embedding_from_wire, same_items
+from streams.wire import LEXICAL_KEY, StoredEmbedding, embedding_from_wire, lexical_from_wire, same_items
 
 if TYPE_CHECKING:
     from streams.app import Runtime
@@ -104,6 +104,12 @@ class Ownership:
     rebalances: int = 0
     last_handover: dict[str, Any] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set while no handover is pending: only then may the stream apply changes.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Partitions whose state records the replica skips: this worker wrote them (it is their
+    #: only writer while it owns them). Empty from a revocation until the next handover, so
+    #: the replica then applies every record in log order, its own echoes included.
+    skip: frozenset[int] = frozenset()
 
     @property
     def list_topics(self) -> tuple[str, str, str]:
@@ -129,11 +135,22 @@ class Ownership:
 
     def on_revoked(self) -> None:
         self.holding = True
+        self.settled.clear()
+        self.skip = frozenset()
 
     def on_assigned(self, partitions: frozenset[int]) -> None:
         self.target = partitions
         self.rebalances += 1
+        self.settled.clear()
         self.changed.set()
+
+    def owns_partition(self, partition: int) -> bool:
+        """Whether events of this ``product-changes`` partition are this worker's to apply now."""
+        return self.settled.is_set() and partition in self.allowed
+
+    def replica_skips(self, pid: str) -> bool:
+        """Whether the replica skips a state record of ``pid`` (this worker is its writer)."""
+        return self.total > 0 and bool(self.skip) and partition_for(pid, self.total) in self.skip
 
     def release(self, keep: frozenset[int]) -> list[Outbound]:
         """Held records of partitions kept across the rebalance, in the order they were held."""
@@ -143,7 +160,7 @@ class Ownership:
 
     def health(self) -> dict[str, Any]:
         return {"owned_partitions": sorted(self.allowed), "product_partitions": self.total,
-                "rebalances": self.rebalances, "handover_pending": self.holding or self.target is not None,
+                "rebalances": self.rebalances, "handover_pending": not self.settled.is_set(),
                 "last_handover": self.last_handover}
 
 
@@ -185,42 +202,101 @@ def hand_over(core: Recommender, owns: Callable[[str], bool], gained_lists: dict
     return out
 
 
+def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[str, dict[int, int]]:
+    """The end offset of every partition of ``topics`` now (blocking; run it in an executor)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        tps = []
+        for topic in topics:
+            deadline = time.monotonic() + 300.0
+            while not (parts := consumer.partitions_for_topic(topic)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"topic {topic} has no partitions after 300 s")
+                time.sleep(0.2)
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        return _group(consumer.end_offsets(tps))
+    finally:
+        consumer.close()
+
+
+def _group(offsets: dict[Any, int]) -> dict[str, dict[int, int]]:
+    out: dict[str, dict[int, int]] = {}
+    for tp, offset in offsets.items():
+        out.setdefault(tp.topic, {})[tp.partition] = offset
+    return out
+
+
 async def run_handovers(runtime: Runtime, ownership: Ownership, publish: Publish) -> None:
-    """Apply each new assignment to the core, between batches (runs for the worker's life)."""
-    settings = runtime.settings
-    loop = asyncio.get_running_loop()
+    """Apply each new assignment to the core, between batches (runs for the worker's life).
+
+    A gained product's last state was written by its previous owner before that owner let
+    the partition go, so before taking over, the replica reads up to the end offsets the
+    state topics have now; only then does the core build the gained lists and the stream
+    apply their changes.
+    """
     await runtime.ready.wait()
+    delay = 0.5
     while True:
         await ownership.changed.wait()
         ownership.changed.clear()
-        started = time.monotonic()
-        async with runtime.batch_lock:
-            target = ownership.target
-            if target is None:
-                continue
+        try:
+            await _hand_over_once(runtime, ownership, publish)
+            delay = 0.5
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker is away: the stream waits for the handover, never skips
+            log.error("handover failed, retrying in %.1f s: %s", delay, exc, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            ownership.changed.set()
+
+
+async def _hand_over_once(runtime: Runtime, ownership: Ownership, publish: Publish) -> None:
+    settings = runtime.settings
+    loop = asyncio.get_running_loop()
+    if ownership.target is None:
+        return
+    started = time.monotonic()
+    if not ownership.total:
+        ownership.total = await loop.run_in_executor(
+            None, partition_count, settings, settings.topic_product_changes, 300.0)
+    replica = runtime.replica
+    if replica is not None:
+        ends = await loop.run_in_executor(None, end_offsets, settings, replica.topics)
+        await replica.reach(ends)
+    async with runtime.batch_lock:
+        # The target is cleared only once the handover is done, so a failure is retried.
+        target = ownership.target
+        if target is None:
+            return
+        before = ownership.allowed
+        gained = target - before
+        lists = (await loop.run_in_executor(None, _read_lists, settings, gained, ownership.total)
+                 if gained else {})
+        pipeline = runtime.products
+        owns = PartitionOwnership(target, ownership.total)
+        # Text changes deferred by an encoder outage on partitions now lost: the new owner
+        # re-reads them (they were never acknowledged) and applies them itself.
+        pipeline.pending = [(m, c) for m, c in pipeline.pending if owns(c.product_id)]
+        pubs = await pipeline._in_core(hand_over, pipeline.core, owns, lists, pipeline.model_version)
+        ownership.allowed = target
+        ownership.skip = target
+        release = ownership.release(target & before)
+        ownership.holding = False
+        records = release + pipeline.publications_to_records(pubs)
+        await publish(records)
+        if ownership.target is target:  # no newer assignment arrived meanwhile
             ownership.target = None
-            if not ownership.total:
-                ownership.total = await loop.run_in_executor(
-                    None, partition_count, settings, settings.topic_product_changes)
-            before = ownership.allowed
-            gained = target - before
-            release = ownership.release(target & before)
-            lists = (await loop.run_in_executor(None, _read_lists, settings, gained, ownership.total)
-                     if gained else {})
-            pipeline = runtime.products
-            owns = PartitionOwnership(target, ownership.total)
-            pubs = await pipeline._in_core(hand_over, pipeline.core, owns, lists, pipeline.model_version)
-            ownership.allowed = target
-            ownership.holding = False
-            records = release + pipeline.publications_to_records(pubs)
-            await publish(records)
-        ownership.last_handover = {
-            "gained": sorted(gained), "lost": sorted(before - target), "published": len(records),
-            "released": len(release), "seconds": round(time.monotonic() - started, 3)}
-        runtime.metrics.owned_partitions.set(len(target))
-        log.info("handover: own partitions %s of %d (gained %s, lost %s), %d records published in %.2f s",
-                 sorted(target), ownership.total, sorted(gained), sorted(before - target), len(records),
-                 time.monotonic() - started)
+            ownership.settled.set()
+    ownership.last_handover = {
+        "gained": sorted(gained), "lost": sorted(before - target), "published": len(records),
+        "released": len(release), "seconds": round(time.monotonic() - started, 3)}
+    runtime.metrics.owned_partitions.set(len(target))
+    log.info("handover: own partitions %s of %d (gained %s, lost %s), %d records published in %.2f s",
+             sorted(target), ownership.total, sorted(gained), sorted(before - target), len(records),
+             time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------- replica
@@ -234,27 +310,32 @@ class Replica:
     publish: Publish
     #: topic -> partition -> next offset to read (where the start-up restore stopped).
     start: dict[str, dict[int, int]] = field(default_factory=dict)
-    #: (topic, partition) -> offsets this worker produced and has not read back yet.
-    own: dict[tuple[str, int], set[int]] = field(default_factory=dict)
     #: Product records waiting for their embedding: pid -> (product, first seen, partition, offset).
     pending: dict[str, tuple[Product, float, int, int]] = field(default_factory=dict)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
     applied: int = 0
     skipped_own: int = 0
+    #: Set whenever a batch of records has been applied (``reach`` waits on it).
+    progressed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def note_own(self, topic: str, partition: int, offset: int) -> None:
-        """A record this worker produced on a state topic (already applied here)."""
-        if offset < self.start.get(topic, {}).get(partition, 0):
-            return  # already read back (and found equal to the catalog)
-        self.own.setdefault((topic, partition), set()).add(offset)
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        s = self.runtime.settings
+        return (s.topic_products, s.topic_embeddings, s.topic_lexical)
 
-    def _is_own(self, topic: str, partition: int, offset: int) -> bool:
-        mine = self.own.get((topic, partition))
-        if mine is None or offset not in mine:
-            return False
-        mine.discard(offset)
-        self.skipped_own += 1
-        return True
+    def reached(self, ends: dict[str, dict[int, int]]) -> bool:
+        """Whether every record before ``ends`` (topic -> partition -> offset) is applied here."""
+        return all(self.start.get(topic, {}).get(partition, 0) >= end
+                   for topic, parts in ends.items() for partition, end in parts.items() if end > 0)
+
+    async def reach(self, ends: dict[str, dict[int, int]]) -> None:
+        """Until the replica has applied everything before ``ends``."""
+        while not self.reached(ends):
+            self.progressed.clear()
+            try:
+                await asyncio.wait_for(self.progressed.wait(), timeout=1.0)
+            except TimeoutError:
+                continue
 
     def covered(self) -> dict[str, dict[int, int]]:
         """Next offset per partition of the state topics up to which everything is applied here
@@ -295,7 +376,7 @@ class Replica:
         from aiokafka import TopicPartition
 
         s = self.runtime.settings
-        topics = (s.topic_products, s.topic_embeddings)
+        topics = self.topics
         while True:
             consumer = self._consumer()
             try:
@@ -325,11 +406,18 @@ class Replica:
         while True:
             batch = await consumer.getmany(timeout_ms=200, max_records=2000)
             records = []
+            read: dict[tuple[str, int], int] = {}
             for tp, messages in batch.items():
                 for m in messages:
-                    self.start.setdefault(tp.topic, {})[tp.partition] = m.offset + 1
-                    if not self._is_own(tp.topic, tp.partition, m.offset):
-                        records.append((tp.topic, tp.partition, m.offset, m.key, m.value))
+                    read[(tp.topic, tp.partition)] = m.offset + 1
+                    records.append((tp.topic, tp.partition, m.offset, m.key, m.value))
+            if records or self._overdue():
+                await self.apply(records)
+            # Advanced only once applied: a handover waits on these positions.
+            for (topic, partition), offset in read.items():
+                self.start.setdefault(topic, {})[partition] = offset
+            if read:
+                self.progressed.set()
             for tp in tps:
                 high = consumer.highwater(tp)
                 position = self.start.get(tp.topic, {}).get(tp.partition)
@@ -339,8 +427,6 @@ class Replica:
             for topic in (self.runtime.settings.topic_products, self.runtime.settings.topic_embeddings):
                 metrics.replica_lag.labels(topic).set(
                     sum(v for (t, _), v in self.lag.items() if t == topic))
-            if records or self._overdue():
-                await self.apply(records)
             metrics.replica_pending.set(len(self.pending))
 
     def _overdue(self) -> list[Product]:
@@ -352,11 +438,24 @@ class Replica:
         import json
 
         s = self.runtime.settings
+        ownership = self.runtime.ownership
         actions: list[tuple[str, Any]] = []
         for topic, partition, offset, raw_key, raw_value in records:
             if raw_key is None:
                 continue
             pid = raw_key.decode("utf-8", errors="replace")
+            if topic == s.topic_lexical:
+                # Every worker adopts each IDF record in log order, its own too, so all end on
+                # the last one even when two fitted at once.
+                try:
+                    if raw_value is not None and pid == LEXICAL_KEY:
+                        actions.append(("lexical", lexical_from_wire(json.loads(raw_value))))
+                except (ValueError, SimstreamError) as exc:
+                    log.error("replica: ignoring unreadable %s record: %s", topic, exc)
+                continue
+            if ownership is not None and ownership.replica_skips(pid):
+                self.skipped_own += 1  # this worker wrote it, and applied it first
+                continue
             try:
                 value = None if raw_value is None else json.loads(raw_value)
                 if topic == s.topic_embeddings:
@@ -390,7 +489,9 @@ class Replica:
         pubs: list[Publication] = []
         for action, payload in actions:
             try:
-                if action == "embedding":
+                if action == "lexical":
+                    pubs += core.use_lexical(payload)
+                elif action == "embedding":
                     pid, stored = payload
                     if stored is None:
                         continue  # its product's tombstone is the delete

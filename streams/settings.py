@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     topic_pair_updates: str = Field(
         "simstream-pair-updates", description="Internal: behaviour pair updates, keyed (repartitioned) by item."
     )
+    topic_lexical: str = Field(
+        "simstream-lexical", description="Internal (compacted, one partition): the lexical IDF every worker shares."
+    )
     topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
     topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import InvalidInput
+from serving.lexical import N_BUCKETS, LexicalModel
 from serving.recommender import Kind, Publication, ScoredItem
 from streams.records import iso
 
@@ -86,3 +90,49 @@ def embedding_from_wire(obj: Mapping[str, Any]) -> StoredEmbedding:
         return StoredEmbedding(str(obj["product_id"]), vector, str(obj["model_version"]), str(obj["content_hash"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInput(f"unreadable embedding record: {exc}") from None
+
+
+#: The one key of the ``simstream-lexical`` topic.
+LEXICAL_KEY = "idf"
+
+
+def lexical_to_wire(model: LexicalModel, *, at: float) -> dict[str, Any]:
+    """The shared IDF as a ``simstream-lexical`` value.
+
+    262,144 float32 weights are 1 MiB, over Kafka's default message limit, but they take
+    only as many distinct values as there are distinct document frequencies: the record
+    carries those values and a zlib-compressed index per bucket (a few hundred KB at 100k
+    products), plus a SHA-256 of the weights that the reader verifies.
+    """
+    if model.idf is None:
+        raise InvalidInput("only a fitted lexical model is shared")
+    values, inverse = np.unique(model.idf, return_inverse=True)
+    index_dtype = "<u2" if len(values) <= 0xFFFF else "<u4"
+    return {
+        "n_docs": model.n_docs,
+        "values": base64.b64encode(values.astype("<f4").tobytes()).decode("ascii"),
+        "index_dtype": index_dtype,
+        "index": base64.b64encode(zlib.compress(inverse.astype(index_dtype).tobytes(), 6)).decode("ascii"),
+        "sha256": hashlib.sha256(model.idf.astype("<f4").tobytes()).hexdigest(),
+        "fitted_at": iso(at),
+    }
+
+
+def lexical_from_wire(value: Mapping[str, Any]) -> LexicalModel:
+    """A shared IDF read back; ``InvalidInput`` when the record is malformed or corrupt."""
+    try:
+        n_docs = int(value["n_docs"])
+        values = np.frombuffer(base64.b64decode(value["values"], validate=True), "<f4")
+        index_dtype = value["index_dtype"]
+        if index_dtype not in ("<u2", "<u4"):
+            raise ValueError(f"index_dtype {index_dtype!r}")
+        raw = zlib.decompressobj().decompress(base64.b64decode(value["index"], validate=True), N_BUCKETS * 4 + 1)
+        index = np.frombuffer(raw, index_dtype)
+        if index.shape != (N_BUCKETS,) or (len(index) and int(index.max()) >= len(values)):
+            raise ValueError("index does not cover every bucket")
+        idf = values[index].astype(np.float32)
+        if hashlib.sha256(idf.astype("<f4").tobytes()).hexdigest() != value["sha256"]:
+            raise ValueError("checksum mismatch")
+        return LexicalModel(idf, n_docs)
+    except (KeyError, TypeError, ValueError, zlib.error, binascii.Error) as exc:
+        raise InvalidInput(f"unreadable lexical model record: {exc}") from exc

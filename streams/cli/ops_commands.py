@@ -1,4 +1,4 @@
-"""Operations: status, snapshot, rebuild-index, replay."""
+"""Operations: status, snapshot, rebuild-index, refit-lexical, replay."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def rebuild_index(url: str | None) -> None:
     """Rebuild the worker's index from simstream-embeddings and swap it in atomically.
 
     Ingestion pauses during the rebuild; reads keep answering from the old index.
-    The lexical IDF is refitted, and lists that change are republished.
+    The group's lexical IDF is used (fitted when there is none), and lists that change are
+    republished.
     """
     settings = get_settings()
     code, body = _call(settings, _worker_url(settings, url), "/admin/rebuild-index", post=True)
@@ -108,6 +109,43 @@ def rebuild_index(url: str | None) -> None:
         raise click.ClickException(body.get("error", f"HTTP {code}"))
     click.echo(f"rebuilt: {body['products']} products, {body['republished']} records republished, "
                f"{body['embedded']} texts embedded, in {body['seconds']} s")
+
+
+@main.command("refit-lexical")
+def refit_lexical() -> None:
+    """Fit the lexical IDF on the catalog in simstream-products and share it with every worker.
+
+    The IDF is published on simstream-lexical; each running worker adopts it and republishes
+    the lists whose lexical scores move it. Run it after the catalog changed a lot (workers
+    refit on their own only when none exists or the catalog has more than doubled).
+    """
+    import time
+
+    from serving.lexical import LexicalModel
+    from serving.text import product_text
+    from streams.kafka_io import latest_by_key, producer, read_topic
+    from streams.records import product_from_wire
+    from streams.wire import LEXICAL_KEY, lexical_to_wire
+
+    settings = get_settings()
+    texts: list[str] = []
+    unreadable = 0
+    for value in latest_by_key(read_topic(settings, settings.topic_products, timeout_s=120)).values():
+        try:
+            texts.append(product_text(product_from_wire(value)))
+        except Exception:  # noqa: BLE001 - a record the workers would skip too
+            unreadable += 1
+    if not texts:
+        raise click.ClickException(f"{settings.topic_products} holds no products: nothing to fit the IDF on")
+    model = LexicalModel.fit(texts)
+    kafka = producer(settings)
+    try:
+        kafka.send(settings.topic_lexical, key=LEXICAL_KEY.encode(),
+                   value=json.dumps(lexical_to_wire(model, at=time.time())).encode()).get(timeout=60)
+    finally:
+        kafka.close()
+    click.echo(f"fitted the IDF on {model.n_docs} products ({unreadable} unreadable records skipped); "
+               f"published on {settings.topic_lexical}")
 
 
 def _parse_time(value: str) -> datetime:

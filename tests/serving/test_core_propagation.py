@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
+from serving.lexical import LexicalModel
 from serving.recommender import BehaviorRow, Kind, Recommender, Trigger
 
 OPS = [
@@ -202,6 +203,23 @@ def test_lexical_refit_republishes_to_recomputation(seed: int, ops: list[tuple[s
     for i, (_op, pick) in enumerate(ops[20:]):
         stream.apply(random_upsert(rng, f"late{pick % 30}", 10_000.0 + i), rng.normal(size=SMALL.dim))
     check_against_exact(stream, exact=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), ops=st.lists(op_strategy, max_size=30), docs=st.integers(1, 40))
+def test_a_shared_idf_fitted_elsewhere_republishes_to_recomputation(
+    seed: int, ops: list[tuple[str, int]], docs: int
+) -> None:
+    """Another worker's IDF (fitted on another catalog) replaces this one's; lists follow it."""
+    stream = run_stream("exact", SMALL, seed, 20, ops)
+    shared = LexicalModel.fit(f"product {i} with words {i % 7} and {i % 3}" for i in range(docs))
+    assert not shared.same_as(stream.rec.lexical)
+    for pub in stream.rec.use_lexical(shared):
+        stream.published[pub.key] = pub
+        stream.all_pubs.append(pub)
+    assert stream.rec.lexical is shared
+    check_against_exact(stream, exact=True)
+    assert stream.rec.use_lexical(LexicalModel(shared.idf, shared.n_docs)) == []  # the same weights: nothing moves
 
 
 REBALANCE = st.tuples(st.just("rebalance"), st.integers(0, 10_000))

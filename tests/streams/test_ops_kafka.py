@@ -1,4 +1,5 @@
-"""Operations commands against a live worker on a real broker: status, snapshot, rebuild-index, replay."""
+"""Operations commands against a live worker on a real broker: status, snapshot, rebuild-index,
+refit-lexical, replay."""
 
 from __future__ import annotations
 
@@ -25,7 +26,16 @@ def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
                           check=check, timeout=300)
 
 
-def test_status_snapshot_rebuild_and_replay(
+def send_products(settings: Settings, numbers: range) -> None:
+    kafka = producer(settings)
+    for i in numbers:
+        kafka.send(settings.topic_product_changes, key=f"P{i}".encode(), value=json.dumps(
+            {"op": "upsert", "product_id": f"P{i}", "title": f"wireless headphones model {i}", "ts": TS}).encode())
+    kafka.flush()
+    kafka.close()
+
+
+def test_status_snapshot_rebuild_refit_and_replay(
     settings_for: Callable[..., Settings], isolated_env: dict[str, str],
     worker_factory: Callable[..., WorkerProcess],
 ) -> None:
@@ -33,12 +43,7 @@ def test_status_snapshot_rebuild_and_replay(
     create_topics(settings)
     worker = worker_factory()
     worker.wait_ready()
-    kafka = producer(settings)
-    for i in range(20):
-        kafka.send(settings.topic_product_changes, key=f"P{i}".encode(), value=json.dumps(
-            {"op": "upsert", "product_id": f"P{i}", "title": f"wireless headphones model {i}", "ts": TS}).encode())
-    kafka.flush()
-    kafka.close()
+    send_products(settings, range(20))
     wait_for(lambda: worker.get("/stats")[1]["products"] == 20)
 
     def lag() -> dict[str, Any]:
@@ -62,6 +67,15 @@ def test_status_snapshot_rebuild_and_replay(
     assert {i["product_id"] for i in after["items"]} <= {f"P{i}" for i in range(20)} - {"P1"}
     assert after["version"] >= before["version"] and len(after["items"]) == len(before["items"])
 
+    # The rebuild fitted the group's IDF (there was none) on the 20 products; after the catalog
+    # grows, refit-lexical fits it on the 30 now there, and the worker adopts it.
+    assert worker.get("/debug/lexical")[1]["n_docs"] == 20
+    send_products(settings, range(20, 30))
+    wait_for(lambda: worker.get("/stats")[1]["products"] == 30)
+    out = cli(isolated_env, "refit-lexical").stdout
+    assert out.startswith("fitted the IDF on 30 products")
+    wait_for(lambda: worker.get("/debug/lexical")[1]["n_docs"] == 30)
+
     refused = cli(isolated_env, "replay", "--from", "2000-01-01T00:00:00Z", check=False)
     assert refused.returncode != 0 and "stop every worker" in refused.stderr
 
@@ -74,5 +88,5 @@ def test_status_snapshot_rebuild_and_replay(
 
     again = worker_factory()
     again.wait_ready()
-    stats = wait_for(lambda: (s := again.get("/stats")[1])["events"] >= 20 and s)
-    assert stats["products"] == 20 and stats["dead_letters"] == 0
+    stats = wait_for(lambda: (s := again.get("/stats")[1])["events"] >= 30 and s)
+    assert stats["products"] == 30 and stats["dead_letters"] == 0

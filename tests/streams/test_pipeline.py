@@ -14,11 +14,12 @@ import pytest
 from encoders.hashing import HashingEncoder
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex
+from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender
 from streams.metrics import Metrics
 from streams.pipeline import Inbound, Outbound, ProductPipeline
 from streams.settings import Settings
-from streams.wire import embedding_from_wire
+from streams.wire import embedding_from_wire, lexical_from_wire
 
 NOW = 1_795_000_000.0
 
@@ -218,9 +219,49 @@ async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: Pr
     assert fresh.core.catalog.get("H3") is None
     k2 = fresh.core.catalog.get("K2")
     assert k2 is not None and k2.title == "Logitech K380 multi-device keyboard"
+    # The streamed catalog never had an IDF fitted, so the restore fitted one (and shares it).
+    assert [r.key for r in records if r.topic == "simstream-lexical"] == ["idf"]
+    pipeline.core.use_lexical(fresh.core.lexical)
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
         assert fresh.core.lists(kind) == pipeline.core.lists(kind)
     assert any(r.topic == "similar-items" and r.key == "H3" and r.value is None for r in records)
+
+
+def state_of(records: list[Outbound]) -> dict[str, dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.value is not None:
+            latest.setdefault(record.topic, {})[record.key] = record.value
+    return latest
+
+
+async def test_a_restore_adopts_the_shared_idf_instead_of_fitting_its_own(pipeline: ProductPipeline) -> None:
+    latest = state_of(await load(pipeline))
+    shared = LexicalModel.fit(f"a catalog this worker never saw, item {i}" for i in range(10))
+    fresh = make_pipeline()
+    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {},
+                                  lexical=shared)
+    assert fresh.core.lexical is shared  # fitted on 10 docs, the catalog has 5: still current
+    assert not [r for r in records if r.topic == "simstream-lexical"]
+
+
+async def test_a_restore_without_a_shared_idf_fits_one_and_publishes_it(pipeline: ProductPipeline) -> None:
+    latest = state_of(await load(pipeline))
+    fresh = make_pipeline()
+    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {})
+    shared = [r for r in records if r.topic == "simstream-lexical"]
+    assert [r.key for r in shared] == ["idf"]
+    assert fresh.core.lexical.n_docs == 5
+    assert lexical_from_wire(shared[0].value).same_as(fresh.core.lexical)  # type: ignore[arg-type]
+
+
+async def test_a_shared_idf_fitted_on_under_half_the_catalog_is_fitted_anew(pipeline: ProductPipeline) -> None:
+    latest = state_of(await load(pipeline))
+    stale = LexicalModel.fit(["one product", "another product"])  # 2 docs, the catalog has 5
+    fresh = make_pipeline()
+    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {}, lexical=stale)
+    assert fresh.core.lexical.n_docs == 5
+    assert [r.key for r in records if r.topic == "simstream-lexical"] == ["idf"]
 
 
 class FlakyEncoder(HashingEncoder):

@@ -147,14 +147,9 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     done = len(scenario.events)
     scenario.churn(rounds=1)
     scenario.send(settings, scenario.events[done:])
-    try:
-        wait_settled(settings, workers, scenario)
-    except AssertionError as exc:
-        if "mean overlap" not in str(exc):
-            raise
-        # Known gap: a joining worker refits the lexical IDF on the catalog it restores, the
-        # running ones keep the IDF of their own start, so its lists weigh n-grams differently
-        # (measured: mean overlap 0.935). Needs an IDF shared through a topic.
-        pytest.xfail(f"the lexical IDF is not shared between workers yet: {exc}")
+    wait_settled(settings, workers, scenario)
     health: list[Any] = [w.get("/health")[1] for w in workers]
     assert all(h["owned_partitions"] for h in health), health
+    # The joining worker fitted the IDF (the catalog had none) and every worker adopted it.
+    idfs = [w.get("/debug/lexical")[1] for w in workers]
+    assert idfs[0]["idf"] is not None and all(i == idfs[0] for i in idfs), [i["n_docs"] for i in idfs]

@@ -18,12 +18,20 @@ def test_create_topics_twice_is_harmless_and_sets_compaction(settings_for: Calla
     assert set(first.values()) == {"created"}
     assert set(first) == {spec.name for spec in topic_specs(settings)}
     assert settings.topic_pair_updates in first  # the internal topic behaviour repartitions through
+    # The shared IDF: one partition (one order for every worker), room for a large record.
+    from kafka import KafkaConsumer
+
+    from streams.kafka_io import client_options
+
+    consumer = KafkaConsumer(**client_options(settings))
+    assert consumer.partitions_for_topic(settings.topic_lexical) == {0}
+    consumer.close()
     second = create_topics(settings)
     assert set(second.values()) == {"exists"}
 
     policies = describe_cleanup_policy(settings, list(first))
     compacted = {settings.topic_similar_items, settings.topic_substitutes, settings.topic_complements,
-                 settings.topic_products, settings.topic_embeddings}
+                 settings.topic_products, settings.topic_embeddings, settings.topic_lexical}
     for spec in topic_specs(settings):
         assert policies[spec.name] == ("compact" if spec.name in compacted else "delete"), spec.name
 
