@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from serving.catalog import UserEvent, UserEventType
@@ -192,7 +192,30 @@ class BehaviorModel:
             self._sessions.pop(k, None)
         return bool(keys)
 
+    def drop_users(self, drop: Callable[[str], bool]) -> int:
+        """Forget the open sessions of every user ``drop`` accepts (a rebalance moved them
+        to another worker); returns how many users."""
+        users = [u for u in self._user_sessions if drop(u)]
+        for user_id in users:
+            self.forget_user(user_id)
+        return len(users)
+
     # --- item side ------------------------------------------------------------------------
+    def drop_items(self, drop: Callable[[str], bool]) -> int:
+        """Forget the rows and counts of every item ``drop`` accepts (another worker owns
+        them now); returns how many rows and counts went."""
+        rows = [key for key in self._rows if drop(key[1])]
+        counts = [key for key in self._counts if drop(key[1])]
+        for key in rows:
+            del self._rows[key]
+        for key in counts:
+            del self._counts[key]
+        return len(rows) + len(counts)
+
+    def items(self) -> set[str]:
+        """Every item with a row or a count here."""
+        return {item for _, item in self._rows} | {item for _, item in self._counts}
+
     def apply_pair(self, update: PairUpdate) -> None:
         """Apply one update on the owner of ``update.item`` (O(1) amortised)."""
         cfg = self.config

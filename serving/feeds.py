@@ -125,6 +125,14 @@ class UserFeeds:
         while len(self._trending) > self.config.max_trending:
             self._trending.popitem(last=False)
 
+    def drop_users(self, drop: Callable[[str], bool]) -> list[str]:
+        """Drop the history of every user ``drop`` accepts (a rebalance moved them to
+        another worker); returns their ids."""
+        users = [u for u in self._users if drop(u)]
+        for user_id in users:
+            del self._users[user_id]
+        return users
+
     def forget(self, user_id: str) -> bool:
         """Erase the user's history and state; True when something was erased."""
         return self._users.pop(user_id, None) is not None

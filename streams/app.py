@@ -222,15 +222,19 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_partitions_revoked.connect
     async def on_revoked(_app: Any, /, *args: Any, signal: Any, **_: Any) -> None:
         revoked: set[Any] = args[0] if args else _.get("revoked", set())
-        if any(tp.topic == settings.topic_product_changes for tp in revoked):
+        if revoked:
             async with runtime.batch_lock:  # the batch in flight finishes and publishes first
                 ownership.on_revoked()
 
     @app.on_partitions_assigned.connect
     async def on_assigned(_app: Any, /, *args: Any, signal: Any, **_: Any) -> None:
         assigned: set[Any] = args[0] if args else _.get("assigned", set())
-        ownership.on_assigned(frozenset(tp.partition for tp in assigned
-                                        if tp.topic == settings.topic_product_changes))
+
+        def of(topic: str) -> frozenset[int]:
+            return frozenset(tp.partition for tp in assigned if tp.topic == topic)
+
+        ownership.on_assigned(of(settings.topic_product_changes),
+                              {topic: of(topic) for topic in (settings.topic_user_events, settings.topic_pair_updates)})
 
     async def publish(records: Iterable[Outbound]) -> None:
         pending = []
@@ -431,6 +435,15 @@ def create_app(settings: Settings) -> faust.App:
                 stream, event = stream_and_event
                 await stream.ack(event)
 
+    async def settled_under(lock: asyncio.Lock) -> None:
+        """With ``lock`` held: until no handover is pending (released while waiting)."""
+        while not ownership.settled.is_set():  # a rebalance: let its handover run first
+            lock.release()
+            try:
+                await ownership.settled.wait()
+            finally:
+                await lock.acquire()
+
     @app.agent(product_changes, name="product-changes")
     async def on_product_changes(stream: Any) -> None:
         await runtime.ready.wait()
@@ -440,12 +453,7 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.noack_take(settings.embed_batch_size, within=settings.embed_batch_within_s):
             runtime.last_event_at = time.time()
             async with runtime.batch_lock:
-                while not ownership.settled.is_set():  # a rebalance: let its handover run first
-                    runtime.batch_lock.release()
-                    try:
-                        await ownership.settled.wait()
-                    finally:
-                        await runtime.batch_lock.acquire()
+                await settled_under(runtime.batch_lock)
                 # Events taken before a rebalance that moved their partition away are the new
                 # owner's to apply (it re-reads them from the committed offset); never acked here.
                 events = [e for e in events if ownership.owns_partition(e.message.partition)]
@@ -496,6 +504,9 @@ def create_app(settings: Settings) -> faust.App:
         # round trip capped the stream near 100 events/s). Acked after their outputs are.
         async for events in stream.noack_take(256, within=0.005):
             runtime.last_event_at = time.time()
+            await ownership.settled.wait()  # a rebalance: the handover rebuilds behaviour state first
+            # A partition that moved away in a rebalance: its new owner reads these.
+            events = [e for e in events if ownership.holds(settings.topic_user_events, e.message.partition)]
             await publish_until_acked(runtime.users.handle_batch([_inbound(e) for e in events]))
             for event in events:
                 await stream.ack(event)
@@ -505,6 +516,8 @@ def create_app(settings: Settings) -> faust.App:
         await runtime.ready.wait()
         # Acknowledged after they are applied, so a crash replays pair updates, never skips them.
         async for events in stream.noack_take(500, within=0.05):
+            await ownership.settled.wait()
+            events = [e for e in events if ownership.holds(settings.topic_pair_updates, e.message.partition)]
             rejected = runtime.users.apply_pairs([_inbound(e) for e in events])
             if rejected:
                 await publish_until_acked(rejected)
@@ -530,7 +543,12 @@ def create_app(settings: Settings) -> faust.App:
                     break
                 left -= len(rows)
                 pipeline = runtime.products
-                pubs = await pipeline._in_core(users.publish_rows, rows)
+                try:
+                    pubs = await pipeline._in_core(users.publish_rows, rows)
+                except Exception as exc:  # the timer must keep running for the other items
+                    log.error("behaviour rows of %d items could not be applied (dropped until their next "
+                              "update): %s", len(rows), exc, exc_info=True)
+                    continue
                 await publish_until_acked(pipeline.publications_to_records(pubs))
         metrics.behavior_dirty.set(len(users.dirty))
 

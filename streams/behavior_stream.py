@@ -219,6 +219,11 @@ class BehaviorPipeline(Edge):
             deleted = r.topic == s.topic_similar_items and r.value is None
             if went_out or deleted:
                 gone.add(r.key)
+        return self.feeds_without(gone)
+
+    def feeds_without(self, gone: Iterable[str]) -> list[Outbound]:
+        """Fresh feeds of the users whose feed lists a product in ``gone`` (out of stock or
+        deleted; with several workers, also products another worker owns)."""
         users = sorted({u for pid in gone for u in self.listed_in.get(pid, ())})
         now = time.time()
         return [self.feed_record(u, now) for u in users]
@@ -258,6 +263,46 @@ class BehaviorPipeline(Edge):
         if len(self.last_flush) > 4 * max(1, len(self.dirty)) + 1024:
             self.last_flush = {i: t for i, t in self.last_flush.items() if now - t < interval}
         return rows
+
+    # ------------------------------------------------------------------ rebalances
+    def keep_only(self, user_kept: Callable[[str], bool], item_kept: Callable[[str], bool]) -> None:
+        """Drop the state of users and items this worker no longer holds, or is about to
+        rebuild from the topics (``replay``): sessions, histories, rows, dirty marks."""
+        self.model.drop_users(lambda u: not user_kept(u))
+        for user_id in self.feeds.drop_users(lambda u: not user_kept(u)):
+            self._unlist(user_id)
+        self.model.drop_items(lambda i: not item_kept(i))
+        for item in [i for i in self.dirty if not item_kept(i)]:
+            del self.dirty[item]
+
+    def replay(self, user_events: Iterable[Inbound], pair_updates: Iterable[Inbound]) -> set[str]:
+        """Rebuild what a rebalance handed over, publishing nothing: sessions and histories
+        from the gained users' events, rows from the gained items' pair updates (records
+        the previous owner already applied and published, or dead-lettered). Returns the
+        items whose rows were rebuilt."""
+        for message in user_events:
+            try:
+                event = self.decode_user(message).to_core()
+                self.model.observe(event)  # its pair updates were written by the previous owner
+                self.feeds.observe(event)
+            except Exception:  # noqa: BLE001 - dead-lettered when it was first consumed
+                continue
+        items: set[str] = set()
+        for message in pair_updates:
+            try:
+                updates = pairs_from_wire(message.value, config=self.model.config)
+            except InvalidInput:
+                continue
+            if updates and message.key is not None and message.key.decode(errors="replace") != updates[0].item:
+                continue
+            for update in updates:
+                self.model.apply_pair(update)
+                items.add(update.item)
+        return items
+
+    def rows_of(self, items: Iterable[str]) -> dict[str, BehaviorRow]:
+        """The current behaviour rows of ``items``."""
+        return {i: BehaviorRow.from_model(self.model, i, self.settings.behavior_top_n) for i in items}
 
     def publish_rows(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
         """Hand rows to the core (call it where the core is applied, between batches)."""

@@ -30,10 +30,10 @@ from kafka.partitioner.default import murmur2
 
 from serving.catalog import Outcome, Product, ProductDelete, ProductUpsert
 from serving.errors import EncoderUnavailable, SimstreamError
-from serving.recommender import Kind, Publication, Recommender, last_per_key
+from serving.recommender import BehaviorRow, Kind, Publication, Recommender, last_per_key
 from serving.text import product_text
 from streams.kafka_io import client_options, latest_by_key, read_topic, ssl_context
-from streams.pipeline import Outbound, _as_upsert
+from streams.pipeline import Inbound, Outbound, _as_upsert
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import LEXICAL_KEY, StoredEmbedding, embedding_from_wire, lexical_from_wire, same_items
@@ -106,6 +106,12 @@ class Ownership:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set while no handover is pending: only then may the stream apply changes.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Partitions of ``user-events`` and ``simstream-pair-updates`` whose behaviour state
+    #: (sessions, histories, rows) this worker holds, and the latest assignment of them.
+    behavior_held: dict[str, frozenset[int]] = field(default_factory=dict)
+    behavior_target: dict[str, frozenset[int]] = field(default_factory=dict)
+    #: Partition counts of the input topics (murmur2 needs them to place a key).
+    totals: dict[str, int] = field(default_factory=dict)
     #: Partitions whose state records the replica skips: this worker wrote them (it is their
     #: only writer while it owns them). Empty from a revocation until the next handover, so
     #: the replica then applies every record in log order, its own echoes included.
@@ -138,7 +144,8 @@ class Ownership:
         self.settled.clear()
         self.skip = frozenset()
 
-    def on_assigned(self, partitions: frozenset[int]) -> None:
+    def on_assigned(self, partitions: frozenset[int], behavior: dict[str, frozenset[int]] | None = None) -> None:
+        self.behavior_target = dict(behavior or {})
         self.target = partitions
         self.rebalances += 1
         self.settled.clear()
@@ -147,6 +154,10 @@ class Ownership:
     def owns_partition(self, partition: int) -> bool:
         """Whether events of this ``product-changes`` partition are this worker's to apply now."""
         return self.settled.is_set() and partition in self.allowed
+
+    def holds(self, topic: str, partition: int) -> bool:
+        """Whether events of this behaviour-topic partition are this worker's to apply now."""
+        return self.settled.is_set() and partition in self.behavior_held.get(topic, frozenset())
 
     def replica_skips(self, pid: str) -> bool:
         """Whether the replica skips a state record of ``pid`` (this worker is its writer)."""
@@ -179,15 +190,16 @@ def _read_lists(settings: Settings, partitions: frozenset[int], total: int) -> d
 
 
 def hand_over(core: Recommender, owns: Callable[[str], bool], gained_lists: dict[Kind, dict[str, Any]],
-              model_version: str) -> list[Publication]:
-    """Move the core to ``owns`` and say what to publish for the lists it gained (core thread)."""
+              model_version: str, behavior: dict[str, BehaviorRow] | None = None) -> list[Publication]:
+    """Move the core to ``owns`` and say what to publish for the lists it gained (core thread);
+    ``behavior`` holds the rebuilt behaviour rows of gained products."""
     for kind, values in gained_lists.items():
         for pid, value in values.items():
             version = value.get("version")
             if isinstance(version, int):
                 core.seed_version(kind, pid, version)
     out: list[Publication] = []
-    for pub in core.set_ownership(owns):
+    for pub in core.set_ownership(owns, behavior):
         if pub.kind is not Kind.COMPLEMENTS and pub.items is not None:
             on_topic = gained_lists.get(pub.kind, {}).get(pub.product_id)
             if on_topic is not None and same_items(on_topic, pub.items) \
@@ -253,19 +265,87 @@ async def run_handovers(runtime: Runtime, ownership: Ownership, publish: Publish
             ownership.changed.set()
 
 
+def replay_window_s(settings: Settings, topic: str) -> float:
+    """How far back a new owner reads a behaviour topic: what still weighs in its state
+    (history within its TTL, open sessions; counts decayed to 1/256 after 8 half-lives)."""
+    if topic == settings.topic_user_events:
+        return max(settings.feed_history_ttl_s, settings.session_gap_s)
+    return 8 * settings.behavior_half_life_s
+
+
+def read_handed_over(settings: Settings, gained: dict[str, frozenset[int]]) -> dict[str, list[Inbound]]:
+    """The records of gained behaviour partitions that their previous owner already applied:
+    from the start of the replay window up to the group's committed offset (blocking).
+
+    The stream goes on from the committed offset, so nothing is applied twice; where the
+    group committed nothing, the stream reads the partition from its start and there is
+    nothing to replay.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.admin import KafkaAdminClient
+
+    tps = [TopicPartition(topic, p) for topic, parts in gained.items() for p in sorted(parts)]
+    out: dict[str, list[Inbound]] = {topic: [] for topic in gained}
+    if not tps:
+        return out
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        committed = admin.list_group_offsets({settings.app_id: None}).get(settings.app_id, {})
+    finally:
+        admin.close()
+    stops = {tp: committed[tp].offset for tp in tps if tp in committed and committed[tp].offset > 0}
+    if not stops:
+        return out
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
+                             max_partition_fetch_bytes=max(settings.max_message_bytes * 6, 4 * 1024 * 1024))
+    try:
+        consumer.assign(list(stops))
+        now_ms = int(time.time() * 1000)
+        starts = consumer.offsets_for_times(
+            {tp: max(0, now_ms - int(replay_window_s(settings, tp.topic) * 1000)) for tp in stops})
+        remaining = set()
+        for tp, stop in stops.items():
+            found = starts.get(tp)
+            if found is None or found.offset >= stop:
+                continue
+            consumer.seek(tp, found.offset)
+            remaining.add(tp)
+        deadline = time.monotonic() + 300
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading the handed-over behaviour partitions took over 300 s: {remaining}")
+            for tp, messages in consumer.poll(timeout_ms=500, max_records=5000).items():
+                for m in messages:
+                    if m.offset < stops[tp]:
+                        out[tp.topic].append(Inbound(tp.topic, tp.partition, m.offset, m.key, m.value,
+                                                     timestamp=m.timestamp / 1000.0))
+            remaining = {tp for tp in remaining if consumer.position(tp) < stops[tp]}
+        return out
+    finally:
+        consumer.close()
+
+
 async def _hand_over_once(runtime: Runtime, ownership: Ownership, publish: Publish) -> None:
     settings = runtime.settings
     loop = asyncio.get_running_loop()
     if ownership.target is None:
         return
     started = time.monotonic()
-    if not ownership.total:
-        ownership.total = await loop.run_in_executor(
-            None, partition_count, settings, settings.topic_product_changes, 300.0)
+    for topic in (settings.topic_product_changes, settings.topic_user_events, settings.topic_pair_updates):
+        if topic not in ownership.totals:
+            ownership.totals[topic] = await loop.run_in_executor(None, partition_count, settings, topic, 300.0)
+    ownership.total = ownership.totals[settings.topic_product_changes]
+    if len(set(ownership.totals.values())) > 1:
+        log.warning("the input topics have different partition counts %s: a product's behaviour row and its "
+                    "lists may then sit on different workers; give them the same count", ownership.totals)
     replica = runtime.replica
     if replica is not None:
         ends = await loop.run_in_executor(None, end_offsets, settings, replica.topics)
         await replica.reach(ends)
+    behavior_target = ownership.behavior_target
+    gained_behavior = {topic: parts - ownership.behavior_held.get(topic, frozenset())
+                       for topic, parts in behavior_target.items()}
+    handed = await loop.run_in_executor(None, read_handed_over, settings, gained_behavior)
     async with runtime.batch_lock:
         # The target is cleared only once the handover is done, so a failure is retried.
         target = ownership.target
@@ -280,7 +360,9 @@ async def _hand_over_once(runtime: Runtime, ownership: Ownership, publish: Publi
         # Text changes deferred by an encoder outage on partitions now lost: the new owner
         # re-reads them (they were never acknowledged) and applies them itself.
         pipeline.pending = [(m, c) for m, c in pipeline.pending if owns(c.product_id)]
-        pubs = await pipeline._in_core(hand_over, pipeline.core, owns, lists, pipeline.model_version)
+        rows = _rebuild_behavior(runtime, ownership, behavior_target, gained_behavior, handed, owns)
+        pubs = await pipeline._in_core(hand_over, pipeline.core, owns, lists, pipeline.model_version, rows)
+        ownership.behavior_held = behavior_target
         ownership.allowed = target
         ownership.skip = target
         release = ownership.release(target & before)
@@ -297,6 +379,27 @@ async def _hand_over_once(runtime: Runtime, ownership: Ownership, publish: Publi
     log.info("handover: own partitions %s of %d (gained %s, lost %s), %d records published in %.2f s",
              sorted(target), ownership.total, sorted(gained), sorted(before - target), len(records),
              time.monotonic() - started)
+
+
+def _rebuild_behavior(runtime: Runtime, ownership: Ownership, target: dict[str, frozenset[int]],
+                      gained: dict[str, frozenset[int]], handed: dict[str, list[Inbound]],
+                      owns: Callable[[str], bool]) -> dict[str, BehaviorRow]:
+    """Keep the behaviour state of the partitions kept, rebuild the gained ones from their
+    records, and return the rebuilt rows of the products this worker owns now."""
+    settings = runtime.settings
+    users = runtime.users
+    user_topic, pair_topic = settings.topic_user_events, settings.topic_pair_updates
+    kept_users = target.get(user_topic, frozenset()) - gained.get(user_topic, frozenset())
+    kept_items = target.get(pair_topic, frozenset()) - gained.get(pair_topic, frozenset())
+    user_total = ownership.totals[user_topic]
+    item_total = ownership.totals[pair_topic]
+    users.keep_only(lambda u: partition_for(u, user_total) in kept_users,
+                    lambda i: partition_for(i, item_total) in kept_items)
+    items = users.replay(handed.get(user_topic, []), handed.get(pair_topic, []))
+    if items or handed.get(user_topic):
+        log.info("handover: behaviour rebuilt from %d user events and %d pair-update records (%d items)",
+                 len(handed.get(user_topic, [])), len(handed.get(pair_topic, [])), len(items))
+    return users.rows_of(i for i in items if owns(i))
 
 
 # ---------------------------------------------------------------------- replica
@@ -480,11 +583,18 @@ class Replica:
                         pipeline.embeddings[product.product_id] = StoredEmbedding(
                             product.product_id, vector, pipeline.model_version, product.content_hash)
                         actions.append(("retry", product.product_id))
-            pubs = await pipeline._in_core(self._apply_in_core, pipeline, actions)
+            gone: set[str] = set()
+            pubs = await pipeline._in_core(self._apply_in_core, pipeline, actions, gone)
             if pubs:
                 await self.publish(pipeline.publications_to_records(last_per_key(pubs)))
+            # Feeds held here that list another worker's product which just went away.
+            feeds = self.runtime.users.feeds_without(gone) if gone else []
+            if feeds:
+                await self.publish(feeds)
 
-    def _apply_in_core(self, pipeline: Any, actions: list[tuple[str, Any]]) -> list[Publication]:
+    def _apply_in_core(self, pipeline: Any, actions: list[tuple[str, Any]], gone: set[str]) -> list[Publication]:
+        """Apply the replicated changes; ``gone`` receives the products that went out of
+        stock or were deleted."""
         core: Recommender = pipeline.core
         pubs: list[Publication] = []
         for action, payload in actions:
@@ -500,15 +610,16 @@ class Replica:
                     waiting = self.pending.get(pid)
                     if waiting is not None and waiting[0].content_hash == stored.content_hash:
                         product, _, partition, offset = self.pending.pop(pid)
-                        pubs += self._upsert(pipeline, core, product, partition, offset)
+                        pubs += self._upsert(pipeline, core, product, partition, offset, gone)
                 elif action == "retry":
                     waiting = self.pending.pop(payload, None)
                     if waiting is not None:
-                        pubs += self._upsert(pipeline, core, waiting[0], waiting[2], waiting[3])
+                        pubs += self._upsert(pipeline, core, waiting[0], waiting[2], waiting[3], gone)
                 elif action == "delete":
                     self.pending.pop(payload, None)
                     current = core.catalog.get(payload)
                     if current is not None:
+                        gone.add(payload)
                         change = ProductDelete(payload, current.ts)
                         pubs += core.apply(change)
                         self._journal(pipeline, change)
@@ -516,16 +627,18 @@ class Replica:
                 else:
                     product, partition, offset = payload
                     self.pending.pop(product.product_id, None)
-                    pubs += self._upsert(pipeline, core, product, partition, offset)
+                    pubs += self._upsert(pipeline, core, product, partition, offset, gone)
             except Exception as exc:  # noqa: BLE001
                 log.error("replica: could not apply %s: %s", action, exc)
         return pubs
 
     def _upsert(self, pipeline: Any, core: Recommender, product: Product, partition: int,
-                offset: int) -> list[Publication]:
+                offset: int, gone: set[str]) -> list[Publication]:
         current = core.catalog.get(product.product_id)
         if current == product:
             return []  # already here (this worker's own change, or a replay)
+        if current is not None and current.in_stock and not product.in_stock:
+            gone.add(product.product_id)
         change: ProductUpsert = _as_upsert(product)
         if core.catalog.preview(change).outcome is Outcome.STALE:
             return []  # something newer is already applied; not counted as a stale event

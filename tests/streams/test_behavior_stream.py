@@ -236,3 +236,51 @@ def test_any_bytes_are_pair_updates_or_refused_never_a_crash(raw: bytes) -> None
         return
     for u in updates:
         assert u.channel in CHANNELS and math.isfinite(u.weight) and u.weight > 0 and math.isfinite(u.ts)
+
+
+# ---------------------------------------------------------------------- rebalances
+
+
+async def test_a_new_owner_rebuilds_the_same_behaviour_state_from_the_topics(stack: Any) -> None:
+    """Handover (DESIGN.md, "Scale-out"): what the old owner built from the stream, the new one
+    rebuilds by replaying the same user events and pair-update records, and publishes nothing."""
+    users, products = stack
+    steps = [("view", "H1"), ("view", "H2"), ("add_to_cart", "H2"), ("add_to_cart", "C1"), ("purchase", "H2"),
+             ("view", "K1"), ("view", "H3")]
+    shoppers = ["user-a", "user-b", "user-c"]
+    user_events: list[Inbound] = []
+    pair_records: list[Outbound] = []
+    for n, user in enumerate(shoppers):
+        for i, (kind, product) in enumerate(steps[n:] + steps[:n]):
+            inbound = event(kind, product, NOW - 300 + 10 * i + n, user=user)
+            user_events.append(inbound)
+            out = users.handle(inbound)
+            pair_records += [r for r in out if r.topic == "simstream-pair-updates"]
+    pair_updates = as_inbound(pair_records, "simstream-pair-updates")
+    users.apply_pairs(pair_updates)
+
+    heir = BehaviorPipeline(users.settings, Metrics(), clock=lambda: NOW, products=lambda: products)
+    items = heir.replay(user_events, pair_updates)
+    assert items == users.model.items()
+    assert heir.rows_of(sorted(items)) == users.rows_of(sorted(items))
+    for user in shoppers:
+        assert heir.recommend(user, NOW) == users.recommend(user, NOW)
+        assert heir.feeds.history(user, NOW) == users.feeds.history(user, NOW)
+    assert not heir.dirty  # a replay publishes nothing by itself
+
+    # Their next event pairs with the replayed session, exactly as on the old owner.
+    nxt = event("add_to_cart", "H3", NOW - 10, user="user-a")
+    assert [r.value for r in heir.handle(nxt)] == [r.value for r in users.handle(nxt)]
+
+
+async def test_keep_only_drops_the_state_of_users_and_items_that_moved_away(stack: Any) -> None:
+    users, _ = stack
+    for user in ("user-a", "user-b"):
+        out = shop(users, [("view", "H1"), ("view", "H2")], user=user)
+        users.apply_pairs(as_inbound(out, "simstream-pair-updates"))
+    assert users.dirty and users.model.items() == {"H1", "H2"}
+    users.keep_only(lambda u: u == "user-a", lambda i: i == "H1")
+    assert users.model.items() == {"H1"} and set(users.dirty) == {"H1"}
+    assert users.feeds.history("user-b", NOW) == [] and users.feeds.history("user-a", NOW)
+    assert "user-b" not in users.feed_of
+    assert all("user-b" not in listed for listed in users.listed_in.values())

@@ -9,6 +9,7 @@ The workers share one ``simstream serve-encoder`` (gRPC) to keep the test light.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from streams.kafka_io import create_topics, latest_by_key, read_topic
+from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
+from streams.scaleout import partition_for
 from streams.settings import Settings
 from tests.streams.kafka_e2e import Scenario, check_invariant, grpc_encoder
-from tests.support import WorkerProcess, free_port
+from tests.support import WorkerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +94,42 @@ def wait_settled(settings: Settings, workers: list[WorkerProcess], scenario: Sce
                 raise
 
 
+SHOPPERS = [f"shopper-{i}" for i in range(12)]
+
+
+def shopping(settings: Settings, scenario: Scenario) -> list[tuple[str, str]]:
+    """Every shopper carts and buys one of four baskets of two products; wait for complements."""
+    live = sorted(set(scenario.products) - scenario.deleted)
+    baskets = [(live[i], live[i + 1]) for i in range(0, 8, 2)]
+    kafka = producer(settings)
+    t0 = time.time() - 60
+    for n, user in enumerate(SHOPPERS):
+        a, b = baskets[n % len(baskets)]
+        for i, (kind, item) in enumerate([("add_to_cart", a), ("add_to_cart", b), ("purchase", a), ("purchase", b)]):
+            kafka.send(settings.topic_user_events, key=user.encode(), value=json.dumps(
+                {"user_id": user, "type": kind, "product_id": item, "ts": t0 + n + i / 10}).encode())
+    kafka.flush()
+    kafka.close()
+    wait_for(lambda: check_complements(settings, baskets, quiet=True), timeout=60)
+    return baskets
+
+
+def check_complements(settings: Settings, baskets: list[tuple[str, str]], quiet: bool = False) -> bool:
+    """Each basket item whose partner is live and in stock lists that partner as a complement."""
+    products = latest_by_key(read_topic(settings, settings.topic_products))
+    complements = latest_by_key(read_topic(settings, settings.topic_complements))
+    for a, b in baskets:
+        for item, partner in ((a, b), (b, a)):
+            if item not in products or not products.get(partner, {}).get("in_stock", False):
+                continue
+            listed = [i["product_id"] for i in (complements.get(item) or {}).get("items", [])]
+            if partner not in listed:
+                if quiet:
+                    return False
+                raise AssertionError(f"complements of {item} lack {partner}: {listed}")
+    return True
+
+
 def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     grpc_encoder: str, model_base: Path, settings_for: Callable[..., Settings],
     worker_factory: Callable[..., WorkerProcess], tmp_path: Path,
@@ -120,6 +158,15 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     assert all(s["events"] > 0 for s in stats), f"one worker did all the work: {stats} ({shares})"
     assert sum(s["dead_letters"] for s in stats) == scenario.bad
 
+    # Shoppers: each user's history lives on the owner of their user-events partition, each
+    # item's behaviour row on the owner of its pair-updates partition.
+    baskets = shopping(settings, scenario)
+    for user in SHOPPERS:
+        owner = partition_for(user, PARTITIONS) in shares[1]
+        histories = [w.get(f"/users/{user}/recommendations")[1]["history"] for w in workers]
+        assert histories == ([0, 4] if owner else [4, 0]), (user, histories)
+    time.sleep(3.0)  # the group commits its offsets every second
+
     # (b) SIGKILL one worker while changes flow: the survivor takes its partitions over.
     done = len(scenario.events)
     scenario.churn(rounds=2)
@@ -139,6 +186,11 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     sender.join()
     assert wait_owned(workers, timeout=90) == [set(range(PARTITIONS))]
     wait_settled(settings, workers, scenario)
+    # The survivor rebuilt the killed worker's behaviour state from the topics: histories,
+    # and the rows that keep its complements (not emptied by the handover).
+    for user in SHOPPERS:
+        assert workers[0].get(f"/users/{user}/recommendations")[1]["history"] == 4, user
+    check_complements(settings, baskets)
 
     # (c) A third worker joins: a rebalance, more changes, the invariant again.
     workers.append(start("w3"))
@@ -148,6 +200,9 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     scenario.churn(rounds=1)
     scenario.send(settings, scenario.events[done:])
     wait_settled(settings, workers, scenario)
+    check_complements(settings, baskets)
+    histories = {u: [w.get(f"/users/{u}/recommendations")[1]["history"] for w in workers] for u in SHOPPERS}
+    assert all(sorted(h) == [0, 4] for h in histories.values()), histories  # each user on one owner
     health: list[Any] = [w.get("/health")[1] for w in workers]
     assert all(h["owned_partitions"] for h in health), health
     # The joining worker fitted the IDF (the catalog had none) and every worker adopted it.
