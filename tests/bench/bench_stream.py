@@ -43,6 +43,7 @@ from tests.bench.harness import (
     backlog_growing,
     build_catalog,
     consumed,
+    highest_rate_held,
     latency_plot,
     load_catalog,
     ms,
@@ -151,10 +152,9 @@ def main() -> None:
               f"{r['text_own_p99_ms']} | {r['stockout_subs_p50_ms']} / {r['stockout_subs_p99_ms']} | "
               f"{r['last_p50_ms']} / {r['last_p99_ms']} / {r['last_max_ms']} | {r['backlog_max']} / "
               f"{r['backlog_end']}{' (growing)' if r['backlog_growing'] else ''} | {r['cpu_cores']} | {r['rss_mb']} |")
-    held = [r["rate"] for r in results if not r["backlog_growing"]]
     print(json.dumps({"bench": "stream", "command": " ".join(sys.argv), "products": len(catalog),
                       "load_s": round(load_s, 1), "encoder": args.encoder, "duration_s": args.duration,
-                      "highest_rate_held": max(held, default=None), "results": results}))
+                      "highest_rate_held": highest_rate_held(results), "results": results}))
 
 
 if __name__ == "__main__":

@@ -320,6 +320,30 @@ def attribute_latencies(settings: Settings, sent: dict[tuple[str, str], tuple[fl
     return Latencies(own, last, by_cause)
 
 
+#: The freshness the product promises: a change's lists are out within about a second.
+FRESHNESS_BUDGET_MS = 1000
+#: A held rate leaves no backlog behind: the worker is caught up this soon after the last event.
+MAX_CATCH_UP_S = 2.0
+
+
+def rate_held(result: dict[str, Any]) -> bool:
+    """Whether the worker sustained one rate of the stream bench: its backlog did not grow, it
+    caught up within ``MAX_CATCH_UP_S`` of the last event, and a change's own list went out
+    within the freshness budget at the p99."""
+    return (not result["backlog_growing"] and result["catch_up_s"] <= MAX_CATCH_UP_S
+            and result["own_p99_ms"] <= FRESHNESS_BUDGET_MS)
+
+
+def highest_rate_held(results: list[dict[str, Any]]) -> float | None:
+    """The highest rate of the stream bench that ``rate_held``, below any that was not."""
+    held = None
+    for result in sorted(results, key=lambda r: r["rate"]):
+        if not rate_held(result):
+            break
+        held = result["rate"]
+    return held
+
+
 def backlog_growing(backlog: list[float], rate: float) -> bool:
     """Whether the second half's mean backlog is well above the first half's (falling behind)."""
     half = len(backlog) // 2
