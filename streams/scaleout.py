@@ -70,20 +70,23 @@ class PartitionOwnership:
         return bool(self.partitions) and partition_for(pid, self.total) in self.partitions
 
 
+def _partitions(consumer: Any, topic: str, timeout_s: float) -> set[int]:
+    """Partitions of ``topic`` as ``consumer`` sees them, waiting for a topic just created."""
+    deadline = time.monotonic() + timeout_s
+    while not (parts := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return set(parts)
+
+
 def partition_count(settings: Settings, topic: str, timeout_s: float = 30.0) -> int:
     """Partitions of ``topic`` as the brokers report them (blocking; run it in an executor)."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                return len(parts)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
-            time.sleep(0.2)
+        return len(_partitions(consumer, topic, timeout_s))
     finally:
         consumer.close()
 
@@ -220,14 +223,7 @@ def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[str, dict[int
 
     consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
     try:
-        tps = []
-        for topic in topics:
-            deadline = time.monotonic() + 300.0
-            while not (parts := consumer.partitions_for_topic(topic)):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"topic {topic} has no partitions after 300 s")
-                time.sleep(0.2)
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(topic, p) for topic in topics for p in sorted(_partitions(consumer, topic, 300.0))]
         return _group(consumer.end_offsets(tps))
     finally:
         consumer.close()
