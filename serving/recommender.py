@@ -447,6 +447,10 @@ class Recommender:
         """A copy of the stored behaviour rows (for ``exact_lists`` and snapshots)."""
         return dict(self._beh)
 
+    def list_of(self, kind: Kind, product_id: str) -> Items | None:
+        """The current list of one kind for ``product_id``, or ``None`` (unknown, unowned, none)."""
+        return self._lists[Kind(kind)].get(product_id)
+
     def lists(self, kind: Kind) -> dict[str, Items]:
         """A copy of every current list of one kind."""
         return dict(self._lists[Kind(kind)])

@@ -39,8 +39,9 @@ from serving.behavior import CHANNELS, BehaviorConfig, BehaviorModel, PairUpdate
 from serving.catalog import UserEventType
 from serving.errors import InvalidInput
 from serving.feeds import FeedConfig, FeedItem, UserFeeds
-from serving.recommender import BehaviorRow, Publication
-from streams.pipeline import Edge, Inbound, Outbound, ProductPipeline
+from serving.recommender import BehaviorRow, Publication, Recommender
+from streams.edge import Edge
+from streams.outputs import Inbound, Outbound
 from streams.records import MAX_FUTURE_S, MIN_TS, iso
 from streams.settings import Settings
 
@@ -123,7 +124,8 @@ def feed_to_wire(user_id: str, items: Iterable[FeedItem], at: float) -> dict[str
 class BehaviorPipeline(Edge):
     """``user-events`` and ``simstream-pair-updates`` (see the module docstring)."""
 
-    products: Callable[[], ProductPipeline] = field(default=lambda: _no_products())
+    #: The live core (a rollover or a rebuild swaps it, so it is asked for each time).
+    core: Callable[[], Recommender] = field(default=lambda: _no_core())
     model: BehaviorModel = field(init=False)
     feeds: UserFeeds = field(init=False)
     #: item -> monotonic time it became dirty (insertion order = first dirty first)
@@ -168,7 +170,7 @@ class BehaviorPipeline(Edge):
             self._unlist(event.user_id)
             self.metrics.forgotten_users.inc()
             return [Outbound(self.settings.topic_user_recommendations, event.user_id, None)], []
-        if event.product_id is not None and self.products().core.catalog.get(event.product_id) is None:
+        if event.product_id is not None and self.core().catalog.get(event.product_id) is None:
             # Counted, and harmless: lists and feeds only ever name products in the catalog.
             self.metrics.unknown_product_events.inc()
         return [self.feed_record(event.user_id, event.ts)], updates
@@ -178,7 +180,7 @@ class BehaviorPipeline(Edge):
     ) -> list[FeedItem]:
         """The user's feed now, from the current lists and catalog (cold start: trending,
         within ``category`` when given)."""
-        core = self.products().core
+        core = self.core()
 
         def similar(pid: str) -> list[tuple[str, float]]:
             return [(i.product_id, i.score) for i in core.similar(pid) or ()]
@@ -209,17 +211,6 @@ class BehaviorPipeline(Edge):
                 users.discard(user_id)
                 if not users:
                     del self.listed_in[pid]
-
-    def feeds_after_products(self, records: Iterable[Outbound]) -> list[Outbound]:
-        """Feeds that listed a product which just went out of stock or was deleted."""
-        s = self.settings
-        gone: set[str] = set()
-        for r in records:
-            went_out = r.topic == s.topic_substitutes and r.value is not None and r.value.get("trigger") == "out_of_stock"
-            deleted = r.topic == s.topic_similar_items and r.value is None
-            if went_out or deleted:
-                gone.add(r.key)
-        return self.feeds_without(gone)
 
     def feeds_without(self, gone: Iterable[str]) -> list[Outbound]:
         """Fresh feeds of the users whose feed lists a product in ``gone`` (out of stock or
@@ -306,8 +297,8 @@ class BehaviorPipeline(Edge):
 
     def publish_rows(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
         """Hand rows to the core (call it where the core is applied, between batches)."""
-        return self.products().core.apply_behavior(rows) if rows else []
+        return self.core().apply_behavior(rows) if rows else []
 
 
-def _no_products() -> ProductPipeline:
-    raise RuntimeError("BehaviorPipeline needs the worker's ProductPipeline")
+def _no_core() -> Recommender:
+    raise RuntimeError("BehaviorPipeline needs the worker's live core (core=lambda: engine.core)")

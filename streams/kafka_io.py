@@ -270,3 +270,74 @@ def latest_by_key(records: Iterator[Record]) -> dict[str, Any]:
         else:
             state[r.key] = r.value
     return state
+
+
+def committed_offsets(settings: Settings) -> dict[str, dict[int, int]]:
+    """The consumer group's committed offsets, by topic and partition (blocking)."""
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        committed = admin.list_group_offsets({settings.app_id: None}).get(settings.app_id, {})
+    finally:
+        admin.close()
+    out: dict[str, dict[int, int]] = {}
+    for tp, meta in committed.items():
+        offset = meta.offset if hasattr(meta, "offset") else int(meta)
+        if offset >= 0:
+            out.setdefault(tp.topic, {})[tp.partition] = offset
+    return out
+
+
+@dataclass(frozen=True)
+class InputOffsets:
+    """Where the group stands on one input topic when a worker starts."""
+
+    ends: dict[int, int]
+    #: Per partition, the offset the group goes on from: committed, else the log start.
+    positions: dict[int, int]
+
+
+def input_offsets(settings: Settings, topic: str, timeout_s: float = 300.0) -> InputOffsets:
+    """End offsets of ``topic`` now and where the consumer group will resume (blocking)."""
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(wait_for_partitions(consumer, topic, timeout_s))]
+        ends = {tp.partition: offset for tp, offset in consumer.end_offsets(tps).items()}
+        starts = {tp.partition: offset for tp, offset in consumer.beginning_offsets(tps).items()}
+    finally:
+        consumer.close()
+    committed = committed_offsets(settings).get(topic, {})
+    positions = {p: max(starts.get(p, 0), committed.get(p, 0)) for p in ends}
+    return InputOffsets(ends=ends, positions=positions)
+
+
+def wait_for_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float) -> set[int]:
+    """Partitions of ``topic`` as ``consumer`` sees them, waiting for a topic just created."""
+    deadline = time.monotonic() + timeout_s
+    while not (parts := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return set(parts)
+
+
+def partition_count(settings: Settings, topic: str, timeout_s: float = 30.0) -> int:
+    """Partitions of ``topic`` as the brokers report them (blocking; run it in an executor)."""
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        return len(wait_for_partitions(consumer, topic, timeout_s))
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topics: Collection[str]) -> dict[str, dict[int, int]]:
+    """The end offset of every partition of ``topics`` now (blocking; run it in an executor)."""
+    consumer = KafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for topic in topics
+               for p in sorted(wait_for_partitions(consumer, topic, 300.0))]
+        out: dict[str, dict[int, int]] = {}
+        for tp, offset in consumer.end_offsets(tps).items():
+            out.setdefault(tp.topic, {})[tp.partition] = offset
+        return out
+    finally:
+        consumer.close()

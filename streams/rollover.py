@@ -20,16 +20,16 @@ What happens:
    when following the latest, to the newest older version that passes.
 2. **Re-embed** the catalog as it was when the rollover began, in batches of
    ``SIMSTREAM_ROLLOVER_BATCH_SIZE`` (progress: ``simstream_rollover_progress``, ``/health``,
-   ``/stats``). The live pipeline keeps applying and publishing with N meanwhile, and
-   journals every change it applies (``ProductPipeline.journal``).
+   ``/stats``). The live engine keeps applying and publishing with N meanwhile, and
+   journals every change it applies (``Engine.journal``).
 3. **Build** a new ``Recommender`` (new index, same frozen IDF, same ownership and
-   behaviour rows) from the M vectors, on a thread of its own: the live core's thread
-   stays free.
-4. **Catch up**: replay the journal onto the new core, embedding with M, until only a few
-   changes are left; then, under the batch lock (between two batches), replay the rest,
-   copy the behaviour rows and the list version counters, and swap ``runtime.products``
-   (one reference assignment on the event loop). Reads answer from N until that instant
-   and from M after it.
+   behaviour rows) from the M vectors, in a second engine on a thread of its own: the live
+   core's thread stays free.
+4. **Catch up**: replay the journal onto the new core through that engine's ``apply``,
+   embedding with M, until only a few changes are left; then, under the batch lock (between
+   two batches), replay the rest, copy the behaviour rows and the list version counters,
+   and ``Engine.swap`` the live engine to the new core and encoder (one assignment on the
+   event loop). Reads answer from N until that instant and from M after it.
 5. **Republish**, in chunks each under the batch lock (so a live batch never interleaves
    inside a chunk and nothing older overwrites a newer list): every list with
    ``model_version`` M, then every ``simstream-embeddings`` record with M, so a restart
@@ -59,15 +59,16 @@ from encoders.factory import create_encoder
 from encoders.verify import probe_encoder, verify_model
 from serving.catalog import ProductChange
 from serving.errors import ConfigurationError, EncoderError, EncoderUnavailable, ModelMismatch, SimstreamError
-from serving.recommender import BehaviorRow, Kind, Recommender
+from serving.recommender import CONTENT_KINDS, BehaviorRow, Kind, Recommender
 from serving.text import product_text
-from streams.pipeline import Outbound, ProductPipeline, _as_upsert
+from streams.engine import Change, Engine
+from streams.metrics import Metrics
+from streams.outputs import Outbound
+from streams.settings import Settings
 from streams.wire import StoredEmbedding, embedding_to_wire
 
 if TYPE_CHECKING:
     import faust
-
-    from streams.app import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,17 @@ class RolloverStatus:
 class ModelRollover:
     """Chooses the live model version and rolls the worker over to another one."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.metrics = runtime.metrics
+    def __init__(self, settings: Settings, metrics: Metrics, engine: Engine, batch_lock: asyncio.Lock,
+                 ready: asyncio.Event, publish: Callable[[list[Outbound]], Awaitable[None]],
+                 on_swap: Callable[[], None] = lambda: None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = engine
+        self.batch_lock = batch_lock
+        self.ready = ready
+        self.publish = publish
+        #: Called right after a swap (the worker marks its state for the next snapshot).
+        self.on_swap = on_swap
         self.status = RolloverStatus()
         #: Last refusal or failure, one line (``model_error`` on ``/health``); cleared by a swap.
         self.error: str | None = None
@@ -132,7 +140,6 @@ class ModelRollover:
         #: A version asked for on the admin endpoint: the poll stops following the latest.
         self.override: int | None = None
         self.live: int | None = None
-        self.publish: Callable[[list[Outbound]], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_poll = 0.0
 
@@ -153,7 +160,7 @@ class ModelRollover:
     async def available_versions(self) -> list[int]:
         """Versions on offer: TF Serving's AVAILABLE ones, or the folders under the model base."""
         if self.settings.encoder.startswith("grpc://"):
-            encoder = self.runtime.products.encoder
+            encoder = self.engine.encoder
             if encoder is None or not hasattr(encoder, "available_versions"):
                 encoder = self.make_encoder(1)
             return list(await encoder.available_versions())  # type: ignore[attr-defined]
@@ -212,11 +219,11 @@ class ModelRollover:
         ``ModelMismatch`` when no version passes, ``EncoderUnavailable`` while the encoder
         cannot be reached (the caller retries).
         """
-        pipeline = self.runtime.products
-        assert pipeline.encoder is not None
+        live = self.engine
+        assert live.encoder is not None
         if not self.versioned:
-            await pipeline.encoder.start()
-            self._set_live(pipeline.encoder.model_version)
+            await live.encoder.start()
+            self._set_live(live.encoder.model_version)
             return
         wanted = self.settings.model_version
         offered = await self.available_versions() if wanted is None else []
@@ -239,8 +246,8 @@ class ModelRollover:
                 rest = candidates[candidates.index(version) + 1 :]
                 self.refuse(version, exc, f"trying version {rest[0]}" if rest else "no version left to try")
                 continue
-            await pipeline.encoder.close()
-            pipeline.encoder = encoder
+            await live.encoder.close()
+            live.encoder = encoder
             self._set_live(encoder.model_version)
             if version != target and first_error is not None:
                 self.error = f"model version {target} refused ({one_line(first_error)}); version {version} is live"
@@ -259,7 +266,7 @@ class ModelRollover:
         """Follow the latest version (timer): start a rollover when a newer one is on offer."""
         interval = self.settings.model_poll_interval_s
         if (not self.versioned or interval <= 0 or self.settings.model_version is not None
-                or self.override is not None or self.running or not self.runtime.ready.is_set()):
+                or self.override is not None or self.running or not self.ready.is_set()):
             return
         if time.monotonic() - self._last_poll < interval:
             return
@@ -283,7 +290,7 @@ class ModelRollover:
         self.override = version
         self.refused.pop(version, None)
         if version == self.live and not self.running:
-            return {"model_version": self.runtime.products.model_version, "rollover": "already live"}
+            return {"model_version": self.engine.model_version, "rollover": "already live"}
         await self.begin(version)
         return {"rollover": "started", **self.status.as_json()}
 
@@ -293,43 +300,45 @@ class ModelRollover:
             raise ConfigurationError("the hashing encoder has no model versions to roll over to")
         if self.running:
             raise RolloverBusy(f"a rollover to {self.status.to_version} is running; see /health")
-        if not self.runtime.ready.is_set():
+        if not self.ready.is_set():
             raise RolloverBusy("the worker is still starting")
         try:
             encoder = await self.verify(version)
         except ModelMismatch as exc:
-            self.refuse(version, exc, f"{self.runtime.products.model_version} stays live")
+            self.refuse(version, exc, f"{self.engine.model_version} stays live")
             raise
         self._task = asyncio.ensure_future(self._roll(encoder))
 
     # ------------------------------------------------------------------ the rollover
 
     async def _roll(self, encoder: Encoder) -> None:
-        runtime = self.runtime
-        old = runtime.products
-        status = self.status = RolloverStatus(phase="embedding", from_version=old.model_version,
+        live = self.engine
+        status = self.status = RolloverStatus(phase="embedding", from_version=live.model_version,
                                               to_version=encoder.model_version, started_at=time.time())
         log.info("model rollover %s -> %s started", status.from_version, status.to_version)
         self.metrics.rollover_active.set(1)
         self.metrics.rollover_progress.set(0)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simstream-rollover")
+        generation = live.generation
+        old_encoder = live.encoder
+        old_core = live.core
         swapped = False
         try:
-            new = await self._build(old, encoder, executor)
-            swapped = await self._catch_up_and_swap(old, new)
+            new = await self._build(encoder, executor, generation)
+            swapped = await self._catch_up_and_swap(new, generation)
             executor.shutdown(wait=False)
             status.phase = "republishing"
-            await self._republish(old, new)
+            await self._republish(old_core, live.generation)
             status.phase = "done"
             self.metrics.rollovers.labels("swapped").inc()
             log.info("model rollover %s -> %s done in %.1f s (%d texts embedded, %d changes caught up, "
                      "%d records republished)", status.from_version, status.to_version,
                      time.time() - (status.started_at or 0), status.embedded, status.caught_up, status.republished)
-            if old.encoder is not None:
-                await old.encoder.close()
+            if old_encoder is not None:
+                await old_encoder.close()
         except asyncio.CancelledError:
             if not swapped:
-                old.journal = None
+                live.journal = None
                 await encoder.close()
             raise
         except Exception as exc:  # a failed rollover must leave the old version serving
@@ -338,7 +347,7 @@ class ModelRollover:
             if swapped:
                 self.error = f"model rollover to {status.to_version}: republishing failed: {status.error}"
             else:
-                old.journal = None
+                live.journal = None
                 await encoder.close()
                 self.error = (f"model rollover {status.from_version} -> {status.to_version} failed, "
                               f"keeping {status.from_version}: {status.error}")
@@ -349,26 +358,26 @@ class ModelRollover:
             status.finished_at = time.time()
             self.metrics.rollover_active.set(0)
 
-    def _check_still_live(self, old: ProductPipeline) -> None:
-        if self.runtime.products is not old:
+    def _check_still_live(self, generation: int) -> None:
+        if self.engine.generation != generation:
             raise RolloverAborted("the live core was replaced (rebuild-index) during the rollover; ask again")
 
-    async def _build(self, old: ProductPipeline, encoder: Encoder, executor: ThreadPoolExecutor) -> ProductPipeline:
+    async def _build(self, encoder: Encoder, executor: ThreadPoolExecutor, generation: int) -> Engine:
         """Re-embed the catalog as it was at the start and build the new core from it."""
-        runtime, status, settings = self.runtime, self.status, self.settings
-        async with runtime.batch_lock:  # a consistent cut: no batch is half applied
-            catalog = await old._in_core(lambda: sorted(old.core.catalog, key=lambda p: p.product_id))
-            behavior = await old._in_core(old.core.behavior_rows)
-            old.journal = []
-        core = Recommender(old.core.config, owns=old.core.owns, lexical=old.core.lexical)
-        new = ProductPipeline(settings, self.metrics, recommender=core, encoder=encoder, executor=executor,
-                              encoder_ok=True, clock=old.clock)
+        live, status, settings = self.engine, self.status, self.settings
+        async with self.batch_lock:  # a consistent cut: no batch is half applied
+            catalog = await live.in_core(lambda: sorted(live.core.catalog, key=lambda p: p.product_id))
+            behavior = await live.in_core(live.core.behavior_rows)
+            live.journal = []
+        core = Recommender(live.core.config, owns=live.core.owns, lexical=live.core.lexical)
+        new = Engine(settings, self.metrics, recommender=core, encoder=encoder, executor=executor,
+                     encoder_ok=True, clock=live.clock)
         texts = sorted({product_text(p) for p in catalog})
         status.total = len(texts)
         vectors: dict[str, np.ndarray] = {}
         step = settings.rollover_batch_size
         for start in range(0, len(texts), step):
-            self._check_still_live(old)
+            self._check_still_live(generation)
             vectors.update(await new.embed(texts[start : start + step]))
             self._check_version(new, status.to_version)
             status.embedded = len(vectors)
@@ -381,99 +390,87 @@ class ModelRollover:
         for product in catalog:
             new.embeddings[product.product_id] = StoredEmbedding(
                 product.product_id, vectors[product_text(product)], label, product.content_hash)
-
-        def build() -> None:
-            if catalog:
-                matrix = np.stack([new.embeddings[p.product_id].vector for p in catalog])
-                core.bulk_load([_as_upsert(p) for p in catalog], matrix)
-            if behavior:
-                core.apply_behavior(behavior)
-
         started = time.monotonic()
-        await new._in_core(build)
+        await new.apply_from_state([], catalog)
+        if behavior:
+            await new.in_core(core.apply_behavior, behavior)
         log.info("model rollover: new index of %d products built in %.1f s", len(catalog), time.monotonic() - started)
         return new
 
-    def _check_version(self, new: ProductPipeline, expected: str | None) -> None:
+    def _check_version(self, new: Engine, expected: str | None) -> None:
         if new.model_version != expected:
             raise RolloverAborted(f"the encoder answered with {new.model_version!r} instead of {expected!r}")
 
-    async def _replay(self, new: ProductPipeline, changes: list[ProductChange]) -> None:
-        """Apply journaled changes to the new core, embedding with the new version."""
-        texts = sorted(new._texts_to_embed(changes))
-        vectors = await new.embed(texts) if texts else {}
+    async def _replay(self, new: Engine, changes: list[ProductChange]) -> None:
+        """Apply journaled changes to the new core (the engine's apply), embedding with the new version."""
+        if not changes:
+            return
+        await new.apply([Change(change) for change in changes])
         self._check_version(new, self.status.to_version)
-        for change in changes:
-            try:
-                await new._apply_one(change, vectors)
-            except Exception as exc:  # noqa: BLE001 - the old core took it; say so and go on
-                log.warning("model rollover: change of %s not replayed on the new core: %s",
-                            change.product_id, one_line(exc))
         self.status.caught_up += len(changes)
 
-    async def _catch_up_and_swap(self, old: ProductPipeline, new: ProductPipeline) -> bool:
-        runtime, status = self.runtime, self.status
+    async def _catch_up_and_swap(self, new: Engine, generation: int) -> bool:
+        live, status = self.engine, self.status
         status.phase = "catching-up"
-        assert old.journal is not None
+        assert live.journal is not None
         done = 0
         # Outside the lock while the journal grows faster than a batch: the stream keeps going.
         for _ in range(100):
-            if len(old.journal) - done <= self.settings.rollover_batch_size:
+            if len(live.journal) - done <= self.settings.rollover_batch_size:
                 break
-            end = len(old.journal)
-            await self._replay(new, old.journal[done:end])
+            end = len(live.journal)
+            await self._replay(new, live.journal[done:end])
             done = end
-            self._check_still_live(old)
-        async with runtime.batch_lock:
-            self._check_still_live(old)
-            await self._replay(new, old.journal[done:])
-            rows = await old._in_core(old.core.behavior_rows)
-            await new._in_core(_sync_behavior, new.core, rows)
-            for (kind, pid), version in old.core.versions.items():
+            self._check_still_live(generation)
+        async with self.batch_lock:
+            self._check_still_live(generation)
+            await self._replay(new, live.journal[done:])
+            rows = await live.in_core(live.core.behavior_rows)
+            await new.in_core(_sync_behavior, new.core, rows)
+            for (kind, pid), version in live.core.versions.items():
                 new.core.seed_version(kind, pid, version)
-            new.pending = old.pending
-            new.encoder_ok = old.encoder_ok and new.encoder_ok
-            new.embedded_texts += old.embedded_texts
-            new.executor = old.executor
-            old.journal = None
-            runtime.products = new  # the swap: readers and the next batch see the new core
-            runtime.dirty = True
-            self._set_live(new.model_version)
+            live.journal = None
+            live.encoder_ok = live.encoder_ok and new.encoder_ok
+            live.embedded_texts += new.embedded_texts
+            # The swap: readers and the next batch see the new core and encoder.
+            live.swap(new.core, encoder=new.encoder, embeddings=new.embeddings)
+            self.on_swap()
+            self._set_live(live.model_version)
             self.error = None
             self.refused.clear()
-            new._update_gauges()
-        log.info("model rollover: swapped to %s (%d changes caught up)", new.model_version, status.caught_up)
+        log.info("model rollover: swapped to %s (%d changes caught up)", live.model_version, status.caught_up)
         return True
 
-    async def _republish(self, old: ProductPipeline, new: ProductPipeline) -> None:
+    async def _republish(self, old_core: Recommender, generation: int) -> None:
         """Every list with the new model_version, then every embedding record; chunk by chunk."""
-        assert self.publish is not None, "ModelRollover.publish is set by create_app"
-        runtime, settings = self.runtime, self.settings
+        live, settings = self.engine, self.settings
+        core = live.core
 
         def every_key() -> list[tuple[Kind, str]]:
             keys: list[tuple[Kind, str]] = []
-            for kind in (Kind.SIMILAR, Kind.SUBSTITUTES, Kind.COMPLEMENTS):
-                held = new.core.lists(kind)
+            for kind in Kind:
+                held = core.lists(kind)
                 keys += [(kind, pid) for pid in sorted(held)]
-                if kind is not Kind.COMPLEMENTS:  # lists the old core had and the new one lacks: tombstones
-                    keys += [(kind, pid) for pid in sorted(old.core.lists(kind).keys() - held.keys())]
+                if kind in CONTENT_KINDS:  # lists the old core had and the new one lacks: tombstones
+                    keys += [(kind, pid) for pid in sorted(old_core.lists(kind).keys() - held.keys())]
             return keys
 
-        keys: list[tuple[Kind, str]] = await new._in_core(every_key)
+        keys: list[tuple[Kind, str]] = await live.in_core(every_key)
         for chunk in _chunks(keys, REPUBLISH_CHUNK):
-            async with runtime.batch_lock:
-                if runtime.products is not new:
+            async with self.batch_lock:
+                if live.generation != generation:
                     return  # replaced again (rebuild-index): the new owner republishes
-                pubs = await new._in_core(lambda chunk=chunk: [new.core.republish(k, p) for k, p in chunk])
-                records = new.publications_to_records(pubs)
+                pubs = await live.in_core(lambda chunk=chunk: [core.republish(k, p) for k, p in chunk])
+                records = live.lists_to_records(pubs)
                 await self.publish(records)
             self.status.republished += len(records)
-        for ids in _chunks(sorted(list(new.embeddings)), REPUBLISH_CHUNK):
-            async with runtime.batch_lock:
-                if runtime.products is not new:
+        embeddings = live.embeddings
+        for ids in _chunks(sorted(embeddings), REPUBLISH_CHUNK):
+            async with self.batch_lock:
+                if live.generation != generation:
                     return
-                records = [Outbound(settings.topic_embeddings, pid, embedding_to_wire(new.embeddings[pid]))
-                           for pid in ids if pid in new.embeddings]
+                records = [Outbound(settings.topic_embeddings, pid, embedding_to_wire(embeddings[pid]))
+                           for pid in ids if pid in embeddings]
                 await self.publish(records)
             self.status.republished += len(records)
 
@@ -494,29 +491,26 @@ def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
         yield items[start : start + size]
 
 
-def register_rollover_views(app: faust.App, runtime: Runtime) -> None:
+def register_rollover_views(app: faust.App, rollover: ModelRollover, authorized: Callable[[Any], bool]) -> None:
     """``POST /admin/model-version`` (``{"version": N}``) and ``GET`` of the same path (the status)."""
     from faust.web import Request, Response, View
 
-    from streams.web import _authorized
-
-    assert runtime.rollover is not None
-    rollover: ModelRollover = runtime.rollover
+    engine = rollover.engine
 
     @app.page("/admin/model-version")
     class ModelVersion(View):
         """Roll over to another model version (token-guarded like the read API)."""
 
         async def get(self, request: Request) -> Response:
-            if not _authorized(runtime, request):
+            if not authorized(request):
                 return self.json({"error": "missing or wrong bearer token"}, status=401)
-            return self.json({"model_version": runtime.products.model_version if runtime.encoder_ok else None,
+            return self.json({"model_version": engine.model_version if engine.encoder_ok else None,
                               **rollover.health()})
 
         async def post(self, request: Request) -> Response:
-            if not _authorized(runtime, request):
+            if not authorized(request):
                 return self.json({"error": "missing or wrong bearer token"}, status=401)
-            if not runtime.ready.is_set():
+            if not rollover.ready.is_set():
                 return self.json({"error": "the worker is still starting"}, status=503)
             try:
                 body = json.loads(await request.read() or b"{}")
@@ -535,4 +529,3 @@ def register_rollover_views(app: faust.App, runtime: Runtime) -> None:
                 return self.json({"error": f"the encoder is unreachable: {one_line(exc)}"}, status=503)
             except SimstreamError as exc:
                 return self.json({"error": one_line(exc)}, status=400)
-

@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     # --- Worker ------------------------------------------------------------------------
     data_dir: Path = Field(Path("./var/simstream"), description="Faust tables and index snapshots live here.")
     snapshot_interval_s: float = Field(300.0, ge=0, description="Seconds between index snapshots (0 disables).")
+    lexical_refit_quiet_s: float = Field(
+        60.0, ge=0,
+        description="Refit the shared lexical IDF once the catalog has more than doubled since its fit and no "
+                    "product change arrived for this long (0: only `simstream refit-lexical` refits).")
+    shutdown_drain_s: float = Field(
+        30.0, ge=0, le=600,
+        description="On SIGTERM/SIGINT: how long the batches in flight may take to publish, be acknowledged and "
+                    "committed before the worker exits anyway.")
     web_host: str = Field("127.0.0.1", description="Interface of the web server (read API, /health, /metrics).")
     web_port: int = Field(6066, ge=1, le=65535, description="Port of the web server.")
     web_token: SecretStr | None = Field(None, description="Bearer token required on every endpoint but /health.")
@@ -151,6 +159,10 @@ class Settings(BaseSettings):
             "retries": self.encoder_retries,
         }
 
+    def list_topic(self, kind: str) -> str:
+        """The output topic of a list kind (``serving.kinds``)."""
+        return str(getattr(self, LIST_TOPIC_SETTINGS[kind]))
+
     @property
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
@@ -163,6 +175,11 @@ class Settings(BaseSettings):
             default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
             rows.append((f"SIMSTREAM_{name.upper()}", "" if default is None else str(default), info.description or ""))
         return rows
+
+
+#: The setting that names each list kind's output topic.
+LIST_TOPIC_SETTINGS = {"similar": "topic_similar_items", "substitutes": "topic_substitutes",
+                       "complements": "topic_complements"}
 
 
 @lru_cache(maxsize=1)

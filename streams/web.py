@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from faust.web import Request, Response, View
 
-from serving.recommender import Kind
+from serving.recommender import CONTENT_KINDS, Kind, Recommender
 from streams.records import MAX_ID_CHARS, product_to_wire
 from streams.wire import item_to_wire
 
 if TYPE_CHECKING:
     import faust
 
-    from streams.app import Runtime
+    from streams.worker import Worker
 
 _ID = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_ID_CHARS}}}$")
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -33,30 +33,26 @@ MAX_RESULTS = 50
 MAX_FEED_ITEMS = 100
 
 
-def _authorized(runtime: Runtime, request: Request) -> bool:
-    token = runtime.settings.web_token
+def authorized(worker: Worker, request: Request) -> bool:
+    """Whether ``request`` carries the bearer token (always, when none is configured)."""
+    token = worker.settings.web_token
     if token is None:
         return True
     header = request.headers.get("Authorization", "")
     return hmac.compare_digest(header.encode(), f"Bearer {token.get_secret_value()}".encode())
 
 
-def _snapshot_of_catalog(runtime: Runtime) -> list[Any]:
-    """A copy of the catalog's products; the core thread may be inserting while we copy."""
-    for _ in range(10):
-        try:
-            return list(runtime.products.core.catalog)
-        except RuntimeError:  # "dictionary changed size during iteration": copy again
-            continue
-    return []
+def register_views(app: faust.App, worker: Worker) -> None:
+    """Attach every view to ``app``. Views read the core through ``Engine.read`` (on the core's
+    thread, between two writes), so a read never sees a change half applied."""
+    from streams.rollover import register_rollover_views
 
-
-def register_views(app: faust.App, runtime: Runtime) -> None:
-    """Attach every view to ``app``."""
+    engine = worker.engine
+    register_rollover_views(app, worker.rollover, lambda request: authorized(worker, request))
 
     class Base(View):
         def guard(self, request: Request) -> Response | None:
-            if not _authorized(runtime, request):
+            if not authorized(worker, request):
                 return self.json({"error": "missing or wrong bearer token"}, status=401)
             return None
 
@@ -69,63 +65,44 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         def unknown(self, product_id: str) -> Response:
             return self.json({"error": f"unknown product {product_id!r}"}, status=404)
 
-    def lists_of(product_id: str) -> dict[str, Any]:
-        core = runtime.products.core
+    def lists_of(core: Recommender, product_id: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for kind, name in ((Kind.SIMILAR, "similar"), (Kind.SUBSTITUTES, "substitutes")):
-            items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
-            out[name] = [dict(item_to_wire(i), title=_title(i.product_id)) for i in items or ()]
+        for kind in CONTENT_KINDS:
+            name = str(kind)
+            out[name] = [dict(item_to_wire(i), title=title(core, i.product_id)) for i in core.list_of(kind, product_id) or ()]
             out[f"{name}_version"] = core.versions.get((kind, product_id), 0)
         return out
 
-    def _title(product_id: str) -> str | None:
-        product = runtime.products.core.catalog.get(product_id)
+    def title(core: Recommender, product_id: str) -> str | None:
+        product = core.catalog.get(product_id)
         return product.title if product else None
 
     @app.page("/health")
     class Health(Base):
-        """Readiness: 200 once the catalog is restored and the encoder answered; 503 before."""
+        """Readiness: 200 once the catalog is restored, the input seen at start is consumed and the
+        encoder answered; 503 before (``status`` says which: starting, catching_up, degraded)."""
 
         async def get(self, request: Request) -> Response:
-            ready = runtime.ready.is_set()
-            stats = runtime.products.core.stats()
-            healthy = ready and runtime.encoder_ok and not runtime.products.pending
-            body = {
-                "status": "ok" if healthy else ("degraded" if ready else "starting"),
-                "catalog_loaded": ready,
-                "encoder_reachable": runtime.encoder_ok,
-                "pending_text_changes": len(runtime.products.pending),
-                "model_version": runtime.products.encoder.model_version if runtime.encoder_ok and runtime.products.encoder else None,
-                "products": stats.products,
-                "index_live": stats.index_live,
-                "index_deleted": stats.index_deleted,
-                "stale_events": stats.stale_events,
-                "restored_from": runtime.restored_from,
-                "uptime_s": round(time.time() - runtime.started_at, 1),
-                # A refused model version (the old one stays live) and the rollover's progress.
-                **(runtime.rollover.health() if runtime.rollover is not None else {}),
-                # Scale-out: owned partitions, handovers, replica lag (streams/scaleout.py).
-                **(runtime.ownership.health() if runtime.ownership is not None else {}),
-                **(runtime.replica.health() if runtime.replica is not None else {}),
-            }
-            return self.json(body, status=200 if healthy else 503)
+            health = worker.health()
+            return self.json(health.body, status=200 if health.ok else 503)
 
     @app.page("/metrics")
     class Metrics(Base):
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            return self.bytes(runtime.metrics.render(), content_type="text/plain; version=0.0.4")
+            return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/products/{product_id}")
     class ProductView(Base):
         async def get(self, request: Request, product_id: str) -> Response:
             if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
                 return denied
-            product = runtime.products.core.catalog.get(product_id)
-            if product is None:
+            body = await engine.read(lambda core: None if (p := core.catalog.get(product_id)) is None
+                                     else {**product_to_wire(p), **lists_of(core, product_id)})
+            if body is None:
                 return self.unknown(product_id)
-            return self.json({**product_to_wire(product), **lists_of(product_id)})
+            return self.json(body)
 
     def list_view(kind: Kind, path: str) -> None:
         @app.page(path)
@@ -133,16 +110,15 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             async def get(self, request: Request, product_id: str) -> Response:
                 if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
                     return denied
-                if product_id not in runtime.products.core.catalog:
-                    return self.unknown(product_id)
-                core = runtime.products.core
-                items = core.similar(product_id) if kind is Kind.SIMILAR else core.substitutes(product_id)
-                return self.json({
+                body = await engine.read(lambda core: None if product_id not in core.catalog else {
                     "product_id": product_id,
-                    "items": [item_to_wire(i) for i in items or ()],
+                    "items": [item_to_wire(i) for i in core.list_of(kind, product_id) or ()],
                     "version": core.versions.get((kind, product_id), 0),
-                    "model_version": runtime.products.model_version,
+                    "model_version": engine.model_version,
                 })
+                if body is None:
+                    return self.unknown(product_id)
+                return self.json(body)
 
     list_view(Kind.SIMILAR, "/similar/{product_id}")
     list_view(Kind.SUBSTITUTES, "/substitutes/{product_id}")
@@ -152,12 +128,13 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, product_id: str) -> Response:
             if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
                 return denied
-            core = runtime.products.core
-            if product_id not in core.catalog:
+            body = await engine.read(lambda core: None if product_id not in core.catalog else {
+                "product_id": product_id,
+                "items": [item_to_wire(i) for i in core.complements(product_id) or ()],
+                "version": core.versions.get((Kind.COMPLEMENTS, product_id), 0)})
+            if body is None:
                 return self.unknown(product_id)
-            return self.json({"product_id": product_id,
-                              "items": [item_to_wire(i) for i in core.complements(product_id) or ()],
-                              "version": core.versions.get((Kind.COMPLEMENTS, product_id), 0)})
+            return self.json(body)
 
     @app.page("/users/{user_id}/recommendations")
     class UserRecommendations(Base):
@@ -170,17 +147,18 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             if not _ID.match(user_id):
                 return self.json({"error": f"invalid user id (1 to {MAX_ID_CHARS} characters, no control characters)"},
                                  status=400)
-            raw_k = request.query.get("k", str(runtime.settings.feed_k))
+            raw_k = request.query.get("k", str(worker.settings.feed_k))
             if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_FEED_ITEMS:
                 return self.json({"error": f"k must be an integer from 1 to {MAX_FEED_ITEMS}"}, status=400)
             category = request.query.get("category") or None
             if category is not None and len(category) > MAX_QUERY_CHARS:
                 return self.json({"error": f"category is limited to {MAX_QUERY_CHARS} characters"}, status=400)
-            items = runtime.users.recommend(user_id, k=int(raw_k), category=category)
+            users = worker.users
+            items = await engine.read(lambda _core: users.recommend(user_id, k=int(raw_k), category=category))
             return self.json({"user_id": user_id,
                               "items": [{"product_id": i.product_id, "score": i.score, "because": list(i.because)}
                                         for i in items],
-                              "history": len(runtime.users.feeds.history(user_id, time.time()))})
+                              "history": len(users.feeds.history(user_id, time.time()))})
 
     @app.page("/search")
     class Search(Base):
@@ -199,7 +177,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             limit = int(raw_limit)
             words = query.lower().split()
             hits = []
-            for product in _snapshot_of_catalog(runtime):
+            for product in await engine.read(lambda core: list(core.catalog)):
                 title = product.title.lower()
                 if all(w in title for w in words):
                     hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
@@ -215,8 +193,8 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            stats = runtime.products.core.stats()
-            registry = runtime.metrics.registry
+            stats = await engine.read(lambda core: core.stats())
+            registry = worker.metrics.registry
             def total(name: str) -> float:
                 return sum(s.value for m in registry.collect() if m.name == name for s in m.samples
                            if s.name.endswith("_total"))
@@ -224,13 +202,11 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
                 "products": stats.products, "index_live": stats.index_live, "index_deleted": stats.index_deleted,
                 "stale_events": stats.stale_events, "lists": stats.lists, "publications": stats.publications,
                 "events": total("simstream_events"), "dead_letters": total("simstream_dead_letters"),
-                "published_records": total("simstream_published"), "embedded_texts": runtime.products.embedded_texts,
-                "model_version": runtime.products.model_version if runtime.encoder_ok else None,
-                "last_event_at": runtime.last_event_at,
-                **(runtime.rollover.health() if runtime.rollover is not None else {}),
-                # Scale-out: owned partitions, handovers, replica lag (streams/scaleout.py).
-                **(runtime.ownership.health() if runtime.ownership is not None else {}),
-                **(runtime.replica.health() if runtime.replica is not None else {}),
+                "published_records": total("simstream_published"), "embedded_texts": engine.embedded_texts,
+                "model_version": engine.model_version if engine.encoder_ok else None,
+                "last_event_at": worker.last_event_at,
+                # The rollover, and scale-out: owned partitions, handovers, replica lag.
+                **worker.status_parts(),
             })
 
     @app.page("/debug/lexical")
@@ -240,7 +216,7 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            model = runtime.products.core.lexical
+            model = engine.core.lexical
             idf = None if model.idf is None else base64.b64encode(np.asarray(model.idf, "<f4").tobytes()).decode()
             return self.json({"n_docs": model.n_docs, "idf": idf})
 
@@ -252,10 +228,10 @@ def register_views(app: faust.App, runtime: Runtime) -> None:
             async def post(self, request: Request) -> Response:
                 if (denied := self.guard(request)) is not None:
                     return denied
-                if not runtime.ready.is_set():
+                if not worker.ready.is_set():
                     return self.json({"error": "the worker is still starting"}, status=503)
                 try:
-                    return self.json(await runtime.actions[action]())
+                    return self.json(await worker.actions[action]())
                 except Exception as exc:  # noqa: BLE001 - report, keep serving
                     return self.json({"error": f"{action} failed: {exc}"}, status=500)
 

@@ -105,7 +105,8 @@ def lexical_to_wire(model: LexicalModel, *, at: float) -> dict[str, Any]:
     products), plus a SHA-256 of the weights that the reader verifies.
     """
     if model.idf is None:
-        raise InvalidInput("only a fitted lexical model is shared")
+        # "No IDF yet" is shared too: a worker that starts later must weigh n-grams alike.
+        return {"n_docs": 0, "fitted": False, "fitted_at": iso(at)}
     values, inverse = np.unique(model.idf, return_inverse=True)
     index_dtype = "<u2" if len(values) <= 0xFFFF else "<u4"
     return {
@@ -122,6 +123,10 @@ def lexical_from_wire(value: Mapping[str, Any]) -> LexicalModel:
     """A shared IDF read back; ``InvalidInput`` when the record is malformed or corrupt."""
     try:
         n_docs = int(value["n_docs"])
+        if value.get("fitted") is False:
+            if n_docs != 0:
+                raise ValueError("an unfitted model has no documents")
+            return LexicalModel(None, 0)
         values = np.frombuffer(base64.b64decode(value["values"], validate=True), "<f4")
         index_dtype = value["index_dtype"]
         if index_dtype not in ("<u2", "<u4"):
@@ -134,5 +139,5 @@ def lexical_from_wire(value: Mapping[str, Any]) -> LexicalModel:
         if hashlib.sha256(idf.astype("<f4").tobytes()).hexdigest() != value["sha256"]:
             raise ValueError("checksum mismatch")
         return LexicalModel(idf, n_docs)
-    except (KeyError, TypeError, ValueError, zlib.error, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, zlib.error, binascii.Error) as exc:
         raise InvalidInput(f"unreadable lexical model record: {exc}") from exc

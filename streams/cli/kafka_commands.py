@@ -24,13 +24,11 @@ def worker() -> None:
 
     Configured entirely by SIMSTREAM_* variables (see `simstream --help`).
     """
-    from faust.worker import Worker
-
-    from streams.app import create_app
+    from streams.app import GracefulWorker, create_app
 
     settings = get_settings()
     app = create_app(settings)
-    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    GracefulWorker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 
 @main.group()

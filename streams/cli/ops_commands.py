@@ -117,7 +117,8 @@ def refit_lexical() -> None:
 
     The IDF is published on simstream-lexical; each running worker adopts it and republishes
     the lists whose lexical scores move it. Run it after the catalog changed a lot (workers
-    refit on their own only when none exists or the catalog has more than doubled).
+    refit on their own once the catalog has more than doubled and the product stream has been
+    quiet for SIMSTREAM_LEXICAL_REFIT_QUIET_S; a restart never refits).
     """
     import time
 

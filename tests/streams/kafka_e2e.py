@@ -19,11 +19,11 @@ import pytest
 from serving.catalog import Product
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, exact_lists
-from streams.app import recommender_config
 from streams.kafka_io import latest_by_key, producer, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
+from streams.worker import recommender_config
 from tests.support import WorkerProcess, encoder_server
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_pipeline import NOW, load, make_pipeline, message
+from test_engine import NOW, load, make_pipeline, message
 
 from encoders.hashing import HashingEncoder
 from serving.behavior import CHANNELS, BehaviorConfig, PairUpdate
@@ -20,8 +20,9 @@ from serving.errors import InvalidInput
 from serving.index import ExactIndex
 from serving.recommender import Recommender
 from streams.behavior_stream import BehaviorPipeline, pairs_from_wire, pairs_to_wire
+from streams.engine import Engine
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, Outbound, ProductPipeline
+from streams.outputs import Inbound, Outbound
 from streams.settings import Settings
 
 USER = "user-7f3a91"
@@ -44,13 +45,13 @@ def as_inbound(records: list[Outbound], topic: str) -> list[Inbound]:
 
 
 @pytest.fixture
-async def stack() -> tuple[BehaviorPipeline, ProductPipeline]:
+async def stack() -> tuple[BehaviorPipeline, Engine]:
     settings = Settings(behavior_debounce_ms=1000, behavior_weight=0.5)
     config = RecommenderConfig(k=3, candidate_depth=5, behavior_weight=settings.behavior_weight)
-    products = ProductPipeline(settings, Metrics(), clock=lambda: NOW,
+    products = Engine(settings, Metrics(), clock=lambda: NOW,
                                recommender=Recommender(config, ExactIndex(config.dim)), encoder=HashingEncoder())
     await load(products)
-    users = BehaviorPipeline(settings, Metrics(), clock=lambda: NOW, products=lambda: products)
+    users = BehaviorPipeline(settings, Metrics(), clock=lambda: NOW, core=lambda: products.core)
     return users, products
 
 
@@ -97,7 +98,7 @@ async def test_bought_together_becomes_complements_and_behaviour_parts(stack: An
     assert [i.product_id for i in by_key[("complements", "K2")].items or ()] == ["H1"]
     k2 = next(i for i in products.core.similar("H1") or () if i.product_id == "K2")
     assert k2.behavior > 0  # the keyboard entered the headphone's similar items through behaviour
-    wire = products.publications_to_records(pubs)
+    wire = products.lists_to_records(pubs)
     assert {r.topic for r in wire} >= {"complements", "similar-items"}
 
 
@@ -122,9 +123,10 @@ async def test_purchased_and_out_of_stock_items_leave_the_feed(stack: Any) -> No
     assert "H2" in feed and "H3" in feed
     shop(users, [("purchase", "H2")], t0=NOW - 40)
     assert "H2" not in [i.product_id for i in users.recommend(USER, NOW)]
-    out = await products.handle_batch([message({"op": "upsert", "product_id": "H3", "ts": NOW - 5, "in_stock": False},
-                                               key="H3", offset=99)])
-    refreshed = users.feeds_after_products(out)
+    out = await products.handle([message({"op": "upsert", "product_id": "H3", "ts": NOW - 5, "in_stock": False},
+                                         key="H3", offset=99)])
+    assert out.gone == {"H3"}
+    refreshed = users.feeds_without(out.gone)
     assert [r.key for r in refreshed] == [USER]
     assert "H3" not in [i["product_id"] for i in (refreshed[0].value or {})["items"]]
 
@@ -156,7 +158,7 @@ async def test_events_for_unknown_products_are_counted_and_create_nothing(stack:
 
 
 async def test_a_malformed_pair_update_is_dead_lettered() -> None:
-    users = BehaviorPipeline(Settings(), Metrics(), products=make_pipeline)
+    users = BehaviorPipeline(Settings(), Metrics(), core=lambda: make_pipeline().core)
     out = users.apply_pairs([Inbound("simstream-pair-updates", 0, 1, b"X", b'{"item": "X"}')])
     assert out[0].topic == "simstream-dead-letters" and "not a pair update" in (out[0].value or {})["error"]
 
@@ -259,7 +261,7 @@ async def test_a_new_owner_rebuilds_the_same_behaviour_state_from_the_topics(sta
     pair_updates = as_inbound(pair_records, "simstream-pair-updates")
     users.apply_pairs(pair_updates)
 
-    heir = BehaviorPipeline(users.settings, Metrics(), clock=lambda: NOW, products=lambda: products)
+    heir = BehaviorPipeline(users.settings, Metrics(), clock=lambda: NOW, core=lambda: products.core)
     items = heir.replay(user_events, pair_updates)
     assert items == users.model.items()
     assert heir.rows_of(sorted(items)) == users.rows_of(sorted(items))

@@ -37,9 +37,14 @@ def test_the_record_fits_in_a_default_kafka_message(fitted: LexicalModel) -> Non
     assert len(json.dumps(lexical_to_wire(fitted, at=0.0))) < 1_000_000
 
 
-def test_an_unfitted_model_is_not_shared() -> None:
+def test_no_idf_yet_is_shared_too_and_read_back_unfitted() -> None:
+    # A restart never fits an IDF, so "none fitted yet" must travel: later starts weigh alike.
+    value = lexical_to_wire(LexicalModel(), at=0.0)
+    assert value["fitted"] is False and value["n_docs"] == 0
+    back = lexical_from_wire(value)
+    assert not back.fitted and back.same_as(LexicalModel())
     with pytest.raises(InvalidInput):
-        lexical_to_wire(LexicalModel(), at=0.0)
+        lexical_from_wire({**value, "n_docs": 7})
 
 
 def test_a_corrupted_index_fails_its_checksum(fitted: LexicalModel) -> None:

@@ -13,8 +13,9 @@ from encoders.hashing import HashingEncoder
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.recommender import Recommender
+from streams.engine import Engine
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, ProductPipeline
+from streams.outputs import Inbound
 from streams.records import DecodeError, decode_product_change, decode_user_event
 from streams.settings import Settings
 
@@ -66,9 +67,9 @@ def test_objects_with_the_right_field_names_and_wrong_values_never_crash(obj: di
 @given(st.lists(plausible | json_values, min_size=1, max_size=6))
 def test_the_pipeline_turns_any_batch_into_records_or_dead_letters(batch: list[Any]) -> None:
     config = RecommenderConfig(k=3, candidate_depth=5)
-    pipeline = ProductPipeline(Settings(), Metrics(), clock=lambda: NOW,
-                               recommender=Recommender(config, ExactIndex(config.dim)), encoder=HashingEncoder())
+    pipeline = Engine(Settings(), Metrics(), clock=lambda: NOW,
+                      recommender=Recommender(config, ExactIndex(config.dim)), encoder=HashingEncoder())
     messages = [Inbound("product-changes", 0, i, None, json.dumps(v).encode(), NOW) for i, v in enumerate(batch)]
-    out = asyncio.run(pipeline.handle_batch(messages))
+    out = asyncio.run(pipeline.handle(messages)).records()
     letters = [r for r in out if r.topic == "simstream-dead-letters"]
     assert all(r.value is not None and "internal error" not in r.value["error"] for r in letters)

@@ -24,11 +24,11 @@ import pytest
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, exact_lists
 from serving.text import product_text
-from streams.app import recommender_config
 from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
+from streams.worker import recommender_config
 from tests.support import WorkerProcess, write_toy_model
 from tests.support import encoder_server as serve_encoder
 

@@ -6,7 +6,7 @@ The Kafka side (two workers, a SIGKILL, a third joining) is ``test_scaleout_kafk
 from __future__ import annotations
 
 from serving.recommender import Kind
-from streams.pipeline import Outbound
+from streams.outputs import Outbound
 from streams.scaleout import Ownership, PartitionOwnership, hand_over, partition_for, replay_window_s
 from streams.settings import Settings
 

@@ -11,44 +11,77 @@ from typing import Any
 import pytest
 
 from serving.recommender import Kind, Recommender
-from streams.app import build_runtime, recommender_config
-from streams.pipeline import Inbound
+from streams.outputs import Inbound
 from streams.settings import Settings
+from streams.worker import Worker, recommender_config
 
 NOW = 1_795_000_000.0
 
 
-async def fill(runtime: Any, n: int, start: int = 0) -> None:
+async def fill(worker: Any, n: int, start: int = 0) -> None:
     messages = [Inbound("product-changes", 0, i, f"P{i}".encode(), json.dumps(
         {"op": "upsert", "product_id": f"P{i}", "title": f"wireless headphones model {i}", "ts": NOW}).encode(), NOW)
         for i in range(start, start + n)]
-    await runtime.products.handle_batch(messages)
+    await worker.engine.handle(messages)
 
 
 async def test_a_failed_snapshot_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(encoder="hashing", data_dir=tmp_path)
-    runtime = build_runtime(settings)
-    runtime.products.clock = lambda: NOW
-    await fill(runtime, 12)
-    first = runtime.take_snapshot()
-    assert first is not None and (runtime.snapshot_root / "CURRENT").read_text() == first.name
+    worker = Worker(settings)
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    first = worker.take_snapshot()
+    assert first is not None and (worker.snapshot_root / "CURRENT").read_text() == first.name
 
-    await fill(runtime, 5, start=12)
-    runtime.dirty = True
+    await fill(worker, 5, start=12)
+    worker.dirty = True
 
     def disk_full(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("serving.snapshot._write_files", disk_full)
     with caplog.at_level(logging.ERROR):
-        assert runtime.take_snapshot() is None
+        assert worker.take_snapshot() is None
     assert "snapshot failed, the previous one is kept" in caplog.text and "No space left" in caplog.text
-    assert runtime.dirty, "the failed snapshot must be retried"
-    assert (runtime.snapshot_root / "CURRENT").read_text() == first.name
-    assert not [p for p in runtime.snapshot_root.iterdir() if p.name.startswith(".tmp-")]
+    assert worker.dirty, "the failed snapshot must be retried"
+    assert (worker.snapshot_root / "CURRENT").read_text() == first.name
+    assert not [p for p in worker.snapshot_root.iterdir() if p.name.startswith(".tmp-")]
 
-    restored = Recommender.load(runtime.snapshot_root, recommender_config(settings))
+    restored = Recommender.load(worker.snapshot_root, recommender_config(settings))
     assert len(restored.catalog) == 12
     assert restored.lists(Kind.SIMILAR).keys() == {f"P{i}" for i in range(12)}
+
+
+async def test_the_idf_is_refitted_in_a_quiet_stream_by_the_owner_of_partition_zero(tmp_path: Path) -> None:
+    import time
+
+    from streams.outputs import Outbound
+
+    sent: list[Outbound] = []
+
+    async def sink(records: Any) -> None:
+        sent.extend(records)
+
+    settings = Settings(encoder="hashing", data_dir=tmp_path, lexical_refit_quiet_s=5)
+    worker = Worker(settings, sink=sink)
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    assert not worker.engine.core.lexical.fitted
+    worker.catch_up.done = True
+    worker.ownership.allowed = frozenset({0})
+    worker.last_product_event_at = time.time()
+    await worker.refit_lexical_when_quiet()
+    assert not worker.engine.core.lexical.fitted, "the stream is not quiet yet"
+    worker.ownership.allowed = frozenset({1})
+    worker.last_product_event_at = time.time() - 10
+    await worker.refit_lexical_when_quiet()
+    assert not worker.engine.core.lexical.fitted, "another worker owns partition 0"
+    worker.ownership.allowed = frozenset({0, 1})
+    await worker.refit_lexical_when_quiet()
+    assert worker.engine.core.lexical.n_docs == 12
+    assert [r.key for r in sent if r.topic == settings.topic_lexical] == ["idf"]
+    sent.clear()
+    await worker.refit_lexical_when_quiet()
+    assert sent == [], "fitted on the whole catalog: nothing to refit until it doubles"

@@ -1,4 +1,4 @@
-"""The edge, list-in list-out: consumed records become embeddings, catalog state, lists or dead letters.
+"""The engine, list-in list-out: consumed records become embeddings, catalog state, lists or dead letters.
 
 The deterministic encoder and the exact index stand in for MiniLM and HNSW; the Kafka and
 TF Serving paths are covered by the integration tests.
@@ -16,8 +16,9 @@ from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender
+from streams.engine import Engine
 from streams.metrics import Metrics
-from streams.pipeline import Inbound, Outbound, ProductPipeline
+from streams.outputs import Inbound, Outbound
 from streams.settings import Settings
 from streams.wire import embedding_from_wire, lexical_from_wire
 
@@ -34,15 +35,20 @@ class CountingEncoder(HashingEncoder):
         return await super().encode(texts)
 
 
-def make_pipeline(encoder: HashingEncoder | None = None) -> ProductPipeline:
+def make_pipeline(encoder: HashingEncoder | None = None) -> Engine:
     config = RecommenderConfig(k=3, candidate_depth=5)
-    return ProductPipeline(Settings(), Metrics(), clock=lambda: NOW,
-                           recommender=Recommender(config, ExactIndex(config.dim)),
-                           encoder=encoder or CountingEncoder())
+    return Engine(Settings(), Metrics(), clock=lambda: NOW,
+                  recommender=Recommender(config, ExactIndex(config.dim)),
+                  encoder=encoder or CountingEncoder())
+
+
+async def handled(engine: Engine, batch: list[Inbound]) -> list[Outbound]:
+    """Every record one batch produced (the engine has no Send here: nothing leaves)."""
+    return (await engine.handle(batch)).records()
 
 
 @pytest.fixture
-def pipeline() -> ProductPipeline:
+def pipeline() -> Engine:
     return make_pipeline()
 
 
@@ -71,14 +77,14 @@ CATALOG = [
 ]
 
 
-async def load(pipeline: ProductPipeline) -> list[Outbound]:
-    return await pipeline.handle_batch([
+async def load(pipeline: Engine) -> list[Outbound]:
+    return await handled(pipeline, [
         upsert(pid, NOW - 100, title=title, brand=brand, price=price, category=["Audio" if pid[0] == "H" else "Keys"])
         for pid, title, brand, price in CATALOG
     ])
 
 
-async def test_a_batch_is_embedded_in_one_call_and_every_list_is_published(pipeline: ProductPipeline) -> None:
+async def test_a_batch_is_embedded_in_one_call_and_every_list_is_published(pipeline: Engine) -> None:
     out = by_topic(await load(pipeline))
     assert isinstance(pipeline.encoder, CountingEncoder) and len(pipeline.encoder.calls) == 1
     assert len(pipeline.encoder.calls[0]) == 5
@@ -96,11 +102,11 @@ async def test_a_batch_is_embedded_in_one_call_and_every_list_is_published(pipel
     assert stored.vector.shape == (384,) and stored.model_version == "hashing/1"
 
 
-async def test_price_and_stock_changes_never_reach_the_encoder(pipeline: ProductPipeline) -> None:
+async def test_price_and_stock_changes_never_reach_the_encoder(pipeline: Engine) -> None:
     await load(pipeline)
     assert isinstance(pipeline.encoder, CountingEncoder)
     calls = len(pipeline.encoder.calls)
-    out = by_topic(await pipeline.handle_batch([upsert("H2", NOW - 50, price=270.0, in_stock=False)]))
+    out = by_topic(await handled(pipeline, [upsert("H2", NOW - 50, price=270.0, in_stock=False)]))
     assert len(pipeline.encoder.calls) == calls
     assert "simstream-embeddings" not in out
     subs = [r for r in out["substitutes"] if r.key == "H2"]
@@ -109,16 +115,16 @@ async def test_price_and_stock_changes_never_reach_the_encoder(pipeline: Product
     assert all(i["product_id"] != "H2" for r in out["substitutes"] if r.value for i in r.value["items"])
 
 
-async def test_a_title_edit_is_re_embedded_and_republished(pipeline: ProductPipeline) -> None:
+async def test_a_title_edit_is_re_embedded_and_republished(pipeline: Engine) -> None:
     await load(pipeline)
-    out = by_topic(await pipeline.handle_batch([upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard")]))
+    out = by_topic(await handled(pipeline, [upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard")]))
     assert [r.key for r in out["simstream-embeddings"]] == ["K2"]
     assert any(r.key == "K2" for r in out["similar-items"])
 
 
-async def test_a_delete_tombstones_its_lists_and_leaves_no_trace(pipeline: ProductPipeline) -> None:
+async def test_a_delete_tombstones_its_lists_and_leaves_no_trace(pipeline: Engine) -> None:
     await load(pipeline)
-    out = await pipeline.handle_batch([message({"op": "delete", "product_id": "H2", "ts": NOW - 50}, key="H2")])
+    out = await handled(pipeline, [message({"op": "delete", "product_id": "H2", "ts": NOW - 50}, key="H2")])
     tombstones = {(r.topic, r.key) for r in out if r.value is None}
     assert {("similar-items", "H2"), ("substitutes", "H2"), ("simstream-products", "H2"),
             ("simstream-embeddings", "H2")} <= tombstones
@@ -127,18 +133,18 @@ async def test_a_delete_tombstones_its_lists_and_leaves_no_trace(pipeline: Produ
             assert all(i.product_id != "H2" for i in items)
 
 
-async def test_two_edits_of_one_product_in_one_batch_are_applied_in_order(pipeline: ProductPipeline) -> None:
+async def test_two_edits_of_one_product_in_one_batch_are_applied_in_order(pipeline: Engine) -> None:
     await load(pipeline)
-    await pipeline.handle_batch([upsert("K1", NOW - 50, title="Logitech MX Keys S"),
+    await handled(pipeline, [upsert("K1", NOW - 50, title="Logitech MX Keys S"),
                                  upsert("K1", NOW - 40, brand="Logi")])
     product = pipeline.core.catalog.get("K1")
     assert product is not None and (product.title, product.brand) == ("Logitech MX Keys S", "Logi")
     assert pipeline.embeddings["K1"].content_hash == product.content_hash
 
 
-async def test_an_older_event_is_ignored_and_counted(pipeline: ProductPipeline) -> None:
+async def test_an_older_event_is_ignored_and_counted(pipeline: Engine) -> None:
     await load(pipeline)
-    out = await pipeline.handle_batch([upsert("H1", NOW - 1000, price=1.0)])
+    out = await handled(pipeline, [upsert("H1", NOW - 1000, price=1.0)])
     assert out == []
     assert pipeline.core.catalog.stale_events == 1
 
@@ -157,9 +163,9 @@ async def test_an_older_event_is_ignored_and_counted(pipeline: ProductPipeline) 
     ],
 )
 async def test_bad_input_becomes_one_dead_letter_and_the_rest_of_the_batch_goes_on(
-    pipeline: ProductPipeline, value: Any, reason: str
+    pipeline: Engine, value: Any, reason: str
 ) -> None:
-    out = await pipeline.handle_batch([message(value, offset=17), upsert("OK", NOW, title="fine product")])
+    out = await handled(pipeline, [message(value, offset=17), upsert("OK", NOW, title="fine product")])
     letters = [r for r in out if r.topic == "simstream-dead-letters"]
     assert len(letters) == 1
     letter = letters[0].value
@@ -169,12 +175,12 @@ async def test_bad_input_becomes_one_dead_letter_and_the_rest_of_the_batch_goes_
     assert pipeline.core.catalog.get("OK") is not None and pipeline.core.catalog.get("B1") is None
 
 
-async def test_a_key_that_is_not_the_product_id_is_refused(pipeline: ProductPipeline) -> None:
-    out = await pipeline.handle_batch([message({"op": "upsert", "product_id": "B1", "title": "x", "ts": NOW}, key="B2")])
+async def test_a_key_that_is_not_the_product_id_is_refused(pipeline: Engine) -> None:
+    out = await handled(pipeline, [message({"op": "upsert", "product_id": "B1", "title": "x", "ts": NOW}, key="B2")])
     assert out[0].topic == "simstream-dead-letters" and "differs from product_id" in (out[0].value or {})["error"]
 
 
-async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(pipeline: ProductPipeline) -> None:
+async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(pipeline: Engine) -> None:
     out = await load(pipeline)
     latest: dict[str, dict[str, Any]] = {}
     for record in out:
@@ -185,8 +191,9 @@ async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(p
 
     encoder = CountingEncoder()
     fresh = make_pipeline(encoder)
-    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"],
+    records = (await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"],
                                   {Kind.SIMILAR: latest["similar-items"], Kind.SUBSTITUTES: latest["substitutes"]})
+               ).records()
     assert encoder.calls == []  # nothing embedded again
     assert len(fresh.core.catalog) == 5
     republished = {(r.topic, r.key) for r in records}
@@ -198,10 +205,10 @@ async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(p
             assert r.value["version"] > latest[r.topic][r.key]["version"]
 
 
-async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: ProductPipeline, tmp_path: Any) -> None:
+async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: Engine, tmp_path: Any) -> None:
     await load(pipeline)
     pipeline.core.save(tmp_path)
-    after = await pipeline.handle_batch([
+    after = await handled(pipeline, [
         upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard"),
         message({"op": "delete", "product_id": "H3", "ts": NOW - 40}, key="H3"),
     ])
@@ -213,13 +220,13 @@ async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: Pr
     encoder = CountingEncoder()
     fresh = make_pipeline(encoder)
     fresh.recommender = Recommender.load(tmp_path, pipeline.core.config)
-    records = await fresh.restore(changes["simstream-products"], changes["simstream-embeddings"], None,
-                                  from_snapshot=True)
+    records = (await fresh.restore(changes["simstream-products"], changes["simstream-embeddings"], None,
+                                  from_snapshot=True)).records()
     assert encoder.calls == []  # the edit's vector came from the embeddings topic, the rest from the snapshot
     assert fresh.core.catalog.get("H3") is None
     k2 = fresh.core.catalog.get("K2")
     assert k2 is not None and k2.title == "Logitech K380 multi-device keyboard"
-    # The streamed catalog never had an IDF fitted, so the restore fitted one (and shares it).
+    # The streamed catalog never had an IDF fitted; the restore shares that (it fits none).
     assert [r.key for r in records if r.topic == "simstream-lexical"] == ["idf"]
     pipeline.core.use_lexical(fresh.core.lexical)
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
@@ -235,33 +242,37 @@ def state_of(records: list[Outbound]) -> dict[str, dict[str, Any]]:
     return latest
 
 
-async def test_a_restore_adopts_the_shared_idf_instead_of_fitting_its_own(pipeline: ProductPipeline) -> None:
+async def test_a_restore_adopts_the_shared_idf_instead_of_fitting_its_own(pipeline: Engine) -> None:
     latest = state_of(await load(pipeline))
     shared = LexicalModel.fit(f"a catalog this worker never saw, item {i}" for i in range(10))
     fresh = make_pipeline()
-    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {},
-                                  lexical=shared)
+    records = (await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {},
+                                  lexical=shared)).records()
     assert fresh.core.lexical is shared  # fitted on 10 docs, the catalog has 5: still current
     assert not [r for r in records if r.topic == "simstream-lexical"]
 
 
-async def test_a_restore_without_a_shared_idf_fits_one_and_publishes_it(pipeline: ProductPipeline) -> None:
+async def test_a_restore_without_a_shared_idf_shares_the_one_it_has_and_fits_none(pipeline: Engine) -> None:
+    # A restart must publish nothing new: it never refits (a refit moves every list). With no
+    # IDF shared yet, it shares the weights it scores with (here: none fitted yet).
     latest = state_of(await load(pipeline))
     fresh = make_pipeline()
-    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {})
+    records = (await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {})).records()
     shared = [r for r in records if r.topic == "simstream-lexical"]
     assert [r.key for r in shared] == ["idf"]
-    assert fresh.core.lexical.n_docs == 5
+    assert not fresh.core.lexical.fitted and fresh.core.lexical.same_as(pipeline.core.lexical)
     assert lexical_from_wire(shared[0].value).same_as(fresh.core.lexical)  # type: ignore[arg-type]
 
 
-async def test_a_shared_idf_fitted_on_under_half_the_catalog_is_fitted_anew(pipeline: ProductPipeline) -> None:
+async def test_a_stale_shared_idf_is_adopted_at_a_restore_and_refitted_in_the_stream(pipeline: Engine) -> None:
     latest = state_of(await load(pipeline))
     stale = LexicalModel.fit(["one product", "another product"])  # 2 docs, the catalog has 5
     fresh = make_pipeline()
-    records = await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {}, lexical=stale)
+    records = (await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], {}, lexical=stale)).records()
+    assert fresh.core.lexical is stale and not [r for r in records if r.topic == "simstream-lexical"]
+    refit = await fresh.refit_lexical()
     assert fresh.core.lexical.n_docs == 5
-    assert [r.key for r in records if r.topic == "simstream-lexical"] == ["idf"]
+    assert [r.key for r in refit.state] == ["idf"] and refit.lists
 
 
 class FlakyEncoder(HashingEncoder):
@@ -281,16 +292,14 @@ class FlakyEncoder(HashingEncoder):
 
 
 async def test_an_encoder_outage_defers_the_batch_and_loses_nothing() -> None:
-    from streams.pipeline import Lanes
-
     encoder = FlakyEncoder(failures=2)
     pipeline = make_pipeline(encoder)
     pipeline.encoder_ok = True
     out = await load(pipeline)
     assert not [r for r in out if r.topic == "simstream-dead-letters"]
     assert len(pipeline.pending) == len(CATALOG) and not pipeline.encoder_ok
-    assert (await pipeline.apply_slow(Lanes())).done == []  # still down
-    result = await pipeline.apply_slow(Lanes())
+    assert (await pipeline.apply_slow([])).done == []  # still down
+    result = await pipeline.apply_slow([])
     assert len(result.done) == len(CATALOG) and pipeline.encoder_ok and not pipeline.pending
     assert len(pipeline.core.catalog) == len(CATALOG)
     assert pipeline.metrics.encoder_outages._value.get() == 2
@@ -309,7 +318,7 @@ class PickyEncoder(HashingEncoder):
 
 async def test_a_text_the_encoder_refuses_dead_letters_only_its_event() -> None:
     pipeline = make_pipeline(PickyEncoder())
-    out = await pipeline.handle_batch([upsert("A", NOW, title="good headphones"),
+    out = await handled(pipeline, [upsert("A", NOW, title="good headphones"),
                                        upsert("B", NOW, title="POISON pill"),
                                        upsert("C", NOW, title="good keyboard")])
     letters = [r for r in out if r.topic == "simstream-dead-letters"]
@@ -318,7 +327,7 @@ async def test_a_text_the_encoder_refuses_dead_letters_only_its_event() -> None:
     assert {p.product_id for p in pipeline.core.catalog} == {"A", "C"}
 
 
-async def test_stock_changes_take_the_fast_lane_and_per_product_order_holds(pipeline: ProductPipeline) -> None:
+async def test_stock_changes_take_the_fast_lane_and_per_product_order_holds(pipeline: Engine) -> None:
     await load(pipeline)
     assert isinstance(pipeline.encoder, CountingEncoder)
     calls = len(pipeline.encoder.calls)
@@ -327,13 +336,13 @@ async def test_stock_changes_take_the_fast_lane_and_per_product_order_holds(pipe
         upsert("H2", NOW - 49, in_stock=False),
         upsert("K1", NOW - 48, in_stock=False),
     ])
-    assert [change.product_id for _, change in lanes.fast] == ["H2"]
-    assert [change.product_id for _, change in lanes.slow] == ["K1", "K1"]
-    fast = await pipeline.apply_fast(lanes)
+    assert [item.change.product_id for item in lanes.fast] == ["H2"]
+    assert [item.change.product_id for item in lanes.slow] == ["K1", "K1"]
+    fast = (await pipeline.apply(lanes.fast)).records()
     assert len(pipeline.encoder.calls) == calls  # published before any embedding
     assert any(r.topic == "substitutes" and r.key == "H2" and (r.value or {}).get("trigger") == "out_of_stock"
                for r in fast)
-    await pipeline.apply_slow(lanes)
+    await pipeline.apply_slow(lanes.slow)
     k1 = pipeline.core.catalog.get("K1")
     assert k1 is not None and k1.title == "Logitech MX Keys S wireless keyboard" and not k1.in_stock
 
@@ -345,18 +354,18 @@ async def test_an_outage_defers_text_changes_while_stock_changes_keep_flowing() 
     encoder.failures = 1  # TF Serving goes away
 
     first = pipeline.split([upsert("K1", NOW - 50, title="Logitech MX Keys S"), upsert("H2", NOW - 49, in_stock=False)])
-    fast = await pipeline.apply_fast(first)
+    fast = (await pipeline.apply(first.fast)).records()
     assert any(r.topic == "substitutes" and r.key == "H2" for r in fast)
-    deferred = await pipeline.apply_slow(first)
-    assert deferred.records == [] and deferred.done == []
-    assert [c.product_id for _, c in pipeline.pending] == ["K1"] and not pipeline.encoder_ok
+    deferred = await pipeline.apply_slow(first.slow)
+    assert deferred.records() == [] and deferred.done == []
+    assert [item.change.product_id for item in pipeline.pending] == ["K1"] and not pipeline.encoder_ok
 
     # K1's later stock change queues behind its deferred title; H3's goes straight through.
     second = pipeline.split([upsert("K1", NOW - 40, in_stock=False), upsert("H3", NOW - 39, price=250.0)])
-    assert [c.product_id for _, c in second.fast] == ["H3"]
-    await pipeline.apply_fast(second)
-    done = await pipeline.apply_slow(second)  # the encoder is back
+    assert [item.change.product_id for item in second.fast] == ["H3"]
+    await pipeline.apply(second.fast)
+    done = await pipeline.apply_slow(second.slow)  # the encoder is back
     assert [m.offset for m in done.done] == [0, 0] and pipeline.pending == [] and pipeline.encoder_ok
     k1 = pipeline.core.catalog.get("K1")
     assert k1 is not None and k1.title == "Logitech MX Keys S" and not k1.in_stock
-    assert not [r for r in fast + done.records if r.topic == "simstream-dead-letters"]
+    assert not [r for r in fast + done.records() if r.topic == "simstream-dead-letters"]

@@ -1,0 +1,609 @@
+"""The engine: one live recommender, its embedding cache, and the one path that applies changes.
+
+Nothing here touches Kafka or Faust. Records leave through the injected ``Send`` port
+(``streams/outputs.py``); the Faust app (``streams/app.py``) and the worker service
+(``streams/worker.py``) only adapt events to ``Inbound`` and call in.
+
+Every change, whatever its source, goes through ``Engine.apply``:
+
+* the stream's own product changes (``handle``: decode, fast lane, slow lane);
+* the replica's changes of other workers' products (``Change(from_state=True)``);
+* a restore from the compacted topics (``restore``);
+* a model rollover's build and catch-up (a second engine beside the live one, then ``swap``).
+
+Threading rule: the recommender is not thread-safe, so every call that reads or mutates it
+runs on one single-thread executor (``in_core``), in order. The event loop stays free for
+Kafka, the web server and the encoder's own I/O. Readers use ``read``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from encoders.base import Encoder
+from serving.catalog import Outcome, Product, ProductChange, ProductDelete, ProductUpsert
+from serving.errors import EncoderUnavailable, SimstreamError
+from serving.lexical import LexicalModel
+from serving.recommender import CONTENT_KINDS, Kind, Publication, Recommender
+from serving.text import product_text
+from streams.edge import Edge
+from streams.outputs import Inbound, Outbound, Outputs, Send, last_list_per_key
+from streams.records import iso, product_from_wire, product_to_wire
+from streams.wire import (
+    LEXICAL_KEY,
+    StoredEmbedding,
+    embedding_from_wire,
+    embedding_to_wire,
+    lexical_to_wire,
+    publication_to_wire,
+    same_items,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OUTAGE_BACKOFF_S = 10.0
+T = TypeVar("T")
+
+
+class PoisonText(SimstreamError):  # noqa: N818 (public name)
+    """The encoder refused this product's text; fix the text (or the encoder) and send it again."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One product change for the engine, and where it came from.
+
+    ``source`` is the consumed record (dead letters name it; it is acknowledged once done).
+    ``vector`` is a vector known to belong to the change's text (a replica or a restore read
+    it from ``simstream-embeddings``). ``from_state`` marks a change read back from the state
+    topics: its state records are there already, and a product already held as it is is a
+    no-op, as is an older one.
+    """
+
+    change: ProductChange
+    source: Inbound | None = None
+    vector: np.ndarray | None = None
+    from_state: bool = False
+    #: With ``from_state``: the whole product as the state topic holds it.
+    product: Product | None = None
+
+    @classmethod
+    def of_product(cls, product: Product, vector: np.ndarray | None = None) -> Change:
+        """A product read from ``simstream-products``, as a change to apply."""
+        return cls(as_upsert(product), vector=vector, from_state=True, product=product)
+
+
+@dataclass
+class Lanes:
+    """One decoded batch: dead letters, and the changes by lane (see ``Engine.split``)."""
+
+    rejected: list[Outbound] = field(default_factory=list)
+    rejected_inputs: list[Inbound] = field(default_factory=list)
+    fast: list[Change] = field(default_factory=list)
+    slow: list[Change] = field(default_factory=list)
+
+
+def as_upsert(product: Product) -> ProductUpsert:
+    """The upsert that recreates ``product`` (restore, replica, rollover build)."""
+    return ProductUpsert(
+        product_id=product.product_id, ts=product.ts, title=product.title, description=product.description,
+        brand=product.brand, category=product.category, price=product.price, currency=product.currency,
+        in_stock=product.in_stock, group_id=product.group_id, attributes=product.attributes,
+        image_url=product.image_url,
+    )
+
+
+def needs_refit(model: LexicalModel, catalog_size: int) -> bool:
+    """Whether a restore should fit the IDF anew: never fitted, or fitted on under half the catalog."""
+    return catalog_size > 0 and (not model.fitted or model.n_docs * 2 < catalog_size)
+
+
+@dataclass
+class Engine(Edge):
+    """The live recommender and everything that changes it (see the module docstring)."""
+
+    recommender: Recommender | None = None
+    encoder: Encoder | None = None
+    #: Where records go; ``None`` for an engine that only builds (a rollover's new core).
+    send: Send | None = None
+    #: Extra records for products that went away (the feeds that list them).
+    on_gone: Callable[[set[str]], list[Outbound]] | None = None
+    #: product_id -> the embedding it was last indexed with; lets a restart or a redelivery
+    #: reuse a vector instead of re-embedding unchanged text.
+    embeddings: dict[str, StoredEmbedding] = field(default_factory=dict)
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="simstream-core")
+    )
+    embedded_texts: int = 0
+    encoder_ok: bool = False
+    #: Slow-lane changes deferred while the encoder is unreachable, in arrival order.
+    pending: list[Change] = field(default_factory=list)
+    max_pending: int = 10_000
+    #: While a model rollover runs (``streams.rollover``): every change applied to this core,
+    #: in order, so the new core can catch up with them. ``None`` otherwise.
+    journal: list[ProductChange] | None = None
+    #: Increases with every ``swap``: a long task can tell that the core it started on is gone.
+    generation: int = 0
+
+    @property
+    def core(self) -> Recommender:
+        assert self.recommender is not None, "Engine needs a recommender"
+        return self.recommender
+
+    @property
+    def model_version(self) -> str:
+        assert self.encoder is not None, "Engine needs an encoder"
+        return self.encoder.model_version
+
+    async def in_core(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the core's thread, after everything queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def read(self, fn: Callable[[Recommender], T]) -> T:
+        """A consistent read of the live core (the web views): never interleaved with a write."""
+        core = self.core
+        return await self.in_core(fn, core)
+
+    def swap(self, core: Recommender, *, encoder: Encoder | None = None,
+             embeddings: dict[str, StoredEmbedding] | None = None) -> None:
+        """Make ``core`` (built beside this one) the live core: readers and the next batch see it.
+
+        Call it between batches (the worker's batch lock): it is one assignment on the event
+        loop, so no change is applied half to the old core and half to the new.
+        """
+        self.recommender = core
+        if encoder is not None:
+            self.encoder = encoder
+        if embeddings is not None:
+            self.embeddings = embeddings
+        self.generation += 1
+        self.update_gauges()
+
+    # ------------------------------------------------------------------ encoding
+
+    async def embed(self, texts: list[str], *, wait: bool = True) -> dict[str, np.ndarray]:
+        """text -> unit vector, in one encoder call.
+
+        An unreachable encoder is an outage, not bad input. With ``wait`` the call is retried
+        with exponential backoff (capped at ``MAX_OUTAGE_BACKOFF_S``) until it answers;
+        without it, ``EncoderUnavailable`` is raised at once so the caller can defer the
+        work. Either way ``encoder_ok`` is false meanwhile, and nothing is dead-lettered.
+        """
+        if not texts:
+            return {}
+        assert self.encoder is not None
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.encoder.encode(texts)
+                break
+            except EncoderUnavailable as exc:
+                if self.encoder_ok:
+                    log.error("encoder unavailable, holding text changes until it answers: %s", exc)
+                self.encoder_ok = False
+                self.metrics.encoder_outages.inc()
+                if not wait:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_OUTAGE_BACKOFF_S)
+        if not self.encoder_ok:
+            log.info("encoder answers again")
+        self.encoder_ok = True
+        self.metrics.encoder_latency.observe(time.perf_counter() - started)
+        self.metrics.encoder_batch_size.observe(len(texts))
+        self.embedded_texts += len(texts)
+        return dict(zip(texts, result.vectors, strict=True))
+
+    def cached_vector(self, product: Product) -> np.ndarray | None:
+        stored = self.embeddings.get(product.product_id)
+        if (
+            stored is not None
+            and stored.content_hash == product.content_hash
+            and stored.model_version == self.model_version
+        ):
+            return stored.vector
+        return None
+
+    def texts_to_embed(self, changes: Iterable[Change]) -> set[str]:
+        """The texts ``changes`` will need that no cache or given vector covers."""
+        texts: set[str] = set()
+        for item in changes:
+            if item.vector is not None:
+                continue
+            try:
+                product = self.core.needs_embedding(item.change)
+            except Exception:  # noqa: BLE001 - reported, per change, when it is applied
+                continue
+            if product is not None and self.cached_vector(product) is None:
+                texts.add(product_text(product))
+        return texts
+
+    # ------------------------------------------------------------------ the stream
+
+    def split(self, messages: Iterable[Inbound]) -> Lanes:
+        """Decode a batch and sort it into a fast lane and a slow lane.
+
+        The fast lane holds changes that need no embedding (stock, price, deletes, ...) of
+        products with no text change earlier in the batch; they can be applied and published
+        before the encoder is called, which keeps a stock-out's substitutes from waiting
+        behind other products' embeddings. Everything else, in order, is the slow lane.
+        Per product, order is kept: once a product has a change in the slow lane, its later
+        changes follow it there.
+        """
+        lanes = Lanes()
+        slow_products: set[str] = {item.change.product_id for item in self.pending}
+        for message in messages:
+            try:
+                change = self.decode_product(message).to_core()
+            except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
+                lanes.rejected.append(self.reject(message, exc))
+                lanes.rejected_inputs.append(message)
+                continue
+            try:
+                needs_text = self.core.needs_embedding(change) is not None
+            except Exception:  # noqa: BLE001 - reported, per event, when the change is applied
+                needs_text = False
+            item = Change(change, source=message)
+            if needs_text or change.product_id in slow_products:
+                slow_products.add(change.product_id)
+                lanes.slow.append(item)
+            else:
+                lanes.fast.append(item)
+        return lanes
+
+    async def handle(self, messages: Sequence[Inbound]) -> Outputs:
+        """The stream's batch of product changes: decode, apply, publish; return what was done.
+
+        The fast lane and the dead letters are applied and published first, then the slow
+        lane is embedded in one encoder call, applied and published. When the encoder is
+        unreachable the slow lane is deferred (``pending``); its records are then not in
+        ``done`` and must not be acknowledged (``retry_pending`` finishes them later).
+        """
+        lanes = self.split(messages)
+        fast = await self.apply(lanes.fast)
+        fast.dead_letters[:0] = lanes.rejected
+        fast.done[:0] = lanes.rejected_inputs
+        await self.publish(fast)
+        slow = await self.apply_slow(lanes.slow)
+        await self.publish(slow)
+        return fast.extend(slow)
+
+    async def apply_slow(self, slow: Sequence[Change]) -> Outputs:
+        """Embed and apply deferred and new slow-lane changes, or defer them all again.
+
+        Changes deferred by an earlier outage go first. When the encoder is unreachable and
+        fewer than ``max_pending`` changes wait, they are deferred: their input stays
+        unacknowledged (a crash loses nothing) and later fast-lane changes of other products
+        keep flowing. With ``max_pending`` reached, the call waits for the encoder.
+        """
+        work = [*self.pending, *slow]
+        if not work:
+            return Outputs()
+        try:
+            out = await self.apply(work, wait_for_encoder=len(work) >= self.max_pending)
+        except EncoderUnavailable:
+            self.pending = work
+            self.metrics.pending_changes.set(len(work))
+            return Outputs()
+        self.pending = []
+        self.metrics.pending_changes.set(0)
+        return out
+
+    async def retry_pending(self) -> Outputs:
+        """Retry changes deferred by an encoder outage (a timer calls it); publish what is done."""
+        out = await self.apply_slow([])
+        await self.publish(out)
+        return out
+
+    async def publish(self, outputs: Outputs) -> None:
+        """Send ``outputs`` and the feeds that listed products that went away."""
+        if self.send is None:
+            return
+        records = outputs.records()
+        if outputs.gone and self.on_gone is not None:
+            records += self.on_gone(outputs.gone)
+        if records:
+            await self.send(records)
+
+    # ------------------------------------------------------------------ the one apply path
+
+    async def apply(self, changes: Sequence[Change], *, wait_for_encoder: bool = True) -> Outputs:
+        """Apply ``changes`` in order and say what to publish; nothing is sent here.
+
+        Texts without a vector are embedded first, in one encoder call. An unreachable
+        encoder raises ``EncoderUnavailable`` without ``wait_for_encoder`` (nothing is applied
+        then). A text the encoder refuses fails only the changes that need it: one text at a
+        time finds it, and those changes become dead letters.
+        """
+        if not changes:
+            return Outputs()
+        out = Outputs()
+        texts = sorted(self.texts_to_embed(changes))
+        poison: dict[str, str] = {}
+        try:
+            vectors = await self.embed(texts, wait=wait_for_encoder)
+        except EncoderUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
+            log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
+            vectors = await self.embed_one_by_one(texts, poison)
+        start = 0
+        while start < len(changes):
+            part, start, missing = await self.in_core(self.apply_in_core, changes, start, vectors, poison)
+            out.extend(part)
+            if missing is not None:
+                # An earlier change of the batch altered the text planned for this one.
+                vectors.update(await self.embed_one_by_one([missing], poison))
+        out.lists = last_list_per_key(out.lists)
+        self.update_gauges()
+        return out
+
+    async def embed_one_by_one(self, texts: Sequence[str], poison: dict[str, str]) -> dict[str, np.ndarray]:
+        """Embed texts one at a time; a text the encoder refuses goes to ``poison`` with why."""
+        vectors: dict[str, np.ndarray] = {}
+        for text in texts:
+            try:
+                vectors.update(await self.embed([text]))
+            except EncoderUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported on the changes that need it
+                poison[text] = f"the encoder refused this product's text: {exc}"
+        return vectors
+
+    def apply_in_core(self, changes: Sequence[Change], start: int, vectors: Mapping[str, np.ndarray],
+                      poison: Mapping[str, str]) -> tuple[Outputs, int, str | None]:
+        """Apply ``changes[start:]`` on the core thread; stop before a change whose text has no
+        vector yet and return (outputs, where it stopped, that text)."""
+        out = Outputs()
+        core = self.core
+        for i in range(start, len(changes)):
+            item = changes[i]
+            change = item.change
+            pid = change.product_id
+            try:
+                if item.from_state and self.already_applied(item):
+                    continue
+                product = core.needs_embedding(change)
+                vector: np.ndarray | None = None
+                if product is not None:
+                    vector = item.vector if item.vector is not None else self.cached_vector(product)
+                    if vector is None:
+                        text = product_text(product)
+                        if text in poison:
+                            raise PoisonText(poison[text])
+                        if text not in vectors:
+                            return out, i, text
+                        vector = vectors[text]
+                before = core.catalog.get(pid)
+                stale_before = core.catalog.stale_events
+                publications = core.apply(change, vector)
+                if self.journal is not None:
+                    self.journal.append(change)
+                after = core.catalog.get(pid)
+                if before is not None and before.in_stock and (after is None or not after.in_stock):
+                    out.gone.add(pid)
+                self.state_records(out, item, before, after, product, vector)
+                out.lists += self.lists_to_records(
+                    publications, own=None if item.from_state else pid,
+                    event_ts=None if item.from_state else change.ts)
+                if item.source is not None:
+                    stale = core.catalog.stale_events > stale_before
+                    if stale:
+                        log.info("stale product change ignored at %s (product %s)", item.source.where, pid)
+                    self.metrics.events.labels(item.source.topic, "stale" if stale else "applied").inc()
+            except Exception as exc:  # noqa: BLE001 - one bad change must not stop the others
+                if item.source is not None:
+                    out.dead_letters.append(self.reject(item.source, exc))
+                else:
+                    log.error("could not apply a change of %s read back from the state topics: %s", pid, exc)
+            finally:
+                if item.source is not None:
+                    out.done.append(item.source)
+        return out, len(changes), None
+
+    def already_applied(self, item: Change) -> bool:
+        """A change read back from the state topics that the core already holds (or has newer)."""
+        change = item.change
+        current = self.core.catalog.get(change.product_id)
+        if isinstance(change, ProductDelete):
+            return current is None
+        if current is not None and current == item.product:
+            return True  # this worker's own change, or a replay
+        return self.core.catalog.preview(change).outcome is Outcome.STALE
+
+    def state_records(self, out: Outputs, item: Change, before: Product | None, after: Product | None,
+                      embedded: Product | None, vector: np.ndarray | None) -> None:
+        """The state records of one applied change (none for a change read from the state)."""
+        s = self.settings
+        pid = item.change.product_id
+        if isinstance(item.change, ProductDelete) and before is not None and after is None:
+            self.embeddings.pop(pid, None)
+            if not item.from_state:
+                out.state += [Outbound(s.topic_embeddings, pid, None), Outbound(s.topic_products, pid, None)]
+            return
+        if after is None or after == before:
+            return
+        if embedded is not None and vector is not None:
+            stored = StoredEmbedding(pid, np.asarray(vector, dtype=np.float32), self.model_version,
+                                     embedded.content_hash)
+            known = self.embeddings.get(pid)
+            # A vector reused from the cache (a redelivered event) is already on the topic.
+            if known is None or known.content_hash != stored.content_hash or known.model_version != stored.model_version:
+                self.embeddings[pid] = stored
+                if not item.from_state:
+                    out.state.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
+        if not item.from_state:
+            out.state.append(Outbound(s.topic_products, pid, product_to_wire(after)))
+
+    def lists_to_records(
+        self, publications: Iterable[Publication], *, own: str | None = None, event_ts: float | None = None
+    ) -> list[Outbound]:
+        """Wire records for publications. ``own`` and ``event_ts`` name the change that caused them.
+
+        Each list then carries ``caused_by`` (the product and event time of that change), so
+        an operator can trace why a list moved, and freshness can be measured per event.
+        """
+        now = self.clock()
+        cause = {"product_id": own, "event_ts": iso(event_ts)} if own is not None and event_ts is not None else None
+        records = []
+        for pub in publications:
+            value = publication_to_wire(pub, model_version=self.model_version, at=now)
+            if value is not None and cause is not None:
+                value["caused_by"] = cause
+            records.append(Outbound(self.settings.list_topic(pub.kind), pub.product_id, value,
+                                    event_ts=event_ts if pub.product_id == own else None,
+                                    trigger=None if pub.trigger is None else str(pub.trigger)))
+        return records
+
+    def update_gauges(self) -> None:
+        stats = self.core.stats()
+        self.metrics.catalog_size.set(stats.products)
+        self.metrics.index_live.set(stats.index_live)
+        self.metrics.index_deleted.set(stats.index_deleted)
+
+    # ------------------------------------------------------------------ restore and snapshots
+
+    async def restore(
+        self,
+        products: Mapping[str, Mapping[str, Any] | None],
+        embeddings: Mapping[str, Mapping[str, Any] | None],
+        published: Mapping[Kind, Mapping[str, Mapping[str, Any]]] | None,
+        *,
+        from_snapshot: bool = False,
+        batch_size: int = 256,
+        lexical: LexicalModel | None = None,
+    ) -> Outputs:
+        """Rebuild state from the compacted topics and return only what must be republished.
+
+        ``products`` and ``embeddings`` are the last value per key of ``simstream-products``
+        and ``simstream-embeddings`` (``None`` for a tombstone): the whole topics for a
+        rebuild, or what came after the snapshot's offsets when the recommender was loaded
+        from a snapshot. Vectors whose content hash and model version still match are
+        reused, so nothing already embedded is embedded again.
+
+        For a rebuild, ``published`` holds the last value per key of the two list topics:
+        their versions seed the per-key counters (so ``version`` keeps increasing across
+        restarts), and a list that differs from what is on its topic (a crash between apply
+        and publish, a model change, the IDF refit) is republished; a list whose product is
+        gone gets a tombstone. After a snapshot, the snapshot's lists and versions are the
+        published ones, and the replayed changes publish what they change.
+
+        ``lexical`` is the IDF on ``simstream-lexical``, shared by every worker: it replaces
+        the recommender's. A restore never fits one: a restart with no new input must
+        publish nothing new, and a refit moves every list. Where none is shared yet, the
+        recommender's own (fitted from a snapshot, or none yet) is returned as the record
+        for that topic, so every worker and every later start weigh n-grams alike. Refits
+        happen in the stream (``Worker.refit_lexical_when_quiet``) or on
+        ``simstream refit-lexical``.
+        """
+        if from_snapshot:
+            await self.in_core(self.embeddings_from_index)
+        for key, value in embeddings.items():
+            if value is None:
+                self.embeddings.pop(key, None)
+                continue
+            try:
+                self.embeddings[key] = embedding_from_wire(value)
+            except SimstreamError as exc:
+                log.error("ignoring embedding record for %s: %s", key, exc)
+        catalog: list[Product] = []
+        deleted: list[str] = []
+        for key, value in products.items():
+            if value is None:
+                deleted.append(key)
+                continue
+            try:
+                catalog.append(product_from_wire(value))
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop a restart
+                log.error("ignoring unreadable %s record for key %s: %s", self.settings.topic_products, key, exc)
+        missing = [p for p in catalog if self.cached_vector(p) is None]
+        vectors: dict[str, np.ndarray] = {}
+        for start in range(0, len(missing), batch_size):
+            vectors.update(await self.embed([product_text(p) for p in missing[start : start + batch_size]]))
+        for product in missing:
+            self.embeddings[product.product_id] = StoredEmbedding(
+                product.product_id, vectors[product_text(product)], self.model_version, product.content_hash)
+
+        out = Outputs(state=[Outbound(self.settings.topic_embeddings, p.product_id,
+                                      embedding_to_wire(self.embeddings[p.product_id])) for p in missing])
+        adopted = await self.in_core(self.core.use_lexical, lexical) if lexical is not None else []
+        ordered = sorted(catalog, key=lambda p: p.product_id)
+        replayed = await self.apply_from_state(deleted, ordered)
+        if lexical is None:
+            out.state.append(self.lexical_record())
+        if from_snapshot:
+            out.lists = last_list_per_key([*self.lists_to_records(adopted), *replayed.lists])
+        else:
+            out.lists = await self.in_core(self.reconcile, published or {})
+        self.update_gauges()
+        return out
+
+    async def apply_from_state(self, deleted: Sequence[str], products: Sequence[Product]) -> Outputs:
+        """Apply products (and deletes) read from the state topics, through ``apply``; an empty
+        core takes them in one batched build. Nothing is sent: the caller decides."""
+        core = self.core
+        if not len(core.catalog) and products:
+            def build() -> list[Publication]:
+                matrix = np.stack([self.embeddings[p.product_id].vector for p in products])
+                return core.bulk_load([as_upsert(p) for p in products], matrix)
+
+            return Outputs(lists=self.lists_to_records(await self.in_core(build)))
+        changes = [Change(ProductDelete(pid, current.ts), from_state=True)
+                   for pid in deleted if (current := core.catalog.get(pid)) is not None]
+        changes += [Change.of_product(p, self.embeddings[p.product_id].vector) for p in products]
+        return await self.apply(changes)
+
+    def lexical_record(self) -> Outbound:
+        """The IDF in use, as a ``simstream-lexical`` record."""
+        return Outbound(self.settings.topic_lexical, LEXICAL_KEY, lexical_to_wire(self.core.lexical, at=self.clock()))
+
+    async def refit_lexical(self) -> Outputs:
+        """Fit the IDF on the catalog now: its record and every list that changed."""
+        pubs = await self.in_core(self.core.refit_lexical)
+        return Outputs(state=[self.lexical_record()], lists=self.lists_to_records(pubs))
+
+    def embeddings_from_index(self) -> None:
+        """After a snapshot load, the index holds each product's vector for its current text."""
+        vectors = self.core.vectors()
+        for product in self.core.catalog:
+            vector = vectors.get(product.product_id)
+            if vector is not None:
+                self.embeddings[product.product_id] = StoredEmbedding(
+                    product.product_id, np.asarray(vector, dtype=np.float32), self.model_version,
+                    product.content_hash)
+
+    def reconcile(self, published: Mapping[Kind, Mapping[str, Mapping[str, Any]]]) -> list[Outbound]:
+        """Lists that differ from the last ones on their topics, with versions continued."""
+        core = self.core
+        pubs: list[Publication] = []
+        for kind in CONTENT_KINDS:
+            on_topic = published.get(kind, {})
+            for pid, value in on_topic.items():
+                version = value.get("version")
+                if isinstance(version, int):
+                    core.seed_version(kind, pid, version)
+            current = core.lists(kind)
+            for pid, items in current.items():
+                if not same_items(on_topic.get(pid), items) or on_topic[pid].get("model_version") != self.model_version:
+                    pubs.append(core.republish(kind, pid))
+            for pid in on_topic.keys() - current.keys():
+                if core.owns(pid):
+                    pubs.append(core.republish(kind, pid))
+        return self.lists_to_records(pubs)
+
+    def save_snapshot(self, root: Path, offsets: Mapping[str, Mapping[int, int]]) -> Path:
+        """Write the core with the state-topic offsets it covers (on the core thread)."""
+        core = self.core
+        core.offsets = {topic: dict(parts) for topic, parts in offsets.items()}
+        return core.save(root)
+

@@ -1,0 +1,538 @@
+"""One simstream worker as a plain service: what the Faust agents, timers and rebalance
+handlers of ``streams/app.py`` call, one method each. Nothing here imports Faust.
+
+The worker owns the engine (``streams/engine.py``), the behaviour pipeline, this worker's
+share of the products (``Ownership``), the replica of the other workers' changes, the model
+rollover, and readiness. Records leave through ``sink`` (the app's Kafka producer): always
+via ``publish``, which lets only this worker's lists through (``Ownership.gate``) and retries
+a broker outage until every record is acknowledged.
+
+Ordering: ``batch_lock`` is held while a batch of product changes (or a replica batch, a
+behaviour flush step, a handover, a snapshot) is applied and published, so none of them
+sees another half done; ``behavior_lock`` does the same for user events and pair updates.
+A graceful stop takes both and keeps them (``drain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encoders.factory import create_encoder
+from serving.config import RecommenderConfig
+from serving.errors import EncoderUnavailable, SnapshotError
+from serving.recommender import Kind, Recommender
+from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
+from streams.engine import Engine, needs_refit
+from streams.kafka_io import input_offsets
+from streams.metrics import Metrics
+from streams.outputs import Inbound, Outbound, Send
+from streams.readiness import CatchUp
+from streams.replica import Replica
+from streams.restore import StateReader
+from streams.rollover import ModelRollover, RolloverBusy
+from streams.scaleout import Handovers, Ownership, owns_nothing
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GC_FREEZE_INTERVAL_S = 5.0
+
+
+def recommender_config(settings: Settings) -> RecommenderConfig:
+    """The core's configuration, taken from the settings."""
+    return RecommenderConfig(
+        k=settings.k,
+        candidate_depth=max(settings.candidate_depth, settings.k),
+        lexical_weight=settings.lexical_weight,
+        behavior_weight=settings.behavior_weight,
+        price_band=settings.price_band,
+        hnsw_ef=settings.hnsw_ef,
+        hnsw_m=settings.hnsw_m,
+    )
+
+
+def trim_heap() -> None:
+    """Give the heap pages freed by a snapshot back to the OS (glibc ``malloc_trim``).
+
+    A snapshot builds a few hundred MB of temporary arrays at 20k products; glibc keeps the
+    freed pages in its arenas, so without this the soak saw RSS step up after each snapshot
+    (+52, +22, +17 MB) although nothing lived on. A no-op where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(frozen=True)
+class Health:
+    """What ``/health`` answers: 200 only when ``ok``."""
+
+    ok: bool
+    body: dict[str, Any]
+
+
+class Worker:
+    """One worker: the engine, behaviour, ownership, replica, rollover and readiness."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, sink: Send | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        encoder = create_encoder(settings.encoder, **settings.encoder_options())
+        core = Recommender(recommender_config(settings))
+        self.engine = Engine(settings, self.metrics, recommender=core, encoder=encoder, send=self.publish)
+        self.users = BehaviorPipeline(settings, self.metrics, core=lambda: self.engine.core)
+        self.engine.on_gone = self.users.feeds_without
+        #: List records wait until the worker has consumed the input it found at start.
+        self.ownership = Ownership(settings, catching_up=True)
+        self.catch_up = CatchUp(settings.topic_product_changes)
+        self.state = StateReader(settings)
+        self.replica: Replica | None = None
+        self.sink = sink
+        self.ready = asyncio.Event()
+        self.batch_lock = asyncio.Lock()
+        self.behavior_lock = asyncio.Lock()
+        self.rollover = ModelRollover(settings, self.metrics, self.engine, self.batch_lock, self.ready,
+                                      self.publish, on_swap=self.mark_dirty)
+        self.draining = False
+        self.started_at = time.time()
+        self.last_event_at: float | None = None
+        self.last_product_event_at: float | None = None
+        self.restored_from: str | None = None  # "snapshot" or "topics"
+        #: Next offset per partition of the state topics this worker wrote, acknowledged:
+        #: what a snapshot covers when there is no replica yet.
+        self.written: dict[str, dict[int, int]] = {}
+        self.last_snapshot_at = time.monotonic()
+        self.dirty = False
+        self.background: set[asyncio.Future[Any]] = set()
+        self.snapshot_task: asyncio.Future[Path | None] | None = None
+        #: Operations the admin endpoints run: name -> coroutine returning a JSON-able result.
+        self.actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+            "snapshot": self.snapshot_now, "rebuild-index": self.rebuild_index}
+
+    # ------------------------------------------------------------------ publishing
+
+    def mark_dirty(self) -> None:
+        """The core changed outside a batch (a swap): the next snapshot must be taken."""
+        self.dirty = True
+
+    @property
+    def state_topics(self) -> set[str]:
+        s = self.settings
+        return {s.topic_products, s.topic_embeddings, s.topic_lexical}
+
+    def acked(self, record: Outbound, partition: int, offset: int) -> None:
+        """The sink reports each acknowledged record: state records advance what a snapshot covers."""
+        if record.topic in self.state_topics:
+            parts = self.written.setdefault(record.topic, {})
+            parts[partition] = max(parts.get(partition, 0), offset + 1)
+            self.dirty = True
+
+    async def publish(self, records: Iterable[Outbound]) -> None:
+        """Publish this worker's records, retrying a broker outage with backoff until acknowledged."""
+        owned = self.ownership.gate(records)  # lists of owned products only; held in a rebalance
+        if not owned or self.sink is None:
+            return
+        delay = 0.5
+        while True:
+            try:
+                await self.sink(owned)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker is down or refusing; try again
+                log.error("publishing %d records failed, retrying in %.1f s: %s", len(owned), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Start the encoder, restore (snapshot + replay, or the topics), then open the gates."""
+        if self.settings.log_level != "debug":
+            # kafka-python logs every short-lived metadata client (partition counts, end
+            # offsets, topic reads) at INFO: a dozen lines per rebalance that bury the worker's own.
+            logging.getLogger("kafka").setLevel(logging.WARNING)
+        settings, engine = self.settings, self.engine
+        loop = asyncio.get_running_loop()
+        # A worker owns nothing until the consumer group assigns it partitions (scaleout.py).
+        await engine.in_core(engine.core.set_ownership, owns_nothing)
+        # What "caught up" means for this start: the input there is now.
+        offsets = await retry_forever(
+            lambda: loop.run_in_executor(None, input_offsets, settings, settings.topic_product_changes),
+            f"reading the input offsets of {settings.topic_product_changes}", Exception)
+        self.catch_up.start(offsets.ends, offsets.positions)
+        # Pins the encoder to the configured (or newest) version that passes verification.
+        await retry_forever(self.rollover.start_live_encoder, "starting the encoder", EncoderUnavailable)
+        engine.encoder_ok = True
+        started = time.monotonic()
+        snapshot = await engine.in_core(self.load_snapshot)
+        if snapshot is not None:
+            # Lists are built once the group assigns partitions; the snapshot's owner may differ.
+            await engine.in_core(snapshot.set_ownership, owns_nothing)
+            engine.swap(snapshot)
+            self.written = {t: dict(p) for t, p in snapshot.offsets.items()}
+            products, embeddings, lexical = await asyncio.gather(
+                loop.run_in_executor(None, self.state.read, settings.topic_products,
+                                     snapshot.offsets.get(settings.topic_products, {})),
+                loop.run_in_executor(None, self.state.read, settings.topic_embeddings,
+                                     snapshot.offsets.get(settings.topic_embeddings, {})),
+                loop.run_in_executor(None, self.state.shared_lexical))
+            outputs = await engine.restore(products, embeddings, None, from_snapshot=True, lexical=lexical)
+            self.restored_from = "snapshot"
+        else:
+            outputs = await self.restore_from_topics(engine)
+            self.restored_from = "topics"
+        await self.publish(outputs.records())
+        log.info("restored %d products from %s (%d embedded again, %d records republished) in %.1f s",
+                 len(engine.core.catalog), self.restored_from, engine.embedded_texts, len(outputs.records()),
+                 time.monotonic() - started)
+        # Everything restored is long-lived: keep it out of the collector's young generations,
+        # whose scans over ~10^6 objects otherwise show up as 10+ ms pauses in apply().
+        gc.collect()
+        gc.freeze()
+        self.ready.set()
+        # Follow every worker's changes from where the restore stopped reading.
+        self.replica = Replica(self.settings, self.metrics, engine, self.ownership, self.batch_lock,
+                               start=self.state.reached)
+        self.spawn(self.replica.run())
+        handovers = Handovers(self.settings, self.metrics, engine, self.users, self.ownership, self.batch_lock,
+                              self.publish, replica=lambda: self.replica)
+        self.spawn(handovers.run())
+
+    def spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def restore_from_topics(self, engine: Engine) -> Any:
+        """Load ``engine`` from the whole state and list topics; return what must be republished."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        products, embeddings, similar, substitutes = await asyncio.gather(*(
+            loop.run_in_executor(None, self.state.read, topic)
+            for topic in (s.topic_products, s.topic_embeddings, s.topic_similar_items, s.topic_substitutes)))
+        lexical = await loop.run_in_executor(None, self.state.shared_lexical)
+        return await engine.restore(products, embeddings, {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes},
+                                    lexical=lexical)
+
+    # ------------------------------------------------------------------ the agents
+
+    async def on_product_changes(self, batch: list[Inbound]) -> None:
+        """A batch of ``product-changes``: apply, publish, acknowledge, track the catch-up."""
+        self.last_event_at = self.last_product_event_at = time.time()
+        async with self.batch_lock:
+            await self.settled_under(self.batch_lock)
+            # Events taken before a rebalance that moved their partition away are the new
+            # owner's to apply (it re-reads them from the committed offset); never acked here.
+            batch = [m for m in batch if self.ownership.owns_partition(m.partition)]
+            outputs = await self.engine.handle(batch)
+            # Acknowledged inside the lock: a graceful stop that takes the lock next finds
+            # every finished batch acknowledged, so its offsets are committed at the stop.
+            await acknowledge(outputs.done)
+            for message in batch:
+                self.catch_up.consumed(message.partition, message.offset)
+            await self.end_catch_up_if_reached()
+
+    async def settled_under(self, lock: asyncio.Lock) -> None:
+        """With ``lock`` held: until no handover is pending (released while waiting)."""
+        while not self.ownership.settled.is_set():  # a rebalance: let its handover run first
+            lock.release()
+            try:
+                await self.ownership.settled.wait()
+            finally:
+                await lock.acquire()
+
+    async def on_user_events(self, batch: list[Inbound]) -> None:
+        """A batch of ``user-events``: pair updates, feeds; acknowledged once published."""
+        self.last_event_at = time.time()
+        async with self.behavior_lock:
+            await self.ownership.settled.wait()  # a rebalance: the handover rebuilds behaviour state first
+            # A partition that moved away in a rebalance: its new owner reads these.
+            batch = [m for m in batch if self.ownership.holds(self.settings.topic_user_events, m.partition)]
+            await self.publish(self.users.handle_batch(batch))
+            await acknowledge(batch)
+
+    async def on_pair_updates(self, batch: list[Inbound]) -> None:
+        """A batch of ``simstream-pair-updates``: applied (dirty items), then acknowledged."""
+        async with self.behavior_lock:
+            await self.ownership.settled.wait()
+            batch = [m for m in batch if self.ownership.holds(self.settings.topic_pair_updates, m.partition)]
+            rejected = self.users.apply_pairs(batch)
+            if rejected:
+                await self.publish(rejected)
+            await acknowledge(batch)
+        self.metrics.behavior_dirty.set(len(self.users.dirty))
+
+    # ------------------------------------------------------------------ readiness
+
+    async def end_catch_up_if_reached(self) -> None:
+        """With the batch lock held: once the input seen at start is consumed, publish the
+        lists held back meanwhile; ``/health`` says ready from then on."""
+        if self.catch_up.done or not self.ready.is_set() or not self.ownership.settled.is_set():
+            return
+        if not self.catch_up.reached(self.ownership.allowed):
+            return
+        held = self.ownership.caught_up()
+        self.catch_up.done = True
+        await self.publish(held)
+        log.info("caught up with the input seen at start (%d held lists published, %.1f s after start)",
+                 len(held), time.time() - self.started_at)
+
+    async def catch_up_tick(self) -> None:
+        """Timer: ends the catch-up when nothing (more) was left to consume after the handover."""
+        if not self.catch_up.done and self.ready.is_set() and not self.batch_lock.locked():
+            async with self.batch_lock:
+                await self.end_catch_up_if_reached()
+
+    def health(self) -> Health:
+        """Readiness: restored, caught up with the input seen at start, the encoder answering."""
+        ready = self.ready.is_set()
+        engine = self.engine
+        stats = engine.core.stats()
+        caught_up = self.catch_up.done
+        ok = ready and caught_up and engine.encoder_ok and not engine.pending
+        status = ("ok" if ok else "starting" if not ready else "catching_up" if not caught_up else "degraded")
+        body = {
+            "status": status,
+            "catalog_loaded": ready,
+            **self.catch_up.health(self.ownership.allowed),
+            "encoder_reachable": engine.encoder_ok,
+            "pending_text_changes": len(engine.pending),
+            "model_version": engine.model_version if engine.encoder_ok and engine.encoder else None,
+            "products": stats.products,
+            "index_live": stats.index_live,
+            "index_deleted": stats.index_deleted,
+            "stale_events": stats.stale_events,
+            "restored_from": self.restored_from,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            **self.status_parts(),
+        }
+        return Health(ok, body)
+
+    def status_parts(self) -> dict[str, Any]:
+        """The rollover, scale-out and replica parts of ``/health`` and ``/stats``."""
+        return {**self.rollover.health(), **self.ownership.health(),
+                **(self.replica.health() if self.replica is not None else {})}
+
+    # ------------------------------------------------------------------ timers
+
+    async def retry_deferred(self) -> None:
+        """Retry text changes deferred by an encoder outage, even when no new event arrives."""
+        if self.engine.pending and not self.batch_lock.locked():
+            async with self.batch_lock:
+                outputs = await self.engine.retry_pending()
+                await acknowledge(outputs.done)
+
+    async def flush_behavior(self) -> None:
+        """Publish the lists of items whose behaviour changed, at most once per debounce interval."""
+        users = self.users
+        if not users.dirty or not self.ready.is_set():
+            return
+        now = time.monotonic()
+        # In small steps, each under the batch lock: one flush of a few hundred hot items is
+        # a few hundred ms of core time, and in one piece it stalled every feed behind it (the
+        # core thread holds the GIL). Bounded by what is dirty now, so the flush always ends.
+        left = len(users.dirty)
+        while left > 0:
+            async with self.batch_lock:
+                rows = users.due(now, limit=min(left, FLUSH_CHUNK))
+                if not rows:
+                    break
+                left -= len(rows)
+                engine = self.engine
+                try:
+                    pubs = await engine.in_core(users.publish_rows, rows)
+                except Exception as exc:  # the timer must keep running for the other items
+                    log.error("behaviour rows of %d items could not be applied (dropped until their next "
+                              "update): %s", len(rows), exc, exc_info=True)
+                    continue
+                await self.publish(engine.lists_to_records(pubs))
+        self.metrics.behavior_dirty.set(len(users.dirty))
+
+    async def freeze_survivors(self) -> None:
+        """Move long-lived objects out of the collector's reach.
+
+        The core holds about 45 Python objects per product; with 20k products a full
+        collection takes ~0.4 s, and list churn triggers one every few tens of seconds,
+        which showed as the p99 of freshness. Frozen objects are still freed by reference
+        counting; only cycles among them wait for the next snapshot's full collection.
+        """
+        if self.ready.is_set():
+            gc.freeze()
+
+    async def refit_lexical_when_quiet(self) -> None:
+        """Timer: refit the shared IDF once the catalog has more than doubled since its fit and
+        the product stream has been quiet for ``lexical_refit_quiet_s``.
+
+        One worker does it: the owner of ``product-changes`` partition 0. Its record goes to
+        ``simstream-lexical``, which every worker's replica adopts in log order. A refit moves
+        every list, so it waits for a quiet stream (after a bootstrap, say) rather than
+        happening at a restart, where it would republish lists that no input changed.
+        """
+        quiet = self.settings.lexical_refit_quiet_s
+        if quiet <= 0 or not self.catch_up.done or 0 not in self.ownership.allowed or self.draining:
+            return
+        if time.time() - (self.last_product_event_at or self.started_at) < quiet:
+            return
+        engine = self.engine
+        if not needs_refit(engine.core.lexical, len(engine.core.catalog)) or self.batch_lock.locked():
+            return
+        async with self.batch_lock:
+            started = time.monotonic()
+            outputs = await engine.refit_lexical()
+            await self.publish(outputs.records())
+        log.info("lexical IDF refitted on %d products after %.0f s without product changes (%d lists "
+                 "republished) in %.1f s", len(engine.core.catalog), quiet, len(outputs.lists),
+                 time.monotonic() - started)
+
+    async def follow_model_version(self) -> None:
+        """Roll over when a newer model version is on offer (SIMSTREAM_MODEL_VERSION unset)."""
+        await self.rollover.poll()
+
+    # ------------------------------------------------------------------ snapshots
+
+    @property
+    def snapshot_root(self) -> Path:
+        """One snapshot directory per model version: vectors of two models never mix."""
+        version = re.sub(r"[^A-Za-z0-9._-]", "-", self.engine.model_version)
+        return self.settings.data_dir / "snapshots" / version
+
+    def load_snapshot(self) -> Recommender | None:
+        root = self.snapshot_root
+        if not (root / "CURRENT").exists():
+            return None
+        try:
+            return Recommender.load(root, recommender_config(self.settings))
+        except SnapshotError as exc:
+            log.error("not using the snapshot, rebuilding from the topics instead: %s", exc)
+            return None
+
+    def take_snapshot(self) -> Path | None:
+        """Save the core with the offsets it covers (on the core's thread, between batches)."""
+        # With a replica, what is applied here is what it read (every worker's records).
+        covered = self.replica.covered() if self.replica is not None else self.written
+        started = time.monotonic()
+        try:
+            path = self.engine.save_snapshot(self.snapshot_root, covered)
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot must not stop the stream
+            log.error("snapshot failed, the previous one is kept: %s", exc)
+            return None
+        finally:
+            trim_heap()
+        self.dirty = False
+        log.info("snapshot %s written in %.2f s", path, time.monotonic() - started)
+        return path
+
+    async def snapshot_between_batches(self) -> Path | None:
+        async with self.batch_lock:
+            return await self.engine.in_core(self.take_snapshot)
+
+    async def snapshot_now(self) -> dict[str, Any]:
+        """The admin action: a snapshot now."""
+        path = await self.snapshot_between_batches()
+        if path is None:
+            raise SnapshotError("the snapshot could not be written; see the worker log")
+        return {"snapshot": str(path)}
+
+    async def snapshot_tick(self) -> None:
+        """Timer: a snapshot on the configured interval, between batches, when something changed."""
+        interval = self.settings.snapshot_interval_s
+        if interval <= 0 or not self.ready.is_set() or not self.dirty or self.draining:
+            return
+        if time.monotonic() - self.last_snapshot_at < interval:
+            return
+        if self.snapshot_task is not None and not self.snapshot_task.done():
+            return
+        self.last_snapshot_at = time.monotonic()
+        # In a task of its own: the timer must not wait for a batch to finish.
+        self.snapshot_task = asyncio.ensure_future(self.snapshot_between_batches())
+
+    async def rebuild_index(self) -> dict[str, Any]:
+        """Rebuild the core from the compacted topics beside the live one, then swap atomically.
+
+        Ingestion pauses for the rebuild (the batch lock); the read API keeps answering from
+        the old core until the swap, and lists that differ afterwards are republished.
+        """
+        if self.rollover.running:
+            raise RolloverBusy("a model rollover is running; rebuild the index once it is done (see /health)")
+        started = time.monotonic()
+        async with self.batch_lock:
+            live = self.engine
+            fresh = Engine(self.settings, self.metrics,
+                           recommender=Recommender(recommender_config(self.settings), owns=live.core.owns),
+                           encoder=live.encoder, executor=live.executor, encoder_ok=live.encoder_ok)
+            outputs = await self.restore_from_topics(fresh)
+            await self.publish(outputs.records())
+            live.swap(fresh.core, embeddings=fresh.embeddings)
+            self.dirty = True
+        return {"products": len(live.core.catalog), "republished": len(outputs.records()),
+                "embedded": fresh.embedded_texts, "seconds": round(time.monotonic() - started, 2)}
+
+    # ------------------------------------------------------------------ rebalances and stop
+
+    def on_revoked(self) -> None:
+        """Partitions are being revoked (called with the batch lock held)."""
+        self.ownership.on_revoked()
+
+    def on_assigned(self, assigned: Mapping[str, Iterable[int]]) -> None:
+        """The group assigned ``assigned`` (topic -> partitions); the next handover applies it."""
+        s = self.settings
+
+        def of(topic: str) -> frozenset[int]:
+            return frozenset(assigned.get(topic, ()))
+
+        self.ownership.on_assigned(of(s.topic_product_changes),
+                                   {topic: of(topic) for topic in (s.topic_user_events, s.topic_pair_updates)})
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Let the batches in flight finish (publish, acknowledgements, input acks) and start no
+        new one: the locks are taken and kept. ``False`` when ``timeout_s`` ran out first."""
+        self.draining = True
+        started = time.monotonic()
+
+        async def take_locks() -> None:
+            await self.batch_lock.acquire()
+            await self.behavior_lock.acquire()
+
+        try:
+            await asyncio.wait_for(take_locks(), timeout_s)
+        except TimeoutError:
+            log.warning("stopping with a batch still in flight after %.1f s: its input is not committed, "
+                        "so the next start consumes it again", timeout_s)
+            return False
+        log.info("drained: the batches in flight were published and acknowledged in %.2f s",
+                 time.monotonic() - started)
+        return True
+
+
+async def acknowledge(messages: Iterable[Inbound]) -> None:
+    """Acknowledge consumed records whose outputs are on the broker."""
+    for message in messages:
+        if message.ack is not None:
+            await message.ack()
+
+
+async def retry_forever(attempt: Callable[[], Awaitable[Any]], what: str,
+                        retry_on: type[BaseException]) -> Any:
+    """``attempt()`` until it succeeds, with exponential backoff (0.5 s to 10 s) on ``retry_on``."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except asyncio.CancelledError:
+            raise
+        except retry_on as exc:
+            log.error("%s failed, retrying in %.1f s: %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
