@@ -47,6 +47,7 @@ from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductCha
 from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
 from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
+from serving.kinds import CONTENT_KINDS, LIST_KINDS, Kind
 from serving.lexical import LexicalModel, SparseVec, cosine_many
 from serving.rules import profile_is_substitute
 from serving.scoring import (
@@ -60,17 +61,26 @@ from serving.scoring import (
 )
 from serving.text import product_text
 
+__all__ = [
+    "BOUGHT_TOGETHER",
+    "COMPLEMENT_CHANNELS",
+    "CONTENT_KINDS",
+    "BehaviorRow",
+    "Items",
+    "Kind",
+    "Publication",
+    "Recommender",
+    "RecommenderStats",
+    "ScoredItem",
+    "Trigger",
+    "build_complements",
+    "build_lists",
+    "exact_lists",
+    "last_per_key",
+]
+
 COMPLEMENT_CHANNELS = ("cart", "purchase")
 
-
-class Kind(enum.StrEnum):
-    SIMILAR = "similar"
-    SUBSTITUTES = "substitutes"
-    COMPLEMENTS = "complements"
-
-
-#: The kinds every owned product has; complements exist only where behaviour does.
-CONTENT_KINDS = (Kind.SIMILAR, Kind.SUBSTITUTES)
 
 #: The reason every complement carries, before the content reasons.
 BOUGHT_TOGETHER = "often bought together"
@@ -322,7 +332,7 @@ def exact_lists(
     behavior = behavior or {}
     prods = {p.product_id: p for p in products}
     ids = sorted(prods)
-    out: dict[Kind, dict[str, Items]] = {kind: {} for kind in Kind}
+    out: dict[Kind, dict[str, Items]] = {spec.kind: {} for spec in LIST_KINDS}
     if not ids:
         return out
     mat = normalize_rows(np.stack([np.asarray(vectors[i], dtype=np.float64) for i in ids]), config.dim)
@@ -420,7 +430,7 @@ class Recommender:
         self._reasons: dict[str, tuple[Profile, ReasonCache]] = {}
         self._buf: dict[str, _Buffer] = {}
         self._rev: dict[str, set[str]] = {}
-        self._lists: dict[Kind, dict[str, Items]] = {kind: {} for kind in Kind}
+        self._lists: dict[Kind, dict[str, Items]] = {spec.kind: {} for spec in LIST_KINDS}
         # Behaviour rows of owned products, and which rows name a product (so a change of
         # that product reaches every list it may sit in through behaviour alone).
         self._beh: dict[str, BehaviorRow] = {}
@@ -603,8 +613,8 @@ class Recommender:
                 self._rev_discard(c, p)
             self._reasons.pop(p, None)
             self._set_row(p, None)
-            for kind in Kind:
-                self._lists[kind].pop(p, None)
+            for spec in LIST_KINDS:
+                self._lists[spec.kind].pop(p, None)
         gained = sorted(p.product_id for p in self.catalog if owns(p.product_id) and p.product_id not in self._buf)
         self._build_buffers(gained)
         emptied: list[Publication] = []
@@ -719,12 +729,13 @@ class Recommender:
         affected = {p for p in old_rev if self._drop(p, q, patched)}
         affected |= self._behavior_holders(q)
         pubs: list[Publication] = []
-        for kind in Kind:
-            held = self._lists[kind].pop(q, None)
-            # Complements may sit on the topic without a list here (a row lost in a handover).
-            stale = kind is Kind.COMPLEMENTS and self.owns(q) and (kind, q) in self.versions
+        for spec in LIST_KINDS:
+            held = self._lists[spec.kind].pop(q, None)
+            # A behaviour-only list (complements) may sit on the topic without a list here
+            # (a row lost in a handover).
+            stale = not spec.content and self.owns(q) and (spec.kind, q) in self.versions
             if held is not None or stale:
-                pubs.append(self._publish(kind, q, None, None))
+                pubs.append(self._publish(spec.kind, q, None, None))
         pubs.extend(self._refresh(affected, patched=patched))
         return pubs
 
