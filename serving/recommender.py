@@ -46,7 +46,7 @@ from serving.behavior import BehaviorModel
 from serving.catalog import Catalog, CatalogUpdate, Outcome, Product, ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
-from serving.index import HnswIndex, Offsets, VectorIndex, normalize_rows
+from serving.index import DEFAULT_INDEX, Offsets, VectorIndex, create_index, normalize_rows
 from serving.kinds import CONTENT_KINDS, LIST_KINDS, Kind
 from serving.lexical import LexicalModel, SparseVec, cosine_many
 from serving.rules import profile_is_substitute
@@ -393,7 +393,7 @@ class Recommender:
         lexical: LexicalModel | None = None,
     ) -> None:
         self.config = config
-        self.index: VectorIndex = index if index is not None else HnswIndex.from_config(config)
+        self.index: VectorIndex = index if index is not None else create_index(DEFAULT_INDEX, config)
         if self.index.dim != config.dim:
             raise ConfigurationError(
                 f"index dimension {self.index.dim} differs from RecommenderConfig.dim {config.dim}"

@@ -40,10 +40,11 @@ from serving.catalog import Catalog, Product
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput, SnapshotError
 from serving.index import (
-    ExactIndex,
-    HnswIndex,
+    INDEX_ADAPTERS,
     VectorIndex,
     atomic_write_bytes,
+    create_index,
+    index_name,
     offsets_from_json,
     offsets_to_json,
     sha256_file,
@@ -185,7 +186,7 @@ def _write_files(rec: Recommender, out: Path) -> None:
     manifest = {
         "format": FORMAT,
         "created_at": time.time(),
-        "index_kind": "exact" if isinstance(rec.index, ExactIndex) else "hnsw",
+        "index_kind": index_name(rec.index),
         "dim": rec.config.dim,
         "offsets": offsets_to_json(rec.offsets),
         "files": {
@@ -273,13 +274,9 @@ def load_snapshot(
     if manifest.get("dim") != config.dim:
         raise _fail(snap, f"its dimension {manifest.get('dim')} differs from the configured {config.dim}")
     kind = manifest.get("index_kind")
-    index: VectorIndex
-    if kind == "exact":
-        index = ExactIndex(config.dim)
-    elif kind == "hnsw":
-        index = HnswIndex.from_config(config)
-    else:
+    if not isinstance(kind, str) or kind not in INDEX_ADAPTERS:
         raise _fail(snap, f"unknown index kind {kind!r}")
+    index = create_index(kind, config)
     try:
         return _build(snap, manifest, config, index, owns)
     except SnapshotError:
