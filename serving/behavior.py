@@ -12,6 +12,8 @@ Flow, split so that the streams layer can repartition by item id:
   normaliser needs ``n`` of both ends, so the streams layer must deliver count updates to
   every owner (one per event, cheap). Pair updates go to the owner of ``item`` only.
 * ``ingest(event)`` = ``observe`` + ``apply_pair`` of every update, the single-process run.
+* ``BehaviorRow.from_model(model, item, k)``: what the recommender takes from the model for
+  one owned item (its partners, and its complements from co-cart and co-purchase).
 
 Normalisation (documented formula, per channel)::
 
@@ -327,3 +329,54 @@ class BehaviorModel:
             "sessions": len(self._sessions),
             "session_items": sum(len(v) for s in self._sessions.values() for v in s.items.values()),
         }
+
+
+#: The channels whose partners make an item's complements (bought or carted together).
+COMPLEMENT_CHANNELS = ("cart", "purchase")
+
+
+@dataclass(frozen=True, slots=True)
+class BehaviorRow:
+    """One owned item's behaviour partners, as the stream last computed them.
+
+    ``partners``: (id, score in [0, 1]) over every channel (co-view, co-cart, co-purchase),
+    which feeds the ``behavior`` part of similar-items and substitutes. ``complements``:
+    (id, score in [0, 1]) over co-cart and co-purchase only, which makes the complements
+    list. The recommender stores rows as given, so its lists are a deterministic function
+    of catalog, vectors and rows (the behaviour model's clock never leaks in).
+    """
+
+    partners: tuple[tuple[str, float], ...] = ()
+    complements: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def from_model(cls, model: BehaviorModel, item: str, k: int) -> BehaviorRow:
+        """The row of ``item`` now: top-``k`` partners, and top-``k`` complements.
+
+        A complement's score is the event-weighted mean of its co-cart and co-purchase
+        scores, so a pair bought together outranks one only carted together.
+        """
+        cfg = model.config
+        weights = {ch: cfg.channel_weight(ch) for ch in COMPLEMENT_CHANNELS}
+        total = sum(weights.values())
+        mixed: dict[str, float] = {}
+        for ch, w in weights.items():
+            for other, score in model.partners(item, ch, k):
+                mixed[other] = mixed.get(other, 0.0) + w * score
+        complements = sorted(((o, min(1.0, s / total)) for o, s in mixed.items()), key=lambda t: (-t[1], t[0]))
+        return cls(partners=tuple(model.partners(item, "all", k)), complements=tuple(complements[:k]))
+
+    def names(self) -> set[str]:
+        """Every product the row mentions."""
+        return {c for c, _s in self.partners} | {c for c, _s in self.complements}
+
+    def validate(self, owner: str) -> None:
+        """Raise ``InvalidInput`` for a row no behaviour model could have produced."""
+        for label, pairs in (("partners", self.partners), ("complements", self.complements)):
+            for other, score in pairs:
+                if not isinstance(other, str) or not other:
+                    raise InvalidInput(f"behaviour row of {owner!r}: {label} ids must be non-empty strings")
+                if not (isinstance(score, float | int) and math.isfinite(score) and 0.0 <= score <= 1.0):
+                    raise InvalidInput(
+                        f"behaviour row of {owner!r}: {label} score for {other!r} must be in [0, 1], got {score!r}"
+                    )

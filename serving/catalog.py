@@ -259,3 +259,11 @@ class Catalog:
         """Put a product back as-is (used when rebuilding from the compacted products topic)."""
         self._products[product.product_id] = product
         self._deleted_at.pop(product.product_id, None)
+
+    def deletions(self) -> dict[str, float]:
+        """A copy of the delete timestamps of ids that are not live (they order late events)."""
+        return dict(self._deleted_at)
+
+    def restore_deletions(self, deleted_at: Mapping[str, float]) -> None:
+        """Take over delete timestamps (``deletions()`` of a saved catalog), after ``restore``."""
+        self._deleted_at.update(deleted_at)

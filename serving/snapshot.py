@@ -36,21 +36,25 @@ from typing import Any
 
 import numpy as np
 
+from serving.behavior import BehaviorRow
+from serving.candidates import CandidateBuffer
 from serving.catalog import Catalog, Product
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput, SnapshotError
 from serving.index import (
-    ExactIndex,
-    HnswIndex,
+    INDEX_ADAPTERS,
     VectorIndex,
     atomic_write_bytes,
+    create_index,
+    index_name,
     offsets_from_json,
     offsets_to_json,
     sha256_file,
 )
-from serving.lexical import LexicalModel
-from serving.recommender import BehaviorRow, Kind, Recommender, _Buffer
-from serving.scoring import profile
+from serving.kinds import Kind
+from serving.lexical import LexicalModel, SparseVec
+from serving.recommender import Recommender
+from serving.state import RecommenderState
 
 FORMAT = 1
 CURRENT = "CURRENT"
@@ -106,7 +110,8 @@ def _write_files(rec: Recommender, out: Path) -> None:
     # Each file is written as soon as it is built and the buffers are filled into preallocated
     # arrays: holding every file at once (and the scores as lists of Python floats) made a
     # snapshot of 20k products a +200 MB spike in the worker's memory.
-    products = sorted(rec.catalog, key=lambda p: p.product_id)
+    state = rec.export_state()
+    products = sorted(state.catalog, key=lambda p: p.product_id)
     ids = [p.product_id for p in products]
     pos = {pid: i for i, pid in enumerate(ids)}
 
@@ -120,24 +125,25 @@ def _write_files(rec: Recommender, out: Path) -> None:
     write("catalog.json", json.dumps(
         {
             "products": [asdict(p) for p in products],
-            "deleted_at": rec.catalog._deleted_at,
-            "stale_events": rec.catalog.stale_events,
-            "unknown_deletes": rec.catalog.unknown_deletes,
+            "deleted_at": state.catalog.deletions(),
+            "stale_events": state.catalog.stale_events,
+            "unknown_deletes": state.catalog.unknown_deletes,
         },
         sort_keys=True,
     ).encode("utf-8"))
     del products
 
-    owners = sorted(rec._buf)
+    buffers = state.buffers
+    owners = sorted(buffers)
     indptr = np.zeros(len(owners) + 1, dtype=np.int64)
     for i, owner in enumerate(owners):
-        indptr[i + 1] = indptr[i] + len(rec._buf[owner].keys)
+        indptr[i + 1] = indptr[i] + len(buffers[owner].keys)
     total = int(indptr[-1])
     cand = np.empty(total, dtype=np.int32)
     parts = np.empty(total, dtype=np.complex128)
     at = 0
     for owner in owners:
-        buf = rec._buf[owner]
+        buf = buffers[owner]
         members = [c for _key, c in buf.keys]
         cand[at : at + len(members)] = [pos[c] for c in members]
         parts[at : at + len(members)] = [buf.parts[c] for c in members]
@@ -147,24 +153,25 @@ def _write_files(rec: Recommender, out: Path) -> None:
     write("buf_cand.npy", cand)
     write("buf_dense.npy", np.ascontiguousarray(parts.real))
     write("buf_lex.npy", np.ascontiguousarray(parts.imag))
-    write("buf_complete.npy", np.array([rec._buf[o].complete for o in owners], dtype=np.bool_))
+    write("buf_complete.npy", np.array([buffers[o].complete for o in owners], dtype=np.bool_))
     del cand, parts
 
+    lex = state.lexical_vectors
     lex_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
     for i, pid in enumerate(ids):
-        lex_ptr[i + 1] = lex_ptr[i] + len(rec._lex[pid][0])
+        lex_ptr[i + 1] = lex_ptr[i] + len(lex[pid][0])
     write("lex_indptr.npy", lex_ptr)
     write("lex_indices.npy",
-          np.concatenate([rec._lex[pid][0] for pid in ids], dtype=np.int32) if ids else np.zeros(0, np.int32))
+          np.concatenate([lex[pid][0] for pid in ids], dtype=np.int32) if ids else np.zeros(0, np.int32))
     write("lex_values.npy",
-          np.concatenate([rec._lex[pid][1] for pid in ids], dtype=np.float32) if ids else np.zeros(0, np.float32))
-    if rec.lexical.idf is not None:
-        write("idf.npy", rec.lexical.idf)
+          np.concatenate([lex[pid][1] for pid in ids], dtype=np.float32) if ids else np.zeros(0, np.float32))
+    if state.lexical.idf is not None:
+        write("idf.npy", state.lexical.idf)
 
     write("behavior.json", json.dumps(
         {
             pid: {"partners": [list(t) for t in row.partners], "complements": [list(t) for t in row.complements]}
-            for pid, row in sorted(rec._beh.items())
+            for pid, row in sorted(state.behavior.items())
         },
         sort_keys=True,
     ).encode("utf-8"))
@@ -172,22 +179,22 @@ def _write_files(rec: Recommender, out: Path) -> None:
     write("state.json", json.dumps(
         {
             "ids": ids,
-            "versions": [[str(kind), pid, v] for (kind, pid), v in sorted(rec.versions.items())],
-            "publications": rec._publications,
-            "refills": rec._refills,
-            "lexical_docs": rec.lexical.n_docs,
+            "versions": [[str(kind), pid, v] for (kind, pid), v in sorted(state.versions.items())],
+            "publications": state.publications,
+            "refills": state.refills,
+            "lexical_docs": state.lexical.n_docs,
         },
         sort_keys=True,
     ).encode("utf-8"))
 
-    rec.index.save(out / INDEX_FILE, rec.offsets)
+    state.index.save(out / INDEX_FILE, state.offsets)
 
     manifest = {
         "format": FORMAT,
         "created_at": time.time(),
-        "index_kind": "exact" if isinstance(rec.index, ExactIndex) else "hnsw",
+        "index_kind": index_name(state.index),
         "dim": rec.config.dim,
-        "offsets": offsets_to_json(rec.offsets),
+        "offsets": offsets_to_json(state.offsets),
         "files": {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(out.iterdir())
@@ -273,13 +280,9 @@ def load_snapshot(
     if manifest.get("dim") != config.dim:
         raise _fail(snap, f"its dimension {manifest.get('dim')} differs from the configured {config.dim}")
     kind = manifest.get("index_kind")
-    index: VectorIndex
-    if kind == "exact":
-        index = ExactIndex(config.dim)
-    elif kind == "hnsw":
-        index = HnswIndex.from_config(config)
-    else:
+    if not isinstance(kind, str) or kind not in INDEX_ADAPTERS:
         raise _fail(snap, f"unknown index kind {kind!r}")
+    index = create_index(kind, config)
     try:
         return _build(snap, manifest, config, index, owns)
     except SnapshotError:
@@ -304,7 +307,7 @@ def _build(
     catalog = Catalog()
     for raw in catalog_raw["products"]:
         catalog.restore(_product(raw))
-    catalog._deleted_at.update({str(k): float(v) for k, v in catalog_raw["deleted_at"].items()})
+    catalog.restore_deletions({str(k): float(v) for k, v in catalog_raw["deleted_at"].items()})
     catalog.stale_events = int(catalog_raw["stale_events"])
     catalog.unknown_deletes = int(catalog_raw["unknown_deletes"])
     if sorted(p.product_id for p in catalog) != ids or sorted(index.ids()) != ids:
@@ -316,22 +319,15 @@ def _build(
         idf = np.load(idf_path, allow_pickle=False)
     lexical = LexicalModel(idf, int(state.get("lexical_docs", 0)))
 
-    rec = Recommender._restored(config, index, owns=owns, lexical=lexical)
-    rec.catalog = catalog
-    rec._prof = {p.product_id: profile(p) for p in catalog}
-    rec.offsets = offsets
-    rec.versions = {(Kind(k), str(pid)): int(v) for k, pid, v in state["versions"]}
-    rec._publications = int(state.get("publications", 0))
-    rec._refills = int(state.get("refills", 0))
-
     lex_ptr = _npy(snap, "lex_indptr.npy", np.int64)
     lex_idx = _npy(snap, "lex_indices.npy", np.int32)
     lex_val = _npy(snap, "lex_values.npy", np.float32)
     if len(lex_ptr) != len(ids) + 1 or lex_ptr[-1] != len(lex_idx) or len(lex_idx) != len(lex_val):
         raise _fail(snap, "lexical arrays do not match the product table")
+    lexical_vectors: dict[str, SparseVec] = {}
     for i, pid in enumerate(ids):
         a, b = int(lex_ptr[i]), int(lex_ptr[i + 1])
-        rec._lex[pid] = (lex_idx[a:b].copy(), lex_val[a:b].copy())
+        lexical_vectors[pid] = (lex_idx[a:b].copy(), lex_val[a:b].copy())
 
     owner = _npy(snap, "buf_owner.npy", np.int32)
     indptr = _npy(snap, "buf_indptr.npy", np.int64)
@@ -348,16 +344,15 @@ def _build(
         raise _fail(snap, "candidate buffer arrays do not match each other")
     cand_ids = [ids[c] for c in cand.tolist()]
     dense_l, lex_l = dense.tolist(), lex.tolist()
+    buffers: dict[str, CandidateBuffer] = {}
     for j, o in enumerate(owner.tolist()):
-        buf = _Buffer()
         a, b = int(indptr[j]), int(indptr[j + 1])
-        buf.keys = [(-dense_l[i], cand_ids[i]) for i in range(a, b)]
-        buf.parts = {cand_ids[i]: complex(dense_l[i], lex_l[i]) for i in range(a, b)}
-        buf.complete = bool(complete[j])
-        pid = ids[o]
-        rec._buf[pid] = buf
-        for c in buf.parts:
-            rec._rev.setdefault(c, set()).add(pid)
+        buffers[ids[o]] = CandidateBuffer(
+            keys=[(-dense_l[i], cand_ids[i]) for i in range(a, b)],
+            parts={cand_ids[i]: complex(dense_l[i], lex_l[i]) for i in range(a, b)},
+            complete=bool(complete[j]),
+        )
+    behavior: dict[str, BehaviorRow] = {}
     if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
         try:
             for pid, raw in json.loads((snap / "behavior.json").read_text("utf-8")).items():
@@ -366,14 +361,19 @@ def _build(
                     complements=tuple((str(c), float(v)) for c, v in raw["complements"]),
                 )
                 row.validate(pid)
-                if pid in rec._buf:
-                    rec._set_row(pid, row)
+                behavior[pid] = row
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise _fail(snap, f"behaviour rows are malformed ({exc})") from exc
-    for pid in rec._buf:
-        similar, subs = rec._compute(pid)
-        rec._lists[Kind.SIMILAR][pid] = similar
-        rec._lists[Kind.SUBSTITUTES][pid] = subs
-        if pid in rec._beh:
-            rec._lists[Kind.COMPLEMENTS][pid] = rec._compute_complements(pid)
-    return rec
+    restored = RecommenderState(
+        index=index,
+        catalog=catalog,
+        lexical=lexical,
+        lexical_vectors=lexical_vectors,
+        buffers=buffers,
+        behavior=behavior,
+        versions={(Kind(k), str(pid)): int(v) for k, pid, v in state["versions"]},
+        offsets=offsets,
+        publications=int(state.get("publications", 0)),
+        refills=int(state.get("refills", 0)),
+    )
+    return Recommender.from_state(restored, config, owns=owns)

@@ -27,7 +27,7 @@ from streams.cli.eval_commands import eval_group
 def eval_sessions(train_path: Path, test_path: Path, k: int) -> None:
     """Next-item HR@k / MRR@k of simstream's behaviour model, popularity and item-kNN."""
     from serving.errors import SimstreamError
-    from serving.sessions_eval import (
+    from serving.evaluation.sessions_eval import (
         behavior_predictor,
         evaluate,
         item_knn_predictor,
@@ -82,7 +82,7 @@ def convert_giftcards(meta: Path, out_catalog: Path, out_truth: Path) -> None:
     import csv
 
     from serving.errors import SimstreamError
-    from serving.related_eval import convert_amazon_meta
+    from serving.evaluation.related_eval import convert_amazon_meta
 
     try:
         upserts, truth = convert_amazon_meta(meta)
@@ -108,12 +108,12 @@ def convert_giftcards(meta: Path, out_catalog: Path, out_truth: Path) -> None:
 def eval_related(
     catalog: Path, truth: Path, k: int, encoder_target: str | None, model_base: Path | None
 ) -> None:
-    """hit@k / nDCG@k per kind of content-only lists (``serving.matching.hybrid_rank``, as the worker)."""
+    """hit@k / nDCG@k per kind of content-only lists (``serving.evaluation.matching.hybrid_rank``, as the worker)."""
     from encoders.factory import create_encoder
     from serving.config import RecommenderConfig
     from serving.errors import SimstreamError
-    from serving.matching import hybrid_rank
-    from serving.related_eval import load_truth, score_lists
+    from serving.evaluation.matching import hybrid_rank
+    from serving.evaluation.related_eval import load_truth, score_lists
     from serving.text import product_text
     from streams.cli.eval_commands import _encode, load_products
     from streams.settings import get_settings

@@ -196,7 +196,7 @@ def eval_group() -> None:
 def eval_matching(left: Path, right: Path, truth: Path, methods: tuple[str, ...], k: int, template: str,
                   encoder_target: str | None, model_base: Path | None, dump_texts: Path | None) -> None:
     """Index RIGHT, query with every LEFT product that has a true match; report hit@1, hit@k, MRR@k."""
-    from serving.matching_eval import evaluate_rankings, load_truth
+    from serving.evaluation.matching_eval import evaluate_rankings, load_truth
 
     started = time.perf_counter()
     truth_map = load_truth(truth)
@@ -227,7 +227,7 @@ def eval_matching(left: Path, right: Path, truth: Path, methods: tuple[str, ...]
 
 def _rank_tfidf(method: str) -> Callable[..., list[list[str]]]:
     def rank(task: MatchingTask, k: int, *_: Any) -> list[list[str]]:
-        from encoders.baselines import tfidf_top_k
+        from encoders.training.baselines import tfidf_top_k
 
         top = tfidf_top_k(method, task.query_texts, task.corpus_texts, k)
         return [[task.corpus[i].product_id for i in row] for row in top]
@@ -255,7 +255,7 @@ def _embed_task(task: MatchingTask, encoder_target: str | None, model_base: Path
 
 
 def _rank_encoder(task: MatchingTask, k: int, encoder_target: str | None, model_base: Path | None) -> list[list[str]]:
-    from serving.matching_eval import top_k_by_cosine
+    from serving.evaluation.matching_eval import top_k_by_cosine
 
     query_vectors, corpus_vectors = _vectors(task, encoder_target, model_base)
     top = top_k_by_cosine(query_vectors, corpus_vectors, k)
@@ -264,9 +264,9 @@ def _rank_encoder(task: MatchingTask, k: int, encoder_target: str | None, model_
 
 def _rank_hybrid(task: MatchingTask, k: int, encoder_target: str | None, model_base: Path | None) -> list[list[str]]:
     try:
-        from serving.matching import hybrid_rank  # type: ignore[import-not-found,unused-ignore]
+        from serving.evaluation.matching import hybrid_rank  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as exc:
-        raise click.UsageError("--method hybrid needs serving.matching.hybrid_rank (the core issue)") from exc
+        raise click.UsageError("--method hybrid needs serving.evaluation.matching.hybrid_rank (the core issue)") from exc
     from serving.config import RecommenderConfig
 
     query_vectors, corpus_vectors = _vectors(task, encoder_target, model_base)

@@ -64,7 +64,7 @@ def _read_events(path: Path, counts: dict[str, int]) -> Iterator[UserEvent]:
 def train_pairs(catalogs: tuple[Path, ...], events: Path | None, labelled: Path | None, no_groups: bool,
                 min_score: float, holdout: float, seed: int, out_dir: Path) -> None:
     """Build positive pairs for `simstream finetune` and split them by item."""
-    from encoders.pairs import (
+    from encoders.training.pairs import (
         PairBuilder,
         behavior_pairs,
         group_pairs,
@@ -111,7 +111,7 @@ def train_pairs(catalogs: tuple[Path, ...], events: Path | None, labelled: Path 
 
 def _finetune_options(f: Any) -> Any:
     """Options shared by ``finetune`` and ``eval finetune``."""
-    from encoders.finetune import FinetuneConfig
+    from encoders.training.finetune import FinetuneConfig
 
     d = FinetuneConfig()
     options = [
@@ -138,7 +138,7 @@ def _finetune_options(f: Any) -> Any:
 
 
 def _config(**kw: Any) -> Any:
-    from encoders.finetune import FinetuneConfig
+    from encoders.training.finetune import FinetuneConfig
 
     return FinetuneConfig(**kw)
 
@@ -159,8 +159,8 @@ def _log(message: str) -> None:
 def finetune_command(pairs_dir: Path, base_version: int, out_version: int, model_base: Path | None, force: bool,
                      **options: Any) -> None:
     """Fine-tune the encoder on pairs (in-batch contrastive loss) and export it as a new version."""
-    from encoders.finetune import finetune
-    from encoders.pairs import load_pair_set
+    from encoders.training.finetune import finetune
+    from encoders.training.pairs import load_pair_set
     from serving.errors import SimstreamError
     from streams.settings import get_settings
 
@@ -216,8 +216,8 @@ def eval_finetune(data: Path, holdout: float, valid: float, work_dir: Path, mode
     pair, and the test corpus is every Google product that is in no such pair either.
     """
     from encoders.export import resolve_version
-    from encoders.finetune import finetune
-    from encoders.pairs import PairBuilder, PairSet, save_pair_set, split_by_item
+    from encoders.training.finetune import finetune
+    from encoders.training.pairs import PairBuilder, PairSet, save_pair_set, split_by_item
     from serving.errors import SimstreamError
     from serving.text import product_text
     from streams.cli.eval_commands import _leipzig_rows, leipzig_to_upserts
@@ -309,11 +309,11 @@ def eval_finetune(data: Path, holdout: float, valid: float, work_dir: Path, mode
 def _evaluate_version(models: Path, version: int, queries: list[Product], corpus: list[Product],
                       truth: dict[str, set[str]], k: int, max_length: int) -> dict[str, dict[str, Any]]:
     """hit@1 / hit@k / MRR@k of the encoder, hybrid and both TF-IDF baselines, as `eval matching` computes them."""
-    from encoders.baselines import tfidf_top_k
     from encoders.local import LocalEncoder
+    from encoders.training.baselines import tfidf_top_k
     from serving.config import RecommenderConfig
-    from serving.matching import hybrid_rank
-    from serving.matching_eval import evaluate_rankings, top_k_by_cosine
+    from serving.evaluation.matching import hybrid_rank
+    from serving.evaluation.matching_eval import evaluate_rankings, top_k_by_cosine
     from serving.text import product_text
 
     encoder = LocalEncoder(models, model_version=version, max_length=max_length)

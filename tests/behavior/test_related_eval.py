@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.related_eval import convert_amazon_meta, load_truth, score_lists
+from serving.evaluation.related_eval import convert_amazon_meta, load_truth, score_lists
 
 
 def test_converter_keeps_only_pairs_inside_the_file(tmp_path: Path) -> None:

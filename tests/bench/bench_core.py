@@ -34,6 +34,7 @@ from serving.config import RecommenderConfig
 from serving.index import HnswIndex, normalize_rows
 from serving.lexical import cosine_many
 from serving.recommender import Kind, Recommender, build_lists
+from serving.scoring import profile
 from serving.text import product_text
 
 QUICK_ARGS = ["--n", "3000", "--ops", "60", "--queries", "100"]
@@ -223,16 +224,18 @@ def main() -> None:
     sample = rng.choice(len(all_ids), size=min(200, len(all_ids)), replace=False)
     overlaps = []
     c = config.candidate_depth
+    lex_of = rec.export_state().lexical_vectors
+    profiles = {p.product_id: profile(p) for p in rec.catalog}
     for row in sample:
         pid = all_ids[row]
         scores = mat @ mat[row]
         scores[row] = -np.inf
         top = np.argpartition(-scores, c)[:c]
         cand_ids = [all_ids[j] for j in top]
-        lex = cosine_many(rec._lex[pid], [rec._lex[x] for x in cand_ids])
+        lex = cosine_many(lex_of[pid], [lex_of[x] for x in cand_ids])
         want, _subs = build_lists(
-            rec._prof[pid], [(x, float(scores[j]), lx) for x, j, lx in zip(cand_ids, top, lex, strict=True)],
-            rec._prof.get, config,
+            profiles[pid], [(x, float(scores[j]), lx) for x, j, lx in zip(cand_ids, top, lex, strict=True)],
+            profiles.get, config,
         )
         got = rec.similar(pid) or ()
         w = {i.product_id for i in want}

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from serving.errors import EncoderUnavailable, InvalidInput
-from serving.matching_eval import evaluate_rankings, load_truth, top_k_by_cosine
+from serving.evaluation.matching_eval import evaluate_rankings, load_truth, top_k_by_cosine
 from streams.cli import main
 
 AMAZON = (

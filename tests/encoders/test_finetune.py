@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from encoders.finetune import FinetuneConfig, check_pairs, finetune
-from encoders.pairs import NotEnoughPairs, Pair, PairSet
+from encoders.training.finetune import FinetuneConfig, check_pairs, finetune
+from encoders.training.pairs import NotEnoughPairs, Pair, PairSet
 from serving.errors import ConfigurationError
 from streams.cli import main
 

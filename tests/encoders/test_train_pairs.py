@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from encoders.pairs import (
+from encoders.training.pairs import (
     Pair,
     PairBuilder,
     behavior_pairs,

@@ -218,3 +218,20 @@ def test_hnsw_recall_at_default_settings() -> None:
     for q in rng.normal(size=(50, 32)):
         hits += len({i for i, _ in index.query(q, 10)} & {i for i, _ in exact.query(q, 10)})
     assert hits / 500 >= 0.95
+
+
+def test_adapters_are_created_and_named_from_one_registry() -> None:
+    from serving.errors import ConfigurationError
+    from serving.index import DEFAULT_INDEX, INDEX_ADAPTERS, create_index, index_name
+
+    config = RecommenderConfig(dim=4, hnsw_initial_capacity=16)
+    assert DEFAULT_INDEX in INDEX_ADAPTERS
+    for name, adapter in INDEX_ADAPTERS.items():
+        index = create_index(name, config)
+        assert type(index) is adapter and index.dim == 4 and len(index) == 0
+        assert isinstance(index, VectorIndex) and index_name(index) == name
+    assert create_index("exact", config).exact and not create_index("hnsw", config).exact
+    with pytest.raises(ConfigurationError, match="unknown vector index"):
+        create_index("annoy", config)
+    with pytest.raises(ConfigurationError, match="not a registered vector index"):
+        index_name(object())  # type: ignore[arg-type]

@@ -8,9 +8,9 @@ import pytest
 from serving.catalog import Product, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput, InvalidVector
+from serving.evaluation.matching import hybrid_rank
 from serving.index import ExactIndex
 from serving.lexical import LexicalModel
-from serving.matching import hybrid_rank
 from serving.recommender import Recommender
 
 CFG = RecommenderConfig(dim=4, k=2, candidate_depth=3, candidate_slack=0, lexical_weight=0.5)

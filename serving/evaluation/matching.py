@@ -17,7 +17,7 @@ import numpy as np
 from serving.catalog import Product
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput
-from serving.index import ExactIndex, HnswIndex, VectorIndex, normalize_rows
+from serving.index import create_index, normalize_rows
 from serving.lexical import LexicalModel, cosine
 from serving.scoring import dense_scores, rank_candidates
 from serving.text import product_text
@@ -57,7 +57,7 @@ def hybrid_rank(
     if k <= 0 or not corpus or not queries:
         return [[] for _ in queries]
     model = lexical if lexical is not None else LexicalModel.fit(c_texts)
-    idx: VectorIndex = ExactIndex(config.dim) if index == "exact" else HnswIndex.from_config(config)
+    idx = create_index(index, config)
     idx.upsert(ids, np.asarray(corpus_vectors))
     corpus_lex = {p.product_id: model.vectorize(t) for p, t in zip(corpus, c_texts, strict=True)}
     depth = max(config.candidate_depth, k)

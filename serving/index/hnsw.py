@@ -1,358 +1,28 @@
-"""The ``VectorIndex`` port and its two adapters.
-
-* ``HnswIndex``: hnswlib, inner product on unit vectors; the production index.
-* ``ExactIndex``: numpy brute force; the reference the tests compare against.
-
-Both normalise every vector to unit length (float32) on the way in, so the inner product
-is the cosine, and both reject a bad batch as a whole before touching any state.
-
-Persistence: ``save(path, offsets)`` writes two files, ``path`` (the vectors) and
-``path + ".meta.json"`` (ids, settings, the stream offsets the file covers and the sha256
-of the vector file). Each file is written to a temporary name and renamed into place. The
-instance method ``load(path)`` replaces the instance's state and returns the offsets; on
-any error it raises ``SnapshotError`` and leaves the instance as it was.
-"""
+"""``HnswIndex``: hnswlib behind the ``VectorIndex`` port (inner product on unit vectors);
+the production index."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import hnswlib
 import numpy as np
 
 from serving.config import RecommenderConfig
 from serving.errors import InvalidVector, SnapshotError
-
-Offsets = dict[str, dict[int, int]]
-_META_SUFFIX = ".meta.json"
-_FORMAT = 1
-
-
-def normalize_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """Validate a batch and return it as float32 unit rows; raise ``InvalidVector`` otherwise.
-
-    A 1-D vector is treated as a batch of one. Nothing is modified in place. Idempotent:
-    float32 rows whose norm is already 1 (within 1e-6) are returned unchanged.
-    """
-    arr = np.asarray(vectors)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise InvalidVector(
-            f"expected vectors of dimension {dim}, got shape {tuple(np.shape(vectors))}; "
-            "check that the encoder and the index agree on the model"
-        )
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise InvalidVector(f"vectors must be real numbers, got dtype {arr.dtype}")
-    arr64 = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr64)):
-        bad = int(np.flatnonzero(~np.all(np.isfinite(arr64), axis=1))[0])
-        raise InvalidVector(f"vector #{bad} contains NaN or Inf; re-embed the product")
-    norms = np.linalg.norm(arr64, axis=1)
-    if np.any(norms <= 1e-12):
-        bad = int(np.flatnonzero(norms <= 1e-12)[0])
-        raise InvalidVector(f"vector #{bad} has zero norm and no direction; re-embed the product")
-    out = (arr64 / norms[:, None]).astype(np.float32)
-    if arr.dtype == np.float32:
-        # Keep rows that are already unit float32 bit-for-bit, so normalising is idempotent:
-        # a stored vector passed back in (replay, rebuild, exact_lists) scores identically.
-        unit = np.abs(norms - 1.0) <= 1e-6
-        out[unit] = arr[unit]
-    return out
-
-
-def _check_ids(ids: Sequence[str], n: int) -> list[str]:
-    ids = list(ids)
-    if len(ids) != n:
-        raise InvalidVector(f"got {len(ids)} ids for {n} vectors; pass one id per row")
-    for pid in ids:
-        if not isinstance(pid, str) or not pid:
-            raise InvalidVector(f"ids must be non-empty strings, got {pid!r}")
-    return ids
-
-
-def _dedupe_last(ids: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Keep the last row for an id that repeats inside one batch (last writer wins)."""
-    if len(set(ids)) == len(ids):
-        return ids, vectors
-    last = {pid: i for i, pid in enumerate(ids)}
-    rows = sorted(last.values())
-    return [ids[i] for i in rows], vectors[rows]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-    atomic_write_bytes(Path(str(path) + _META_SUFFIX), json.dumps(meta, sort_keys=True).encode("utf-8"))
-
-
-def _read_meta(path: Path, kind: str) -> dict[str, Any]:
-    meta_path = Path(str(path) + _META_SUFFIX)
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SnapshotError(
-            f"index metadata {meta_path} is missing or corrupt ({exc}); restore the snapshot or rebuild "
-            "the index from the simstream-embeddings topic"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("kind") != kind:
-        raise SnapshotError(f"{meta_path} is not a {kind} index file of format {_FORMAT}")
-    try:
-        digest = sha256_file(Path(path))
-    except OSError as exc:
-        raise SnapshotError(f"index file {path} cannot be read ({exc})") from exc
-    if digest != meta.get("sha256"):
-        raise SnapshotError(
-            f"index file {path} does not match its checksum (truncated or corrupt); "
-            "restore the snapshot or rebuild the index from the simstream-embeddings topic"
-        )
-    return meta
-
-
-def offsets_to_json(offsets: Mapping[str, Mapping[int, int]]) -> dict[str, dict[str, int]]:
-    """JSON object keys are strings: partitions are written as decimal strings."""
-    return {str(t): {str(p): int(o) for p, o in parts.items()} for t, parts in offsets.items()}
-
-
-def offsets_from_json(raw: Any) -> Offsets:
-    """Inverse of ``offsets_to_json``; raises ``SnapshotError`` on a malformed value."""
-    try:
-        return {str(t): {int(p): int(o) for p, o in parts.items()} for t, parts in raw.items()}
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise SnapshotError(f"malformed offsets in snapshot: {exc}") from exc
-
-
-@runtime_checkable
-class VectorIndex(Protocol):
-    """Inner-product nearest neighbours over unit vectors, keyed by string id.
-
-    ``exact`` tells the recommender whether ``query`` is exact; when it is, reverse
-    propagation checks every list instead of the changed product's neighbourhood.
-    """
-
-    dim: int
-    exact: bool
-
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Insert or replace; the whole batch is validated first (``InvalidVector``)."""
-        ...
-
-    def delete(self, product_id: str) -> bool:
-        """Remove an id; ``False`` when it was not there."""
-        ...
-
-    def query(
-        self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()
-    ) -> list[tuple[str, float]]:
-        """Up to ``k`` (id, inner product) pairs, best first, never naming an excluded id."""
-        ...
-
-    def query_batch(
-        self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
-    ) -> list[list[tuple[str, float]]]:
-        """``query`` for every row; ``exclude[i]`` (e.g. the row's own id) is left out of row i."""
-        ...
-
-    def get_vector(self, product_id: str) -> np.ndarray:
-        """The stored unit vector (float32); ``KeyError`` when absent."""
-        ...
-
-    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        """Stored unit vectors as a float32 matrix, one row per id; ``KeyError`` when absent."""
-        ...
-
-    def ids(self) -> Iterator[str]:
-        """Every live id."""
-        ...
-
-    def __contains__(self, product_id: object) -> bool: ...
-
-    def __len__(self) -> int: ...
-
-    @property
-    def live_count(self) -> int: ...
-
-    @property
-    def deleted_count(self) -> int: ...
-
-    def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
-        """Write the index and the offsets it covers, atomically per file."""
-        ...
-
-    def load(self, path: Path) -> Offsets:
-        """Replace this index's state with a saved one and return its offsets."""
-        ...
-
-
-class ExactIndex:
-    """Brute-force inner product in numpy. Exact and deterministic: ties break by id."""
-
-    exact = True
-
-    def __init__(self, dim: int) -> None:
-        if dim <= 0:
-            raise ValueError("dim must be positive")
-        self.dim = dim
-        self._pos: dict[str, int] = {}
-        self._ids: list[str] = []
-        self._mat = np.zeros((0, dim), dtype=np.float32)
-        self._lock = threading.RLock()
-
-    @classmethod
-    def from_config(cls, config: RecommenderConfig) -> ExactIndex:
-        return cls(config.dim)
-
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        rows = normalize_rows(vectors, self.dim)
-        id_list, rows = _dedupe_last(_check_ids(ids, rows.shape[0]), rows)
-        with self._lock:
-            new = [pid for pid in id_list if pid not in self._pos]
-            mat = np.concatenate([self._mat, np.zeros((len(new), self.dim), np.float32)])
-            for pid in new:
-                self._pos[pid] = len(self._ids)
-                self._ids.append(pid)
-            mat[[self._pos[pid] for pid in id_list]] = rows
-            self._mat = mat
-
-    def delete(self, product_id: str) -> bool:
-        with self._lock:
-            pos = self._pos.pop(product_id, None)
-            if pos is None:
-                return False
-            last = len(self._ids) - 1
-            if pos != last:
-                moved = self._ids[last]
-                self._ids[pos] = moved
-                self._pos[moved] = pos
-                self._mat[pos] = self._mat[last]
-            self._ids.pop()
-            self._mat = self._mat[:last].copy()
-            return True
-
-    def query(
-        self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()
-    ) -> list[tuple[str, float]]:
-        q = normalize_rows(vector, self.dim)[0].astype(np.float64)
-        with self._lock:
-            if k <= 0 or not self._ids:
-                return []
-            scores = self._mat.astype(np.float64) @ q
-            ids = np.array(self._ids, dtype=object)
-            order = np.lexsort((ids, -scores))
-            out: list[tuple[str, float]] = []
-            for i in order:
-                pid = self._ids[i]
-                if pid in exclude:
-                    continue
-                out.append((pid, float(scores[i])))
-                if len(out) >= k:
-                    break
-            return out
-
-    def query_batch(
-        self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
-    ) -> list[list[tuple[str, float]]]:
-        rows = normalize_rows(vectors, self.dim)
-        skip = list(exclude) if exclude is not None else [None] * len(rows)
-        return [self.query(row, k, exclude=(x,) if x else ()) for row, x in zip(rows, skip, strict=True)]
-
-    def get_vector(self, product_id: str) -> np.ndarray:
-        with self._lock:
-            return self._mat[self._pos[product_id]].copy()
-
-    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        with self._lock:
-            return self._mat[[self._pos[pid] for pid in ids]].reshape(len(ids), self.dim).copy()
-
-    def ids(self) -> Iterator[str]:
-        with self._lock:
-            return iter(list(self._ids))
-
-    def __contains__(self, product_id: object) -> bool:
-        return product_id in self._pos
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    @property
-    def live_count(self) -> int:
-        return len(self._ids)
-
-    @property
-    def deleted_count(self) -> int:
-        return 0  # deletes compact the matrix at once
-
-    def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
-        path = Path(path)
-        with self._lock:
-            import io
-
-            buf = io.BytesIO()
-            np.save(buf, self._mat, allow_pickle=False)
-            atomic_write_bytes(path, buf.getvalue())
-            _write_meta(
-                path,
-                {
-                    "format": _FORMAT,
-                    "kind": "exact",
-                    "dim": self.dim,
-                    "ids": self._ids,
-                    "offsets": offsets_to_json(offsets),
-                    "sha256": sha256_file(path),
-                },
-            )
-
-    def load(self, path: Path) -> Offsets:
-        path = Path(path)
-        meta = _read_meta(path, "exact")
-        try:
-            mat = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SnapshotError(f"index file {path} is corrupt ({exc})") from exc
-        ids = meta.get("ids")
-        if (
-            meta.get("dim") != self.dim
-            or not isinstance(ids, list)
-            or mat.dtype != np.float32
-            or mat.shape != (len(ids), self.dim)
-            or len(set(ids)) != len(ids)
-        ):
-            raise SnapshotError(f"index file {path} does not match its metadata or dimension {self.dim}")
-        offsets = offsets_from_json(meta.get("offsets", {}))
-        with self._lock:
-            self._ids = [str(i) for i in ids]
-            self._pos = {pid: i for i, pid in enumerate(self._ids)}
-            self._mat = mat
-        return offsets
+from serving.index.base import Offsets, check_ids, dedupe_last, normalize_rows
+from serving.index.persistence import (
+    FORMAT,
+    offsets_from_json,
+    offsets_to_json,
+    read_meta,
+    sha256_file,
+    write_meta,
+)
 
 
 class _VectorStore:
@@ -473,7 +143,7 @@ class HnswIndex:
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         rows = normalize_rows(vectors, self.dim)
-        id_list, rows = _dedupe_last(_check_ids(ids, rows.shape[0]), rows)
+        id_list, rows = dedupe_last(check_ids(ids, rows.shape[0]), rows)
         with self._lock:
             existing = [i for i, pid in enumerate(id_list) if pid in self._label]
             new = [i for i, pid in enumerate(id_list) if pid not in self._label]
@@ -635,10 +305,10 @@ class HnswIndex:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            _write_meta(
+            write_meta(
                 path,
                 {
-                    "format": _FORMAT,
+                    "format": FORMAT,
                     "kind": "hnsw",
                     "dim": self.dim,
                     "labels": {pid: label for pid, label in self._label.items()},
@@ -651,7 +321,7 @@ class HnswIndex:
 
     def load(self, path: Path) -> Offsets:
         path = Path(path)
-        meta = _read_meta(path, "hnsw")
+        meta = read_meta(path, "hnsw")
         labels = meta.get("labels")
         if meta.get("dim") != self.dim or not isinstance(labels, dict):
             raise SnapshotError(f"index file {path} does not match dimension {self.dim} or is malformed")

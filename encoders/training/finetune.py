@@ -37,8 +37,8 @@ import numpy as np
 
 from encoders.base import EMBEDDING_DIM, pack_batch
 from encoders.export import export_saved_model, list_versions, resolve_version
-from encoders.pairs import NotEnoughPairs, Pair, PairSet
 from encoders.tokenizer import WordPieceTokenizer
+from encoders.training.pairs import NotEnoughPairs, Pair, PairSet
 from serving.errors import ConfigurationError, InvalidInput, ModelMismatch
 
 #: Fewer training pairs than this cannot fill a batch with enough in-batch negatives.

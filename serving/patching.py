@@ -1,0 +1,197 @@
+"""Exact shortcuts for one swap in a product's top-C, so most changes need no list rebuild.
+
+When one product enters or leaves a product ``p``'s top-C (its candidate buffer's head),
+``may_change`` says whether ``p``'s lists can differ at all, and ``patched_lists`` gives the
+lists after the swap by editing the published ones. Both are exact: ``patched_lists`` equals
+a rebuild by ``serving.lists.build_lists``. Neither applies to a product with a behaviour
+row (behaviour re-weights the ranking), which ``serving.propagation`` always rebuilds.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+
+from serving.candidates import CandidateBuffer
+from serving.config import RecommenderConfig
+from serving.lists import ReasonCache, cached_reasons
+from serving.publication import Items, ScoredItem
+from serving.rules import profile_is_substitute
+from serving.scoring import Profile, content_score, final_score
+
+
+def may_change(
+    similar: Items,
+    subs: Items,
+    buf: CandidateBuffer,
+    owner: Profile | None,
+    profiles: Mapping[str, Profile],
+    config: RecommenderConfig,
+    *,
+    left: Iterable[str],
+    entered: Iterable[str],
+) -> bool:
+    """Whether ``p``'s lists can differ after ``left`` left its top-C and ``entered`` entered.
+
+    Exact, not a heuristic: a list is the top-k by content of the top-C (filtered for
+    substitutes), so it is unchanged when nothing it lists left (or was touched) and
+    nothing that entered beats its last item or fills a short list. ``entered`` ids
+    must already be in ``p``'s buffer ``buf`` with their current scores. ``similar`` and
+    ``subs`` are ``p``'s lists, ``owner`` its profile, and ``p`` has no behaviour row (behaviour
+    re-weights the ranking: the caller rebuilds rather than reason about it).
+    """
+    listed = {i.product_id for i in similar}
+    listed.update(i.product_id for i in subs)
+    if any(x in listed for x in left):
+        return True
+    k = config.k
+    for e in entered:
+        if e in listed:
+            return True
+        z = buf.parts[e]
+        dense, lexical = z.real, z.imag
+        key = (-content_score(dense, lexical, config), e)
+        if len(similar) < k or key < (-similar[-1].content, similar[-1].product_id):
+            return True
+        cand = profiles.get(e)
+        if (
+            owner is not None
+            and cand is not None
+            and (len(subs) < k or key < (-subs[-1].content, subs[-1].product_id))
+            and profile_is_substitute(owner, cand, config)
+        ):
+            return True
+    return False
+
+
+def patched_lists(
+    p: str,
+    q: str | None,
+    dense: float,
+    lexical: float,
+    pushed_out: tuple[str, ...],
+    *,
+    similar: Items,
+    subs: Items,
+    owner: Profile,
+    cand: Profile | None,
+    buf: CandidateBuffer,
+    profiles: Mapping[str, Profile],
+    reasons: dict[str, tuple[Profile, ReasonCache]],
+    config: RecommenderConfig,
+) -> tuple[Items, Items] | None:
+    """``p``'s lists after ``q`` entered its top-C, without a rebuild; ``None`` if unsafe.
+
+    Each list is the top-k by (content, id) of the top-C (valid substitutes only, for
+    the substitutes list), and the top-C changed by exactly one swap: ``q`` in, and
+    ``pushed_out`` (when the buffer was full) out. So a list keeps its other items and
+    takes, in rank order, ``q`` and, when ``pushed_out`` leaves a gap, the best top-C
+    member it did not list. A substitute list that is not full holds *every* valid
+    candidate of the top-C, so nothing unlisted can fill its gap. Items are built exactly
+    as ``build_lists`` builds them, so the result equals a rebuild; a list that does not
+    change comes back as the very same tuple.
+
+    The same swap describes a removal: ``q`` is then what moved up into the top-C (or
+    ``None``) and ``pushed_out`` what left it.
+
+    ``similar`` and ``subs`` are ``p``'s current lists (or those already patched in this
+    change), ``owner`` and ``cand`` the profiles of ``p`` and ``q``, ``buf`` ``p``'s buffer
+    (already swapped), and ``p`` has no behaviour row. ``reasons`` (owner -> (owner profile,
+    cache)) is the reasons cache of every owner, updated in place.
+    """
+    k = config.k
+    q_content = content_score(dense, lexical, config)
+    q_key = (-q_content, q or "")
+    made: dict[str, ScoredItem] = {}
+
+    def make(c: str, d: float, lx: float) -> ScoredItem:
+        item = made.get(c)
+        if item is None:
+            held = reasons.get(p)
+            if held is None or held[0] is not owner:
+                held = (owner, {})
+                reasons[p] = held
+            content = q_content if c == q else content_score(d, lx, config)
+            item = made[c] = ScoredItem(
+                product_id=c,
+                score=final_score(content, 0.0, config),
+                content=content,
+                dense=d,
+                lexical=lx,
+                behavior=0.0,
+                reasons=cached_reasons(owner, profiles[c], c, held[1]),
+            )
+        return item
+
+    def patch(items: Items, q_valid: bool, substitutes: bool) -> Items | None:
+        gap = False
+        for i in items:
+            if i.product_id == q:
+                return None  # listed without being in the buffer: never expected, rebuild
+            if i.product_id in pushed_out:
+                gap = True
+        if not gap:
+            if not q_valid or (len(items) >= k and not q_key < (-items[-1].content, items[-1].product_id)):
+                return items
+            assert q is not None  # q_valid implies it
+            at = bisect_left([(-i.content, i.product_id) for i in items], q_key)
+            return (*items[:at], make(q, dense, lexical), *items[at:])[:k]
+        pool = [i for i in items if i.product_id not in pushed_out]
+        if q_valid:
+            assert q is not None
+            pool.append(make(q, dense, lexical))
+        if len(items) >= k or not substitutes:
+            # The slot pushed_out left goes to the best unlisted top-C member (or q).
+            listed = {i.product_id for i in items}
+            if q is not None:
+                listed.add(q)
+            fill = best_unlisted(buf, owner, listed, substitutes, profiles, config)
+            if fill is not None:
+                pool.append(make(*fill))
+        pool.sort(key=lambda i: (-i.content, i.product_id))
+        return tuple(pool[:k])
+
+    new_similar = patch(similar, q is not None, substitutes=False)
+    new_subs = patch(subs, cand is not None and profile_is_substitute(owner, cand, config), substitutes=True)
+    if new_similar is None or new_subs is None:
+        return None
+    held = reasons.get(p)
+    if held is not None:
+        for gone in pushed_out:  # out of the top-C, so in neither list: its reasons go too
+            held[1].pop(gone, None)
+    return new_similar, new_subs
+
+
+def best_unlisted(
+    buf: CandidateBuffer,
+    owner: Profile,
+    listed: set[str],
+    substitutes: bool,
+    profiles: Mapping[str, Profile],
+    config: RecommenderConfig,
+) -> tuple[str, float, float] | None:
+    """The best (content, id) member of the top-C of ``buf`` (``owner``'s buffer) not in
+    ``listed``, as (id, dense, lexical).
+
+    With ``substitutes``, only members that pass the substitute rules count. The rule
+    check runs only for members that would beat the best found so far.
+    """
+    w_lex = config.lexical_weight
+    w_dense = 1.0 - w_lex
+    best: tuple[float, str] | None = None
+    found: tuple[str, float, float] | None = None
+    for _key, c in buf.keys[: config.candidate_depth]:
+        if c in listed:
+            continue
+        z = buf.parts[c]
+        d, lx = z.real, z.imag
+        key = (-(w_dense * d + w_lex * lx), c)
+        if best is not None and key >= best:
+            continue
+        if substitutes:
+            prof = profiles.get(c)
+            if prof is None or not profile_is_substitute(owner, prof, config):
+                continue
+        best = key
+        found = (c, d, lx)
+    return found

@@ -1,0 +1,470 @@
+"""Exact propagation: the lists of the owned products, kept equal to their definition.
+
+The definition every published list must match (DESIGN.md, "Propagation invariant";
+``serving.lists.exact_lists`` computes it from scratch):
+
+* ``similar[p]``: the dense top-C neighbours of ``p`` (C = ``candidate_depth``, ties by
+  id), re-ranked by the hybrid content score, first ``k``;
+* ``substitutes[p]``: the same top-C, filtered by ``serving.rules.is_substitute``, ranked
+  the same way, first ``k``.
+
+``Propagator`` maintains it incrementally over the candidate buffers
+(``serving.candidates``). When ``q`` changes:
+
+* **vector (text) change or insert**: ``q`` is taken out of every buffer that named it
+  (a buffer that drops below C is refilled from the index), ``q``'s own buffer is rebuilt,
+  and ``q`` enters every buffer whose last member it beats. With an exact index every
+  buffer is checked; with HNSW the ``reverse_depth`` nearest neighbours of ``q`` are.
+* **delete**: the same removal, then tombstones for ``q``'s own lists.
+* **stock, price, group or other non-text change**: the lists whose buffers name ``q``
+  (and ``q``'s own) are re-evaluated, since substitute rules and reasons depend on them.
+
+A list that one swap in its top-C cannot change is left alone, and one that the swap
+changes in a known way is patched (``serving.patching``); the rest are rebuilt. Only lists
+that differ from the last published ones are returned, except that a product going out of
+stock always gets its substitutes published with ``trigger="out_of_stock"``.
+
+Because a removal from an exact top-n leaves an exact top-(n-1), and an insertion is only
+made when it beats the last member (or the buffer holds everything), the buffers stay
+exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from serving.behavior import BehaviorRow
+from serving.candidates import CandidateBuffer, CandidateBuffers
+from serving.catalog import CatalogUpdate
+from serving.config import RecommenderConfig
+from serving.index import VectorIndex
+from serving.kinds import LIST_KINDS, Kind
+from serving.lexical import SparseVec, cosine_many
+from serving.lists import ReasonCache, build_complements, build_lists
+from serving.patching import may_change, patched_lists
+from serving.publication import Items, Publication, Trigger
+from serving.scoring import Profile, dense_scores
+
+
+class Propagator:
+    """Candidate buffers, behaviour rows and the published lists of the owned products.
+
+    The ``Recommender`` owns one and feeds it every change after merging it into the
+    catalog and the index. ``lex`` and ``profiles`` hold the lexical vector and the scoring
+    profile of every live product (owned or not); ``rows`` the behaviour rows of owned
+    products; ``lists`` the current list of every kind by product; ``versions`` the last
+    version published per (kind, product). Not thread-safe.
+    """
+
+    def __init__(self, config: RecommenderConfig, index: VectorIndex, owns: Callable[[str], bool]) -> None:
+        self.config = config
+        self.index = index
+        self.owns = owns
+        self.buffers = CandidateBuffers(config, index)
+        self.lex: dict[str, SparseVec] = {}
+        self.profiles: dict[str, Profile] = {}
+        self.lists: dict[Kind, dict[str, Items]] = {spec.kind: {} for spec in LIST_KINDS}
+        self.versions: dict[tuple[Kind, str], int] = {}
+        self.publications = 0
+        # Behaviour rows of owned products, and which rows name a product (so a change of
+        # that product reaches every list it may sit in through behaviour alone).
+        self.rows: dict[str, BehaviorRow] = {}
+        self._brev: dict[str, set[str]] = {}
+        #: Rows of products that are unknown, deleted or not owned, skipped by ``apply_behavior``.
+        self.behavior_ignored = 0
+        # Per owner: (owner profile the reasons were computed for, reasons by candidate).
+        self._reasons: dict[str, tuple[Profile, ReasonCache]] = {}
+
+    # ------------------------------------------------------------------ whole-state steps
+
+    def restore(
+        self,
+        lex: dict[str, SparseVec],
+        profiles: dict[str, Profile],
+        buffers: Mapping[str, CandidateBuffer],
+        rows: Mapping[str, BehaviorRow],
+    ) -> None:
+        """Take over saved buffers and behaviour rows (rows of products without a buffer are
+        skipped) and recompute every list from them, publishing nothing."""
+        self.lex = lex
+        self.profiles = profiles
+        for pid, buf in buffers.items():
+            self.buffers.adopt(pid, buf)
+        for pid, row in rows.items():
+            if pid in self.buffers.by_owner:
+                self._set_row(pid, row)
+        for pid in self.buffers.by_owner:
+            similar, subs = self._compute(pid)
+            self.lists[Kind.SIMILAR][pid] = similar
+            self.lists[Kind.SUBSTITUTES][pid] = subs
+            if pid in self.rows:
+                self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
+
+    def load(self, lex: dict[str, SparseVec], profiles: dict[str, Profile], owned: list[str]) -> list[Publication]:
+        """Start from a whole catalog already in the index: buffers and lists of ``owned``."""
+        self.lex = lex
+        self.profiles = profiles
+        self.buffers.build(owned, self.lex)
+        return self.refresh(owned)
+
+    def use_lexical_vectors(self, lex: dict[str, SparseVec]) -> list[Publication]:
+        """Rescore every pair with new lexical vectors and republish the lists that changed."""
+        self.lex = lex
+        self.buffers.rescore_lexical(self.lex)
+        return self.refresh(set(self.buffers.by_owner))
+
+    def apply_behavior(self, rows: Mapping[str, BehaviorRow]) -> list[Publication]:
+        """Store validated behaviour rows and return the lists that changed; rows of products
+        without a buffer (unknown, deleted or not owned) are counted in ``behavior_ignored``."""
+        affected: set[str] = set()
+        for pid, row in rows.items():
+            if pid not in self.buffers.by_owner:
+                self.behavior_ignored += 1
+                continue
+            old = self.rows.get(pid)
+            if old == row:
+                continue
+            self._set_row(pid, row)
+            affected.add(pid)
+        return self.refresh(affected)
+
+    def _set_row(self, pid: str, row: BehaviorRow | None) -> None:
+        old = self.rows.pop(pid, None)
+        if old is not None:
+            for c in old.names():
+                holders = self._brev.get(c)
+                if holders is not None:
+                    holders.discard(pid)
+                    if not holders:
+                        del self._brev[c]
+        if row is not None and (row.partners or row.complements):
+            self.rows[pid] = row
+            for c in row.names():
+                self._brev.setdefault(c, set()).add(pid)
+
+    def _behavior_holders(self, q: str) -> set[str]:
+        """Owned products whose behaviour row names ``q``."""
+        return {p for p in self._brev.get(q, ()) if p in self.buffers.by_owner and p != q}
+
+    def set_ownership(
+        self, owns: Callable[[str], bool], product_ids: Iterable[str], behavior: Mapping[str, BehaviorRow]
+    ) -> list[Publication]:
+        """Maintain exactly the products of ``product_ids`` (the catalog) that ``owns`` accepts.
+
+        See ``Recommender.set_ownership``; ``behavior`` (validated) holds the rows the previous
+        owners published.
+        """
+        self.owns = owns
+        for p in [p for p in self.buffers.by_owner if not owns(p)]:
+            self.buffers.remove_owner(p)
+            self._reasons.pop(p, None)
+            self._set_row(p, None)
+            for spec in LIST_KINDS:
+                self.lists[spec.kind].pop(p, None)
+        gained = sorted(pid for pid in product_ids if owns(pid) and pid not in self.buffers.by_owner)
+        self.buffers.build(gained, self.lex)
+        emptied: list[Publication] = []
+        for pid in gained:
+            handed = behavior.get(pid)
+            if handed is not None:
+                self._set_row(pid, handed)
+            elif (Kind.COMPLEMENTS, pid) in self.versions:
+                # The topic holds the old owner's complements, and no row says what they are.
+                self.lists[Kind.COMPLEMENTS][pid] = ()
+                emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
+        return emptied + self.refresh(gained)
+
+    # ------------------------------------------------------------------ changes
+
+    def on_vector_change(self, q: str, *, out_of_stock: bool = False) -> list[Publication]:
+        """``q`` is new or has a new vector (already in the index, ``lex`` and ``profiles``)."""
+        affected: set[str] = set()
+        patched: dict[str, tuple[Items, Items]] = {}
+        old_rev = self.buffers.holders.pop(q, set())
+        for p in old_rev:
+            if self._drop(p, q, patched):
+                affected.add(p)
+        vq = self.index.get_vector(q)
+        near: list[str] | None = None
+        if not self.index.exact:
+            # One search serves q's own buffer (its head) and the reverse check (all of it).
+            depth = max(self.config.buffer_depth, self.config.reverse_depth)
+            near = [c for c, _ in self.index.query(vq, depth, exclude=(q,))]
+        if self.owns(q):
+            if near is None:
+                self.buffers.fill(q, self.lex, reuse_lexical=False)
+            else:
+                self.buffers.set_buffer(q, vq, near[: self.config.buffer_depth], self.lex, reuse_lexical=False)
+            affected.add(q)
+        affected |= self._behavior_holders(q)
+        self._enter(q, vq, old_rev, affected, patched, near=near)
+        return self.refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
+
+    def on_delete(self, q: str) -> list[Publication]:
+        """``q`` is gone from the catalog: out of the index, every buffer and its own lists."""
+        self.buffers.remove_owner(q)
+        self._reasons.pop(q, None)
+        self.lex.pop(q, None)
+        self.profiles.pop(q, None)
+        self._set_row(q, None)
+        old_rev = self.buffers.holders.pop(q, set())
+        self.index.delete(q)
+        patched: dict[str, tuple[Items, Items]] = {}
+        affected = {p for p in old_rev if self._drop(p, q, patched)}
+        affected |= self._behavior_holders(q)
+        pubs: list[Publication] = []
+        for spec in LIST_KINDS:
+            held = self.lists[spec.kind].pop(q, None)
+            # A behaviour-only list (complements) may sit on the topic without a list here
+            # (a row lost in a handover).
+            stale = not spec.content and self.owns(q) and (spec.kind, q) in self.versions
+            if held is not None or stale:
+                pubs.append(self.publish(spec.kind, q, None, None))
+        pubs.extend(self.refresh(affected, patched=patched))
+        return pubs
+
+    def on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
+        """``q`` changed without a new vector (stock, price, group...; ``profiles`` updated)."""
+        # Only lists whose top-C holds q can change: those that list q (reasons, rules) and
+        # those q may now enter as a substitute.
+        c_depth = self.config.candidate_depth
+        affected = {
+            p
+            for p in self.buffers.holders.get(q, ())
+            if self.buffers.rank_of(p, q) < c_depth and self._may_change(p, left=(), entered=(q,))
+        }
+        if q in self.buffers.by_owner:
+            affected.add(q)
+        affected |= self._behavior_holders(q)
+        return self.refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
+
+    def _drop(self, p: str, q: str, patched: dict[str, tuple[Items, Items]] | None = None) -> bool:
+        """Take ``q`` out of ``p``'s buffer (the caller fixes ``buffers.holders[q]``); refill if too short.
+
+        Returns whether ``p``'s lists must be rebuilt. With ``patched``, lists that only lose
+        ``q`` (and take what moved into the top-C) are patched there instead.
+        """
+        i = self.buffers.rank_of(p, q)
+        buf = self.buffers.by_owner.get(p)
+        if buf is None or i >= len(buf.keys):
+            return False
+        del buf.keys[i]
+        del buf.parts[q]
+        c_depth = self.config.candidate_depth
+        if not buf.complete and len(buf.keys) < c_depth:
+            self.buffers.refill(p, self.lex)
+            return True
+        if i >= c_depth:
+            return False
+        moved_in = (buf.keys[c_depth - 1][1],) if len(buf.keys) >= c_depth else ()
+        if patched is not None:
+            entered = moved_in[0] if moved_in else None
+            z = buf.parts[entered] if entered is not None else 0j
+            fast = self._patched_lists(p, entered, z.real, z.imag, (q,), base=patched.get(p))
+            if fast is not None:
+                patched[p] = fast
+                return False
+        return self._may_change(p, left=(q,), entered=moved_in)
+
+    def _may_change(self, p: str, *, left: Iterable[str], entered: Iterable[str]) -> bool:
+        """Whether ``p``'s lists can differ after ``left`` left its top-C and ``entered``
+        entered (``serving.patching.may_change``); always for a product with behaviour."""
+        similar = self.lists[Kind.SIMILAR].get(p)
+        subs = self.lists[Kind.SUBSTITUTES].get(p)
+        if similar is None or subs is None or p in self.rows:
+            return True  # behaviour re-weights the ranking: rebuild rather than reason about it
+        return may_change(
+            similar, subs, self.buffers.by_owner[p], self.profiles.get(p), self.profiles, self.config,
+            left=left, entered=entered,
+        )
+
+    def _patched_lists(
+        self,
+        p: str,
+        q: str | None,
+        dense: float,
+        lexical: float,
+        pushed_out: tuple[str, ...],
+        *,
+        base: tuple[Items, Items] | None = None,
+    ) -> tuple[Items, Items] | None:
+        """``p``'s lists after one swap in its top-C (``serving.patching.patched_lists``), or
+        ``None`` when they must be rebuilt. ``base`` holds lists already patched in this
+        change, which stand in for the published ones."""
+        similar, subs = base if base is not None else (self.lists[Kind.SIMILAR].get(p), self.lists[Kind.SUBSTITUTES].get(p))
+        owner = self.profiles.get(p)
+        cand = self.profiles.get(q) if q is not None else None
+        if similar is None or subs is None or owner is None or (q is not None and cand is None) or p in self.rows:
+            return None
+        return patched_lists(
+            p, q, dense, lexical, pushed_out,
+            similar=similar, subs=subs, owner=owner, cand=cand, buf=self.buffers.by_owner[p],
+            profiles=self.profiles, reasons=self._reasons, config=self.config,
+        )
+
+    def _enter(
+        self,
+        q: str,
+        vq: np.ndarray,
+        extra: Iterable[str],
+        affected: set[str],
+        patched: dict[str, tuple[Items, Items]],
+        *,
+        near: list[str] | None = None,
+    ) -> None:
+        """Insert ``q`` into every buffer whose last member it now beats.
+
+        A list that only gains ``q`` is patched in place (``patched``); one that needs more
+        is marked for a rebuild (``affected``).
+        """
+        if self.index.exact:
+            pool: Iterable[str] = self.buffers.by_owner.keys()
+        else:
+            if near is None:
+                near = [c for c, _ in self.index.query(vq, self.config.reverse_depth, exclude=(q,))]
+            pool = [*near[: self.config.reverse_depth], *extra]
+        bufs = self.buffers.by_owner
+        seen: set[str] = {q}
+        cands: list[str] = []
+        cand_bufs: list[CandidateBuffer] = []
+        for p in pool:
+            if p in seen:
+                continue
+            seen.add(p)
+            b = bufs.get(p)
+            if b is not None and q not in b.parts:
+                cands.append(p)
+                cand_bufs.append(b)
+        if not cands:
+            return
+        scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
+        admitted: list[tuple[str, float, CandidateBuffer]] = []
+        for p, d, buf in zip(cands, scores, cand_bufs, strict=True):
+            if buf.complete or not buf.keys or (-d, q) < buf.keys[-1]:
+                admitted.append((p, d, buf))
+        if not admitted:
+            return
+        # cosine_many is bitwise symmetric (matches are summed in bucket order), so one batch
+        # from q's side stores exactly what CandidateBuffers.fill computes from each owner's side.
+        lexical = cosine_many(self.lex[q], [self.lex[p] for p, _d, _b in admitted])
+        depth = self.config.buffer_depth
+        c_depth = self.config.candidate_depth
+        rev = self.buffers.holders
+        for (p, d, buf), lx in zip(admitted, lexical, strict=True):
+            key = (-d, q)
+            pos = bisect_left(buf.keys, key)
+            buf.keys.insert(pos, key)
+            buf.parts[q] = complex(d, lx)
+            # Looked up each time: trimming below can drop q again and delete its entry.
+            rev.setdefault(q, set()).add(p)
+            # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
+            if pos < c_depth and p not in affected:
+                pushed_out = (buf.keys[c_depth][1],) if len(buf.keys) > c_depth else ()
+                fast = self._patched_lists(p, q, d, lx, pushed_out, base=patched.get(p))
+                if fast is None:
+                    affected.add(p)
+                else:
+                    patched[p] = fast
+            if len(buf.keys) > depth:
+                _d, dropped = buf.keys.pop()
+                del buf.parts[dropped]
+                self.buffers.discard_holder(dropped, p)
+                buf.complete = False
+
+    def _compute(self, p: str) -> tuple[Items, Items]:
+        buf = self.buffers.by_owner[p]
+        top = buf.keys[: self.config.candidate_depth]
+        parts = buf.parts
+        cands = [(c, parts[c].real, parts[c].imag) for _d, c in top]
+        owner = self.profiles[p]
+        row = self.rows.get(p)
+        partners = dict(row.partners) if row is not None else None
+        if partners and self.config.behavior_weight > 0:
+            listed_now = {c for _d, c in top}
+            extra = [c for c in sorted(partners) if c not in listed_now and c != p and c in self.lex]
+            cands += [(c, d, lx) for c, (d, lx) in zip(extra, self._pair_parts(p, extra), strict=True)]
+        held = self._reasons.get(p)
+        cache: ReasonCache = held[1] if held is not None and held[0] is owner else {}
+        similar, subs = build_lists(owner, cands, self.profiles.get, self.config, cache, behavior=partners)
+        # Keep reasons only for what is listed now, so the cache stays as small as the lists.
+        listed = {i.product_id for i in similar}
+        listed.update(i.product_id for i in subs)
+        self._reasons[p] = (owner, {c: cache[c] for c in listed if c in cache})
+        return similar, subs
+
+    def _pair_parts(self, p: str, others: list[str]) -> list[tuple[float, float]]:
+        """(dense, lexical) of ``p`` with each of ``others``, computed as the buffers do."""
+        if not others:
+            return []
+        dense = dense_scores(self.index.get_vector(p), self.index.get_vectors(others)).tolist()
+        lexical = cosine_many(self.lex[p], [self.lex[o] for o in others])
+        return list(zip(dense, lexical, strict=True))
+
+    def _compute_complements(self, p: str) -> Items:
+        row = self.rows.get(p)
+        if row is None:
+            return ()
+        return build_complements(
+            self.profiles[p], row, self.profiles.get, lambda others: self._pair_parts(p, others), self.config
+        )
+
+    def refresh(
+        self,
+        affected: Iterable[str],
+        *,
+        out_of_stock: str | None = None,
+        patched: Mapping[str, tuple[Items, Items]] | None = None,
+    ) -> list[Publication]:
+        """Rebuild the lists of ``affected``, take those of ``patched`` as given, and publish
+        what differs from the current lists (``out_of_stock``'s substitutes always)."""
+        patched = patched or {}
+        rebuild = set(affected)
+        pubs: list[Publication] = []
+        for p in sorted(rebuild | patched.keys()):
+            if p not in self.buffers.by_owner:
+                continue
+            similar, subs = self._compute(p) if p in rebuild else patched[p]
+            if self.lists[Kind.SIMILAR].get(p) != similar:
+                self.lists[Kind.SIMILAR][p] = similar
+                pubs.append(self.publish(Kind.SIMILAR, p, similar, None))
+            forced = p == out_of_stock
+            if forced or self.lists[Kind.SUBSTITUTES].get(p) != subs:
+                self.lists[Kind.SUBSTITUTES][p] = subs
+                trigger = Trigger.OUT_OF_STOCK if forced else Trigger.REFRESH
+                pubs.append(self.publish(Kind.SUBSTITUTES, p, subs, trigger))
+            # A list once published stays (possibly empty) while the product lives, so a
+            # consumer never keeps complements that behaviour or stock took away.
+            held = self.lists[Kind.COMPLEMENTS].get(p)
+            if p in rebuild and (p in self.rows or held is not None):
+                comp = self._compute_complements(p)
+                if held != comp and (held is not None or comp):
+                    self.lists[Kind.COMPLEMENTS][p] = comp
+                    pubs.append(self.publish(Kind.COMPLEMENTS, p, comp, None))
+        return pubs
+
+    def seed_version(self, kind: Kind, product_id: str, version: int) -> None:
+        """Continue a list's version counter from ``version`` (what its topic already holds).
+
+        Used after a rebuild from the topics, so ``version`` keeps increasing across restarts.
+        A lower value than the one held is ignored.
+        """
+        key = (Kind(kind), product_id)
+        self.versions[key] = max(self.versions.get(key, 0), int(version))
+
+    def republish(self, kind: Kind, product_id: str) -> Publication:
+        """A publication of the current list (a tombstone when there is none), with the next version.
+
+        For reconciling with a topic that holds something else, e.g. after a crash between
+        ``apply`` and the publish, or for a list whose product is gone.
+        """
+        return self.publish(Kind(kind), product_id, self.lists[Kind(kind)].get(product_id), None)
+
+    def publish(self, kind: Kind, p: str, items: Items | None, trigger: Trigger | None) -> Publication:
+        """A publication of ``items`` with the next version of (kind, p)."""
+        version = self.versions.get((kind, p), 0) + 1
+        self.versions[(kind, p)] = version
+        self.publications += 1
+        return Publication(kind=kind, product_id=p, items=items, trigger=trigger, version=version)

@@ -1,0 +1,63 @@
+"""A ``Recommender`` as data: ``RecommenderState`` (what a snapshot holds) and
+``RecommenderStats`` (counters for metrics and the web view)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serving.behavior import BehaviorRow
+from serving.candidates import CandidateBuffer
+from serving.catalog import Catalog
+from serving.index import Offsets, VectorIndex
+from serving.kinds import Kind
+from serving.lexical import LexicalModel, SparseVec
+
+
+@dataclass
+class RecommenderState:
+    """Everything a ``Recommender`` cannot recompute: what a snapshot writes and reads.
+
+    * ``index``: the vector index, holding every live product's vector;
+    * ``catalog``: the live products, delete timestamps and counters;
+    * ``lexical``: the frozen lexical model, and ``lexical_vectors`` every live product's
+      lexical vector under it;
+    * ``buffers``: the candidate buffer of every owned product (in the order lists are
+      rebuilt on import);
+    * ``behavior``: the behaviour rows of owned products;
+    * ``versions``: the last version published per (kind, product);
+    * ``offsets``: the stream offsets the state covers;
+    * ``publications``, ``refills``: counters, so that stats continue across a restart.
+
+    The published lists, reverse maps, scoring profiles and reasons are derived state:
+    ``Recommender.from_state`` recomputes them with the code that produced them, so they
+    come back identical without being stored.
+
+    ``Recommender.export_state`` shares the recommender's own objects (a snapshot of a large
+    catalog costs no copy): read it before the next change and never modify it.
+    ``Recommender.from_state`` takes the objects over in the same way.
+    """
+
+    index: VectorIndex
+    catalog: Catalog
+    lexical: LexicalModel
+    lexical_vectors: dict[str, SparseVec]
+    buffers: dict[str, CandidateBuffer]
+    behavior: dict[str, BehaviorRow] = field(default_factory=dict)
+    versions: dict[tuple[Kind, str], int] = field(default_factory=dict)
+    offsets: Offsets = field(default_factory=dict)
+    publications: int = 0
+    refills: int = 0
+
+
+@dataclass(frozen=True)
+class RecommenderStats:
+    """Counters for metrics and the web view."""
+
+    products: int
+    index_live: int
+    index_deleted: int
+    stale_events: int
+    unknown_deletes: int
+    publications: int
+    refills: int
+    lists: int
