@@ -73,3 +73,14 @@ def test_configuration_doc_is_generated_from_the_settings() -> None:
 def test_configuration_doc_shows_home_paths_portably(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", "/home/someone-else")
     assert "`~/.cache/simstream/models/minilm`" in configuration_markdown()
+
+
+def test_settings_command_prints_what_make_docs_writes() -> None:
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    result = CliRunner().invoke(main, ["settings", "--markdown"])
+    assert result.exit_code == 0 and result.output == configuration_markdown()
+    plain = CliRunner().invoke(main, ["settings"])
+    assert plain.exit_code == 0 and plain.output.startswith("SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:9092\t")
