@@ -16,7 +16,7 @@ WEB_PORT ?= 6066
 export HNSWLIB_NO_NATIVE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install model browser kafka-up kafka-down topics demo test test-faults lint unit bench bench-report soak clean
+.PHONY: help install model browser kafka-up kafka-down topics demo test test-faults lint unit docs bench bench-report soak clean
 
 help:
 	@echo "make demo   - local Kafka + worker + a real catalog streamed in, output topics shown"
@@ -26,6 +26,7 @@ help:
 	@echo "                   BENCH_ARGS=--quick: a smoke run into var/bench-quick; --only NAME,...: rerun some"
 	@echo "make soak        - only the 20-minute soak (SOAK_ARGS=\"--duration 300\"), then BENCHMARKS.md"
 	@echo "make bench-report - regenerate BENCHMARKS.md from the results in var/bench"
+	@echo "make docs        - regenerate docs/configuration.md from streams/settings.py"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +99,11 @@ test-faults: install model
 
 unit: install
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+# docs/configuration.md is generated from the settings; tests/streams/test_settings.py fails
+# when it is out of date.
+docs: install
+	$(BIN)/simstream settings --markdown > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
 
 demo: install model
 	KAFKA_PORT=$(KAFKA_PORT) infra/kafka/kafka.sh up

@@ -2,7 +2,8 @@
 
 The core (``serving/``, ``encoders/``) never reads the environment: the worker builds its
 configuration objects from this one ``Settings`` and passes them down. ``Settings.describe()``
-is what ``simstream --help`` and the README list.
+is what ``simstream --help`` lists, and ``configuration_markdown()`` renders it as
+``docs/configuration.md`` (``make docs``; a test checks that the file is current).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.kinds import spec_of
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -73,7 +76,7 @@ class Settings(BaseSettings):
         "local",
         description="`local` (SavedModel in-process), `grpc://host:port` (TF Serving), or `hashing` (deterministic test twin).",
     )
-    model_base: Path = Field(default_factory=default_model_base, description="SavedModel base directory (<base>/<version>/).")
+    model_base: Path = Field(default_factory=default_model_base, description="SavedModel base directory (`<base>/<version>/`).")
     model_name: str = Field("minilm", description="Model name as TF Serving serves it.")
     model_version: int | None = Field(None, ge=1, description="Pin a model version; unset means the latest.")
     max_length: int = Field(128, ge=8, le=512, description="Tokens per text before truncation.")
@@ -161,7 +164,7 @@ class Settings(BaseSettings):
 
     def list_topic(self, kind: str) -> str:
         """The output topic of a list kind (``serving.kinds``)."""
-        return str(getattr(self, LIST_TOPIC_SETTINGS[kind]))
+        return str(getattr(self, spec_of(kind).topic_setting))
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -177,9 +180,39 @@ class Settings(BaseSettings):
         return rows
 
 
-#: The setting that names each list kind's output topic.
-LIST_TOPIC_SETTINGS = {"similar": "topic_similar_items", "substitutes": "topic_substitutes",
-                       "complements": "topic_complements"}
+CONFIGURATION_HEADER = """\
+# Configuration
+
+<!-- Generated from `Settings.describe()` in streams/settings.py by `make docs`
+     (`simstream settings --markdown`). Do not edit by hand: change the field's description. -->
+
+Every setting is an environment variable with the prefix `SIMSTREAM_`. One frozen settings
+object (`streams/settings.py`, pydantic-settings) reads them once at start-up and refuses a
+value of the wrong type or outside its range, naming the variable. The core (`serving/`,
+`encoders/`) never reads the environment: the worker passes it configuration objects built
+from these settings. The worker and every `simstream` command read the same variables
+(`simstream --help` lists them too). An empty default means unset.
+"""
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _shown_default(default: str) -> str:
+    """A default as the table shows it: paths under the home directory start with ``~``."""
+    home = str(Path.home())
+    if default == home or default.startswith(home + "/"):
+        default = "~" + default[len(home):]
+    return f"`{default}`" if default else ""
+
+
+def configuration_markdown() -> str:
+    """``docs/configuration.md``: a fixed header and one table row per setting, in declaration order."""
+    lines = [CONFIGURATION_HEADER, "| variable | default | description |", "| --- | --- | --- |"]
+    for var, default, description in Settings.describe():
+        lines.append(f"| `{var}` | {_markdown_cell(_shown_default(default))} | {_markdown_cell(description)} |")
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from streams.settings import Settings
+from streams.settings import Settings, configuration_markdown
 
 
 def _settings_epilog() -> str:
@@ -22,6 +22,17 @@ def _settings_epilog() -> str:
              epilog=_settings_epilog())
 def main() -> None:
     """simstream: real-time similar items, substitutes and feeds on Kafka."""
+
+
+@main.command("settings")
+@click.option("--markdown", is_flag=True, help="Print docs/configuration.md (what `make docs` writes).")
+def settings_command(markdown: bool) -> None:
+    """List every SIMSTREAM_* variable with its default and description."""
+    if markdown:
+        click.echo(configuration_markdown(), nl=False)
+        return
+    for var, default, description in Settings.describe():
+        click.echo(f"{var}={default}\t{description}")
 
 
 def _register() -> None:
