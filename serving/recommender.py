@@ -190,7 +190,7 @@ class Recommender:
 
     def list_of(self, kind: Kind, product_id: str) -> Items | None:
         """The current list of one kind for ``product_id``, or ``None`` (unknown, unowned, none)."""
-        return self._lists[Kind(kind)].get(product_id)
+        return self._propagation.lists[Kind(kind)].get(product_id)
 
     def lists(self, kind: Kind) -> dict[str, Items]:
         """A copy of every current list of one kind."""
