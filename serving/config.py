@@ -38,6 +38,8 @@ class RecommenderConfig:
     hnsw_initial_capacity: int = 1024
     hnsw_seed: int = 100
     rebuild_deleted_share: float = 0.3
+    #: The ``VectorIndex`` adapter, by its name in ``serving.index.INDEX_ADAPTERS``.
+    index: str = "hnsw"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -77,7 +77,7 @@ class Recommender:
         owns: Callable[[str], bool] | None = None,
         lexical: LexicalModel | None = None,
     ) -> None:
-        index = index if index is not None else create_index(DEFAULT_INDEX, config)
+        index = index if index is not None else create_index(config.index or DEFAULT_INDEX, config)
         if index.dim != config.dim:
             raise ConfigurationError(f"index dimension {index.dim} differs from RecommenderConfig.dim {config.dim}")
         if len(index):

@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from serving.kinds import LIST_KINDS
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return [
         TopicSpec(settings.topic_product_changes, False),
         TopicSpec(settings.topic_user_events, False),
-        TopicSpec(settings.topic_similar_items, True),
-        TopicSpec(settings.topic_substitutes, True),
-        TopicSpec(settings.topic_complements, True),
+        *(TopicSpec(settings.list_topic(spec.kind), True) for spec in LIST_KINDS),
         TopicSpec(settings.topic_user_recommendations, False),
         TopicSpec(settings.topic_dead_letters, False),
         TopicSpec(settings.topic_products, True),

@@ -104,9 +104,8 @@ class Ownership:
     catching_up: bool = False
 
     @property
-    def list_topics(self) -> tuple[str, str, str]:
-        s = self.settings
-        return (s.topic_similar_items, s.topic_substitutes, s.topic_complements)
+    def list_topics(self) -> tuple[str, ...]:
+        return tuple(self.settings.list_topic(kind) for kind in Kind)
 
     def gate(self, records: Iterable[Outbound]) -> list[Outbound]:
         """Let through list records of owned partitions only; hold them during a rebalance."""

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     behavior_weight: float = Field(0.0, ge=0, le=1, description="Share of behaviour in the final score.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")
+    index: str = Field(
+        "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
+                            "approximate) or `exact` (brute force, for small catalogs and audits).")
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW M (graph degree).")
 
     # --- Behaviour and feeds ---------------------------------------------------------------
@@ -135,6 +138,15 @@ class Settings(BaseSettings):
     web_token: SecretStr | None = Field(None, description="Bearer token required on every endpoint but /health.")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")
+
+    @field_validator("index")
+    @classmethod
+    def _known_index(cls, value: str) -> str:
+        from serving.index import INDEX_ADAPTERS
+
+        if value not in INDEX_ADAPTERS:
+            raise ValueError(f"must be one of {sorted(INDEX_ADAPTERS)}")
+        return value
 
     @field_validator("encoder")
     @classmethod

@@ -29,7 +29,8 @@ from typing import Any
 from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
-from serving.recommender import Kind, Recommender
+from serving.kinds import CONTENT_KINDS
+from serving.recommender import Recommender
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
 from streams.kafka_io import input_offsets
@@ -57,6 +58,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,
+        index=settings.index,
     )
 
 
@@ -219,11 +221,12 @@ class Worker:
         """Load ``engine`` from the whole state and list topics; return what must be republished."""
         loop = asyncio.get_running_loop()
         s = self.settings
-        products, embeddings, similar, substitutes = await asyncio.gather(*(
-            loop.run_in_executor(None, self.state.read, topic)
-            for topic in (s.topic_products, s.topic_embeddings, s.topic_similar_items, s.topic_substitutes)))
-        lexical = await loop.run_in_executor(None, self.state.shared_lexical)
-        return await engine.restore(products, embeddings, {Kind.SIMILAR: similar, Kind.SUBSTITUTES: substitutes},
+        products, embeddings, lexical, *published = await asyncio.gather(
+            loop.run_in_executor(None, self.state.read, s.topic_products),
+            loop.run_in_executor(None, self.state.read, s.topic_embeddings),
+            loop.run_in_executor(None, self.state.shared_lexical),
+            *(loop.run_in_executor(None, self.state.read, s.list_topic(kind)) for kind in CONTENT_KINDS))
+        return await engine.restore(products, embeddings, dict(zip(CONTENT_KINDS, published, strict=True)),
                                     lexical=lexical)
 
     # ------------------------------------------------------------------ the agents
