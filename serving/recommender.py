@@ -385,7 +385,7 @@ class Recommender:
         """Write a checksummed snapshot; see ``serving.snapshot.save_snapshot``."""
         from serving.snapshot import save_snapshot
 
-        return save_snapshot(self, Path(directory))
+        return save_snapshot(self.export_state(), self.config, Path(directory))
 
     @classmethod
     def load(
@@ -394,4 +394,4 @@ class Recommender:
         """Restore the latest complete snapshot; see ``serving.snapshot.load_snapshot``."""
         from serving.snapshot import load_snapshot
 
-        return load_snapshot(Path(directory), config, owns=owns)
+        return cls.from_state(load_snapshot(Path(directory), config), config, owns=owns)

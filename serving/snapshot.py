@@ -29,7 +29,6 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,6 @@ from serving.index import (
 )
 from serving.kinds import Kind
 from serving.lexical import LexicalModel, SparseVec
-from serving.recommender import Recommender
 from serving.state import RecommenderState
 
 FORMAT = 1
@@ -76,14 +74,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_snapshot(rec: Recommender, root: Path) -> Path:
-    """Write ``rec`` under ``root`` and return the new snapshot directory."""
+def save_snapshot(state: RecommenderState, config: RecommenderConfig, root: Path) -> Path:
+    """Write ``state`` (``Recommender.export_state``) under ``root``; return the new snapshot directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        _write_files(rec, tmp)
+        _write_files(state, config, tmp)
         final = root / f"snap-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         _fsync_dir(tmp)
         os.replace(tmp, final)
@@ -106,11 +104,10 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(stale_tmp, ignore_errors=True)
 
 
-def _write_files(rec: Recommender, out: Path) -> None:
+def _write_files(state: RecommenderState, config: RecommenderConfig, out: Path) -> None:
     # Each file is written as soon as it is built and the buffers are filled into preallocated
     # arrays: holding every file at once (and the scores as lists of Python floats) made a
     # snapshot of 20k products a +200 MB spike in the worker's memory.
-    state = rec.export_state()
     products = sorted(state.catalog, key=lambda p: p.product_id)
     ids = [p.product_id for p in products]
     pos = {pid: i for i, pid in enumerate(ids)}
@@ -193,7 +190,7 @@ def _write_files(rec: Recommender, out: Path) -> None:
         "format": FORMAT,
         "created_at": time.time(),
         "index_kind": index_name(state.index),
-        "dim": rec.config.dim,
+        "dim": config.dim,
         "offsets": offsets_to_json(state.offsets),
         "files": {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -266,13 +263,10 @@ def _product(raw: dict[str, Any]) -> Product:
     return Product(**raw)
 
 
-def load_snapshot(
-    root: Path, config: RecommenderConfig, *, owns: Callable[[str], bool] | None = None
-) -> Recommender:
-    """Build a new ``Recommender`` from the snapshot ``root`` points at.
+def load_snapshot(root: Path, config: RecommenderConfig) -> RecommenderState:
+    """Read the snapshot ``root`` points at (``Recommender.from_state`` builds the core).
 
-    ``owns`` must be the same ownership as when the snapshot was written (buffers exist
-    only for owned products). Raises ``SnapshotError`` on any missing, corrupt or
+    Raises ``SnapshotError`` on any missing, corrupt or
     inconsistent file; nothing is returned half-built.
     """
     snap = resolve_snapshot(Path(root))
@@ -284,7 +278,7 @@ def load_snapshot(
         raise _fail(snap, f"unknown index kind {kind!r}")
     index = create_index(kind, config)
     try:
-        return _build(snap, manifest, config, index, owns)
+        return _build(snap, manifest, config, index)
     except SnapshotError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, AssertionError) as exc:
@@ -296,8 +290,7 @@ def _build(
     manifest: dict[str, Any],
     config: RecommenderConfig,
     index: VectorIndex,
-    owns: Callable[[str], bool] | None,
-) -> Recommender:
+) -> RecommenderState:
     offsets = offsets_from_json(manifest.get("offsets", {}))
     index.load(snap / INDEX_FILE)
     catalog_raw = json.loads((snap / "catalog.json").read_text("utf-8"))
@@ -376,4 +369,4 @@ def _build(
         publications=int(state.get("publications", 0)),
         refills=int(state.get("refills", 0)),
     )
-    return Recommender.from_state(restored, config, owns=owns)
+    return restored

@@ -67,7 +67,7 @@ class Watcher:
 
     def collect(self, quiet_s: float = 1.5, timeout_s: float = 30.0) -> list[Any]:
         """Records until nothing new arrives for ``quiet_s``."""
-        from streams.kafka_io import Record, _parse, _text
+        from streams.kafka_io import Record, parse_value, text_of
 
         records: list[Any] = []
         deadline = time.monotonic() + timeout_s
@@ -76,7 +76,7 @@ class Watcher:
             batch = self.consumer.poll(timeout_ms=200)
             for tp, messages in batch.items():
                 for m in messages:
-                    records.append(Record(tp.topic, tp.partition, m.offset, _text(m.key), _parse(m.value), m.timestamp / 1000))
+                    records.append(Record(tp.topic, tp.partition, m.offset, text_of(m.key), parse_value(m.value), m.timestamp / 1000))
                     last = time.monotonic()
         return records
 

@@ -225,7 +225,7 @@ def read_topic(
                 deadline = time.monotonic() + timeout_s
             for tp, messages in batch.items():
                 for m in messages:
-                    yield Record(tp.topic, tp.partition, m.offset, _text(m.key), _parse(m.value), m.timestamp / 1000)
+                    yield Record(tp.topic, tp.partition, m.offset, text_of(m.key), parse_value(m.value), m.timestamp / 1000)
                 if until_end and consumer.position(tp) >= end[tp]:
                     remaining.discard(tp)
             if until_end and not follow and not remaining:
@@ -240,11 +240,11 @@ def read_topic(
         consumer.close()
 
 
-def _text(raw: bytes | None) -> str | None:
+def text_of(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", errors="replace")
 
 
-def _parse(raw: bytes | None) -> Any:
+def parse_value(raw: bytes | None) -> Any:
     if raw is None:
         return None
     try:

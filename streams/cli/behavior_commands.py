@@ -115,7 +115,7 @@ def eval_related(
     from serving.evaluation.matching import hybrid_rank
     from serving.evaluation.related_eval import load_truth, score_lists
     from serving.text import product_text
-    from streams.cli.eval_commands import _encode, load_products
+    from streams.cli.eval_commands import encode_texts, load_products
     from streams.settings import get_settings
 
     t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def eval_related(
     products = load_products(catalog)
     settings = get_settings()
     encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
-    vectors = _encode([product_text(p) for p in products], encoder, "catalog")
+    vectors = encode_texts([product_text(p) for p in products], encoder, "catalog")
     wanted = {pid for by in pairs.values() for pid in by}
     queries = [i for i, p in enumerate(products) if p.product_id in wanted]
     config = RecommenderConfig(k=k + 1, candidate_depth=max(50, k + 1))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from streams.cli import main
+from streams.cli.group import main
 from streams.settings import get_settings
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from streams.cli import main
+from streams.cli.group import main
 
 if TYPE_CHECKING:
     from serving.catalog import Product
@@ -75,7 +75,7 @@ def load_products(path: Path) -> list[Product]:
     return products
 
 
-def _leipzig_rows(path: Path) -> Iterator[dict[str, str]]:
+def leipzig_rows(path: Path) -> Iterator[dict[str, str]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -91,7 +91,7 @@ def leipzig_to_upserts(path: Path) -> tuple[list[dict[str, Any]], int]:
     """
     out: list[dict[str, Any]] = []
     skipped = 0
-    for row in _leipzig_rows(path):
+    for row in leipzig_rows(path):
         title = (row.get("title") or row.get("name") or "").strip()
         product_id = (row.get("id") or "").strip()
         if not title or not product_id:
@@ -136,7 +136,7 @@ def convert_leipzig(left_csv: Path, right_csv: Path, mapping: Path, out_dir: Pat
     with (out_dir / "truth.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["left_id", "right_id"])
-        for row in _leipzig_rows(mapping):
+        for row in leipzig_rows(mapping):
             values = [v.strip() for v in row.values() if v is not None]
             if len(values) >= 2 and values[0] and values[1]:
                 writer.writerow(values[:2])
@@ -156,7 +156,7 @@ class MatchingTask:
     truth: dict[str, set[str]]
 
 
-def _encode(texts: Sequence[str], encoder: Any, label: str) -> Any:
+def encode_texts(texts: Sequence[str], encoder: Any, label: str) -> Any:
     import numpy as np
     from tqdm import tqdm
 
@@ -251,7 +251,7 @@ def _embed_task(task: MatchingTask, encoder_target: str | None, model_base: Path
 
     settings = get_settings()
     encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
-    return _encode(task.query_texts, encoder, "queries"), _encode(task.corpus_texts, encoder, "corpus")
+    return encode_texts(task.query_texts, encoder, "queries"), encode_texts(task.corpus_texts, encoder, "corpus")
 
 
 def _rank_encoder(task: MatchingTask, k: int, encoder_target: str | None, model_base: Path | None) -> list[list[str]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from streams.cli import main
+from streams.cli.group import main
 from streams.settings import get_settings
 
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from streams.cli import main
 from streams.cli.eval_commands import eval_group, load_products
+from streams.cli.group import main
 
 if TYPE_CHECKING:
     from serving.catalog import Product, UserEvent
@@ -220,7 +220,7 @@ def eval_finetune(data: Path, holdout: float, valid: float, work_dir: Path, mode
     from encoders.training.pairs import PairBuilder, PairSet, save_pair_set, split_by_item
     from serving.errors import SimstreamError
     from serving.text import product_text
-    from streams.cli.eval_commands import _leipzig_rows, leipzig_to_upserts
+    from streams.cli.eval_commands import leipzig_rows, leipzig_to_upserts
     from streams.settings import get_settings
 
     started = time.perf_counter()
@@ -232,7 +232,7 @@ def eval_finetune(data: Path, holdout: float, valid: float, work_dir: Path, mode
         _write_jsonl(conv / name, leipzig_to_upserts(path)[0])
     left = {p.product_id: p for p in load_products(conv / "left.jsonl")}
     right = {p.product_id: p for p in load_products(conv / "right.jsonl")}
-    mapping = [[v.strip() for v in row.values() if v is not None][:2] for row in _leipzig_rows(mapping_csv)]
+    mapping = [[v.strip() for v in row.values() if v is not None][:2] for row in leipzig_rows(mapping_csv)]
     try:
         builder = PairBuilder({*left, *right})
         builder.add_all(((a, b) for a, b in mapping if a and b), "labelled")

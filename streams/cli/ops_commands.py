@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from streams.cli import main
+from streams.cli.group import main
 from streams.settings import Settings, get_settings
 
 
