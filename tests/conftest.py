@@ -50,6 +50,8 @@ def isolated_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
         "SIMSTREAM_DATA_DIR": str(tmp_path / "data"),
         "SIMSTREAM_TOPIC_PARTITIONS": "3",
         "SIMSTREAM_LOG_LEVEL": "info",
+        # The quiet-time IDF refit moves every list; tests that want it turn it on.
+        "SIMSTREAM_LEXICAL_REFIT_QUIET_S": "0",
         # The plumbing tests need no model; the end-to-end tests pick "local" or "grpc://".
         "SIMSTREAM_ENCODER": "hashing",
     }

@@ -168,3 +168,23 @@ def test_read_api_validates_ids_and_guards_with_a_token(
     for name in ("simstream_events_total", "simstream_published_total", "simstream_freshness_seconds_bucket",
                  "simstream_encoder_batch_size_bucket", "simstream_index_live", "simstream_dead_letters_total"):
         assert name in text, name
+
+
+def test_the_idf_is_fitted_once_the_stream_is_quiet_and_shared(
+    settings_for: Callable[..., Any], worker_factory: Callable[..., Any]
+) -> None:
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory(SIMSTREAM_LEXICAL_REFIT_QUIET_S="2")
+    worker.wait_ready()
+    assert worker.get("/debug/lexical")[1]["n_docs"] == 0  # nothing to fit on yet
+    kafka = producer(settings)
+    for i in range(20):
+        kafka.send(settings.topic_product_changes, key=f"Q{i}".encode(), value=json.dumps(
+            {"op": "upsert", "product_id": f"Q{i}", "title": f"usb-c charging cable {i} m", "ts": TS}).encode())
+    kafka.flush()
+    kafka.close()
+    wait_for(lambda: worker.get("/debug/lexical")[1]["n_docs"] == 20, what="the quiet-time refit", worker=worker)
+    shared = latest_by_key(read_topic(settings, settings.topic_lexical))
+    assert shared["idf"]["n_docs"] == 20  # every worker of the group adopts this one
+    assert "lexical IDF refitted on 20 products" in worker.log_tail(200)
