@@ -81,6 +81,11 @@ class Change:
         """A product read from ``simstream-products``, as a change to apply."""
         return cls(as_upsert(product), vector=vector, from_state=True, product=product)
 
+    @classmethod
+    def tombstone(cls, product_id: str) -> Change:
+        """A tombstone read from ``simstream-products``: the product held then is deleted."""
+        return cls(ProductDelete(product_id, 0.0), from_state=True)
+
 
 @dataclass
 class Lanes:
@@ -103,7 +108,8 @@ def as_upsert(product: Product) -> ProductUpsert:
 
 
 def needs_refit(model: LexicalModel, catalog_size: int) -> bool:
-    """Whether a restore should fit the IDF anew: never fitted, or fitted on under half the catalog."""
+    """Whether the stream should fit the IDF anew (``Worker.refit_lexical_when_quiet``): never
+    fitted, or fitted on under half the catalog. A restore never refits."""
     return catalog_size > 0 and (not model.fitted or model.n_docs * 2 < catalog_size)
 
 
@@ -371,7 +377,14 @@ class Engine(Edge):
             change = item.change
             pid = change.product_id
             try:
-                if item.from_state and self.already_applied(item):
+                if item.from_state and isinstance(change, ProductDelete):
+                    # A tombstone on the state topic: delete whatever is held now (an earlier
+                    # change of the same batch may have just added it).
+                    held = core.catalog.get(pid)
+                    if held is None:
+                        continue
+                    change = ProductDelete(pid, held.ts)
+                elif item.from_state and self.already_applied(item):
                     continue
                 product = core.needs_embedding(change)
                 vector: np.ndarray | None = None
@@ -558,8 +571,7 @@ class Engine(Edge):
                 return core.bulk_load([as_upsert(p) for p in products], matrix)
 
             return Outputs(lists=self.lists_to_records(await self.in_core(build)))
-        changes = [Change(ProductDelete(pid, current.ts), from_state=True)
-                   for pid in deleted if (current := core.catalog.get(pid)) is not None]
+        changes = [Change.tombstone(pid) for pid in deleted]
         changes += [Change.of_product(p, self.embeddings[p.product_id].vector) for p in products]
         return await self.apply(changes)
 

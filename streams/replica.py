@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.catalog import Product, ProductDelete
+from serving.catalog import Product
 from serving.errors import EncoderUnavailable, SimstreamError
 from serving.text import product_text
 from streams.engine import Change, Engine, as_upsert
@@ -202,9 +202,7 @@ class Replica:
                         changes += self.on_embedding(pid, None if value is None else embedding_from_wire(value))
                     elif value is None:
                         self.pending.pop(pid, None)
-                        current = engine.core.catalog.get(pid)
-                        if current is not None:
-                            changes.append(Change(ProductDelete(pid, current.ts), from_state=True))
+                        changes.append(Change.tombstone(pid))
                     else:
                         changes += self.on_product(product_from_wire(value), partition, offset)
                 except (ValueError, SimstreamError) as exc:  # one unreadable record must not stop the replica

@@ -120,21 +120,8 @@ def register_views(app: faust.App, worker: Worker) -> None:
                     return self.unknown(product_id)
                 return self.json(body)
 
-    list_view(Kind.SIMILAR, "/similar/{product_id}")
-    list_view(Kind.SUBSTITUTES, "/substitutes/{product_id}")
-
-    @app.page("/complements/{product_id}")
-    class Complements(Base):
-        async def get(self, request: Request, product_id: str) -> Response:
-            if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
-                return denied
-            body = await engine.read(lambda core: None if product_id not in core.catalog else {
-                "product_id": product_id,
-                "items": [item_to_wire(i) for i in core.complements(product_id) or ()],
-                "version": core.versions.get((Kind.COMPLEMENTS, product_id), 0)})
-            if body is None:
-                return self.unknown(product_id)
-            return self.json(body)
+    for kind in Kind:  # one read endpoint per registered list kind: /similar/{id}, /substitutes/{id}, ...
+        list_view(kind, f"/{kind}/{{product_id}}")
 
     @app.page("/users/{user_id}/recommendations")
     class UserRecommendations(Base):

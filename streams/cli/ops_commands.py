@@ -100,8 +100,8 @@ def rebuild_index(url: str | None) -> None:
     """Rebuild the worker's index from simstream-embeddings and swap it in atomically.
 
     Ingestion pauses during the rebuild; reads keep answering from the old index.
-    The group's lexical IDF is used (fitted when there is none), and lists that change are
-    republished.
+    The group's lexical IDF is used as it is (a rebuild never refits it: see refit-lexical),
+    and lists that change are republished.
     """
     settings = get_settings()
     code, body = _call(settings, _worker_url(settings, url), "/admin/rebuild-index", post=True)
