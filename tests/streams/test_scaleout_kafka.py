@@ -136,7 +136,9 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
 ) -> None:
     env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
            "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
-           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0"}
+           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0",
+           # The owner of partition 0 fits the group's IDF once the first load is quiet.
+           "SIMSTREAM_LEXICAL_REFIT_QUIET_S": "3"}
     settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
     create_topics(settings)
 
@@ -205,6 +207,8 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     assert all(sorted(h) == [0, 4] for h in histories.values()), histories  # each user on one owner
     health: list[Any] = [w.get("/health")[1] for w in workers]
     assert all(h["owned_partitions"] for h in health), health
-    # The joining worker fitted the IDF (the catalog had none) and every worker adopted it.
+    # The IDF was fitted once, in the stream, when the first load went quiet; every worker, the
+    # joining one too, adopted it from the topic (a restart or a join never refits).
     idfs = [w.get("/debug/lexical")[1] for w in workers]
     assert idfs[0]["idf"] is not None and all(i == idfs[0] for i in idfs), [i["n_docs"] for i in idfs]
+    assert sum("lexical IDF refitted" in w.log_tail(10_000) for w in [*workers, killed]) == 1
