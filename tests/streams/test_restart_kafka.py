@@ -138,7 +138,8 @@ def crash_restart_publishes_only_final_lists(
 ) -> None:
     settings = settings_for(snapshot_interval_s=0)
     create_topics(settings)
-    first = worker_factory()
+    # The killed worker's group membership lapses after the session timeout: keep it short.
+    first = worker_factory(SIMSTREAM_KAFKA_SESSION_TIMEOUT_S="6")
     first.wait_ready()
     live = stop_right_after_burst(settings, first, seed, signal.SIGKILL)
     _, ends = lists_and_ends(settings)
