@@ -333,6 +333,8 @@ class Engine(Edge):
         """
         if not changes:
             return Outputs()
+        if self.builds_from_scratch(changes):
+            return await self.in_core(self.bulk_load, changes)
         out = Outputs()
         texts = sorted(self.texts_to_embed(changes))
         poison: dict[str, str] = {}
@@ -353,6 +355,26 @@ class Engine(Edge):
         out.lists = last_list_per_key(out.lists)
         self.update_gauges()
         return out
+
+    def builds_from_scratch(self, changes: Sequence[Change]) -> bool:
+        """Whether ``changes`` fill an empty core with whole products and their vectors (a
+        restore, a rollover's new core): then one batched build replaces per-change updates."""
+        return (len(changes) > 1 and not len(self.core.catalog)
+                and all(c.from_state and c.product is not None and c.vector is not None for c in changes)
+                and len({c.change.product_id for c in changes}) == len(changes))
+
+    def bulk_load(self, changes: Sequence[Change]) -> Outputs:
+        """The batched build of ``builds_from_scratch`` (on the core thread)."""
+        upserts = [c.change for c in changes if isinstance(c.change, ProductUpsert)]
+        matrix = np.stack([np.asarray(c.vector, dtype=np.float32) for c in changes])
+        pubs = self.core.bulk_load(upserts, matrix)
+        for c, vector in zip(changes, matrix, strict=True):
+            assert c.product is not None
+            self.embeddings[c.product.product_id] = StoredEmbedding(
+                c.product.product_id, vector, self.model_version, c.product.content_hash)
+        if self.journal is not None:
+            self.journal.extend(upserts)
+        return Outputs(lists=self.lists_to_records(pubs))
 
     async def embed_one_by_one(self, texts: Sequence[str], poison: dict[str, str]) -> dict[str, np.ndarray]:
         """Embed texts one at a time; a text the encoder refuses goes to ``poison`` with why."""
@@ -562,16 +584,9 @@ class Engine(Edge):
         return out
 
     async def apply_from_state(self, deleted: Sequence[str], products: Sequence[Product]) -> Outputs:
-        """Apply products (and deletes) read from the state topics, through ``apply``; an empty
-        core takes them in one batched build. Nothing is sent: the caller decides."""
-        core = self.core
-        if not len(core.catalog) and products:
-            def build() -> list[Publication]:
-                matrix = np.stack([self.embeddings[p.product_id].vector for p in products])
-                return core.bulk_load([as_upsert(p) for p in products], matrix)
-
-            return Outputs(lists=self.lists_to_records(await self.in_core(build)))
-        changes = [Change.tombstone(pid) for pid in deleted]
+        """Apply products (and deletes) read from the state topics, through ``apply`` (an empty
+        core takes them in one batched build). Nothing is sent: the caller decides."""
+        changes = [Change.tombstone(pid) for pid in deleted] if len(self.core.catalog) else []
         changes += [Change.of_product(p, self.embeddings[p.product_id].vector) for p in products]
         return await self.apply(changes)
 

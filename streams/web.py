@@ -140,8 +140,10 @@ def register_views(app: faust.App, worker: Worker) -> None:
             category = request.query.get("category") or None
             if category is not None and len(category) > MAX_QUERY_CHARS:
                 return self.json({"error": f"category is limited to {MAX_QUERY_CHARS} characters"}, status=400)
+            # On the event loop, like every change to the shoppers' state; of the core it reads
+            # single lists and products by id, each an atomic lookup of an immutable value.
             users = worker.users
-            items = await engine.read(lambda _core: users.recommend(user_id, k=int(raw_k), category=category))
+            items = users.recommend(user_id, k=int(raw_k), category=category)
             return self.json({"user_id": user_id,
                               "items": [{"product_id": i.product_id, "score": i.score, "because": list(i.because)}
                                         for i in items],
