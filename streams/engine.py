@@ -35,6 +35,7 @@ from serving.errors import EncoderUnavailable, SimstreamError
 from serving.lexical import LexicalModel
 from serving.recommender import CONTENT_KINDS, Kind, Publication, Recommender
 from serving.text import product_text
+from streams.backoff import Backoff
 from streams.edge import Edge
 from streams.outputs import Inbound, Outbound, Outputs, Send, last_list_per_key
 from streams.records import iso, product_from_wire, product_to_wire
@@ -187,7 +188,7 @@ class Engine(Edge):
         if not texts:
             return {}
         assert self.encoder is not None
-        delay = 0.5
+        backoff = Backoff(cap=MAX_OUTAGE_BACKOFF_S)
         while True:
             started = time.perf_counter()
             try:
@@ -200,8 +201,7 @@ class Engine(Edge):
                 self.metrics.encoder_outages.inc()
                 if not wait:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_OUTAGE_BACKOFF_S)
+                await backoff.sleep()
         if not self.encoder_ok:
             log.info("encoder answers again")
         self.encoder_ok = True

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from kafka.partitioner.default import murmur2
 
 from serving.recommender import CONTENT_KINDS, BehaviorRow, Kind, Publication, Recommender
+from streams.backoff import Backoff
 from streams.behavior_stream import BehaviorPipeline
 from streams.engine import Engine
 from streams.kafka_io import (
@@ -298,20 +299,19 @@ class Handovers:
     replica: Callable[[], Reaches | None]
 
     async def run(self) -> None:
-        delay = 0.5
+        backoff = Backoff()
         ownership = self.ownership
         while True:
             await ownership.changed.wait()
             ownership.changed.clear()
             try:
                 await self.hand_over_once()
-                delay = 0.5
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker is away: the stream waits for the handover, never skips
-                log.error("handover failed, retrying in %.1f s: %s", delay, exc, exc_info=True)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                log.error("handover failed, retrying in %.1f s: %s", backoff.delay, exc, exc_info=True)
+                await backoff.sleep()
                 ownership.changed.set()
 
     async def hand_over_once(self) -> None:

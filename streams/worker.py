@@ -31,6 +31,7 @@ from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
 from serving.kinds import CONTENT_KINDS
 from serving.recommender import Recommender
+from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
 from streams.kafka_io import input_offsets
@@ -145,17 +146,9 @@ class Worker:
         owned = self.ownership.gate(records)  # lists of owned products only; held in a rebalance
         if not owned or self.sink is None:
             return
-        delay = 0.5
-        while True:
-            try:
-                await self.sink(owned)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the broker is down or refusing; try again
-                log.error("publishing %d records failed, retrying in %.1f s: %s", len(owned), delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        sink = self.sink
+        # The broker is down or refusing: try again, the batch is never skipped.
+        await retry_forever(lambda: sink(owned), f"publishing {len(owned)} records")
 
     # ------------------------------------------------------------------ start
 
@@ -525,17 +518,3 @@ async def acknowledge(messages: Iterable[Inbound]) -> None:
         if message.ack is not None:
             await message.ack()
 
-
-async def retry_forever(attempt: Callable[[], Awaitable[Any]], what: str,
-                        retry_on: type[BaseException]) -> Any:
-    """``attempt()`` until it succeeds, with exponential backoff (0.5 s to 10 s) on ``retry_on``."""
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except asyncio.CancelledError:
-            raise
-        except retry_on as exc:
-            log.error("%s failed, retrying in %.1f s: %s", what, delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
