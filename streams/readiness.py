@@ -44,10 +44,19 @@ class CatchUp:
             self.positions[partition] = max(self.positions.get(partition, 0), offset)
         self.known = True
 
+    #: Records taken from the stream since the worker started (progress reports read it).
+    taken: int = 0
+
     def consumed(self, partition: int, offset: int) -> None:
         """A record at ``offset`` of ``partition`` was taken from the stream and handled."""
+        self.taken += 1
         if offset + 1 > self.positions.get(partition, 0):
             self.positions[partition] = offset + 1
+
+    def gained(self, positions: Mapping[int, int]) -> None:
+        """Partitions a rebalance handed over: go on from where the group stands on them."""
+        for partition, offset in positions.items():
+            self.positions[partition] = max(self.positions.get(partition, 0), offset)
 
     def lag(self, owned: Iterable[int]) -> int:
         """Records still to consume on ``owned`` partitions before the start-time end offsets."""
@@ -59,3 +68,30 @@ class CatchUp:
 
     def health(self, owned: Iterable[int]) -> dict[str, Any]:
         return {"caught_up": self.done, "input_lag": 0 if self.done else (self.lag(owned) if self.known else None)}
+
+
+@dataclass(frozen=True)
+class InputProgress:
+    """How far the worker is behind its input, and when it will have caught up at this pace."""
+
+    lag: int  #: records of owned partitions not consumed yet
+    rate: float  #: records consumed per second since the last report
+    eta_s: float | None  #: lag / rate; ``None`` while nothing is being consumed
+
+    def line(self, topic: str) -> str:
+        eta = "unknown" if self.eta_s is None else f"{self.eta_s:.0f} s"
+        return f"{topic}: {self.lag:,} records behind, consuming {self.rate:,.0f}/s, caught up in {eta}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"lag": self.lag, "rate_per_s": round(self.rate, 1),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1)}
+
+
+def input_progress(ends: Mapping[int, int], positions: Mapping[int, int], owned: Iterable[int],
+                   consumed: int, seconds: float) -> InputProgress:
+    """Progress over the ``owned`` partitions: ``ends`` are their end offsets now, ``positions``
+    the next offsets to consume, ``consumed`` the records taken in the last ``seconds``."""
+    lag = sum(max(0, ends.get(p, 0) - positions.get(p, 0)) for p in owned)
+    rate = consumed / seconds if seconds > 0 else 0.0
+    eta = lag / rate if rate > 0 else (0.0 if lag == 0 else None)
+    return InputProgress(lag, rate, eta)

@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         60.0, ge=0,
         description="Refit the shared lexical IDF once the catalog has more than doubled since its fit and no "
                     "product change arrived for this long (0: only `simstream refit-lexical` refits).")
+    progress_interval_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Seconds between input progress reports: lag, rate and time to catch up in /stats "
+                    "(`input`), and a log line while the worker is behind (a bootstrap, a burst).")
     shutdown_drain_s: float = Field(
         30.0, ge=0, le=600,
         description="On SIGTERM/SIGINT: how long the batches in flight may take to publish, be acknowledged and "

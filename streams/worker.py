@@ -34,10 +34,10 @@ from serving.recommender import Recommender
 from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
-from streams.kafka_io import input_offsets
+from streams.kafka_io import committed_offsets, end_offsets, input_offsets
 from streams.metrics import Metrics
 from streams.outputs import Inbound, Outbound, Send
-from streams.readiness import CatchUp
+from streams.readiness import CatchUp, InputProgress, input_progress
 from streams.replica import Replica
 from streams.restore import StateReader
 from streams.rollover import ModelRollover, RolloverBusy
@@ -99,6 +99,8 @@ class Worker:
         #: List records wait until the worker has consumed the input it found at start.
         self.ownership = Ownership(settings, catching_up=True)
         self.catch_up = CatchUp(settings.topic_product_changes)
+        self.progress: InputProgress | None = None
+        self.progress_mark = (time.monotonic(), 0)
         self.state = StateReader(settings)
         self.replica: Replica | None = None
         self.sink = sink
@@ -319,7 +321,29 @@ class Worker:
     def status_parts(self) -> dict[str, Any]:
         """The rollover, scale-out and replica parts of ``/health`` and ``/stats``."""
         return {**self.rollover.health(), **self.ownership.health(),
-                **(self.replica.health() if self.replica is not None else {})}
+                **(self.replica.health() if self.replica is not None else {}),
+                "input": None if self.progress is None else self.progress.as_json()}
+
+    async def report_progress(self) -> None:
+        """Timer: how far behind ``product-changes`` this worker is, at what pace, and when it
+        will have caught up: in ``/stats`` (``input``), and a log line while it is behind by more
+        than a batch (a bootstrap, a burst)."""
+        if not self.ready.is_set():
+            return
+        topic = self.settings.topic_product_changes
+        loop = asyncio.get_running_loop()
+        ends = (await loop.run_in_executor(None, end_offsets, self.settings, [topic])).get(topic, {})
+        owned = self.ownership.allowed
+        if any(ends.get(p, 0) > self.catch_up.positions.get(p, 0) for p in owned):
+            # A partition gained in a rebalance goes on from the group's committed offset.
+            committed = await loop.run_in_executor(None, committed_offsets, self.settings)
+            self.catch_up.gained(committed.get(topic, {}))
+        now, taken = time.monotonic(), self.catch_up.taken
+        last_at, last_taken = self.progress_mark
+        self.progress_mark = (now, taken)
+        self.progress = input_progress(ends, self.catch_up.positions, owned, taken - last_taken, now - last_at)
+        if self.progress.lag > self.settings.embed_batch_size:
+            log.info("input %s", self.progress.line(topic))
 
     # ------------------------------------------------------------------ timers
 

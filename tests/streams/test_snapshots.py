@@ -85,3 +85,20 @@ async def test_the_idf_is_refitted_in_a_quiet_stream_by_the_owner_of_partition_z
     sent.clear()
     await worker.refit_lexical_when_quiet()
     assert sent == [], "fitted on the whole catalog: nothing to refit until it doubles"
+
+
+def test_input_progress_says_how_far_behind_at_what_pace_and_when_caught_up() -> None:
+    from streams.readiness import CatchUp, input_progress
+
+    progress = input_progress({0: 1000, 1: 500, 2: 900}, {0: 400, 1: 500, 2: 0}, {0, 1}, consumed=300,
+                              seconds=10.0)
+    assert (progress.lag, progress.rate, progress.eta_s) == (600, 30.0, 20.0)  # partition 2 is not ours
+    assert "600 records behind, consuming 30/s, caught up in 20 s" in progress.line("product-changes")
+    assert input_progress({0: 5}, {0: 5}, {0}, consumed=0, seconds=10.0).eta_s == 0.0
+    assert input_progress({0: 9}, {0: 5}, {0}, consumed=0, seconds=10.0).eta_s is None  # stalled
+
+    catch_up = CatchUp("product-changes")
+    catch_up.start({0: 10}, {0: 2})
+    catch_up.consumed(0, 4)
+    catch_up.gained({0: 3, 1: 7})  # a committed offset never moves a position back
+    assert catch_up.positions == {0: 5, 1: 7} and catch_up.taken == 1

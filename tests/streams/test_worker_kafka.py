@@ -188,3 +188,21 @@ def test_the_idf_is_fitted_once_the_stream_is_quiet_and_shared(
     shared = latest_by_key(read_topic(settings, settings.topic_lexical))
     assert shared["idf"]["n_docs"] == 20  # every worker of the group adopts this one
     assert "lexical IDF refitted on 20 products" in worker.log_tail(200)
+
+
+def test_a_worker_behind_its_input_reports_lag_rate_and_time_to_catch_up(
+    settings_for: Callable[..., Any], worker_factory: Callable[..., Any]
+) -> None:
+    settings = settings_for()
+    create_topics(settings)
+    kafka = producer(settings)
+    for i in range(3000):  # a catalog already waiting when the worker starts: a bootstrap
+        kafka.send(settings.topic_product_changes, key=f"R{i}".encode(), value=json.dumps(
+            {"op": "upsert", "product_id": f"R{i}", "title": f"hdmi cable {i}", "ts": TS}).encode())
+    kafka.flush()
+    kafka.close()
+    worker = worker_factory(SIMSTREAM_PROGRESS_INTERVAL_S="0.5")
+    worker.wait_ready(timeout=180)
+    assert "records behind, consuming" in worker.log_tail(500), worker.log_tail()
+    stats = wait_for(lambda: (s := worker.get("/stats")[1])["input"] is not None and s, what="a progress report")
+    assert stats["input"]["lag"] == 0 and stats["products"] == 3000
