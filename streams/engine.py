@@ -92,8 +92,8 @@ class Change:
 class Lanes:
     """One decoded batch: dead letters, and the changes by lane (see ``Engine.split``)."""
 
-    rejected: list[Outbound] = field(default_factory=list)
-    rejected_inputs: list[Inbound] = field(default_factory=list)
+    #: The dead letters of records that could not be decoded, and those records (done).
+    rejected: Outputs = field(default_factory=Outputs)
     fast: list[Change] = field(default_factory=list)
     slow: list[Change] = field(default_factory=list)
 
@@ -252,8 +252,8 @@ class Engine(Edge):
             try:
                 change = self.decode_product(message).to_core()
             except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
-                lanes.rejected.append(self.reject(message, exc))
-                lanes.rejected_inputs.append(message)
+                lanes.rejected.dead_letters.append(self.reject(message, exc))
+                lanes.rejected.done.append(message)
                 continue
             try:
                 needs_text = self.core.needs_embedding(change) is not None
@@ -276,9 +276,7 @@ class Engine(Edge):
         ``done`` and must not be acknowledged (``retry_pending`` finishes them later).
         """
         lanes = self.split(messages)
-        fast = await self.apply(lanes.fast)
-        fast.dead_letters[:0] = lanes.rejected
-        fast.done[:0] = lanes.rejected_inputs
+        fast = lanes.rejected.extend(await self.apply(lanes.fast))
         await self.publish(fast)
         slow = await self.apply_slow(lanes.slow)
         await self.publish(slow)
@@ -447,11 +445,9 @@ class Engine(Edge):
         return out, len(changes), None
 
     def already_applied(self, item: Change) -> bool:
-        """A change read back from the state topics that the core already holds (or has newer)."""
+        """An upsert read back from the state topics that the core already holds (or has newer)."""
         change = item.change
         current = self.core.catalog.get(change.product_id)
-        if isinstance(change, ProductDelete):
-            return current is None
         if current is not None and current == item.product:
             return True  # this worker's own change, or a replay
         return self.core.catalog.preview(change).outcome is Outcome.STALE

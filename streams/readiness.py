@@ -36,16 +36,14 @@ class CatchUp:
     known: bool = False
     #: Set once, the first time every owned partition reached its target; stays set.
     done: bool = False
+    #: Records taken from the stream since the worker started (progress reports read it).
+    taken: int = 0
 
     def start(self, targets: Mapping[int, int], positions: Mapping[int, int]) -> None:
         """Record the end offsets seen at start and the group's positions then."""
         self.targets = dict(targets)
-        for partition, offset in positions.items():
-            self.positions[partition] = max(self.positions.get(partition, 0), offset)
+        self.gained(positions)
         self.known = True
-
-    #: Records taken from the stream since the worker started (progress reports read it).
-    taken: int = 0
 
     def consumed(self, partition: int, offset: int) -> None:
         """A record at ``offset`` of ``partition`` was taken from the stream and handled."""
@@ -54,13 +52,14 @@ class CatchUp:
             self.positions[partition] = offset + 1
 
     def gained(self, positions: Mapping[int, int]) -> None:
-        """Partitions a rebalance handed over: go on from where the group stands on them."""
+        """Where the group stands (at start, or on partitions a rebalance handed over): a
+        position only ever moves forward."""
         for partition, offset in positions.items():
             self.positions[partition] = max(self.positions.get(partition, 0), offset)
 
     def lag(self, owned: Iterable[int]) -> int:
         """Records still to consume on ``owned`` partitions before the start-time end offsets."""
-        return sum(max(0, self.targets.get(p, 0) - self.positions.get(p, 0)) for p in owned)
+        return records_behind(self.targets, self.positions, owned)
 
     def reached(self, owned: Iterable[int]) -> bool:
         """Whether every ``owned`` partition has been consumed up to its start-time end offset."""
@@ -91,7 +90,12 @@ def input_progress(ends: Mapping[int, int], positions: Mapping[int, int], owned:
                    consumed: int, seconds: float) -> InputProgress:
     """Progress over the ``owned`` partitions: ``ends`` are their end offsets now, ``positions``
     the next offsets to consume, ``consumed`` the records taken in the last ``seconds``."""
-    lag = sum(max(0, ends.get(p, 0) - positions.get(p, 0)) for p in owned)
+    lag = records_behind(ends, positions, owned)
     rate = consumed / seconds if seconds > 0 else 0.0
     eta = lag / rate if rate > 0 else (0.0 if lag == 0 else None)
     return InputProgress(lag, rate, eta)
+
+
+def records_behind(ends: Mapping[int, int], positions: Mapping[int, int], owned: Iterable[int]) -> int:
+    """Records of the ``owned`` partitions between each position and its end offset."""
+    return sum(max(0, ends.get(p, 0) - positions.get(p, 0)) for p in owned)

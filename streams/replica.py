@@ -57,8 +57,7 @@ class Replica:
 
     @property
     def topics(self) -> tuple[str, str, str]:
-        s = self.settings
-        return (s.topic_products, s.topic_embeddings, s.topic_lexical)
+        return self.settings.state_topics
 
     def reached(self, ends: dict[str, dict[int, int]]) -> bool:
         """Whether every record before ``ends`` (topic -> partition -> offset) is applied here."""
@@ -175,11 +174,7 @@ class Replica:
         async with self.batch_lock:
             engine = self.engine
             out = Outputs()
-            changes: list[Change] = []
-            for product in await self.embed_overdue():
-                waiting = self.pending.pop(product.product_id, None)
-                if waiting is not None:
-                    changes.append(Change.of_product(waiting[0]))
+            changes = await self.embed_overdue()
             for topic, partition, offset, raw_key, raw_value in records:
                 if raw_key is None:
                     continue
@@ -189,7 +184,7 @@ class Replica:
                         # Every worker adopts each IDF record in log order, its own too, so all
                         # end on the last one even when two fitted at once.
                         if raw_value is not None and pid == LEXICAL_KEY:
-                            out.extend(await engine.apply(changes))
+                            out.extend(await self.apply_changes(changes))
                             changes = []
                             model = lexical_from_wire(json.loads(raw_value))
                             out.lists += engine.lists_to_records(await engine.in_core(engine.core.use_lexical, model))
@@ -207,13 +202,15 @@ class Replica:
                         changes += self.on_product(product_from_wire(value), partition, offset)
                 except (ValueError, SimstreamError) as exc:  # one unreadable record must not stop the replica
                     log.error("replica: ignoring unreadable %s record for %s: %s", topic, pid, exc)
-            out.extend(await engine.apply(changes))
-            self.applied += len(changes)
-            out.done = []
+            out.extend(await self.apply_changes(changes))
             await engine.publish(out)
 
-    async def embed_overdue(self) -> list[Product]:
-        """Embed here the products whose embedding record is overdue; those now cached."""
+    async def apply_changes(self, changes: list[Change]) -> Outputs:
+        self.applied += len(changes)
+        return await self.engine.apply(changes)
+
+    async def embed_overdue(self) -> list[Change]:
+        """Embed here the products whose embedding record is overdue; they can be applied now."""
         overdue = self.overdue()
         if not overdue:
             return []
@@ -222,14 +219,15 @@ class Replica:
             vectors = await engine.embed([product_text(p) for p in overdue], wait=False)
         except EncoderUnavailable:
             return []
-        done = []
+        ready = []
         for product in overdue:
             vector = vectors.get(product_text(product))
             if vector is not None:
                 engine.embeddings[product.product_id] = StoredEmbedding(
                     product.product_id, vector, engine.model_version, product.content_hash)
-                done.append(product)
-        return done
+                del self.pending[product.product_id]
+                ready.append(Change.of_product(product))
+        return ready
 
     def on_embedding(self, pid: str, stored: StoredEmbedding | None) -> list[Change]:
         """An embedding record: cache it; the product waiting for it can now be applied."""
@@ -249,8 +247,10 @@ class Replica:
         engine = self.engine
         pid = product.product_id
         self.pending.pop(pid, None)
-        if engine.core.catalog.get(pid) == product:
-            return []  # already here (this worker's own change, or a replay)
+        change = Change.of_product(product)
+        if engine.already_applied(change):
+            return []  # already here (this worker's own change, or a replay), or something newer
+
         try:
             needed = engine.core.needs_embedding(as_upsert(product))
         except SimstreamError:
@@ -258,4 +258,4 @@ class Replica:
         if needed is not None and engine.cached_vector(needed) is None:
             self.pending[pid] = (product, time.monotonic(), partition, offset)
             return []
-        return [Change.of_product(product)]
+        return [change]

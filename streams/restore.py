@@ -1,7 +1,7 @@
 """Reading the compacted state topics back at a start (blocking; run it in an executor).
 
 ``StateReader`` remembers where each read of a state topic stopped (``reached``): the
-replica (``streams/scaleout.py``) goes on from there, so it misses nothing and reads
+replica (``streams/replica.py``) goes on from there, so it misses nothing and reads
 nothing twice.
 """
 
@@ -27,15 +27,10 @@ class StateReader:
         #: topic -> partition -> next offset, for the state topics read so far.
         self.reached: dict[str, dict[int, int]] = {}
 
-    @property
-    def state_topics(self) -> set[str]:
-        s = self.settings
-        return {s.topic_products, s.topic_embeddings, s.topic_lexical}
-
     def read(self, topic: str, offsets: dict[int, int] | None = None) -> dict[str, Any]:
         """The last value per key of ``topic``: the compacted view, or with ``offsets`` the
         changes since them (tombstones kept as ``None``)."""
-        reached = self.reached.setdefault(topic, {}) if topic in self.state_topics else None
+        reached = self.reached.setdefault(topic, {}) if topic in self.settings.state_topics else None
         records = read_topic(self.settings, topic, from_offsets=offsets, timeout_s=300, reached=reached)
         return last_values(records) if offsets is not None else latest_by_key(records)
 

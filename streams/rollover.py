@@ -46,7 +46,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,7 +63,7 @@ from serving.recommender import CONTENT_KINDS, BehaviorRow, Kind, Recommender
 from serving.text import product_text
 from streams.engine import Change, Engine
 from streams.metrics import Metrics
-from streams.outputs import Outbound
+from streams.outputs import Outbound, Send
 from streams.settings import Settings
 from streams.wire import StoredEmbedding, embedding_to_wire
 
@@ -122,7 +122,7 @@ class ModelRollover:
     """Chooses the live model version and rolls the worker over to another one."""
 
     def __init__(self, settings: Settings, metrics: Metrics, engine: Engine, batch_lock: asyncio.Lock,
-                 ready: asyncio.Event, publish: Callable[[list[Outbound]], Awaitable[None]],
+                 ready: asyncio.Event, publish: Send,
                  on_swap: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.metrics = metrics

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,14 +41,13 @@ from streams.kafka_io import (
     read_topic,
 )
 from streams.metrics import Metrics
-from streams.outputs import Inbound, Outbound
+from streams.outputs import Inbound, Outbound, Send
 from streams.settings import Settings
 from streams.wire import same_items
 
 log = logging.getLogger(__name__)
 
 
-Publish = Callable[[list[Outbound]], Awaitable[None]]
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -295,7 +294,7 @@ class Handovers:
     users: BehaviorPipeline
     ownership: Ownership
     batch_lock: asyncio.Lock
-    publish: Publish
+    publish: Send
     replica: Callable[[], Reaches | None]
 
     async def run(self) -> None:

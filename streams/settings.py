@@ -178,6 +178,11 @@ class Settings(BaseSettings):
             "retries": self.encoder_retries,
         }
 
+    @property
+    def state_topics(self) -> tuple[str, str, str]:
+        """The internal compacted topics every worker's state is rebuilt from."""
+        return (self.topic_products, self.topic_embeddings, self.topic_lexical)
+
     def list_topic(self, kind: str) -> str:
         """The output topic of a list kind (``serving.kinds``)."""
         return str(getattr(self, spec_of(kind).topic_setting))

@@ -131,14 +131,9 @@ class Worker:
         """The core changed outside a batch (a swap): the next snapshot must be taken."""
         self.dirty = True
 
-    @property
-    def state_topics(self) -> set[str]:
-        s = self.settings
-        return {s.topic_products, s.topic_embeddings, s.topic_lexical}
-
     def acked(self, record: Outbound, partition: int, offset: int) -> None:
         """The sink reports each acknowledged record: state records advance what a snapshot covers."""
-        if record.topic in self.state_topics:
+        if record.topic in self.settings.state_topics:
             parts = self.written.setdefault(record.topic, {})
             parts[partition] = max(parts.get(partition, 0), offset + 1)
             self.dirty = True
