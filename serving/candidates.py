@@ -48,6 +48,11 @@ class CandidateBuffers:
     ``holders[c]`` is the set of owners whose buffer holds ``c``; every method here keeps it
     in step with the buffers. Lexical vectors (``lex``: product id -> ``SparseVec``, every
     live product) are passed in by the caller, which owns them.
+
+    Each owner also has a *floor* (``note_floor``): the dense score a newcomer must reach to
+    enter its buffer. The floors live in one numpy array, so ``owners_reaching`` finds every
+    buffer a newcomer may enter with one comparison over all owners, however far away they
+    are (the reverse check of ``serving.propagation`` relies on it to stay exact).
     """
 
     def __init__(self, config: RecommenderConfig, index: VectorIndex) -> None:
@@ -57,12 +62,54 @@ class CandidateBuffers:
         self.holders: dict[str, set[str]] = {}
         #: Buffers rebuilt from the index because a removal left them shorter than C.
         self.refills = 0
+        # Floors by slot; a free slot holds NaN, which no comparison selects.
+        self._floor = np.full(64, np.nan, dtype=np.float64)
+        self._slot: dict[str, int] = {}
+        self._owner_at: list[str | None] = []
+        self._free: list[int] = []
+
+    def note_floor(self, p: str) -> None:
+        """Record the floor of ``p``'s buffer after it changed.
+
+        A complete or empty buffer admits anything (floor -inf); otherwise a newcomer must
+        reach the dense score of the last member (a tie is then settled by id).
+        """
+        buf = self.by_owner[p]
+        slot = self._slot.get(p)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._owner_at[slot] = p
+            else:
+                slot = len(self._owner_at)
+                self._owner_at.append(p)
+                if slot >= self._floor.shape[0]:
+                    grown = np.full(self._floor.shape[0] * 2, np.nan, dtype=np.float64)
+                    grown[:slot] = self._floor[:slot]
+                    self._floor = grown
+            self._slot[p] = slot
+        self._floor[slot] = -np.inf if buf.complete or not buf.keys else -buf.keys[-1][0]
+
+    def owners_reaching(self, score: float) -> tuple[list[str], np.ndarray]:
+        """Owners whose floor is at most ``score``, with their floors: every buffer that a
+        newcomer scoring ``score`` (or less) against its owner might enter."""
+        slots = np.flatnonzero(self._floor[: len(self._owner_at)] <= score)
+        owner_at = self._owner_at
+        return [owner_at[i] for i in slots.tolist()], self._floor[slots]  # type: ignore[misc]
+
+    def _release(self, p: str) -> None:
+        slot = self._slot.pop(p, None)
+        if slot is not None:
+            self._floor[slot] = np.nan
+            self._owner_at[slot] = None
+            self._free.append(slot)
 
     def adopt(self, owner: str, buf: CandidateBuffer) -> None:
         """Take ``buf`` as ``owner``'s buffer as it is (a restore), and index its members."""
         self.by_owner[owner] = buf
         for c in buf.parts:
             self.holders.setdefault(c, set()).add(owner)
+        self.note_floor(owner)
 
     def discard_holder(self, c: str, p: str) -> None:
         """``p``'s buffer no longer holds ``c``."""
@@ -78,6 +125,7 @@ class CandidateBuffers:
         if buf is not None:
             for c in buf.parts:
                 self.discard_holder(c, p)
+            self._release(p)
         return buf
 
     def build(self, ids: list[str], lex: Mapping[str, SparseVec], chunk: int = 4096) -> None:
@@ -125,6 +173,7 @@ class CandidateBuffers:
         for c in buf.parts.keys() - old_members:
             self.holders.setdefault(c, set()).add(p)
         self.by_owner[p] = buf
+        self.note_floor(p)
 
     def rescore_lexical(self, lex: Mapping[str, SparseVec]) -> None:
         """Recompute every pair's lexical score (after the lexical model changed)."""

@@ -17,8 +17,10 @@ class RecommenderConfig:
       substitute gets an empty substitute list.
     * ``candidate_slack``: extra neighbours kept below the top-C per product, so that a
       neighbour that moves away or is deleted can be replaced without a new index query.
-    * ``reverse_depth``: how many of a changed product's own dense neighbours are checked
-      for lists it now enters (HNSW only; an exact index checks every list).
+    * ``reverse_depth``: depth of the index search behind the reverse check. Every list a
+      changed product may now enter is checked whatever this is (owners beyond it are
+      found by their floors, ``serving.candidates``); a deeper search leaves fewer owners
+      to that scan and costs a slower query.
     * ``lexical_weight``: share of the lexical cosine inside the content score.
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.

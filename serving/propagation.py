@@ -13,8 +13,9 @@ The definition every published list must match (DESIGN.md, "Propagation invarian
 
 * **vector (text) change or insert**: ``q`` is taken out of every buffer that named it
   (a buffer that drops below C is refilled from the index), ``q``'s own buffer is rebuilt,
-  and ``q`` enters every buffer whose last member it beats. With an exact index every
-  buffer is checked; with HNSW the ``reverse_depth`` nearest neighbours of ``q`` are.
+  and ``q`` enters every buffer whose last member it beats. Every buffer is checked: the
+  owners among ``q``'s index neighbours, and every other owner whose floor (the score its
+  last member holds) the neighbourhood's last score does not exceed.
 * **delete**: the same removal, then tombstones for ``q``'s own lists.
 * **stock, price, group or other non-text change**: the lists whose buffers name ``q``
   (and ``q``'s own) are re-evaluated, since substitute rules and reasons depend on them.
@@ -47,6 +48,10 @@ from serving.lists import ReasonCache, build_complements, build_lists
 from serving.patching import may_change, patched_lists
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
+
+#: Added to the dense score of ``q``'s last index neighbour before selecting owners by floor:
+#: the index ranks by float32 scores and the buffers hold float64 ones.
+_FLOOR_MARGIN = 1e-5
 
 
 class Propagator:
@@ -188,19 +193,14 @@ class Propagator:
             if self._drop(p, q, patched):
                 affected.add(p)
         vq = self.index.get_vector(q)
-        near: list[str] | None = None
-        if not self.index.exact:
-            # One search serves q's own buffer (its head) and the reverse check (all of it).
-            depth = max(self.config.buffer_depth, self.config.reverse_depth)
-            near = [c for c, _ in self.index.query(vq, depth, exclude=(q,))]
+        # One search serves q's own buffer (its head) and the reverse check (all of it).
+        depth = max(self.config.buffer_depth, self.config.reverse_depth)
+        near = [c for c, _ in self.index.query(vq, depth, exclude=(q,))]
         if self.owns(q):
-            if near is None:
-                self.buffers.fill(q, self.lex, reuse_lexical=False)
-            else:
-                self.buffers.set_buffer(q, vq, near[: self.config.buffer_depth], self.lex, reuse_lexical=False)
+            self.buffers.set_buffer(q, vq, near[: self.config.buffer_depth], self.lex, reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
-        self._enter(q, vq, old_rev, affected, patched, near=near)
+        self._enter(q, vq, near, old_rev, affected, patched)
         return self.refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
 
     def on_delete(self, q: str) -> list[Publication]:
@@ -257,6 +257,7 @@ class Propagator:
         if not buf.complete and len(buf.keys) < c_depth:
             self.buffers.refill(p, self.lex)
             return True
+        self.buffers.note_floor(p)
         if i >= c_depth:
             return False
         moved_in = (buf.keys[c_depth - 1][1],) if len(buf.keys) >= c_depth else ()
@@ -309,35 +310,46 @@ class Propagator:
         self,
         q: str,
         vq: np.ndarray,
+        near: list[str],
         extra: Iterable[str],
         affected: set[str],
         patched: dict[str, tuple[Items, Items]],
-        *,
-        near: list[str] | None = None,
     ) -> None:
         """Insert ``q`` into every buffer whose last member it now beats.
 
-        A list that only gains ``q`` is patched in place (``patched``); one that needs more
-        is marked for a rebuild (``affected``).
+        ``near`` is ``q``'s dense neighbourhood from the index, best first. Every owner
+        outside it scores at most the last of ``near`` against ``q``, so only the owners in
+        ``near``, in ``extra``, and those whose floor is that low can admit ``q``
+        (``CandidateBuffers.owners_reaching``): the check covers every buffer, however far
+        its owner, at the cost of one comparison over the floors. A list that only gains
+        ``q`` is patched in place (``patched``); one that needs more is marked for a
+        rebuild (``affected``).
         """
-        if self.index.exact:
-            pool: Iterable[str] = self.buffers.by_owner.keys()
-        else:
-            if near is None:
-                near = [c for c, _ in self.index.query(vq, self.config.reverse_depth, exclude=(q,))]
-            pool = [*near[: self.config.reverse_depth], *extra]
         bufs = self.buffers.by_owner
+        others = len(self.index) - (1 if q in self.index else 0)
+        far: list[str] = []
+        if len(near) < others:  # else near holds every other product
+            # The index's own scores are float32: a margin keeps ties and rounding inside.
+            edge = np.inf
+            if near:
+                edge = float(dense_scores(vq, self.index.get_vectors(near[-1:]))[0]) + _FLOOR_MARGIN
+            owners, floors = self.buffers.owners_reaching(edge)
+            if owners:
+                # Most of these score far below their floor: drop them in numpy.
+                reach = dense_scores(vq, self.index.get_vectors(owners)) >= floors
+                far = [owners[i] for i in np.flatnonzero(reach).tolist()]
         seen: set[str] = {q}
         cands: list[str] = []
         cand_bufs: list[CandidateBuffer] = []
-        for p in pool:
-            if p in seen:
-                continue
-            seen.add(p)
-            b = bufs.get(p)
-            if b is not None and q not in b.parts:
-                cands.append(p)
-                cand_bufs.append(b)
+        for pool in (near, extra, far):
+            for p in pool:
+                if p in seen:
+                    continue
+                seen.add(p)
+                b = bufs.get(p)
+                if b is not None and q not in b.parts:
+                    cands.append(p)
+                    cand_bufs.append(b)
         if not cands:
             return
         scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
@@ -373,6 +385,7 @@ class Propagator:
                 del buf.parts[dropped]
                 self.buffers.discard_holder(dropped, p)
                 buf.complete = False
+            self.buffers.note_floor(p)
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self.buffers.by_owner[p]

@@ -74,8 +74,8 @@ def dedupe_last(ids: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndar
 class VectorIndex(Protocol):
     """Inner-product nearest neighbours over unit vectors, keyed by string id.
 
-    ``exact`` tells the recommender whether ``query`` is exact; when it is, reverse
-    propagation checks every list instead of the changed product's neighbourhood.
+    ``exact`` says whether ``query`` is exact (the tests and evaluations rely on it; the
+    recommender treats both kinds alike).
     """
 
     dim: int

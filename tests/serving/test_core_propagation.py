@@ -247,3 +247,23 @@ def test_ownership_handover_keeps_lists_exact(
         for k in Kind:
             assert all(rec.owns(p) for p in rec.lists(k))
         assert all(rec.owns(p) for p in rec.behavior_rows())
+
+
+#: The reverse search reaches only the buffer depth (13 here): buffers of owners farther
+#: away must still take a newcomer that beats their last member.
+SHALLOW_REVERSE = RecommenderConfig(
+    dim=8, k=4, candidate_depth=10, candidate_slack=3, reverse_depth=1, hnsw_ef=200, hnsw_initial_capacity=32
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), initial=st.integers(20, 120), ops=st.lists(op_strategy, max_size=80))
+@example(seed=3, initial=120, ops=[("new", i) for i in range(40)])
+def test_hnsw_reverse_check_reaches_far_owners(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
+    """With HNSW and a reverse search shallower than the catalog, every list still equals
+    the from-scratch recomputation: the reverse check is complete, not a fixed depth.
+
+    (At this size and ``ef`` the HNSW searches themselves are exact.)
+    """
+    stream = run_stream("hnsw", SHALLOW_REVERSE, seed, initial, ops)
+    check_against_exact(stream, exact=True)
