@@ -33,7 +33,7 @@ exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -82,6 +82,10 @@ class Propagator:
         self.behavior_ignored = 0
         # Per owner: (owner profile the reasons were computed for, reasons by candidate).
         self._reasons: dict[str, tuple[Profile, ReasonCache]] = {}
+        #: Changes were merged without propagation (``defer_change``): buffers and lists
+        #: are stale until ``settle``.
+        self.unsettled = False
+        self._unsettled_out_of_stock: set[str] = set()
 
     # ------------------------------------------------------------------ whole-state steps
 
@@ -201,7 +205,7 @@ class Propagator:
             affected.add(q)
         affected |= self._behavior_holders(q)
         self._enter(q, vq, near, old_rev, affected, patched)
-        return self.refresh(affected, out_of_stock=q if out_of_stock else None, patched=patched)
+        return self.refresh(affected, out_of_stock=(q,) if out_of_stock else (), patched=patched)
 
     def on_delete(self, q: str) -> list[Publication]:
         """``q`` is gone from the catalog: out of the index, every buffer and its own lists."""
@@ -215,14 +219,7 @@ class Propagator:
         patched: dict[str, tuple[Items, Items]] = {}
         affected = {p for p in old_rev if self._drop(p, q, patched)}
         affected |= self._behavior_holders(q)
-        pubs: list[Publication] = []
-        for spec in LIST_KINDS:
-            held = self.lists[spec.kind].pop(q, None)
-            # A behaviour-only list (complements) may sit on the topic without a list here
-            # (a row lost in a handover).
-            stale = not spec.content and self.owns(q) and (spec.kind, q) in self.versions
-            if held is not None or stale:
-                pubs.append(self.publish(spec.kind, q, None, None))
+        pubs = self._own_tombstones(q)
         pubs.extend(self.refresh(affected, patched=patched))
         return pubs
 
@@ -239,7 +236,57 @@ class Propagator:
         if q in self.buffers.by_owner:
             affected.add(q)
         affected |= self._behavior_holders(q)
-        return self.refresh(affected, out_of_stock=q if update.went_out_of_stock else None)
+        return self.refresh(affected, out_of_stock=(q,) if update.went_out_of_stock else ())
+
+    # ------------------------------------------------------------------ deferred changes
+
+    def defer_change(self, q: str, *, out_of_stock: bool = False) -> None:
+        """``q`` is new or changed (already in the index, ``lex`` and ``profiles``), and
+        propagating it is left to ``settle``: buffers and lists stay as they are."""
+        self.unsettled = True
+        if out_of_stock:
+            self._unsettled_out_of_stock.add(q)
+
+    def defer_delete(self, q: str) -> list[Publication]:
+        """``q`` is gone: out of the index and its own lists (tombstones returned now); the
+        buffers that still name it are rebuilt by ``settle``."""
+        self.unsettled = True
+        self._unsettled_out_of_stock.discard(q)
+        self.buffers.remove_owner(q)
+        self._reasons.pop(q, None)
+        self.lex.pop(q, None)
+        self.profiles.pop(q, None)
+        self._set_row(q, None)
+        self.index.delete(q)
+        return self._own_tombstones(q)
+
+    def settle(self) -> list[Publication]:
+        """Propagate every deferred change at once: the buffers of all owned products are
+        rebuilt from the index (batched searches) and the lists that differ are returned,
+        each once; substitutes of products that went out of stock meanwhile are always
+        returned, with ``trigger="out_of_stock"``."""
+        if not self.unsettled:
+            return []
+        owned = sorted(p for p in self.profiles if self.owns(p))
+        # Buffers name products deleted meanwhile: start them all afresh.
+        for p in list(self.buffers.by_owner):
+            self.buffers.remove_owner(p)
+        self.buffers.build(owned, self.lex)
+        forced = self._unsettled_out_of_stock & self.profiles.keys()
+        self.unsettled = False
+        self._unsettled_out_of_stock = set()
+        return self.refresh(owned, out_of_stock=forced)
+
+    def _own_tombstones(self, q: str) -> list[Publication]:
+        pubs: list[Publication] = []
+        for spec in LIST_KINDS:
+            held = self.lists[spec.kind].pop(q, None)
+            # A behaviour-only list (complements) may sit on the topic without a list here
+            # (a row lost in a handover).
+            stale = not spec.content and self.owns(q) and (spec.kind, q) in self.versions
+            if held is not None or stale:
+                pubs.append(self.publish(spec.kind, q, None, None))
+        return pubs
 
     def _drop(self, p: str, q: str, patched: dict[str, tuple[Items, Items]] | None = None) -> bool:
         """Take ``q`` out of ``p``'s buffer (the caller fixes ``buffers.holders[q]``); refill if too short.
@@ -428,11 +475,11 @@ class Propagator:
         self,
         affected: Iterable[str],
         *,
-        out_of_stock: str | None = None,
+        out_of_stock: Collection[str] = (),
         patched: Mapping[str, tuple[Items, Items]] | None = None,
     ) -> list[Publication]:
         """Rebuild the lists of ``affected``, take those of ``patched`` as given, and publish
-        what differs from the current lists (``out_of_stock``'s substitutes always)."""
+        what differs from the current lists (the substitutes of ``out_of_stock`` always)."""
         patched = patched or {}
         rebuild = set(affected)
         pubs: list[Publication] = []
@@ -443,7 +490,7 @@ class Propagator:
             if self.lists[Kind.SIMILAR].get(p) != similar:
                 self.lists[Kind.SIMILAR][p] = similar
                 pubs.append(self.publish(Kind.SIMILAR, p, similar, None))
-            forced = p == out_of_stock
+            forced = p in out_of_stock
             if forced or self.lists[Kind.SUBSTITUTES].get(p) != subs:
                 self.lists[Kind.SUBSTITUTES][p] = subs
                 trigger = Trigger.OUT_OF_STOCK if forced else Trigger.REFRESH

@@ -119,9 +119,12 @@ class Recommender:
         """Everything a snapshot needs (``serving.snapshot``); see ``RecommenderState``.
 
         The state shares this recommender's objects: read it before the next change and do
-        not modify it.
+        not modify it. Deferred changes must be settled first (``settle``): their buffers
+        are stale.
         """
         core = self._propagation
+        if core.unsettled:
+            raise ConfigurationError("export_state with deferred changes: call settle() first")
         return RecommenderState(
             index=self.index,
             catalog=self.catalog,
@@ -228,22 +231,32 @@ class Recommender:
             return update.after
         return None
 
-    def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
+    def apply(
+        self, change: ProductChange, vector: np.ndarray | None = None, *, defer: bool = False
+    ) -> list[Publication]:
         """Merge one change and return every list that must be republished.
 
         ``vector`` is required exactly when ``needs_embedding(change)`` returns a product;
         otherwise it is ignored (a price or stock change is never re-embedded). On any
         error (``InvalidChange``, ``MissingVector``, ``InvalidVector``) nothing changes.
         Stale events and deletes of unknown ids are counted and return ``[]``.
+
+        With ``defer`` the change is merged into the catalog, the index and the lexical
+        vectors, but the lists are left for ``settle`` (only a deleted product's own lists
+        are tombstoned at once): a worker far behind its input converges once instead of
+        rebuilding lists that later changes rebuild again. Any call without ``defer``
+        settles first, and its result starts with what the settle published.
         """
+        settled = [] if defer else self.settle()
         update = self.catalog.preview(change)
         pid = change.product_id
+        core = self._propagation
         if update.outcome in (Outcome.STALE, Outcome.UNKNOWN_DELETE):
             self.catalog.commit(update, change.ts)
-            return []
+            return settled
         if update.outcome is Outcome.DELETED:
             self.catalog.commit(update, change.ts)
-            return self._propagation.on_delete(pid)
+            return settled + (core.defer_delete(pid) if defer else core.on_delete(pid))
         after = update.after
         assert after is not None
         if update.text_changed:
@@ -256,12 +269,32 @@ class Recommender:
             lex = self.lexical.vectorize(product_text(after))
             self.index.upsert([pid], np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector)
             self.catalog.commit(update, change.ts)
-            self._propagation.lex[pid] = lex
-            self._propagation.profiles[pid] = profile(after)
-            return self._propagation.on_vector_change(pid, out_of_stock=update.went_out_of_stock)
+            core.lex[pid] = lex
+            core.profiles[pid] = profile(after)
+            if defer:
+                core.defer_change(pid, out_of_stock=update.went_out_of_stock)
+                return settled
+            return settled + core.on_vector_change(pid, out_of_stock=update.went_out_of_stock)
         self.catalog.commit(update, change.ts)
-        self._propagation.profiles[pid] = profile(after)
-        return self._propagation.on_attributes_change(pid, update)
+        core.profiles[pid] = profile(after)
+        if defer:
+            core.defer_change(pid, out_of_stock=update.went_out_of_stock)
+            return settled
+        return settled + core.on_attributes_change(pid, update)
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether deferred changes wait for ``settle``."""
+        return self._propagation.unsettled
+
+    def settle(self) -> list[Publication]:
+        """Propagate every change applied with ``defer`` since the last settle, at once.
+
+        The candidate buffers of all owned products are rebuilt from the index in batched
+        searches (as ``bulk_load`` builds them), and every list that differs from the last
+        published one is returned once. A no-op when nothing was deferred.
+        """
+        return self._propagation.settle()
 
     def apply_many(
         self,
@@ -295,7 +328,8 @@ class Recommender:
         """
         for pid, row in rows.items():
             row.validate(pid)
-        return self._propagation.apply_behavior(rows)
+        settled = self.settle()
+        return settled + self._propagation.apply_behavior(rows)
 
     def set_ownership(
         self, owns: Callable[[str], bool], behavior: Mapping[str, BehaviorRow] | None = None
@@ -314,7 +348,8 @@ class Recommender:
         """
         for pid, row in (behavior or {}).items():
             row.validate(pid)
-        return self._propagation.set_ownership(owns, (p.product_id for p in self.catalog), behavior or {})
+        settled = self.settle()
+        return settled + self._propagation.set_ownership(owns, (p.product_id for p in self.catalog), behavior or {})
 
     def bulk_load(self, products: Sequence[ProductUpsert], vectors: np.ndarray) -> list[Publication]:
         """Load a whole catalog into an empty recommender at once (start-up, benchmarks).
@@ -355,11 +390,12 @@ class Recommender:
     def use_lexical(self, model: LexicalModel) -> list[Publication]:
         """Score with ``model`` (an IDF fitted elsewhere: every worker of a group shares one)
         and republish every list that changed; nothing happens when it is the model in use."""
+        settled = self.settle()
         if model.same_as(self.lexical):
-            return []
+            return settled
         self.lexical = model
         lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
-        return self._propagation.use_lexical_vectors(lex)
+        return settled + self._propagation.use_lexical_vectors(lex)
 
     # ------------------------------------------------------------------ versions
 

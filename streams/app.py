@@ -160,6 +160,7 @@ def create_app(settings: Settings) -> faust.App:
     app.timer(interval=1.0)(worker.snapshot_tick)
     app.timer(interval=1.0)(worker.retry_deferred)
     app.timer(interval=0.2)(worker.catch_up_tick)
+    app.timer(interval=1.0)(worker.settle_tick)
     app.timer(interval=max(0.05, settings.behavior_debounce_ms / 2000.0))(worker.flush_behavior)
     app.timer(interval=1.0)(worker.follow_model_version)
     app.timer(interval=1.0)(worker.refit_lexical_when_quiet)

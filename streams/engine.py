@@ -140,6 +140,9 @@ class Engine(Edge):
     journal: list[ProductChange] | None = None
     #: Increases with every ``swap``: a long task can tell that the core it started on is gone.
     generation: int = 0
+    #: Apply with ``defer`` (``Recommender.apply``): lists wait for ``settle``. The worker
+    #: sets it while far behind its input.
+    defer_propagation: bool = False
 
     @property
     def core(self) -> Recommender:
@@ -354,6 +357,19 @@ class Engine(Edge):
         self.update_gauges()
         return out
 
+    async def settle(self) -> Outputs:
+        """Propagate the changes applied with ``defer_propagation``: every list rebuilt at
+        once (``Recommender.settle``), the ones that changed to publish."""
+        if not self.core.unsettled:
+            return Outputs()
+        started = time.monotonic()
+        pubs = await self.in_core(self.core.settle)
+        out = Outputs(lists=self.lists_to_records(pubs))
+        log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s",
+                 len(self.core.catalog), len(out.lists), time.monotonic() - started)
+        self.update_gauges()
+        return out
+
     def builds_from_scratch(self, changes: Sequence[Change]) -> bool:
         """Whether ``changes`` fill an empty core with whole products and their vectors (a
         restore, a rollover's new core): then one batched build replaces per-change updates."""
@@ -419,7 +435,7 @@ class Engine(Edge):
                         vector = vectors[text]
                 before = core.catalog.get(pid)
                 stale_before = core.catalog.stale_events
-                publications = core.apply(change, vector)
+                publications = core.apply(change, vector, defer=self.defer_propagation)
                 if self.journal is not None:
                     self.journal.append(change)
                 after = core.catalog.get(pid)

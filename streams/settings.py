@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         10.0, gt=0, le=3600,
         description="Seconds between input progress reports: lag, rate and time to catch up in /stats "
                     "(`input`), and a log line while the worker is behind (a bootstrap, a burst).")
+    bulk_catch_up_min: int = Field(
+        2000, ge=0,
+        description="Bulk catch-up: while the product-changes backlog is at least this many records and at least "
+                    "a quarter of the catalog (a bootstrap, a big import), changes are merged without updating "
+                    "lists, and every list is rebuilt and published once when the backlog is gone (0 disables).")
     shutdown_drain_s: float = Field(
         30.0, ge=0, le=600,
         description="On SIGTERM/SIGINT: how long the batches in flight may take to publish, be acknowledged and "

@@ -229,13 +229,41 @@ class Worker:
             # Events taken before a rebalance that moved their partition away are the new
             # owner's to apply (it re-reads them from the committed offset); never acked here.
             batch = [m for m in batch if self.ownership.owns_partition(m.partition)]
+            self.engine.defer_propagation = self.far_behind()
             outputs = await self.engine.handle(batch)
             # Acknowledged inside the lock: a graceful stop that takes the lock next finds
             # every finished batch acknowledged, so its offsets are committed at the stop.
             await acknowledge(outputs.done)
             for message in batch:
                 self.catch_up.consumed(message.partition, message.offset)
+            if not self.far_behind():
+                await self.engine.publish(await self.engine.settle())
             await self.end_catch_up_if_reached()
+
+    def far_behind(self) -> bool:
+        """Whether the ``product-changes`` backlog calls for a bulk catch-up
+        (``SIMSTREAM_BULK_CATCH_UP_MIN``).
+
+        One starts when the backlog is at least that many records and at least a quarter of
+        the catalog: rebuilding every list once then costs less than updating them change by
+        change (a full rebuild costs about as much as a quarter of the catalog's changes).
+        Once started it goes on until the backlog is down to a batch, since the rebuild is
+        due anyway and every change until then is cheaper deferred.
+        """
+        least = self.settings.bulk_catch_up_min
+        if least <= 0 or self.progress is None:
+            return False
+        # The lag at the last progress report, less what was consumed since.
+        behind = self.progress.lag - (self.catch_up.taken - self.progress_mark[1])
+        if self.engine.core.unsettled:
+            return behind > self.settings.embed_batch_size
+        return behind >= max(least, len(self.engine.core.catalog) / 4)
+
+    async def settle_tick(self) -> None:
+        """Timer: settles a bulk catch-up once the backlog is gone, when no batch comes to do it."""
+        if self.engine.core.unsettled and not self.batch_lock.locked() and not self.far_behind():
+            async with self.batch_lock:
+                await self.engine.publish(await self.engine.settle())
 
     async def settled_under(self, lock: asyncio.Lock) -> None:
         """With ``lock`` held: until no handover is pending (released while waiting)."""
@@ -317,7 +345,8 @@ class Worker:
         """The rollover, scale-out and replica parts of ``/health`` and ``/stats``."""
         return {**self.rollover.health(), **self.ownership.health(),
                 **(self.replica.health() if self.replica is not None else {}),
-                "input": None if self.progress is None else self.progress.as_json()}
+                "input": None if self.progress is None else self.progress.as_json(),
+                "bulk_catch_up": self.engine.core.unsettled}
 
     async def report_progress(self) -> None:
         """Timer: how far behind ``product-changes`` this worker is, at what pace, and when it
@@ -451,6 +480,7 @@ class Worker:
 
     async def snapshot_between_batches(self) -> Path | None:
         async with self.batch_lock:
+            await self.engine.publish(await self.engine.settle())
             return await self.engine.in_core(self.take_snapshot)
 
     async def snapshot_now(self) -> dict[str, Any]:
@@ -464,6 +494,8 @@ class Worker:
         """Timer: a snapshot on the configured interval, between batches, when something changed."""
         interval = self.settings.snapshot_interval_s
         if interval <= 0 or not self.ready.is_set() or not self.dirty or self.draining:
+            return
+        if self.engine.core.unsettled:  # a bulk catch-up: its buffers are stale until it settles
             return
         if time.monotonic() - self.last_snapshot_at < interval:
             return

@@ -46,6 +46,8 @@ class Stream:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     published: dict[tuple[Kind, str], Publication] = field(default_factory=dict)
     all_pubs: list[Publication] = field(default_factory=list)
+    #: Apply changes with ``defer`` (a worker far behind its input); ``settle`` propagates them.
+    defer: bool = False
 
     def apply_behavior(self, rows: dict[str, BehaviorRow]) -> list[Publication]:
         return self._record(self.rec.apply_behavior(rows))
@@ -61,11 +63,17 @@ class Stream:
     def workers(self) -> list[Recommender]:
         return [self.rec]
 
+    def settle(self) -> list[Publication]:
+        pubs: list[Publication] = []
+        for rec in self.workers():
+            pubs += rec.settle()
+        return self._record(pubs)
+
     def apply(self, change: ProductChange, vector: np.ndarray | None = None) -> list[Publication]:
         needed = self.rec.needs_embedding(change)
         pubs: list[Publication] = []
         for rec in self.workers():
-            pubs += rec.apply(change, vector if needed is not None else None)
+            pubs += rec.apply(change, vector if needed is not None else None, defer=self.defer)
         if needed is not None:
             assert vector is not None
             self.vectors[change.product_id] = np.asarray(vector)

@@ -123,3 +123,28 @@ def test_a_restarted_worker_loses_nothing_and_embeds_nothing_twice(
     pairs = [(r.key, r.value["content_hash"]) for r in read_topic(settings, settings.topic_embeddings)
              if r.value is not None]
     assert len(pairs) == len(set(pairs)), "a product text was embedded twice"
+
+
+def test_a_bulk_catch_up_publishes_each_list_about_once_and_ends_exact(
+    model_base: Path, settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess],
+) -> None:
+    """A worker that starts far behind (the whole scenario waiting on the topic) merges the
+    backlog without updating lists and settles once: the lists end as exact as when every
+    change propagates, with far fewer publications."""
+    env = {"SIMSTREAM_MODEL_BASE": str(model_base), "SIMSTREAM_BULK_CATCH_UP_MIN": "20",
+           "SIMSTREAM_PROGRESS_INTERVAL_S": "0.2"}
+    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+    create_topics(settings)
+    scenario = Scenario()
+    scenario.load()
+    scenario.churn(rounds=2)
+    scenario.send(settings, scenario.events)
+    worker = run_worker(worker_factory, **env)
+    stats = wait_quiet(worker, len(scenario.events))
+    assert stats["dead_letters"] == scenario.bad
+    assert "bulk catch-up settled" in worker.log_tail(200), worker.log_tail()
+    check_invariant(settings, worker, scenario)
+    records = list(read_topic(settings, settings.topic_similar_items))
+    lists = {r.key for r in records}
+    print(f"{len(records)} similar-items records for {len(lists)} lists")
+    assert len(records) <= 1.5 * len(lists), f"{len(records)} records for {len(lists)} lists"
