@@ -21,7 +21,7 @@ import faust
 from streams.kafka_io import ssl_context
 from streams.outputs import Inbound, Outbound
 from streams.settings import Settings
-from streams.worker import GC_FREEZE_INTERVAL_S, Worker
+from streams.worker import GC_FREEZE_INTERVAL_S, TAKE_EMBED_BATCHES, Worker
 
 
 def credentials(settings: Settings) -> Any:
@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> faust.App:
         app.agent(raw_topic(app, topic), name=name)(functools.partial(consume, worker.ready, handle, size, within))
 
     agent(settings.topic_product_changes, "product-changes", worker.on_product_changes,
-          settings.embed_batch_size, settings.embed_batch_within_s)
+          TAKE_EMBED_BATCHES * settings.embed_batch_size, settings.embed_batch_within_s)
     # In batches: one wait for the broker's acks per batch, not per event (a per-event round
     # trip capped the stream near 100 events/s).
     agent(settings.topic_user_events, "user-events", worker.on_user_events, 256, 0.005)

@@ -223,9 +223,10 @@ class Engine(Edge):
             return stored.vector
         return None
 
-    def texts_to_embed(self, changes: Iterable[Change]) -> set[str]:
-        """The texts ``changes`` will need that no cache or given vector covers."""
-        texts: set[str] = set()
+    def texts_to_embed(self, changes: Iterable[Change]) -> list[str]:
+        """The texts ``changes`` will need that no cache or given vector covers, in the order
+        the changes need them."""
+        texts: dict[str, None] = {}
         for item in changes:
             if item.vector is not None:
                 continue
@@ -234,8 +235,8 @@ class Engine(Edge):
             except Exception:  # noqa: BLE001 - reported, per change, when it is applied
                 continue
             if product is not None and self.cached_vector(product) is None:
-                texts.add(product_text(product))
-        return texts
+                texts[product_text(product)] = None
+        return list(texts)
 
     # ------------------------------------------------------------------ the stream
 
@@ -327,32 +328,46 @@ class Engine(Edge):
     async def apply(self, changes: Sequence[Change], *, wait_for_encoder: bool = True) -> Outputs:
         """Apply ``changes`` in order and say what to publish; nothing is sent here.
 
-        Texts without a vector are embedded first, in one encoder call. An unreachable
-        encoder raises ``EncoderUnavailable`` without ``wait_for_encoder`` (nothing is applied
-        then). A text the encoder refuses fails only the changes that need it: one text at a
-        time finds it, and those changes become dead letters.
+        Texts without a vector are embedded in encoder calls of ``embed_batch_size`` texts, in the
+        order the changes need them; while the core applies the changes of one chunk, the
+        encoder embeds the next. An unreachable encoder raises ``EncoderUnavailable`` without
+        ``wait_for_encoder`` when the first chunk is embedded (nothing is applied then); later
+        chunks wait for it. A text the encoder refuses fails only the changes that need it:
+        one text at a time finds it, and those changes become dead letters.
         """
         if not changes:
             return Outputs()
         if self.builds_from_scratch(changes):
             return await self.in_core(self.bulk_load, changes)
         out = Outputs()
-        texts = sorted(self.texts_to_embed(changes))
+        texts = self.texts_to_embed(changes)
+        size = self.settings.embed_batch_size
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         poison: dict[str, str] = {}
-        try:
-            vectors = await self.embed(texts, wait=wait_for_encoder)
-        except EncoderUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
-            log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
-            vectors = await self.embed_one_by_one(texts, poison)
+        # The first chunk decides whether the encoder answers (nothing is applied before);
+        # once the batch has started, later chunks wait for it rather than split the batch.
+        vectors = await self.embed_chunk_or_one_by_one(chunks[0], poison, wait=wait_for_encoder) if chunks else {}
+        ahead: asyncio.Future[dict[str, np.ndarray]] | None = None
+        next_chunk = 1
         start = 0
-        while start < len(changes):
-            part, start, missing = await self.in_core(self.apply_in_core, changes, start, vectors, poison)
-            out.extend(part)
-            if missing is not None:
-                # An earlier change of the batch altered the text planned for this one.
-                vectors.update(await self.embed_one_by_one([missing], poison))
+        try:
+            while start < len(changes):
+                if ahead is None and next_chunk < len(chunks):
+                    ahead = asyncio.ensure_future(self.embed_chunk_or_one_by_one(chunks[next_chunk], poison))
+                    next_chunk += 1
+                part, start, missing = await self.in_core(self.apply_in_core, changes, start, vectors, poison)
+                out.extend(part)
+                if missing is None:
+                    continue
+                if ahead is not None:
+                    vectors.update(await ahead)
+                    ahead = None
+                if missing not in vectors and missing not in poison:
+                    # An earlier change of the batch altered the text planned for this one.
+                    vectors.update(await self.embed_one_by_one([missing], poison))
+        finally:
+            if ahead is not None:
+                ahead.cancel()
         out.lists = last_list_per_key(out.lists)
         self.update_gauges()
         return out
@@ -390,6 +405,18 @@ class Engine(Edge):
             self.journal.extend(upserts)
         return Outputs(lists=self.lists_to_records(pubs))
 
+    async def embed_chunk_or_one_by_one(
+        self, texts: list[str], poison: dict[str, str], *, wait: bool = True
+    ) -> dict[str, np.ndarray]:
+        """``embed``; when the encoder refuses the chunk, one text at a time (``poison``)."""
+        try:
+            return await self.embed(texts, wait=wait)
+        except EncoderUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a poison text must not stall the partition
+            log.warning("batch embedding failed (%s); embedding the batch one text at a time", exc)
+            return await self.embed_one_by_one(texts, poison)
+
     async def embed_one_by_one(self, texts: Sequence[str], poison: dict[str, str]) -> dict[str, np.ndarray]:
         """Embed texts one at a time; a text the encoder refuses goes to ``poison`` with why."""
         vectors: dict[str, np.ndarray] = {}
@@ -408,6 +435,7 @@ class Engine(Edge):
         vector yet and return (outputs, where it stopped, that text)."""
         out = Outputs()
         core = self.core
+        stopped = False
         for i in range(start, len(changes)):
             item = changes[i]
             change = item.change
@@ -431,6 +459,7 @@ class Engine(Edge):
                         if text in poison:
                             raise PoisonText(poison[text])
                         if text not in vectors:
+                            stopped = True
                             return out, i, text
                         vector = vectors[text]
                 before = core.catalog.get(pid)
@@ -456,7 +485,8 @@ class Engine(Edge):
                 else:
                     log.error("could not apply a change of %s read back from the state topics: %s", pid, exc)
             finally:
-                if item.source is not None:
+                # A change left for later (its text has no vector yet) is not done.
+                if item.source is not None and not stopped:
                     out.done.append(item.source)
         return out, len(changes), None
 

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     max_length: int = Field(128, ge=8, le=512, description="Tokens per text before truncation.")
     encoder_timeout_s: float = Field(5.0, gt=0, le=300, description="Deadline of one encoder call (gRPC).")
     encoder_retries: int = Field(4, ge=0, le=20, description="Retries on UNAVAILABLE or DEADLINE_EXCEEDED (gRPC).")
-    embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder batch taken from the stream.")
+    embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder call. The stream takes up to four such batches of product changes "
+                    "at once and embeds the next while the core applies the previous.")
     embed_batch_within_s: float = Field(0.05, gt=0, le=10, description="How long the stream waits to fill a batch.")
     model_poll_interval_s: float = Field(
         30.0, ge=0, le=86400,

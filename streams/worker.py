@@ -47,6 +47,9 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 GC_FREEZE_INTERVAL_S = 5.0
+#: Product changes taken from the stream at once, in encoder batches: enough for the encoder
+#: to embed one batch while the core applies the previous (``Engine.apply``).
+TAKE_EMBED_BATCHES = 4
 
 
 def recommender_config(settings: Settings) -> RecommenderConfig:

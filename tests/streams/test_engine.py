@@ -369,3 +369,37 @@ async def test_an_outage_defers_text_changes_while_stock_changes_keep_flowing() 
     k1 = pipeline.core.catalog.get("K1")
     assert k1 is not None and k1.title == "Logitech MX Keys S" and not k1.in_stock
     assert not [r for r in fast + done.records() if r.topic == "simstream-dead-letters"]
+
+
+async def test_a_big_batch_is_embedded_chunk_by_chunk_each_while_the_core_applies_the_previous() -> None:
+    """The encoder embeds chunk k+1 while the core applies the changes of chunk k: the core,
+    held on its first change until the second encoder call has started, sees it start."""
+    import threading
+
+    second_call = threading.Event()
+
+    class Recording(CountingEncoder):
+        async def encode(self, texts: Any) -> Any:
+            if self.calls:
+                second_call.set()
+            return await super().encode(texts)
+
+    encoder = Recording()
+    config = RecommenderConfig(k=3, candidate_depth=5)
+    engine = Engine(Settings(embed_batch_size=4), Metrics(), clock=lambda: NOW,
+                    recommender=Recommender(config, ExactIndex(config.dim)), encoder=encoder)
+    seen_while_applying: list[bool] = []
+    apply = engine.core.apply
+
+    def held_apply(*args: Any, **kwargs: Any) -> Any:
+        if not seen_while_applying:
+            seen_while_applying.append(second_call.wait(timeout=10))
+        return apply(*args, **kwargs)
+
+    engine.core.apply = held_apply  # type: ignore[method-assign]
+    batch = [upsert(f"P{i}", NOW - 100 + i, title=f"product number {i} cable") for i in range(10)]
+    out = await engine.handle(batch)
+    assert [len(call) for call in encoder.calls] == [4, 4, 2]
+    assert encoder.calls[0] == [f"product number {i} cable" for i in range(4)], "in the order the changes need them"
+    assert seen_while_applying == [True]
+    assert len(engine.core.catalog) == 10 and len(out.done) == 10 and not out.dead_letters
