@@ -21,7 +21,11 @@ class RecommenderConfig:
       changed product may now enter is checked whatever this is (owners beyond it are
       found by their floors, ``serving.candidates``); a deeper search leaves fewer owners
       to that scan and costs a slower query.
-    * ``lexical_weight``: share of the lexical cosine inside the content score.
+    * ``lexical_weight``: share of the lexical evidence inside the content score.
+    * ``lexical_floor``: lexical cosines at or below it count as no lexical evidence; above
+      it the evidence is ``(lexical - floor) / (1 - floor)`` (``serving.scoring``). Both
+      defaults were chosen on every shared evaluation set by the rule in
+      ``docs/quality.md``.
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.
     """
@@ -31,7 +35,8 @@ class RecommenderConfig:
     candidate_depth: int = 50
     candidate_slack: int = 16
     reverse_depth: int = 200
-    lexical_weight: float = 0.5
+    lexical_weight: float = 0.6
+    lexical_floor: float = 0.4
     behavior_weight: float = 0.0
     price_band: float = 0.3
     hnsw_ef: int = 100
@@ -57,6 +62,9 @@ class RecommenderConfig:
         need(self.candidate_slack >= 0, f"candidate_slack must be >= 0, got {self.candidate_slack}")
         need(self.reverse_depth > 0, f"reverse_depth must be positive, got {self.reverse_depth}")
         need(0.0 <= self.lexical_weight <= 1.0, f"lexical_weight must be in [0, 1], got {self.lexical_weight}")
+        need(
+            0.0 <= self.lexical_floor < 1.0, f"lexical_floor must be in [0, 1), got {self.lexical_floor}"
+        )
         need(
             0.0 <= self.behavior_weight <= 1.0,
             f"behavior_weight must be in [0, 1], got {self.behavior_weight}",

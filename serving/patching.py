@@ -17,7 +17,7 @@ from serving.config import RecommenderConfig
 from serving.lists import ReasonCache, cached_reasons
 from serving.publication import Items, ScoredItem
 from serving.rules import profile_is_substitute
-from serving.scoring import Profile, content_score, final_score
+from serving.scoring import Profile, blend, content_score, final_score
 
 
 def may_change(
@@ -176,8 +176,7 @@ def best_unlisted(
     With ``substitutes``, only members that pass the substitute rules count. The rule
     check runs only for members that would beat the best found so far.
     """
-    w_lex = config.lexical_weight
-    w_dense = 1.0 - w_lex
+    w_dense, w_ev, floor = blend(config)
     best: tuple[float, str] | None = None
     found: tuple[str, float, float] | None = None
     for _key, c in buf.keys[: config.candidate_depth]:
@@ -185,7 +184,7 @@ def best_unlisted(
             continue
         z = buf.parts[c]
         d, lx = z.real, z.imag
-        key = (-(w_dense * d + w_lex * lx), c)
+        key = (-(w_dense * d + w_ev * (lx - floor if lx > floor else 0.0)), c)
         if best is not None and key >= best:
             continue
         if substitutes:

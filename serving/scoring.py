@@ -1,7 +1,16 @@
 """Scores, ranking and explanations shared by the worker, the recomputation and evaluation.
 
-* ``content = (1 - lexical_weight) * dense + lexical_weight * lexical``
+* ``content = (1 - lexical_weight) * dense + lexical_weight * evidence(lexical)``, where
+  ``evidence(x) = max(0, x - lexical_floor) / (1 - lexical_floor)``
 * ``score = (1 - behavior_weight) * content + behavior_weight * behavior``
+
+The floor makes the lexical part count only where the texts share enough: every product of
+one shop shares some n-grams ("gift card", "software"), and that weak overlap is noise that
+pulled related-item lists away from the encoder's better ones, while the strong overlap of
+a shared model number or brand and line still decides. With ``lexical_floor = 0`` this is
+the plain linear blend, bit for bit. The arithmetic lives in ``content_score``;
+``rank_candidates`` and ``serving.patching.best_unlisted`` inline the very same expression
+(from ``blend``), so all three give bitwise equal values.
 
 Every ranking breaks ties by product id, so an incremental update and a from-scratch
 recomputation agree on order whenever they agree on the numbers.
@@ -20,9 +29,19 @@ from serving.catalog import Product
 from serving.config import RecommenderConfig
 
 
+def blend(config: RecommenderConfig) -> tuple[float, float, float]:
+    """``(w_dense, w_evidence, floor)``: ``content = w_dense * dense + w_evidence * (lexical - floor)``
+    when ``lexical > floor``, else ``w_dense * dense + w_evidence * 0.0``."""
+    floor = config.lexical_floor
+    return 1.0 - config.lexical_weight, config.lexical_weight / (1.0 - floor), floor
+
+
 def content_score(dense: float, lexical: float, config: RecommenderConfig) -> float:
     """The hybrid content score of one pair."""
-    return (1.0 - config.lexical_weight) * dense + config.lexical_weight * lexical
+    # blend(config), inlined: this runs for every candidate of every patched list.
+    floor = config.lexical_floor
+    w = config.lexical_weight
+    return (1.0 - w) * dense + w / (1.0 - floor) * (lexical - floor if lexical > floor else 0.0)
 
 
 def final_score(content: float, behavior: float, config: RecommenderConfig) -> float:
@@ -44,11 +63,12 @@ def rank_candidates(
     candidates: Iterable[Candidate], config: RecommenderConfig
 ) -> list[tuple[str, float, float, float]]:
     """Re-rank (id, dense, lexical) by content score, best first; returns (id, content, dense, lexical)."""
-    w_dense = 1.0 - config.lexical_weight
-    w_lex = config.lexical_weight
+    w_dense, w_ev, floor = blend(config)
     # Same arithmetic, in the same order, as content_score (so the values are bitwise equal);
     # inlined and sorted on plain tuples because this runs for every list rebuild.
-    keyed = [(-(w_dense * d + w_lex * lx), pid, d, lx) for pid, d, lx in candidates]
+    keyed = [
+        (-(w_dense * d + w_ev * (lx - floor if lx > floor else 0.0)), pid, d, lx) for pid, d, lx in candidates
+    ]
     keyed.sort()
     return [(pid, -neg, d, lx) for neg, pid, d, lx in keyed]
 

@@ -51,7 +51,7 @@ from serving.index import (
     sha256_file,
 )
 from serving.kinds import Kind
-from serving.lexical import LexicalModel, SparseVec
+from serving.lexical import LEGACY_SCHEME, SCHEME, LexicalModel, SparseVec
 from serving.state import RecommenderState
 
 FORMAT = 1
@@ -180,6 +180,7 @@ def _write_files(state: RecommenderState, config: RecommenderConfig, out: Path) 
             "publications": state.publications,
             "refills": state.refills,
             "lexical_docs": state.lexical.n_docs,
+            "lexical_scheme": state.lexical.scheme,
         },
         sort_keys=True,
     ).encode("utf-8"))
@@ -306,6 +307,11 @@ def _build(
     if sorted(p.product_id for p in catalog) != ids or sorted(index.ids()) != ids:
         raise _fail(snap, "catalog, index and state name different products")
 
+    # The stored lexical vectors and IDF belong to the transform that wrote them: a snapshot of
+    # another scheme (an older version's) is not used, the topics rebuild every vector.
+    scheme = state.get("lexical_scheme", LEGACY_SCHEME)
+    if scheme != SCHEME:
+        raise _fail(snap, f"its lexical vectors are of scheme {scheme}, this version uses {SCHEME}")
     idf_path = snap / "idf.npy"
     idf = None
     if "idf.npy" in manifest["files"]:

@@ -187,6 +187,9 @@ class Replica:
                             out.extend(await self.apply_changes(changes))
                             changes = []
                             model = lexical_from_wire(json.loads(raw_value))
+                            if model is None:  # another lexical scheme (an older worker's): not mixed in
+                                log.warning("replica: ignoring an IDF record of another lexical scheme")
+                                continue
                             out.lists += engine.lists_to_records(await engine.in_core(engine.core.use_lexical, model))
                         continue
                     if self.ownership.replica_skips(pid):

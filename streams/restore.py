@@ -11,10 +11,10 @@ import logging
 from typing import Any
 
 from serving.errors import ConfigurationError, SimstreamError
-from serving.lexical import LexicalModel
+from serving.lexical import SCHEME, LexicalModel
 from streams.kafka_io import last_values, latest_by_key, partition_count, read_topic
 from streams.settings import Settings
-from streams.wire import LEXICAL_KEY, lexical_from_wire
+from streams.wire import LEXICAL_KEY, lexical_from_wire, lexical_scheme
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class StateReader:
         return last_values(records) if offsets is not None else latest_by_key(records)
 
     def shared_lexical(self) -> LexicalModel | None:
-        """The IDF on ``simstream-lexical``, or ``None`` when no worker has fitted one."""
+        """The IDF on ``simstream-lexical``, or ``None`` when no worker has fitted one (or only
+        one of another lexical scheme, an older version's, which is never mixed in)."""
         topic = self.settings.topic_lexical
         try:
             partition_count(self.settings, topic, timeout_s=30.0)
@@ -47,7 +48,11 @@ class StateReader:
         if value is None:
             return None
         try:
-            return lexical_from_wire(value)
+            model = lexical_from_wire(value)
         except SimstreamError as exc:
             log.error("ignoring the %s record (it will be fitted anew): %s", topic, exc)
             return None
+        if model is None:
+            log.warning("ignoring the %s record: its IDF is of lexical scheme %s, this version uses %s "
+                        "(it will be fitted anew)", topic, lexical_scheme(value), SCHEME)
+        return model

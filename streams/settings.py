@@ -98,7 +98,10 @@ class Settings(BaseSettings):
     # --- Recommendations ----------------------------------------------------------------
     k: int = Field(10, ge=1, le=200, description="Items per published list.")
     candidate_depth: int = Field(50, ge=1, le=2000, description="Dense candidates fetched from HNSW before re-ranking.")
-    lexical_weight: float = Field(0.5, ge=0, le=1, description="Share of the lexical cosine in the content score.")
+    lexical_weight: float = Field(0.6, ge=0, le=1, description="Share of the lexical evidence in the content score "
+                                  "(default chosen on every shared evaluation set: docs/quality.md).")
+    lexical_floor: float = Field(0.4, ge=0, lt=1, description="Lexical cosines at or below this count as no lexical "
+                                 "evidence; above it the evidence is (cosine - floor) / (1 - floor).")
     behavior_weight: float = Field(0.0, ge=0, le=1, description="Share of behaviour in the final score.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")

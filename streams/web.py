@@ -207,7 +207,7 @@ def register_views(app: faust.App, worker: Worker) -> None:
                 return denied
             model = engine.core.lexical
             idf = None if model.idf is None else base64.b64encode(np.asarray(model.idf, "<f4").tobytes()).decode()
-            return self.json({"n_docs": model.n_docs, "idf": idf})
+            return self.json({"scheme": model.scheme, "n_docs": model.n_docs, "idf": idf})
 
     def admin_view(path: str, action: str) -> None:
         @app.page(path)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import InvalidInput
-from serving.lexical import N_BUCKETS, LexicalModel
+from serving.lexical import LEGACY_SCHEME, N_BUCKETS, SCHEME, LexicalModel
 from serving.recommender import Kind, Publication, ScoredItem
 from streams.records import iso
 
@@ -102,14 +102,16 @@ def lexical_to_wire(model: LexicalModel, *, at: float) -> dict[str, Any]:
     262,144 float32 weights are 1 MiB, over Kafka's default message limit, but they take
     only as many distinct values as there are distinct document frequencies: the record
     carries those values and a zlib-compressed index per bucket (a few hundred KB at 100k
-    products), plus a SHA-256 of the weights that the reader verifies.
+    products), plus a SHA-256 of the weights that the reader verifies. ``scheme`` names the
+    text -> features transform the IDF belongs to (``serving.lexical.SCHEME``).
     """
     if model.idf is None:
         # "No IDF yet" is shared too: a worker that starts later must weigh n-grams alike.
-        return {"n_docs": 0, "fitted": False, "fitted_at": iso(at)}
+        return {"scheme": model.scheme, "n_docs": 0, "fitted": False, "fitted_at": iso(at)}
     values, inverse = np.unique(model.idf, return_inverse=True)
     index_dtype = "<u2" if len(values) <= 0xFFFF else "<u4"
     return {
+        "scheme": model.scheme,
         "n_docs": model.n_docs,
         "values": base64.b64encode(values.astype("<f4").tobytes()).decode("ascii"),
         "index_dtype": index_dtype,
@@ -119,8 +121,22 @@ def lexical_to_wire(model: LexicalModel, *, at: float) -> dict[str, Any]:
     }
 
 
-def lexical_from_wire(value: Mapping[str, Any]) -> LexicalModel:
-    """A shared IDF read back; ``InvalidInput`` when the record is malformed or corrupt."""
+def lexical_scheme(value: Mapping[str, Any]) -> str:
+    """The scheme a ``simstream-lexical`` value was fitted under (records from before schemes
+    were named carry none: theirs is ``LEGACY_SCHEME``)."""
+    scheme = value.get("scheme", LEGACY_SCHEME)
+    return scheme if isinstance(scheme, str) else repr(scheme)
+
+
+def lexical_from_wire(value: Mapping[str, Any]) -> LexicalModel | None:
+    """A shared IDF read back; ``None`` when it belongs to another transform than this
+    version's (``lexical_scheme(value) != SCHEME``): such an IDF weighs other features, so it
+    is treated as absent, never mixed in. ``InvalidInput`` when the record is malformed or
+    corrupt."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"unreadable lexical model record: not an object but {type(value).__name__}")
+    if lexical_scheme(value) != SCHEME:
+        return None
     try:
         n_docs = int(value["n_docs"])
         if value.get("fitted") is False:

@@ -58,6 +58,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         k=settings.k,
         candidate_depth=max(settings.candidate_depth, settings.k),
         lexical_weight=settings.lexical_weight,
+        lexical_floor=settings.lexical_floor,
         behavior_weight=settings.behavior_weight,
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,

@@ -268,9 +268,12 @@ def _rank_hybrid(task: MatchingTask, k: int, encoder_target: str | None, model_b
     except ModuleNotFoundError as exc:
         raise click.UsageError("--method hybrid needs serving.evaluation.matching.hybrid_rank (the core issue)") from exc
     from serving.config import RecommenderConfig
+    from streams.settings import get_settings
 
     query_vectors, corpus_vectors = _vectors(task, encoder_target, model_base)
-    config = RecommenderConfig(k=k, candidate_depth=max(50, k))
+    settings = get_settings()  # the worker's blend: SIMSTREAM_LEXICAL_WEIGHT and SIMSTREAM_LEXICAL_FLOOR
+    config = RecommenderConfig(k=k, candidate_depth=max(50, k), lexical_weight=settings.lexical_weight,
+                               lexical_floor=settings.lexical_floor)
     return list(hybrid_rank(task.queries, query_vectors, task.corpus, corpus_vectors, k, config))
 
 

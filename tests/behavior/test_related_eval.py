@@ -75,3 +75,12 @@ def test_convert_and_eval_related_cli(tmp_path: Path) -> None:
     out = {r["kind"]: r for r in json.loads(res.output.strip().splitlines()[-1])}
     assert out["view"]["hit@1"] == 1.0 and out["view"]["n"] == 2  # A and B name each other
     assert out["buy"]["n"] == 2
+    # Every method side by side, on one set of vectors: one row per method and kind.
+    res = runner.invoke(main, [*args, "--method", "all"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output.strip().splitlines()[-1])
+    assert {(r["method"], r["kind"]) for r in rows} == {
+        (m, k) for m in ("encoder", "tfidf-word", "tfidf-char", "hybrid") for k in ("view", "buy")
+    }
+    by = {(r["method"], r["kind"]): r for r in rows}
+    assert by["tfidf-char", "view"]["hit@1"] == 1.0  # A and B share most of their text

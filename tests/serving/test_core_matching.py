@@ -13,7 +13,8 @@ from serving.index import ExactIndex
 from serving.lexical import LexicalModel
 from serving.recommender import Recommender
 
-CFG = RecommenderConfig(dim=4, k=2, candidate_depth=3, candidate_slack=0, lexical_weight=0.5)
+# The plain linear blend (no floor): these tests are about the mechanism of the re-rank.
+CFG = RecommenderConfig(dim=4, k=2, candidate_depth=3, candidate_slack=0, lexical_weight=0.5, lexical_floor=0.0)
 
 
 def prod(pid: str, title: str) -> Product:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -139,13 +140,15 @@ def run_stream(
 #: No slack (buffer depth == C), and a lexical-heavy blend, stress the boundary cases.
 TIGHT = RecommenderConfig(dim=6, k=3, candidate_depth=5, candidate_slack=0, reverse_depth=10)
 LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, reverse_depth=10, lexical_weight=0.9)
+#: The same without the lexical floor: the plain linear blend.
+LINEAR = replace(LEXICAL, lexical_floor=0.0)
 #: Behaviour blended in: partners outside the dense top-C become candidates.
 BEHAVIOR = RecommenderConfig(dim=6, k=3, candidate_depth=4, candidate_slack=1, reverse_depth=10, behavior_weight=0.6)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    config=st.sampled_from([SMALL, TIGHT, LEXICAL, BEHAVIOR]),
+    config=st.sampled_from([SMALL, TIGHT, LEXICAL, LINEAR, BEHAVIOR]),
     seed=st.integers(0, 2**31),
     initial=st.integers(0, 40),
     ops=st.lists(op_strategy, max_size=60),

@@ -118,7 +118,9 @@ def test_delete_publishes_tombstones_and_refills_lists_that_named_it() -> None:
 
 
 def test_lexical_blend_reranks_on_model_number() -> None:
-    cfg = RecommenderConfig(dim=4, k=2, candidate_depth=3, candidate_slack=1, lexical_weight=0.5)
+    # The plain linear blend (no floor): an unfitted IDF over three titles gives the shared
+    # model number only a cosine of about 0.3 (tests/serving/test_core_lexical.py has the floor).
+    cfg = RecommenderConfig(dim=4, k=2, candidate_depth=3, candidate_slack=1, lexical_weight=0.5, lexical_floor=0.0)
     rec = Recommender(cfg, ExactIndex(4))
     rec.apply(ProductUpsert("q", 1, title="Sony WH-1000XM4 headphones"), np.array([1.0, 0, 0, 0]))
     rec.apply(ProductUpsert("x", 1, title="Bose QuietComfort 45"), np.array([0.95, 0.05, 0, 0]))

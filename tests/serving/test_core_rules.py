@@ -64,9 +64,14 @@ def test_reasons_and_scores() -> None:
     same = replace(GOOD, brand="sony", price=100.0)
     assert reasons(OWNER, same)[0] == "same brand" and "same price" in reasons(OWNER, same)
     assert reasons(OWNER, replace(GOOD, price=None, category=(), attributes=())) == ()
-    cfg = RecommenderConfig(dim=4, lexical_weight=0.25, behavior_weight=0.5)
+    cfg = RecommenderConfig(dim=4, lexical_weight=0.25, behavior_weight=0.5, lexical_floor=0.0)
     assert content_score(0.8, 0.4, cfg) == pytest.approx(0.7)
     assert final_score(0.7, 0.1, cfg) == pytest.approx(0.4)
+    # With a floor, a lexical cosine at or below it adds nothing and the rest is rescaled to [0, 1].
+    floored = replace(cfg, lexical_floor=0.4)
+    assert content_score(0.8, 0.4, floored) == content_score(0.8, 0.0, floored) == pytest.approx(0.6)
+    assert content_score(0.8, 0.7, floored) == pytest.approx(0.75 * 0.8 + 0.25 * 0.5)
+    assert content_score(0.8, 1.0, floored) == pytest.approx(0.75 * 0.8 + 0.25)
 
 
 def test_lexical_cosine_is_bitwise_symmetric_and_batch_independent() -> None:

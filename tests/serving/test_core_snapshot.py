@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from core_helpers import SMALL, Stream, make_index, random_upsert
 
 from serving.catalog import ProductChange, ProductDelete, ProductUpsert
 from serving.errors import SnapshotError
+from serving.lexical import SCHEME
 from serving.recommender import Kind, Publication, Recommender
 from serving.snapshot import CURRENT, MANIFEST, resolve_snapshot
 
@@ -175,3 +178,40 @@ def test_missing_snapshot_and_wrong_dim(tmp_path: Path) -> None:
 
     with pytest.raises(SnapshotError, match="dimension"):
         Recommender.load(tmp_path, replace(SMALL, dim=16))
+
+
+def _rewrite_state(snap: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Change state.json and re-sign it in the manifest (so only the content is wrong)."""
+    import hashlib
+
+    state = json.loads((snap / "state.json").read_text())
+    edit(state)
+    data = json.dumps(state).encode()
+    (snap / "state.json").write_bytes(data)
+    manifest = json.loads((snap / MANIFEST).read_text())
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (snap / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("scheme", [None, "char_wb3-5/idf+1/crc32-2^18", "something newer"])
+def test_a_snapshot_of_another_lexical_scheme_is_not_used(scheme: str | None, tmp_path: Path) -> None:
+    """Its stored lexical vectors and IDF belong to another transform: mixing them with this
+    version's vectors would score pairs across two feature spaces, so the load is refused
+    (the worker then rebuilds from the topics). A snapshot from before schemes were named
+    (no ``lexical_scheme``) is of the char 3-5-gram scheme."""
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    feed(rec, make_changes(6, 60))
+    rec.refit_lexical()
+    snap = rec.save(tmp_path)
+    assert json.loads((snap / "state.json").read_text())["lexical_scheme"] == SCHEME
+    assert Recommender.load(tmp_path, SMALL).lexical.same_as(rec.lexical)
+
+    def edit(state: dict[str, Any]) -> None:
+        if scheme is None:
+            del state["lexical_scheme"]
+        else:
+            state["lexical_scheme"] = scheme
+
+    _rewrite_state(snap, edit)
+    with pytest.raises(SnapshotError, match="lexical vectors are of scheme"):
+        Recommender.load(tmp_path, SMALL)

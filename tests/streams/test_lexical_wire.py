@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.errors import InvalidInput
-from serving.lexical import N_BUCKETS, LexicalModel
+from serving.lexical import LEGACY_SCHEME, N_BUCKETS, SCHEME, LexicalModel
 from streams.wire import lexical_from_wire, lexical_to_wire
 
 TEXTS = [f"wireless headphones model {i} by brand {i % 5}" for i in range(200)]
@@ -27,7 +27,7 @@ def fitted() -> LexicalModel:
 def test_a_fitted_idf_round_trips_bit_for_bit_through_json(fitted: LexicalModel) -> None:
     value = json.loads(json.dumps(lexical_to_wire(fitted, at=1_795_000_000.0)))
     back = lexical_from_wire(value)
-    assert back.same_as(fitted)
+    assert back is not None and back.same_as(fitted)
     assert back.n_docs == fitted.n_docs == len(TEXTS)
     assert np.array_equal(back.idf, fitted.idf)
 
@@ -42,7 +42,7 @@ def test_no_idf_yet_is_shared_too_and_read_back_unfitted() -> None:
     value = lexical_to_wire(LexicalModel(), at=0.0)
     assert value["fitted"] is False and value["n_docs"] == 0
     back = lexical_from_wire(value)
-    assert not back.fitted and back.same_as(LexicalModel())
+    assert back is not None and not back.fitted and back.same_as(LexicalModel())
     with pytest.raises(InvalidInput):
         lexical_from_wire({**value, "n_docs": 7})
 
@@ -81,4 +81,24 @@ FIELDS = ("n_docs", "values", "index_dtype", "index", "sha256", "fitted_at")
 ))
 def test_arbitrary_records_are_refused_with_invalid_input_never_a_crash(value: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput):
-        lexical_from_wire(value)
+        lexical_from_wire({**value, "scheme": SCHEME})  # of this scheme, else it is not even read
+    for junk in ([value], "idf", 3, None):
+        with pytest.raises(InvalidInput):
+            lexical_from_wire(junk)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheme", [None, LEGACY_SCHEME, "something newer", 7])
+def test_an_idf_of_another_lexical_scheme_is_treated_as_absent(fitted: LexicalModel, scheme: Any) -> None:
+    """An IDF weighs the features of the transform it was fitted with: one of another scheme
+    (an older version's, or a record from before schemes were named, which has none) reads
+    back as no IDF at all, never as weights for this version's features."""
+    value = lexical_to_wire(fitted, at=0.0)
+    assert value["scheme"] == SCHEME == fitted.scheme
+    assert lexical_from_wire(value) is not None
+    foreign = {k: v for k, v in value.items() if k != "scheme"}
+    if scheme is not None:
+        foreign["scheme"] = scheme
+    assert lexical_from_wire(json.loads(json.dumps(foreign))) is None
+    unfitted = lexical_to_wire(LexicalModel(), at=0.0)
+    assert unfitted["scheme"] == SCHEME
+    assert lexical_from_wire({**unfitted, "scheme": "something newer"}) is None

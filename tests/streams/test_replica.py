@@ -13,6 +13,7 @@ from encoders.hashing import HashingEncoder
 from serving.catalog import Product
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex
+from serving.lexical import LexicalModel
 from serving.recommender import Recommender
 from serving.text import product_text
 from streams.engine import Engine
@@ -22,7 +23,7 @@ from streams.records import product_to_wire
 from streams.replica import Replica
 from streams.scaleout import Ownership
 from streams.settings import Settings
-from streams.wire import StoredEmbedding, embedding_to_wire
+from streams.wire import LEXICAL_KEY, StoredEmbedding, embedding_to_wire, lexical_to_wire
 
 NOW = 1_795_000_000.0
 S = Settings()
@@ -86,3 +87,19 @@ async def test_replicated_changes_publish_lists_but_no_state_records() -> None:
     sent.clear()
     await rep.apply(await records_for(product("A", "usb-c cable 1 m")))  # already held: a no-op
     assert sent == []
+
+
+async def test_an_idf_record_of_another_lexical_scheme_is_skipped_one_of_this_scheme_adopted() -> None:
+    """A worker of an older version (another ``serving.lexical.SCHEME``) may still write the
+    shared IDF during a rolling upgrade: its weights belong to other features, so the
+    replica keeps the IDF it has rather than mixing them in."""
+    rep, _ = replica()
+    products = [product(p, f"usb-c cable {i} m") for i, p in enumerate("ABCD")]
+    await rep.apply(await records_for(*products))
+    fitted = LexicalModel.fit(product_text(p) for p in products)
+    value = lexical_to_wire(fitted, at=NOW)
+    foreign = {k: v for k, v in value.items() if k != "scheme"}  # written before schemes were named
+    await rep.apply([(S.topic_lexical, 0, 0, LEXICAL_KEY.encode(), json.dumps(foreign).encode())])
+    assert not rep.engine.core.lexical.fitted
+    await rep.apply([(S.topic_lexical, 0, 1, LEXICAL_KEY.encode(), json.dumps(value).encode())])
+    assert rep.engine.core.lexical.same_as(fitted)
