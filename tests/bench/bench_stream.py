@@ -7,11 +7,13 @@
 and the backlog go to ``--out``/``stream.samples.json`` for the plots in BENCHMARKS.md.)
 
 The catalog is every real product title in ``shared/data`` (Amazon and Google software from
-the Leipzig benchmark, Amazon gift cards), extended to the requested size with variants of
-those products ("<title> - <variant>", sharing the original's ``group_id``), as a shop's
-variants would be. The worker runs as its own process with the in-process MiniLM encoder.
+the Leipzig benchmark, Amazon gift cards), extended to the requested size with a shop-like
+mix built from those titles (``harness.build_catalog``): variants in their group, duplicate
+listings under another id, and recombinations of two real titles. The worker runs as its own
+process with the in-process MiniLM encoder.
 
-Mixed changes: 60% text edits, 20% stock flips, 20% price changes, sent at a fixed rate.
+Mixed changes (``--mix``; 60% text edits, 20% stock flips, 20% price changes by default), sent
+at a fixed rate.
 Each list carries ``caused_by`` (product and event time), so every publication is
 attributed to the event that caused it:
 
@@ -60,9 +62,10 @@ QUICK_ARGS = ["--products", "1500", "--rates", "5,20", "--duration", "20"]
 
 
 def run_rate(bench: BenchWorker, catalog: list[dict[str, Any]], rate: int, duration: float,
-             consumed_before: int, rng: random.Random) -> tuple[dict[str, Any], dict[str, Any]]:
+             consumed_before: int, rng: random.Random,
+             mix: tuple[float, float, float]) -> tuple[dict[str, Any], dict[str, Any]]:
     """One window at ``rate``: the summary row, and raw samples (latencies in ms, backlog over time)."""
-    changes = MixedChanges(catalog, rng)
+    changes = MixedChanges(catalog, rng, mix=mix)
     backlog: list[int] = []
     stop = threading.Event()
 
@@ -113,7 +116,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder for stream.samples.json [SIMSTREAM_BENCH_OUT, else var/bench]")
     parser.add_argument("--keep", action="store_true", help="keep the worker's data folder (snapshots, log)")
+    parser.add_argument("--mix", default="0.6,0.2,0.2",
+                        help="shares of text edits, stock flips and price changes (real-shaped: 0.2,0.4,0.4; "
+                             "attribute-only: 0,0.5,0.5; text-only: 1,0,0)")
     args = parser.parse_args()
+    text_share, stock_share, price_share = (float(x) for x in args.mix.split(","))
+    mix = (text_share, stock_share, price_share)
     out = out_dir(args.out)
 
     bench = start_worker("stream", out / "scratch", encoder=args.encoder)
@@ -127,7 +135,7 @@ def main() -> None:
     samples: dict[int, dict[str, Any]] = {}
     done = len(catalog)
     for rate in (int(r) for r in args.rates.split(",")):
-        result, samples[rate] = run_rate(bench, catalog, rate, args.duration, done, rng)
+        result, samples[rate] = run_rate(bench, catalog, rate, args.duration, done, rng, mix)
         done += result["events"]
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -154,6 +162,7 @@ def main() -> None:
               f"{r['backlog_end']}{' (growing)' if r['backlog_growing'] else ''} | {r['cpu_cores']} | {r['rss_mb']} |")
     print(json.dumps({"bench": "stream", "command": " ".join(sys.argv), "products": len(catalog),
                       "load_s": round(load_s, 1), "encoder": args.encoder, "duration_s": args.duration,
+                      "mix": {"text": mix[0], "stock": mix[1], "price": mix[2]},
                       "highest_rate_held": highest_rate_held(results), "results": results}))
 
 

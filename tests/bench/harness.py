@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -132,19 +133,71 @@ def real_products() -> list[dict[str, Any]]:
     return products
 
 
+#: Shares of a catalog beyond the real products (``build_catalog``): variants of a product
+#: in its group, and re-listings of one product under another id (duplicates).
+VARIANT_SHARE = 0.15
+DUPLICATE_SHARE = 0.05
+_NUMBER = re.compile(r"\d+")
+
+
 def build_catalog(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """``n`` products: the real ones, then variants of them ("<title> - black") in their group."""
+    """``n`` products: every real one first, then a shop-like mix built from real titles.
+
+    Beyond the ~6,100 real products of ``shared/data`` (see ``real_products``):
+
+    * 15% **variants** of a product, in its ``group_id``: "<title> - black", "- 2-pack", ...;
+    * 5% **duplicate listings**: one product listed again under another id, its title
+      re-typed (case, punctuation, the first two words swapped, the brand prepended);
+    * 80% **recombinations** of two real titles of the same top category: the head of one
+      (its first words: brand and line) and the tail of the other (its last words: edition,
+      platform, pack), with the numbers (versions, years, sizes) shifted at random half the
+      time, at a price near the first product's.
+
+    Deterministic for a given ``rng`` seed.
+    """
     base = real_products()
-    catalog = []
+    by_top: dict[str, list[dict[str, Any]]] = {}
+    for src in base:
+        by_top.setdefault(src["category"][0], []).append(src)
+    catalog: list[dict[str, Any]] = []
     for i in range(n):
-        src = base[i % len(base)]
-        variant = i // len(base)
-        title = src["title"] if variant == 0 else f"{src['title']} - {VARIANTS[(variant - 1) % len(VARIANTS)]}"
-        price = src["price"] or round(rng.uniform(5, 300), 2)
+        if i < len(base):
+            src, title, group = base[i], base[i]["title"], f"g{i:06d}"
+            price = src["price"] or round(rng.uniform(5, 300), 2)
+        else:
+            roll = rng.random()
+            j = rng.randrange(len(catalog))
+            origin = catalog[j]
+            src = {"brand": origin["brand"], "category": origin["category"], "price": origin["price"]}
+            if roll < VARIANT_SHARE:
+                title, group = f"{origin['title']} - {rng.choice(VARIANTS)}", origin["group_id"]
+                price = round(origin["price"] * rng.uniform(0.9, 1.2), 2)
+            elif roll < VARIANT_SHARE + DUPLICATE_SHARE:
+                title, group, price = retyped(origin["title"], origin["brand"], rng), None, origin["price"]
+            else:
+                other = rng.choice(by_top[origin["category"][0]])
+                head, tail = origin["title"].split(), other["title"].split()
+                cut_a = rng.randint(1, max(1, min(4, len(head) - 1)))
+                cut_b = rng.randint(min(len(tail) - 1, 1), len(tail) - 1) if len(tail) > 1 else 0
+                title = " ".join(head[:cut_a] + tail[cut_b:]) or origin["title"]
+                if rng.random() < 0.5:
+                    title = _NUMBER.sub(lambda m: str(max(1, int(m.group()) + rng.choice((-2, -1, 1, 2)))), title)
+                group, price = f"g{i:06d}", round(origin["price"] * rng.uniform(0.7, 1.3), 2)
         catalog.append({"op": "upsert", "product_id": f"p{i:06d}", "title": title, "brand": src["brand"],
                         "category": src["category"], "price": price, "currency": "USD", "in_stock": True,
-                        "group_id": f"g{i % len(base):06d}"})
+                        "group_id": group})
     return catalog
+
+
+def retyped(title: str, brand: str | None, rng: random.Random) -> str:
+    """The same product's title as another seller would type it."""
+    words = title.replace(",", "").replace("(", "").replace(")", "").split()
+    if len(words) > 2 and rng.random() < 0.5:
+        words[0], words[1] = words[1], words[0]
+    text = " ".join(words)
+    if brand and brand.lower() not in text.lower() and rng.random() < 0.7:
+        text = f"{brand} {text}"
+    return text.lower() if rng.random() < 0.5 else text.title()
 
 
 # ---- a worker on real Kafka
@@ -215,7 +268,8 @@ def load_catalog(bench: BenchWorker, catalog: list[dict[str, Any]], timeout: flo
 
 @dataclass
 class MixedChanges:
-    """60% title edits, 20% stock flips, 20% price changes on random catalog products.
+    """Title edits, stock flips and price changes (``mix``; 60/20/20 by default) on random
+    catalog products.
 
     ``sent`` maps each event's cause (product id, event ``ts``) to (send time, kind), which is
     what every list's ``caused_by`` names.
@@ -224,6 +278,8 @@ class MixedChanges:
     catalog: list[dict[str, Any]]
     rng: random.Random
     sent: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
+    #: Shares of text edits, stock flips and price changes.
+    mix: tuple[float, float, float] = (0.6, 0.2, 0.2)
 
     def events(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Endless (product id, event) pairs; each is recorded in ``sent`` when yielded."""
@@ -236,13 +292,14 @@ class MixedChanges:
             ts = iso(now)
             if (pid, ts) in self.sent:  # two events for one product in the same millisecond: skip the second
                 continue
-            if roll < 0.6:
+            text_share, stock_share, _price_share = self.mix
+            if roll < text_share:
                 words = product["title"].split()
                 rng.shuffle(words)
                 event: dict[str, Any] = {"op": "upsert", "product_id": pid,
                                          "title": " ".join(words) + f" {rng.choice(VARIANTS)}"}
                 kind = "text"
-            elif roll < 0.8:
+            elif roll < text_share + stock_share:
                 product["in_stock"] = not product["in_stock"]
                 event = {"op": "upsert", "product_id": pid, "in_stock": product["in_stock"]}
                 kind = "stock_out" if not product["in_stock"] else "stock_in"
