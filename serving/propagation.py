@@ -382,8 +382,10 @@ class Propagator:
                 edge = float(dense_scores(vq, self.index.get_vectors(near[-1:]))[0]) + _FLOOR_MARGIN
             owners, floors = self.buffers.owners_reaching(edge)
             if owners:
-                # Most of these score far below their floor: drop them in numpy.
-                reach = dense_scores(vq, self.index.get_vectors(owners)) >= floors
+                # Most of these score far below their floor: drop them with one float32
+                # product (the margin covers its rounding); the rest are scored exactly below.
+                approx = self.index.get_vectors(owners) @ np.asarray(vq, dtype=np.float32)
+                reach = approx >= floors - _FLOOR_MARGIN
                 far = [owners[i] for i in np.flatnonzero(reach).tolist()]
         seen: set[str] = {q}
         cands: list[str] = []
