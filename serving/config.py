@@ -26,6 +26,9 @@ class RecommenderConfig:
       it the evidence is ``(lexical - floor) / (1 - floor)`` (``serving.scoring``). Both
       defaults were chosen on every shared evaluation set by the rule in
       ``docs/quality.md``.
+    * ``collapse_duplicates``: list one of several listings of the same product (see
+      ``serving.scoring.duplicate_keys``): the best ranked is kept and names the others in
+      its reasons (``duplicate_of: <id>``).
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.
     """
@@ -38,6 +41,7 @@ class RecommenderConfig:
     lexical_weight: float = 0.6
     lexical_floor: float = 0.4
     behavior_weight: float = 0.0
+    collapse_duplicates: bool = True
     price_band: float = 0.3
     hnsw_ef: int = 100
     hnsw_m: int = 16

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,7 +22,15 @@ from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import LexicalModel, cosine_many
 from serving.publication import Items, ScoredItem
 from serving.rules import profile_is_substitute
-from serving.scoring import Profile, content_score, final_score, profile, profile_reasons, rank_candidates
+from serving.scoring import (
+    DUPLICATE_OF,
+    Profile,
+    content_score,
+    final_score,
+    profile,
+    profile_reasons,
+    rank_candidates,
+)
 from serving.text import product_text
 
 #: The reason every complement carries, before the content reasons.
@@ -61,12 +70,24 @@ def build_lists(
         rows = ((pid, final_score(content, 0.0, config), content, dense, lexical) for pid, content, dense, lexical in ranked)
     similar: list[ScoredItem] = []
     subs: list[ScoredItem] = []
+    collapse = config.collapse_duplicates
+    # Per list: duplicate key -> (position, group) of the listing kept for it, and what each
+    # kept listing stands for.
+    similar_keys: dict[str, tuple[int, str | None]] = {}
+    subs_keys: dict[str, tuple[int, str | None]] = {}
+    similar_dups: dict[int, list[str]] = {}
+    subs_dups: dict[int, list[str]] = {}
     for pid, score, content, dense, lexical in rows:
         cand = profiles(pid)
         if cand is None:
             continue
         want_similar = len(similar) < config.k
         want_sub = len(subs) < config.k and profile_is_substitute(owner, cand, config)
+        if collapse and cand.dup_keys:
+            if want_similar and _kept_duplicate(cand, similar_keys, similar_dups, pid):
+                want_similar = False
+            if want_sub and _kept_duplicate(cand, subs_keys, subs_dups, pid):
+                want_sub = False
         if not (want_similar or want_sub):
             continue
         item = ScoredItem(
@@ -79,12 +100,56 @@ def build_lists(
             reasons=cached_reasons(owner, cand, pid, cache),
         )
         if want_similar:
+            if collapse:
+                for key in cand.dup_keys:
+                    similar_keys.setdefault(key, (len(similar), cand.group_id))
             similar.append(item)
         if want_sub:
+            if collapse:
+                for key in cand.dup_keys:
+                    subs_keys.setdefault(key, (len(subs), cand.group_id))
             subs.append(item)
         if len(similar) >= config.k and len(subs) >= config.k:
             break
-    return tuple(similar), tuple(subs)
+    return _with_duplicates(similar, similar_dups), _with_duplicates(subs, subs_dups)
+
+
+def _kept_duplicate(
+    cand: Profile, kept: dict[str, tuple[int, str | None]], dups: dict[int, list[str]], pid: str
+) -> bool:
+    """Whether a listing already kept stands for ``cand`` (then ``pid`` is noted under it).
+    Variants of one group are never duplicates of each other."""
+    for key in cand.dup_keys:
+        hit = kept.get(key)
+        if hit is not None and (hit[1] is None or hit[1] != cand.group_id):
+            dups.setdefault(hit[0], []).append(pid)
+            return True
+    return False
+
+
+def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
+    for at, others in dups.items():
+        kept = items[at]
+        items[at] = replace(kept, reasons=(*kept.reasons, *(DUPLICATE_OF + o for o in others)))
+    return tuple(items)
+
+
+def collapsed_ids(items: Items) -> set[str]:
+    """The listings that the items of a list stand for (``duplicate_of`` reasons)."""
+    return {r[len(DUPLICATE_OF):] for i in items for r in i.reasons if r.startswith(DUPLICATE_OF)}
+
+
+def has_duplicates(items: Items, profiles: Mapping[str, Profile]) -> bool:
+    """Whether two items of a list are listings of the same product (see ``build_lists``)."""
+    seen: dict[str, str | None] = {}
+    for i in items:
+        prof = profiles[i.product_id]
+        for key in prof.dup_keys:
+            if key in seen and (seen[key] is None or seen[key] != prof.group_id):
+                return True
+        for key in prof.dup_keys:
+            seen.setdefault(key, prof.group_id)
+    return False
 
 
 def build_complements(

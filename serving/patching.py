@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
-from serving.lists import ReasonCache, cached_reasons
+from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
 from serving.publication import Items, ScoredItem
 from serving.rules import profile_is_substitute
 from serving.scoring import Profile, blend, content_score, final_score
@@ -42,6 +42,9 @@ def may_change(
     """
     listed = {i.product_id for i in similar}
     listed.update(i.product_id for i in subs)
+    if config.collapse_duplicates:
+        # A listing collapsed into a listed one counts as listed: its going changes reasons.
+        listed |= collapsed_ids(similar) | collapsed_ids(subs)
     if any(x in listed for x in left):
         return True
     k = config.k
@@ -99,6 +102,9 @@ def patched_lists(
     (already swapped), and ``p`` has no behaviour row. ``reasons`` (owner -> (owner profile,
     cache)) is the reasons cache of every owner, updated in place.
     """
+    collapse = config.collapse_duplicates
+    if collapse and (collapsed_ids(similar) or collapsed_ids(subs)):
+        return None  # which listing stands for which may change: rebuild
     k = config.k
     q_content = content_score(dense, lexical, config)
     q_key = (-q_content, q or "")
@@ -154,6 +160,10 @@ def patched_lists(
     new_similar = patch(similar, q is not None, substitutes=False)
     new_subs = patch(subs, cand is not None and profile_is_substitute(owner, cand, config), substitutes=True)
     if new_similar is None or new_subs is None:
+        return None
+    # Without two listings of one product among them, the lists are what build_lists gives
+    # (it collapses nothing then); with them, the rebuild decides which one stays.
+    if collapse and (has_duplicates(new_similar, profiles) or has_duplicates(new_subs, profiles)):
         return None
     held = reasons.get(p)
     if held is not None:

@@ -19,6 +19,7 @@ recomputation agree on order whenever they agree on the numbers.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class Profile:
     # Reason strings, formatted and interned once per product rather than once per pair.
     category_reason: str = ""
     attr_reasons: tuple[tuple[str, str, str], ...] = ()  # (key_norm, value_norm, reason)
+    #: Two products that share a key are listings of the same product (``duplicate_keys``).
+    dup_keys: tuple[str, ...] = ()
 
 
 def profile(product: Product) -> Profile:
@@ -120,7 +123,39 @@ def profile(product: Product) -> Profile:
         attr_map={_norm(k): _norm(v) for k, v in product.attributes},
         category_reason=sys.intern(f"same category: {leaf_display}"),
         attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs),
+        dup_keys=duplicate_keys(product.title, product.brand),
     )
+
+
+_TOKEN = re.compile(r"[^\W_]+")
+#: The prefix of the reason a kept listing gives for each listing of the same product it stands for.
+DUPLICATE_OF = "duplicate_of: "
+
+
+def duplicate_keys(title: str, brand: str | None) -> tuple[str, ...]:
+    """Keys that two listings of one product share (and two different products do not):
+
+    * the brand with the title's words, lower-cased, without punctuation and without the
+      brand's own words, in sorted order ("Stuffit Deluxe 11" and "stuffit deluxe 11",
+      "Sony WH-1000XM4 headphones" and "headphones WH 1000XM4" by Sony share it);
+    * with a brand, the brand with the title's model codes (tokens of letters and digits,
+      punctuation dropped: ``WH-1000XM4`` is ``wh1000xm4``), when the title has any: one
+      brand's model number names one product, however the rest of the title is written.
+
+    Variants of a product (another colour, a 2-pack) differ in a title word, so they stay.
+    """
+    brand_norm = _norm(brand)
+    brand_words = set(_TOKEN.findall(brand_norm))
+    words = sorted({w for w in _TOKEN.findall(title.casefold()) if w not in brand_words})
+    if not words:
+        return ()
+    keys = [f"t\x00{brand_norm}\x00{' '.join(words)}"]
+    if brand_norm:
+        codes = sorted({c for c in ("".join(ch for ch in token if ch.isalnum()) for token in title.casefold().split())
+                        if len(c) >= 3 and any(ch.isdigit() for ch in c) and any(ch.isalpha() for ch in c)})
+        if codes:
+            keys.append(f"c\x00{brand_norm}\x00{' '.join(codes)}")
+    return tuple(keys)
 
 
 #: Largest price gap, in percent, that is still given as a reason ("price within N%").

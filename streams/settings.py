@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     lexical_floor: float = Field(0.4, ge=0, lt=1, description="Lexical cosines at or below this count as no lexical "
                                  "evidence; above it the evidence is (cosine - floor) / (1 - floor).")
     behavior_weight: float = Field(0.0, ge=0, le=1, description="Share of behaviour in the final score.")
+    collapse_duplicates: bool = Field(
+        True, description="List one of several listings of the same product (same brand and title words, or the "
+                          "same brand and model code; variants of one group excepted): the best ranked stays and "
+                          "names the others in its reasons as `duplicate_of: <id>`.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")
     index: str = Field(
