@@ -28,6 +28,10 @@ class SnapshotError(SimstreamError):
     """A snapshot could not be written, or a snapshot file is corrupt or truncated."""
 
 
+class ListsDiffer(SnapshotError):  # noqa: N818 (public name)
+    """Saved lists differ from a recomputation of their buffers: rebuild instead of loading them."""
+
+
 class EncoderError(SimstreamError):
     """The encoder failed."""
 

@@ -32,6 +32,7 @@ exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
 
 from __future__ import annotations
 
+import random
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Mapping
 
@@ -41,6 +42,7 @@ from serving.behavior import BehaviorRow
 from serving.candidates import CandidateBuffer, CandidateBuffers
 from serving.catalog import CatalogUpdate
 from serving.config import RecommenderConfig
+from serving.errors import ListsDiffer
 from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import SparseVec, cosine_many
@@ -48,6 +50,9 @@ from serving.lists import ReasonCache, build_complements, build_lists
 from serving.patching import may_change, patched_lists
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
+
+#: Owners whose saved lists are recomputed and compared when a restore takes lists over.
+RESTORE_SAMPLE = 200
 
 #: Added to the dense score of ``q``'s last index neighbour before selecting owners by floor:
 #: the index ranks by float32 scores and the buffers hold float64 ones.
@@ -95,9 +100,17 @@ class Propagator:
         profiles: dict[str, Profile],
         buffers: Mapping[str, CandidateBuffer],
         rows: Mapping[str, BehaviorRow],
+        *,
+        lists: Mapping[Kind, Mapping[str, Items]] | None = None,
+        sample: int = RESTORE_SAMPLE,
     ) -> None:
         """Take over saved buffers and behaviour rows (rows of products without a buffer are
-        skipped) and recompute every list from them, publishing nothing."""
+        skipped) and recompute every list from them, publishing nothing.
+
+        With ``lists`` (what the saved recommender held), the lists are taken over instead,
+        after ``sample`` of the owners, chosen at random, recompute to exactly the lists
+        given (``ListsDiffer`` otherwise: the caller rebuilds from scratch).
+        """
         self.lex = lex
         self.profiles = profiles
         for pid, buf in buffers.items():
@@ -105,12 +118,32 @@ class Propagator:
         for pid, row in rows.items():
             if pid in self.buffers.by_owner:
                 self._set_row(pid, row)
+        if lists is not None:
+            self._adopt_lists(lists, sample)
+            return
         for pid in self.buffers.by_owner:
             similar, subs = self._compute(pid)
             self.lists[Kind.SIMILAR][pid] = similar
             self.lists[Kind.SUBSTITUTES][pid] = subs
             if pid in self.rows:
                 self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
+
+    def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int) -> None:
+        owners = self.buffers.by_owner
+        for spec in LIST_KINDS:
+            held = lists.get(spec.kind, {})
+            if spec.content and held.keys() != owners.keys():
+                raise ListsDiffer(f"the {spec.kind} lists name other products than the candidate buffers")
+            self.lists[spec.kind] = dict(held)
+        picked = random.Random(len(owners)).sample(sorted(owners), min(sample, len(owners)))
+        for pid in picked:
+            similar, subs = self._compute(pid)
+            complements = self._compute_complements(pid) if pid in self.rows else ()
+            held_complements = self.lists[Kind.COMPLEMENTS].get(pid, ())
+            if (similar, subs, complements) != (
+                self.lists[Kind.SIMILAR][pid], self.lists[Kind.SUBSTITUTES][pid], held_complements
+            ):
+                raise ListsDiffer(f"the saved lists of {pid} differ from a recomputation")
 
     def load(self, lex: dict[str, SparseVec], profiles: dict[str, Profile], owned: list[str]) -> list[Publication]:
         """Start from a whole catalog already in the index: buffers and lists of ``owned``."""

@@ -136,6 +136,7 @@ class Recommender:
             offsets=self.offsets,
             publications=core.publications,
             refills=core.buffers.refills,
+            lists=core.lists,
         )
 
     @classmethod
@@ -152,7 +153,8 @@ class Recommender:
         self, state: RecommenderState, config: RecommenderConfig, *, owns: Callable[[str], bool] | None = None
     ) -> None:
         """Replace everything this recommender holds with ``state`` (taken over, no copy) and
-        recompute the lists from it.
+        recompute the lists from it, or take over the lists it carries once a sample of them
+        recomputes identically (``ListsDiffer`` otherwise).
 
         ``owns`` must be the ownership the state was exported under (buffers exist only for
         owned products); behaviour rows of products without a buffer are skipped. Nothing is
@@ -171,7 +173,7 @@ class Recommender:
         core.publications = state.publications
         core.buffers.refills = state.refills
         profiles = {p.product_id: profile(p) for p in state.catalog}
-        core.restore(state.lexical_vectors, profiles, state.buffers, state.behavior)
+        core.restore(state.lexical_vectors, profiles, state.buffers, state.behavior, lists=state.lists)
 
     # ------------------------------------------------------------------ queries
 

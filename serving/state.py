@@ -11,6 +11,7 @@ from serving.catalog import Catalog
 from serving.index import Offsets, VectorIndex
 from serving.kinds import Kind
 from serving.lexical import LexicalModel, SparseVec
+from serving.publication import Items
 
 
 @dataclass
@@ -26,11 +27,13 @@ class RecommenderState:
     * ``behavior``: the behaviour rows of owned products;
     * ``versions``: the last version published per (kind, product);
     * ``offsets``: the stream offsets the state covers;
-    * ``publications``, ``refills``: counters, so that stats continue across a restart.
+    * ``publications``, ``refills``: counters, so that stats continue across a restart;
+    * ``lists``: the current lists by kind and product, when the state carries them (a
+      snapshot does): ``Recommender.from_state`` then takes them over after recomputing a
+      sample, instead of recomputing every list.
 
-    The published lists, reverse maps, scoring profiles and reasons are derived state:
-    ``Recommender.from_state`` recomputes them with the code that produced them, so they
-    come back identical without being stored.
+    Reverse maps, scoring profiles and reasons caches are derived state, recomputed with the
+    code that produced them.
 
     ``Recommender.export_state`` shares the recommender's own objects (a snapshot of a large
     catalog costs no copy): read it before the next change and never modify it.
@@ -47,6 +50,7 @@ class RecommenderState:
     offsets: Offsets = field(default_factory=dict)
     publications: int = 0
     refills: int = 0
+    lists: dict[Kind, dict[str, Items]] | None = None
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,32 @@ def test_a_snapshot_of_another_lexical_scheme_is_not_used(scheme: str | None, tm
     _rewrite_state(snap, edit)
     with pytest.raises(SnapshotError, match="lexical vectors are of scheme"):
         Recommender.load(tmp_path, SMALL)
+
+
+def test_a_load_takes_the_saved_lists_over_and_recomputes_only_a_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At scale, recomputing every list was most of a load: the lists are saved, a random
+    sample is recomputed and compared, the rest taken over as saved."""
+    from serving import propagation
+
+    rng = np.random.default_rng(3)
+    rec = Recommender(SMALL, make_index("hnsw", SMALL))
+    for i in range(260):
+        rec.apply(random_upsert(rng, f"q{i:03d}", float(i + 1)), rng.normal(size=SMALL.dim))
+    rec.save(tmp_path)
+    snap = resolve_snapshot(tmp_path)
+    assert (snap / "list_reasons.json").is_file() and (snap / "list_similar_item.npy").is_file()
+
+    computed: list[str] = []
+    compute = propagation.Propagator._compute
+
+    def counting(self: propagation.Propagator, p: str) -> Any:
+        computed.append(p)
+        return compute(self, p)
+
+    monkeypatch.setattr(propagation.Propagator, "_compute", counting)
+    back = Recommender.load(tmp_path, SMALL)
+    assert len(computed) == propagation.RESTORE_SAMPLE < 260
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        assert back.lists(kind) == rec.lists(kind)
