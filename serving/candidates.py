@@ -104,6 +104,15 @@ class CandidateBuffers:
             self._owner_at[slot] = None
             self._free.append(slot)
 
+    def clear(self) -> None:
+        """Drop every buffer (a rebuild from the index follows)."""
+        self.by_owner = {}
+        self.holders = {}
+        self._floor = np.full(64, np.nan, dtype=np.float64)
+        self._slot = {}
+        self._owner_at = []
+        self._free = []
+
     def adopt(self, owner: str, buf: CandidateBuffer) -> None:
         """Take ``buf`` as ``owner``'s buffer as it is (a restore), and index its members."""
         self.by_owner[owner] = buf

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from serving.lists import ReasonCache, build_complements, build_lists
 from serving.patching import may_change, patched_lists
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
+
+#: Owners rebuilt per step of a settle (``Propagator.settle_steps``).
+SETTLE_CHUNK = 1000
 
 #: Owners whose saved lists are recomputed and compared when a restore takes lists over.
 RESTORE_SAMPLE = 200
@@ -298,17 +301,23 @@ class Propagator:
         rebuilt from the index (batched searches) and the lists that differ are returned,
         each once; substitutes of products that went out of stock meanwhile are always
         returned, with ``trigger="out_of_stock"``."""
+        return [pub for step in self.settle_steps() for pub in step]
+
+    def settle_steps(self, chunk: int = SETTLE_CHUNK) -> Iterator[list[Publication]]:
+        """``settle`` in steps of ``chunk`` owners, each step's publications in turn, so a
+        caller can let reads in between; nothing else may change the state meanwhile."""
         if not self.unsettled:
-            return []
+            return
         owned = sorted(p for p in self.profiles if self.owns(p))
         # Buffers name products deleted meanwhile: start them all afresh.
-        for p in list(self.buffers.by_owner):
-            self.buffers.remove_owner(p)
-        self.buffers.build(owned, self.lex)
+        self.buffers.clear()
         forced = self._unsettled_out_of_stock & self.profiles.keys()
+        for start in range(0, len(owned), chunk):
+            part = owned[start : start + chunk]
+            self.buffers.build(part, self.lex)
+            yield self.refresh(part, out_of_stock=forced)
         self.unsettled = False
         self._unsettled_out_of_stock = set()
-        return self.refresh(owned, out_of_stock=forced)
 
     def _own_tombstones(self, q: str) -> list[Publication]:
         pubs: list[Publication] = []

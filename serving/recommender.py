@@ -22,7 +22,7 @@ replicates the whole index but maintains and publishes only the lists of its par
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +297,11 @@ class Recommender:
         published one is returned once. A no-op when nothing was deferred.
         """
         return self._propagation.settle()
+
+    def settle_steps(self) -> Iterator[list[Publication]]:
+        """``settle`` in steps of a thousand owners, each step's publications in turn: a
+        caller may let reads in between the steps, but no change."""
+        return self._propagation.settle_steps()
 
     def apply_many(
         self,

@@ -378,8 +378,11 @@ class Engine(Edge):
         if not self.core.unsettled:
             return Outputs()
         started = time.monotonic()
-        pubs = await self.in_core(self.core.settle)
-        out = Outputs(lists=self.lists_to_records(pubs))
+        out = Outputs()
+        # One step per call on the core thread: the web views' reads get in between.
+        steps = self.core.settle_steps()
+        while (pubs := await self.in_core(next, steps, None)) is not None:
+            out.lists += self.lists_to_records(pubs)
         log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s",
                  len(self.core.catalog), len(out.lists), time.monotonic() - started)
         self.update_gauges()

@@ -66,3 +66,15 @@ def test_a_change_without_defer_settles_first_and_snapshots_refuse_unsettled_sta
     assert not rec.unsettled
     assert {p.product_id for p in pubs if p.kind is Kind.SIMILAR} >= {f"p{i:02d}" for i in range(30)}
     rec.export_state()
+
+
+def test_a_settle_goes_in_steps_that_each_publish_their_owners_lists() -> None:
+    from serving import propagation
+
+    rec, _rng = loaded(30)
+    steps = rec._propagation.settle_steps(chunk=7)
+    published = [sorted({p.product_id for p in step}) for step in steps]
+    assert len(published) == 5 and not rec.unsettled
+    owners = sorted(f"p{i:02d}" for i in range(30))
+    assert published == [owners[i : i + 7] for i in range(0, 30, 7)]
+    assert propagation.SETTLE_CHUNK >= 100

@@ -403,3 +403,31 @@ async def test_a_big_batch_is_embedded_chunk_by_chunk_each_while_the_core_applie
     assert encoder.calls[0] == [f"product number {i} cable" for i in range(4)], "in the order the changes need them"
     assert seen_while_applying == [True]
     assert len(engine.core.catalog) == 10 and len(out.done) == 10 and not out.dead_letters
+
+
+async def test_reads_get_in_between_the_steps_of_a_settle() -> None:
+    """A settle of a big catalog takes minutes; the web views read on the core thread, so
+    the settle goes in steps and a read waits for one step, not for all of them."""
+    import asyncio
+
+    from serving.propagation import SETTLE_CHUNK
+
+    engine = make_pipeline()
+    engine.defer_propagation = True
+    n = 2 * SETTLE_CHUNK + 1
+    await engine.handle([upsert(f"P{i:05d}", NOW - 10_000 + i, title=f"product {i} cable") for i in range(n)])
+    engine.defer_propagation = False
+    assert engine.core.unsettled and engine.core.lists(Kind.SIMILAR) == {}
+    seen: list[bool] = []
+
+    async def read() -> None:
+        await asyncio.sleep(0)  # once the settle's first step is on the core thread
+        seen.append(await engine.read(lambda core: core.unsettled))
+
+    settle = asyncio.ensure_future(engine.settle())
+    reader = asyncio.ensure_future(read())
+    out = await settle
+    await reader
+    assert seen == [True], "the read ran between two steps of the settle"
+    assert not engine.core.unsettled
+    assert len({r.key for r in out.lists if r.topic == engine.settings.topic_similar_items}) == n
