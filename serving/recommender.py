@@ -396,13 +396,19 @@ class Recommender:
 
     def use_lexical(self, model: LexicalModel) -> list[Publication]:
         """Score with ``model`` (an IDF fitted elsewhere: every worker of a group shares one)
-        and republish every list that changed; nothing happens when it is the model in use."""
-        settled = self.settle()
+        and republish every list that changed; nothing happens when it is the model in use.
+
+        With deferred changes waiting, only the model and the lexical vectors change here:
+        the ``settle`` that follows rebuilds every list with them, once.
+        """
         if model.same_as(self.lexical):
-            return settled
+            return self.settle()
         self.lexical = model
         lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
-        return settled + self._propagation.use_lexical_vectors(lex)
+        if self.unsettled:
+            self._propagation.lex = lex
+            return []
+        return self._propagation.use_lexical_vectors(lex)
 
     # ------------------------------------------------------------------ versions
 

@@ -47,6 +47,10 @@ def inbound(event: Any, stream: Any) -> Inbound:
                    timestamp=message.timestamp, ack=functools.partial(stream.ack, event))
 
 
+#: Records sent between two turns given to the rest of the event loop.
+SEND_YIELD_EVERY = 256
+
+
 class KafkaSink:
     """The worker's ``Send`` port on Faust's producer: send, then wait for every ack."""
 
@@ -63,10 +67,14 @@ class KafkaSink:
     async def __call__(self, records: Sequence[Outbound], /) -> None:
         metrics = self.worker.metrics
         pending = []
-        for record in records:
+        for i, record in enumerate(records, 1):
             key, value = record.encoded()
             pending.append((record, await self.topic(record.topic).send(key=key, value=value)))
             metrics.published.labels(record.topic).inc()
+            if i % SEND_YIELD_EVERY == 0:
+                # A send rarely suspends: without this, publishing a whole settle's lists
+                # (100k+ records) held the event loop, and /health and /stats, for seconds.
+                await asyncio.sleep(0)
         # Wait for the broker's acks before the input offset may be committed.
         acks = await asyncio.gather(*(future for _, future in pending))
         now = time.time()

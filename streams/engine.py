@@ -374,15 +374,19 @@ class Engine(Edge):
 
     async def settle(self) -> Outputs:
         """Propagate the changes applied with ``defer_propagation``: every list rebuilt at
-        once (``Recommender.settle``), the ones that changed to publish."""
+        once (``Recommender.settle``), and the ones that changed published, step by step;
+        returns what was published."""
         if not self.core.unsettled:
             return Outputs()
         started = time.monotonic()
         out = Outputs()
-        # One step per call on the core thread: the web views' reads get in between.
+        # One step per call on the core thread: the web views' reads get in between, and
+        # each step's lists go out before the next, rather than all of them at the end.
         steps = self.core.settle_steps()
         while (pubs := await self.in_core(next, steps, None)) is not None:
-            out.lists += self.lists_to_records(pubs)
+            step = Outputs(lists=self.lists_to_records(pubs))
+            await self.publish(step)
+            out.lists += step.lists
         log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s",
                  len(self.core.catalog), len(out.lists), time.monotonic() - started)
         self.update_gauges()

@@ -242,7 +242,7 @@ class Worker:
             for message in batch:
                 self.catch_up.consumed(message.partition, message.offset)
             if not self.far_behind():
-                await self.engine.publish(await self.engine.settle())
+                await self.settle_bulk()
             await self.end_catch_up_if_reached()
 
     def far_behind(self) -> bool:
@@ -264,11 +264,27 @@ class Worker:
             return behind > self.settings.embed_batch_size
         return behind >= max(least, len(self.engine.core.catalog) / 4)
 
+    async def settle_bulk(self) -> None:
+        """With the batch lock held: end a bulk catch-up. When the shared IDF is due for a
+        refit (``needs_refit``) and this worker is the one that refits it, the refit comes
+        first: the settle then rebuilds every list once, with the new IDF, instead of a
+        refit rebuilding them all again at the next quiet moment."""
+        engine = self.engine
+        if not engine.core.unsettled:
+            return
+        if (self.settings.lexical_refit_quiet_s > 0 and 0 in self.ownership.allowed and not self.draining
+                and needs_refit(engine.core.lexical, len(engine.core.catalog))):
+            outputs = await engine.refit_lexical()
+            await self.publish(outputs.records())
+            log.info("lexical IDF refitted on %d products at the end of a bulk catch-up",
+                     len(engine.core.catalog))
+        await engine.settle()
+
     async def settle_tick(self) -> None:
         """Timer: settles a bulk catch-up once the backlog is gone, when no batch comes to do it."""
         if self.engine.core.unsettled and not self.batch_lock.locked() and not self.far_behind():
             async with self.batch_lock:
-                await self.engine.publish(await self.engine.settle())
+                await self.settle_bulk()
 
     async def settled_under(self, lock: asyncio.Lock) -> None:
         """With ``lock`` held: until no handover is pending (released while waiting)."""
@@ -485,7 +501,7 @@ class Worker:
 
     async def snapshot_between_batches(self) -> Path | None:
         async with self.batch_lock:
-            await self.engine.publish(await self.engine.settle())
+            await self.settle_bulk()
             return await self.engine.in_core(self.take_snapshot)
 
     async def snapshot_now(self) -> dict[str, Any]:

@@ -78,3 +78,22 @@ def test_a_settle_goes_in_steps_that_each_publish_their_owners_lists() -> None:
     owners = sorted(f"p{i:02d}" for i in range(30))
     assert published == [owners[i : i + 7] for i in range(0, 30, 7)]
     assert propagation.SETTLE_CHUNK >= 100
+
+
+def test_a_refit_while_changes_wait_leaves_the_one_rebuild_to_the_settle() -> None:
+    from serving.lists import exact_lists
+
+    rec, _rng = loaded()
+    assert not rec.lexical.fitted
+    assert rec.refit_lexical() == [] and rec.unsettled and rec.lexical.fitted
+    pubs = rec.settle()
+    assert len({p.key for p in pubs}) == len(pubs), "each list once"
+    expected = exact_lists(list(rec.catalog), rec.vectors(), CONFIG, rec.lexical)
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        got = rec.lists(kind)
+        assert got.keys() == expected[kind].keys()
+        for pid, items in got.items():
+            want = expected[kind][pid]
+            assert [i.product_id for i in items] == [i.product_id for i in want]
+            assert all(abs(a.lexical - b.lexical) < 1e-9 and abs(a.score - b.score) < 1e-9
+                       for a, b in zip(items, want, strict=True))
