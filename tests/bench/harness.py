@@ -236,9 +236,15 @@ def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: 
     return BenchWorker(settings, worker, ProcStats(worker.proc.pid), data_dir)
 
 
+def stats(worker: WorkerProcess) -> dict[str, Any]:
+    """The worker's ``/stats``. It is read on the core thread, so a long core job (an IDF
+    refit at 100k products) delays it: waited for, not taken as a failure."""
+    return dict(worker.get("/stats", timeout=120.0)[1])
+
+
 def consumed(worker: WorkerProcess) -> int:
     """Input events the worker has processed (its ``/stats`` counter)."""
-    return int(worker.get("/stats")[1]["events"])
+    return int(stats(worker)["events"])
 
 
 def wait_consumed(worker: WorkerProcess, target: int, timeout: float) -> float:
@@ -262,8 +268,8 @@ def load_catalog(bench: BenchWorker, catalog: list[dict[str, Any]], timeout: flo
     wait_consumed(bench.worker, len(catalog), timeout=timeout)
     # A bulk catch-up publishes the lists only once it settles, after the last record.
     while time.monotonic() - started < timeout:
-        stats = bench.worker.get("/stats")[1]
-        if not stats.get("bulk_catch_up") and stats.get("lists", 0) >= len(catalog):
+        now = stats(bench.worker)
+        if not now.get("bulk_catch_up") and now.get("lists", 0) >= len(catalog):
             break
         time.sleep(1.0)
     return time.monotonic() - started
