@@ -409,7 +409,7 @@ class Propagator:
         ``near`` is ``q``'s dense neighbourhood from the index, best first. Every owner
         outside it scores at most the last of ``near`` against ``q``, so only the owners in
         ``near``, in ``extra``, and those whose floor is that low can admit ``q``
-        (``CandidateBuffers.owners_reaching``): the check covers every buffer, however far
+        (``CandidateBuffers.owners_admitting``): the check covers every buffer, however far
         its owner, at the cost of one comparison over the floors. A list that only gains
         ``q`` is patched in place (``patched``); one that needs more is marked for a
         rebuild (``affected``).
@@ -422,13 +422,7 @@ class Propagator:
             edge = np.inf
             if near:
                 edge = float(dense_scores(vq, self.index.get_vectors(near[-1:]))[0]) + _FLOOR_MARGIN
-            owners, floors = self.buffers.owners_reaching(edge)
-            if owners:
-                # Most of these score far below their floor: drop them with one float32
-                # product (the margin covers its rounding); the rest are scored exactly below.
-                approx = self.index.get_vectors(owners) @ np.asarray(vq, dtype=np.float32)
-                reach = approx >= floors - _FLOOR_MARGIN
-                far = [owners[i] for i in np.flatnonzero(reach).tolist()]
+            far = self.buffers.owners_admitting(vq, edge, _FLOOR_MARGIN)
         seen: set[str] = {q}
         cands: list[str] = []
         cand_bufs: list[CandidateBuffer] = []
