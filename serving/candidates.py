@@ -173,16 +173,13 @@ class CandidateBuffers:
             for pid, vp, hits in zip(part, mat, found, strict=True):
                 self.set_buffer(pid, vp, [c for c, _ in hits], lex, reuse_lexical=False)
 
-    def fill(self, p: str, lex: Mapping[str, SparseVec], *, reuse_lexical: bool) -> None:
-        """(Re)build ``p``'s buffer from an index query."""
+    def refill(self, p: str, lex: Mapping[str, SparseVec]) -> None:
+        """Rebuild a buffer that fell below C from an index query, keeping the lexical scores
+        it already had."""
+        self.refills += 1
         vp = self.index.get_vector(p)
         found = [c for c, _ in self.index.query(vp, self.config.buffer_depth, exclude=(p,))]
-        self.set_buffer(p, vp, found, lex, reuse_lexical=reuse_lexical)
-
-    def refill(self, p: str, lex: Mapping[str, SparseVec]) -> None:
-        """Rebuild a buffer that fell below C, keeping the lexical scores it already had."""
-        self.refills += 1
-        self.fill(p, lex, reuse_lexical=True)
+        self.set_buffer(p, vp, found, lex, reuse_lexical=True)
 
     def set_buffer(
         self, p: str, vp: np.ndarray, found: list[str], lex: Mapping[str, SparseVec], *, reuse_lexical: bool

@@ -121,10 +121,15 @@ def _kept_duplicate(
     Variants of one group are never duplicates of each other."""
     for key in cand.dup_keys:
         hit = kept.get(key)
-        if hit is not None and (hit[1] is None or hit[1] != cand.group_id):
+        if hit is not None and not _variants(hit[1], cand.group_id):
             dups.setdefault(hit[0], []).append(pid)
             return True
     return False
+
+
+def _variants(kept_group: str | None, group: str | None) -> bool:
+    """Whether two listings are variants of one group (never duplicates of each other)."""
+    return kept_group is not None and kept_group == group
 
 
 def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
@@ -145,7 +150,7 @@ def has_duplicates(items: Items, profiles: Mapping[str, Profile]) -> bool:
     for i in items:
         prof = profiles[i.product_id]
         for key in prof.dup_keys:
-            if key in seen and (seen[key] is None or seen[key] != prof.group_id):
+            if key in seen and not _variants(seen[key], prof.group_id):
                 return True
         for key in prof.dup_keys:
             seen.setdefault(key, prof.group_id)

@@ -410,7 +410,7 @@ class Propagator:
         outside it scores at most the last of ``near`` against ``q``, so only the owners in
         ``near``, in ``extra``, and those whose floor is that low can admit ``q``
         (``CandidateBuffers.owners_admitting``): the check covers every buffer, however far
-        its owner, at the cost of one comparison over the floors. A list that only gains
+        its owner, at the cost of one comparison over the floors and one float32 product. A list that only gains
         ``q`` is patched in place (``patched``); one that needs more is marked for a
         rebuild (``affected``).
         """

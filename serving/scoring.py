@@ -19,7 +19,6 @@ recomputation agree on order whenever they agree on the numbers.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from serving.catalog import Product
 from serving.config import RecommenderConfig
+from serving.lexical import codes, words
 
 
 def blend(config: RecommenderConfig) -> tuple[float, float, float]:
@@ -127,7 +127,6 @@ def profile(product: Product) -> Profile:
     )
 
 
-_TOKEN = re.compile(r"[^\W_]+")
 #: The prefix of the reason a kept listing gives for each listing of the same product it stands for.
 DUPLICATE_OF = "duplicate_of: "
 
@@ -145,16 +144,15 @@ def duplicate_keys(title: str, brand: str | None) -> tuple[str, ...]:
     Variants of a product (another colour, a 2-pack) differ in a title word, so they stay.
     """
     brand_norm = _norm(brand)
-    brand_words = set(_TOKEN.findall(brand_norm))
-    words = sorted({w for w in _TOKEN.findall(title.casefold()) if w not in brand_words})
-    if not words:
+    brand_words = words(brand_norm)
+    title_words = sorted(w for w in words(title) if w not in brand_words)
+    if not title_words:
         return ()
-    keys = [f"t\x00{brand_norm}\x00{' '.join(words)}"]
+    keys = [f"t\x00{brand_norm}\x00{' '.join(title_words)}"]
     if brand_norm:
-        codes = sorted({c for c in ("".join(ch for ch in token if ch.isalnum()) for token in title.casefold().split())
-                        if len(c) >= 3 and any(ch.isdigit() for ch in c) and any(ch.isalpha() for ch in c)})
-        if codes:
-            keys.append(f"c\x00{brand_norm}\x00{' '.join(codes)}")
+        title_codes = sorted(codes(title))
+        if title_codes:
+            keys.append(f"c\x00{brand_norm}\x00{' '.join(title_codes)}")
     return tuple(keys)
 
 

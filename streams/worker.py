@@ -272,8 +272,7 @@ class Worker:
         engine = self.engine
         if not engine.core.unsettled:
             return
-        if (self.settings.lexical_refit_quiet_s > 0 and 0 in self.ownership.allowed and not self.draining
-                and needs_refit(engine.core.lexical, len(engine.core.catalog))):
+        if self.refit_due():
             outputs = await engine.refit_lexical()
             await self.publish(outputs.records())
             log.info("lexical IDF refitted on %d products at the end of a bulk catch-up",
@@ -436,6 +435,13 @@ class Worker:
         if self.ready.is_set():
             gc.freeze()
 
+    def refit_due(self) -> bool:
+        """Whether this worker should refit the shared IDF now (quiet or not): stream refits
+        are on (``SIMSTREAM_LEXICAL_REFIT_QUIET_S`` > 0), it owns ``product-changes``
+        partition 0, it is not stopping, and the IDF is stale (``needs_refit``)."""
+        return (self.settings.lexical_refit_quiet_s > 0 and 0 in self.ownership.allowed and not self.draining
+                and needs_refit(self.engine.core.lexical, len(self.engine.core.catalog)))
+
     async def refit_lexical_when_quiet(self) -> None:
         """Timer: refit the shared IDF once the catalog has more than doubled since its fit and
         the product stream has been quiet for ``lexical_refit_quiet_s``.
@@ -446,12 +452,10 @@ class Worker:
         happening at a restart, where it would republish lists that no input changed.
         """
         quiet = self.settings.lexical_refit_quiet_s
-        if quiet <= 0 or not self.catch_up.done or 0 not in self.ownership.allowed or self.draining:
-            return
-        if time.time() - (self.last_product_event_at or self.started_at) < quiet:
+        if not self.catch_up.done or time.time() - (self.last_product_event_at or self.started_at) < quiet:
             return
         engine = self.engine
-        if not needs_refit(engine.core.lexical, len(engine.core.catalog)) or self.batch_lock.locked():
+        if not self.refit_due() or self.batch_lock.locked():
             return
         async with self.batch_lock:
             started = time.monotonic()
