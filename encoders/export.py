@@ -30,6 +30,7 @@ from typing import Any
 
 from encoders.base import EMBEDDING_DIM
 from encoders.tokenizer import DEFAULT_MAX_LENGTH, weights_dir
+from serving.config import Blend
 from serving.errors import ConfigurationError, ModelMismatch
 
 SIGNATURE = "serving_default"
@@ -246,3 +247,19 @@ def export_encoder(model_base: Path, *, version: int | None = None, config_dir: 
     if config_dir is not None:
         models, batching = write_serving_configs(config_dir, model_name=model_name, base_path=serving_base_path)
     return ExportResult(version_dir, number, models, batching)
+
+
+def read_version_meta(version_dir: Path) -> dict[str, Any]:
+    """A version's ``assets.extra/simstream.json`` as a dict; ``{}`` when absent or unreadable."""
+    path = Path(version_dir) / "assets.extra" / "simstream.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def version_blend(model_base: Path, version: int) -> Blend | None:
+    """The blend ``simstream learn`` fitted for ``version`` (``None``: the version carries none,
+    or its folder is not readable here, e.g. a TF Serving model base on another machine)."""
+    return Blend.from_meta(read_version_meta(Path(model_base).expanduser() / str(version)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from serving.errors import ConfigurationError
 
@@ -90,3 +92,36 @@ class RecommenderConfig:
     def buffer_depth(self) -> int:
         """Neighbours kept per product: the top-C plus the slack."""
         return self.candidate_depth + self.candidate_slack
+
+
+@dataclass(frozen=True)
+class Blend:
+    """The weights a model version's lists use (``serving.scoring``): fitted per catalog by
+    ``simstream learn`` and carried in the version's ``simstream.json``, so they change only
+    when the model version does (a rollover, which republishes every list)."""
+
+    lexical_weight: float
+    lexical_floor: float
+    behavior_weight: float
+
+    @staticmethod
+    def of(config: RecommenderConfig) -> Blend:
+        return Blend(config.lexical_weight, config.lexical_floor, config.behavior_weight)
+
+    def apply(self, config: RecommenderConfig) -> RecommenderConfig:
+        return replace(config, lexical_weight=self.lexical_weight, lexical_floor=self.lexical_floor,
+                       behavior_weight=self.behavior_weight)
+
+    @staticmethod
+    def from_meta(meta: Mapping[str, Any]) -> Blend | None:
+        """The ``blend`` a version's ``simstream.json`` carries, or ``None`` (absent or invalid)."""
+        value = meta.get("blend")
+        if not isinstance(value, Mapping):
+            return None
+        try:
+            blend = Blend(float(value["lexical_weight"]), float(value["lexical_floor"]),
+                          float(value["behavior_weight"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        ok = (0 <= blend.lexical_weight <= 1 and 0 <= blend.lexical_floor < 1 and 0 <= blend.behavior_weight <= 1)
+        return blend if ok else None

@@ -172,6 +172,7 @@ def create_app(settings: Settings) -> faust.App:
     app.timer(interval=max(0.05, settings.behavior_debounce_ms / 2000.0))(worker.flush_behavior)
     app.timer(interval=1.0)(worker.follow_model_version)
     app.timer(interval=1.0)(worker.refit_lexical_when_quiet)
+    app.timer(interval=5.0)(worker.learn_tick)
     app.timer(interval=settings.progress_interval_s)(worker.report_progress)
 
     from streams.web import register_views

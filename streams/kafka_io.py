@@ -85,6 +85,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_products, True),
         TopicSpec(settings.topic_embeddings, True),
         TopicSpec(settings.topic_pair_updates, False),
+        TopicSpec(settings.topic_product_labels, True),
+        TopicSpec(settings.topic_models, True, partitions=1),
         # One record, read in one order by every worker; the IDF is a few hundred KB.
         TopicSpec(settings.topic_lexical, True, partitions=1, max_message_bytes=8 * 1024 * 1024),
     ]

@@ -55,6 +55,14 @@ class Metrics:
         self.rollovers = Counter(
             "simstream_rollovers_total", "Model rollovers by outcome (swapped, refused, failed)", ["outcome"], registry=r
         )
+        self.learn_runs = Counter(
+            "simstream_learn_runs_total", "Learning-loop runs by decision (promoted, refused, skipped, failed)",
+            ["decision"], registry=r)
+        self.learn_heldout_hit1 = Gauge(
+            "simstream_learn_heldout_hit_at_1", "Held-out hit@1 of the last learning run that trained, by model "
+            "(live, candidate, tfidf_char)", ["model"], registry=r)
+        self.learn_pairs = Gauge("simstream_learn_pairs", "Positive pairs the last learning run found, by source",
+                                 ["source"], registry=r)
         self.model_info = Gauge("simstream_model_info", "The live model version (value 1)", ["model_version"], registry=r)
         self.owned_partitions = Gauge(
             "simstream_owned_partitions", "product-changes partitions whose lists this worker publishes", registry=r

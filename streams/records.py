@@ -27,6 +27,7 @@ from typing import Any
 import faust
 from faust.models.fields import StringField
 
+from encoders.training.pairs import PairLabel
 from serving.catalog import (
     Product,
     ProductChange,
@@ -115,6 +116,19 @@ class UserEventRecord(faust.Record, validation=True, serializer="json"):
             product_id=self.product_id,
             session_id=self.session_id,
         )
+
+
+class ProductLabelRecord(faust.Record, validation=True, serializer="json"):
+    """``product-labels`` value: a labelled pair for ``simstream learn``. Build it with ``decode_product_label``."""
+
+    left_id: str
+    right_id: str
+    label: int
+    ts: float
+    source: str | None = None
+
+    def to_core(self) -> PairLabel:
+        return PairLabel(self.left_id, self.right_id, bool(self.label), self.ts)
 
 
 # --- strict field checks ----------------------------------------------------------------------
@@ -310,6 +324,38 @@ def decode_user_event(
         product_id=product_id,
         session_id=_identifier(obj, "session_id", required=False),
     )
+
+
+def decode_product_label(
+    raw: bytes | str,
+    *,
+    kafka_ts: float | None = None,
+    max_bytes: int = 1_000_000,
+    now: float | None = None,
+) -> ProductLabelRecord:
+    """Decode and check one ``product-labels`` value; raise ``DecodeError`` with the reason.
+
+    ``label`` is 1 / ``true`` (the two are the same product, or belong in each other's lists)
+    or 0 / ``false`` (they do not: a negative the training uses as a hard negative).
+    """
+    now = datetime.now(UTC).timestamp() if now is None else now
+    obj = _load_object(raw, max_bytes)
+    left = _identifier(obj, "left_id", required=True)
+    right = _identifier(obj, "right_id", required=True)
+    assert left is not None and right is not None
+    if left == right:
+        raise DecodeError(f"left_id and right_id are both {left[:40]!r}; a label pairs two different products")
+    label = obj.get("label")
+    if label is None:
+        raise DecodeError("missing required field 'label' (1 or true: a match; 0 or false: not a match)")
+    if isinstance(label, bool):
+        value = int(label)
+    elif isinstance(label, int) and label in (0, 1):
+        value = label
+    else:
+        raise DecodeError(f"field 'label' must be 0, 1, true or false, got {str(label)[:40] if isinstance(label, int | float) else _type_name(label)}")
+    return ProductLabelRecord(left_id=left, right_id=right, label=value, ts=_timestamp(obj, kafka_ts, now),
+                              source=_string(obj, "source", MAX_SHORT_CHARS))
 
 
 # --- encoding of what simstream writes ----------------------------------------------------------

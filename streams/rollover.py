@@ -54,10 +54,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from encoders.base import EMBEDDING_DIM, Encoder
-from encoders.export import list_versions
+from encoders.export import list_versions, version_blend
 from encoders.factory import create_encoder
 from encoders.verify import probe_encoder, verify_model
 from serving.catalog import ProductChange
+from serving.config import Blend
 from serving.errors import ConfigurationError, EncoderError, EncoderUnavailable, ModelMismatch, SimstreamError
 from serving.recommender import CONTENT_KINDS, BehaviorRow, Kind, Recommender
 from serving.text import product_text
@@ -75,6 +76,13 @@ log = logging.getLogger(__name__)
 MARKER = "model.json"
 #: Lists (or embedding records) republished per hold of the batch lock after the swap.
 REPUBLISH_CHUNK = 500
+
+
+def blend_for(settings: Settings, version: int | None) -> Blend:
+    """The blend the lists of model ``version`` use: the one it carries (fitted by ``simstream
+    learn``) when ``SIMSTREAM_MODEL_BLEND`` is on and its folder is readable here, else the settings'."""
+    carried = version_blend(settings.model_base, version) if settings.model_blend and version is not None else None
+    return carried or Blend(settings.lexical_weight, settings.lexical_floor, settings.behavior_weight)
 
 
 class RolloverBusy(SimstreamError):  # noqa: N818 (public name)
@@ -369,7 +377,12 @@ class ModelRollover:
             catalog = await live.in_core(lambda: sorted(live.core.catalog, key=lambda p: p.product_id))
             behavior = await live.in_core(live.core.behavior_rows)
             live.journal = []
-        core = Recommender(live.core.config, owns=live.core.owns, lexical=live.core.lexical)
+        blend = blend_for(settings, version_number(encoder.model_version))
+        if blend != Blend.of(live.core.config):
+            log.info("model rollover: version %s carries its own blend (lexical weight %g, floor %g, behaviour "
+                     "weight %g)", encoder.model_version, blend.lexical_weight, blend.lexical_floor,
+                     blend.behavior_weight)
+        core = Recommender(blend.apply(live.core.config), owns=live.core.owns, lexical=live.core.lexical)
         new = Engine(settings, self.metrics, recommender=core, encoder=encoder, executor=executor,
                      encoder_ok=True, clock=live.clock)
         texts = sorted({product_text(p) for p in catalog})
@@ -477,7 +490,8 @@ class ModelRollover:
     # ------------------------------------------------------------------ reporting
 
     def health(self) -> dict[str, Any]:
-        return {"model_error": self.error, "rollover": self.status.as_json()}
+        return {"model_error": self.error, "rollover": self.status.as_json(),
+                "blend": asdict(Blend.of(self.engine.core.config))}
 
 
 def _sync_behavior(core: Recommender, rows: dict[str, BehaviorRow]) -> None:

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     topic_lexical: str = Field(
         "simstream-lexical", description="Internal (compacted, one partition): the lexical IDF every worker shares."
     )
+    topic_product_labels: str = Field(
+        "product-labels", description="Input (compacted, optional): labelled pairs `{left_id, right_id, label}` that "
+                                      "`simstream learn` trains on; label 0 marks a negative.")
+    topic_models: str = Field(
+        "simstream-models", description="Output (compacted, one partition): one record per `simstream learn` run: "
+                                        "pairs used, held-out scores of live and candidate, promoted or refused and why.")
     topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
     topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
 
@@ -90,6 +96,24 @@ class Settings(BaseSettings):
         description="With SIMSTREAM_MODEL_VERSION unset: seconds between checks for a newer model version "
         "(TF Serving's GetModelStatus, or the model base for `local`), which starts a live rollover; 0 disables.",
     )
+    model_blend: bool = Field(
+        True, description="Use the lexical weight, lexical floor and behaviour weight that a model version carries "
+                          "(fitted on the shop's pairs by `simstream learn`) instead of SIMSTREAM_LEXICAL_WEIGHT, "
+                          "SIMSTREAM_LEXICAL_FLOOR and SIMSTREAM_BEHAVIOR_WEIGHT; a version without one uses those.")
+    learn_interval_s: float = Field(
+        21600.0, ge=0, le=30 * 86400,
+        description="Seconds between runs of the learning loop (`simstream learn`, in a separate process) started by "
+                    "the worker that owns product-changes partition 0; the first run is one interval after the "
+                    "start. 0 disables (run `simstream learn` from a scheduler instead).")
+    learn_min_new_pairs: int = Field(
+        200, ge=0, description="The learning loop trains only when at least this many positive pairs are new since "
+                               "its last training run.")
+    learn_min_gain: float = Field(
+        0.01, ge=-1, le=1, description="A fine-tuned candidate is promoted only when its held-out hybrid hit@1 beats "
+                                       "the live version's by at least this much (0.01 = one point).")
+    learn_max_steps: int | None = Field(
+        None, ge=1, description="The learning loop's training budget: optimiser steps per run (unset: the epochs "
+                                "and early stopping decide).")
     rollover_batch_size: int = Field(256, ge=1, le=8192, description="Products re-embedded per encoder call during a model rollover.")
     rollover_pause_s: float = Field(
         0.0, ge=0, le=60, description="Pause between rollover batches, to leave encoder capacity to the live stream."

@@ -226,6 +226,7 @@ def register_views(app: faust.App, worker: Worker) -> None:
 
     admin_view("/admin/snapshot", "snapshot")
     admin_view("/admin/rebuild-index", "rebuild-index")
+    admin_view("/admin/learn", "learn")
 
     @app.page("/")
     class Page(Base):

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from streams.outputs import Inbound, Outbound, Send
 from streams.readiness import CatchUp, InputProgress, input_progress
 from streams.replica import Replica
 from streams.restore import StateReader
-from streams.rollover import ModelRollover, RolloverBusy
+from streams.rollover import ModelRollover, RolloverBusy, blend_for
 from streams.scaleout import Handovers, Ownership, owns_nothing
 from streams.settings import Settings
 
@@ -128,7 +130,11 @@ class Worker:
         self.snapshot_task: asyncio.Future[Path | None] | None = None
         #: Operations the admin endpoints run: name -> coroutine returning a JSON-able result.
         self.actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
-            "snapshot": self.snapshot_now, "rebuild-index": self.rebuild_index}
+            "snapshot": self.snapshot_now, "rebuild-index": self.rebuild_index, "learn": self.learn_now}
+        self.learn_task: asyncio.Future[dict[str, Any] | None] | None = None
+        self.last_learn_at = time.monotonic()
+        #: The ``simstream-models`` record of the last learning run this worker started.
+        self.last_learn: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ publishing
 
@@ -172,6 +178,11 @@ class Worker:
         # Pins the encoder to the configured (or newest) version that passes verification.
         await retry_forever(self.rollover.start_live_encoder, "starting the encoder", EncoderUnavailable)
         engine.encoder_ok = True
+        if (config := self.core_config()) != engine.core.config:  # the live version carries its own blend
+            log.info("model %s carries its own blend: lexical weight %g, floor %g, behaviour weight %g",
+                     engine.model_version, config.lexical_weight, config.lexical_floor, config.behavior_weight)
+            engine.swap(Recommender(config))
+            await engine.in_core(engine.core.set_ownership, owns_nothing)
         started = time.monotonic()
         snapshot = await engine.in_core(self.load_snapshot)
         if snapshot is not None:
@@ -206,6 +217,10 @@ class Worker:
         handovers = Handovers(self.settings, self.metrics, engine, self.users, self.ownership, self.batch_lock,
                               self.publish, replica=lambda: self.replica)
         self.spawn(handovers.run())
+
+    def core_config(self) -> RecommenderConfig:
+        """The core's configuration under the live model version (its blend: ``blend_for``)."""
+        return blend_for(self.settings, self.rollover.live).apply(recommender_config(self.settings))
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -366,7 +381,10 @@ class Worker:
         return {**self.rollover.health(), **self.ownership.health(),
                 **(self.replica.health() if self.replica is not None else {}),
                 "input": None if self.progress is None else self.progress.as_json(),
-                "bulk_catch_up": self.engine.core.unsettled}
+                "bulk_catch_up": self.engine.core.unsettled,
+                "learn": None if self.last_learn is None else {
+                    k: self.last_learn.get(k) for k in ("decision", "reason", "version", "at")}
+                | {"running": self.learn_task is not None and not self.learn_task.done()}}
 
     async def report_progress(self) -> None:
         """Timer: how far behind ``product-changes`` this worker is, at what pace, and when it
@@ -465,6 +483,71 @@ class Worker:
                  "republished) in %.1f s", len(engine.core.catalog), quiet, len(outputs.lists),
                  time.monotonic() - started)
 
+    async def learn_tick(self) -> None:
+        """Timer: the learning loop every ``learn_interval_s``, on the owner of product-changes partition 0.
+
+        It runs as ``simstream learn`` in a process of its own: training must not take the
+        worker's event loop, its core thread or its TensorFlow thread pools. A promoted
+        version reaches this worker (and every other) through the model poll's rollover.
+        """
+        interval = self.settings.learn_interval_s
+        if interval <= 0 or not self.ready.is_set() or self.draining or 0 not in self.ownership.allowed:
+            return
+        if self.learn_task is not None and not self.learn_task.done():
+            return
+        if time.monotonic() - self.last_learn_at < interval:
+            return
+        self.last_learn_at = time.monotonic()
+        self.learn_task = asyncio.ensure_future(self.run_learn_process())
+
+    async def learn_now(self) -> dict[str, Any]:
+        """The admin action: start a learning run now (in the background; its outcome goes to the
+        log, ``/metrics``, ``/health`` and ``simstream-models``)."""
+        if self.learn_task is not None and not self.learn_task.done():
+            return {"learn": "already running"}
+        self.last_learn_at = time.monotonic()
+        self.learn_task = asyncio.ensure_future(self.run_learn_process())
+        return {"learn": "started"}
+
+    async def run_learn_process(self) -> dict[str, Any] | None:
+        """``simstream learn`` in a child process; its last stdout line is the run's record."""
+        log_path = self.settings.data_dir / "learn.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("learning loop: starting `simstream learn` (its log: %s)", log_path)
+        with log_path.open("ab") as err:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "streams.cli", "learn", stdout=asyncio.subprocess.PIPE, stderr=err)
+            out, _ = await process.communicate()
+        lines = out.decode("utf-8", errors="replace").strip().splitlines()
+        try:
+            record = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            self.metrics.learn_runs.labels("failed").inc()
+            log.error("learning loop: `simstream learn` exited with %s and no record; see %s", process.returncode,
+                      log_path)
+            return None
+        self.note_learn(record)
+        return record
+
+    def note_learn(self, record: dict[str, Any]) -> None:
+        """A learning run's record: one log line, the metrics, ``/health``."""
+        self.last_learn = record
+        decision = str(record.get("decision"))
+        self.metrics.learn_runs.labels(decision).inc()
+        for source, count in ((record.get("pairs") or {}).get("by_source") or {}).items():
+            self.metrics.learn_pairs.labels(source).set(count)
+        heldout = record.get("heldout") or {}
+        for model, scores in (("live", (heldout.get("live") or {}).get("hybrid")),
+                              ("candidate", (heldout.get("candidate") or {}).get("hybrid")),
+                              ("tfidf_char", heldout.get("tfidf-char"))):
+            if isinstance(scores, dict) and "hit@1" in scores:
+                self.metrics.learn_heldout_hit1.labels(model).set(scores["hit@1"])
+        level = logging.ERROR if decision == "failed" else logging.INFO
+        log.log(level, "learning loop: %s%s: %s", decision,
+                f" version {record['version']}" if record.get("version") else "", record.get("reason"))
+
     async def follow_model_version(self) -> None:
         """Roll over when a newer model version is on offer (SIMSTREAM_MODEL_VERSION unset)."""
         await self.rollover.poll()
@@ -482,7 +565,7 @@ class Worker:
         if not (root / "CURRENT").exists():
             return None
         try:
-            return Recommender.load(root, recommender_config(self.settings))
+            return Recommender.load(root, self.core_config())
         except SnapshotError as exc:
             log.error("not using the snapshot, rebuilding from the topics instead: %s", exc)
             return None
@@ -542,7 +625,7 @@ class Worker:
         async with self.batch_lock:
             live = self.engine
             fresh = Engine(self.settings, self.metrics,
-                           recommender=Recommender(recommender_config(self.settings), owns=live.core.owns),
+                           recommender=Recommender(self.core_config(), owns=live.core.owns),
                            encoder=live.encoder, executor=live.executor, encoder_ok=live.encoder_ok)
             outputs = await self.restore_from_topics(fresh)
             await self.publish(outputs.records())

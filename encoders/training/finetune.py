@@ -7,6 +7,11 @@
   (a→b and b→a), averaged. Every other pair of the batch is a negative, except known
   positives and repeats of the same item, which are masked out (a false negative would push
   apart what the data says belongs together).
+* **Hard negatives** (optional): a mapping from an item to items known or mined to be *not*
+  its match (``simstream learn`` passes labelled negatives and the live model's nearest
+  non-partners). Each batch then also embeds one hard negative per pair, and every anchor
+  ``a_i`` is scored against all of them as extra columns of the a→b logits; a hard negative
+  that is a known positive of ``a_i`` is masked like an in-batch one.
 * **Optimiser**: AdamW with a linear warm-up to the peak rate, then linear decay to 0.
 * **Freezing**: the embeddings and the lowest ``freeze_layers`` transformer layers keep their
   weights; gradients stop below the first trainable layer, so freezing 4 of 6 layers
@@ -25,10 +30,9 @@ The GPU is used when TensorFlow sees one; nothing here pins the CPU.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from encoders.base import EMBEDDING_DIM, pack_batch
-from encoders.export import export_saved_model, list_versions, resolve_version
+from encoders.export import export_saved_model, list_versions, read_version_meta, resolve_version
 from encoders.tokenizer import WordPieceTokenizer
 from encoders.training.pairs import NotEnoughPairs, Pair, PairSet
 from serving.errors import ConfigurationError, InvalidInput, ModelMismatch
@@ -194,6 +198,30 @@ def _negative_masks(batch: Sequence[Pair], positives: set[tuple[str, str]]) -> t
     return rows, cols
 
 
+def hard_negative_batch(batch: Sequence[Pair], hard: Mapping[str, Sequence[str]], positives: set[tuple[str, str]],
+                    rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+    """One hard negative per pair (of its left item, else its right; random among its list), and
+    which (anchor i, negative j) logits to ignore: j has no negative (its slot repeats an item),
+    or the negative is i's own item, i's partner or a known positive of i."""
+    chosen: list[str] = []
+    real: list[bool] = []
+    for p in batch:
+        options = hard.get(p.left) or hard.get(p.right)
+        if options:
+            chosen.append(options[int(rng.integers(len(options)))])
+            real.append(True)
+        else:
+            chosen.append(p.right)  # a placeholder, masked for every row
+            real.append(False)
+    n = len(batch)
+    ignore = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(batch):
+        for j, neg in enumerate(chosen):
+            ignore[i, j] = (not real[j] or neg in p.key
+                            or (min(p.left, neg), max(p.left, neg)) in positives)
+    return chosen, ignore
+
+
 def _batches(pairs: Sequence[Pair], batch_size: int, rng: np.random.Generator) -> list[list[Pair]]:
     """Shuffled batches of ``batch_size`` pairs; a last batch of fewer than 2 pairs is dropped (no negative)."""
     order = rng.permutation(len(pairs))
@@ -281,8 +309,14 @@ def check_pairs(pairs: PairSet, config: FinetuneConfig) -> None:
 
 
 def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: int,
-             config: FinetuneConfig | None = None, *, force: bool = False, log: Log = print) -> FinetuneResult:
-    """Fine-tune version ``base_version`` on ``pairs`` and export version ``out_version`` beside it."""
+             config: FinetuneConfig | None = None, *, force: bool = False, log: Log = print,
+             negatives: Mapping[str, Sequence[str]] | None = None,
+             meta_extra: Mapping[str, Any] | None = None) -> FinetuneResult:
+    """Fine-tune version ``base_version`` on ``pairs`` and export version ``out_version`` beside it.
+
+    ``negatives``: hard negatives per item (ids with a text in ``pairs.texts``; others are
+    ignored). ``meta_extra`` is merged into the exported version's ``simstream.json``.
+    """
     import keras
     import tensorflow as tf
 
@@ -297,6 +331,9 @@ def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: i
     vocab = base_dir / "assets.extra" / "vocab.txt"
     tokenizer = WordPieceTokenizer(vocab if vocab.is_file() else None, max_length=cfg.max_length)
     texts = _Texts(pairs.texts, tokenizer)
+    hard = {item: [n for n in ns if n in texts.tokens and n != item]
+            for item, ns in (negatives or {}).items() if item in texts.tokens}
+    hard = {item: ns for item, ns in hard.items() if ns}
     model = load_version_model(base_dir)
     freeze(model, cfg.freeze_layers, cfg.train_embeddings)
     trainable = model.trainable_weights
@@ -318,12 +355,24 @@ def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: i
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
 
+    @tf.function(input_signature=[*spec, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32),
+                                  tf.TensorSpec([None, None], tf.bool)], reduce_retracing=True)
+    def step_hard(ids_a: Any, mask_a: Any, ids_b: Any, mask_b: Any, rows: Any, cols: Any,
+                  ids_n: Any, mask_n: Any, ignore_n: Any) -> Any:
+        with tf.GradientTape() as tape:
+            a = model(ids_a, mask_a)
+            loss = pair_loss(a, model(ids_b, mask_b), rows, cols, temperature,
+                             hard=model(ids_n, mask_n), hard_ignore=ignore_n)
+        grads = tape.gradient(loss, trainable)
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        return loss
+
     result = FinetuneResult(base_version, out_version, model_base / str(out_version),
                             train_pairs=len(pairs.train), valid_pairs=len(pairs.valid))
     log(f"fine-tuning minilm/{base_version} on {len(pairs.train)} pairs ({len(pairs.valid)} validation, "
         f"{len(texts.ids)} items), {steps_per_epoch} steps/epoch, trainable layers "
         f"{NUM_LAYERS - cfg.freeze_layers}/{NUM_LAYERS}{' + embeddings' if cfg.train_embeddings else ''}, "
-        f"{len(tf.config.list_physical_devices('GPU'))} GPU(s)")
+        f"{len(tf.config.list_physical_devices('GPU'))} GPU(s), hard negatives for {len(hard)} items")
     t0 = time.perf_counter()
     best = validation_scores(model, texts, pairs.valid, cfg.val_k)
     result.epochs.append(EpochReport(0, None, best[0], best[1], best[2], time.perf_counter() - t0))
@@ -341,7 +390,12 @@ def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: i
             ids_a, mask_a = texts.pack([p.left for p in batch])
             ids_b, mask_b = texts.pack([p.right for p in batch])
             rows, cols = _negative_masks(batch, positives)
-            loss = float(step(ids_a, mask_a, ids_b, mask_b, rows, cols))
+            if hard:
+                chosen, ignore = hard_negative_batch(batch, hard, positives, rng)
+                ids_n, mask_n = texts.pack(chosen)
+                loss = float(step_hard(ids_a, mask_a, ids_b, mask_b, rows, cols, ids_n, mask_n, ignore))
+            else:
+                loss = float(step(ids_a, mask_a, ids_b, mask_b, rows, cols))
             if not math.isfinite(loss):
                 raise InvalidInput(f"the loss became {loss} at step {len(result.losses) + 1}; "
                                    "lower --learning-rate or raise --temperature")
@@ -371,14 +425,15 @@ def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: i
     if result.best_epoch == 0:
         log("no epoch beat the base on validation; the exported version has the base weights")
 
-    base_meta = _read_meta(base_dir)
+    base_meta = read_version_meta(base_dir)
     meta = {
         "weights": f"fine-tuned from {base_meta.get('model_name', 'minilm')}/{base_version}",
         "base_version": base_version,
         "finetune": {**asdict(cfg), "best_epoch": result.best_epoch, "train_pairs": len(pairs.train),
-                     "valid_pairs": len(pairs.valid),
+                     "valid_pairs": len(pairs.valid), "hard_negative_items": len(hard),
                      "validation": {f"hit@{cfg.val_k}": round(best[0], 4), f"mrr@{cfg.val_k}": round(best[1], 4)}},
     }
+    meta.update(meta_extra or {})
     export_max_length = int(base_meta.get("max_length", 128))
     _, result.version_dir = export_saved_model(model_base, version=out_version, max_length=export_max_length,
                                                model=model, overwrite=force, meta_extra=meta,
@@ -388,14 +443,22 @@ def finetune(pairs: PairSet, model_base: Path, base_version: int, out_version: i
     return result
 
 
-def pair_loss(a: Any, b: Any, rows: Any, cols: Any, temperature: float) -> Any:
-    """Symmetric multiple-negatives ranking loss of unit vectors ``a``, ``b`` ``[n, dim]``; masked logits ignored."""
+def pair_loss(a: Any, b: Any, rows: Any, cols: Any, temperature: float, *, hard: Any = None,
+              hard_ignore: Any = None) -> Any:
+    """Symmetric multiple-negatives ranking loss of unit vectors ``a``, ``b`` ``[n, dim]``; masked logits ignored.
+
+    ``hard`` (``[m, dim]``) adds hard negatives as extra columns of the a→b direction;
+    ``hard_ignore`` (``[n, m]``) masks those that are not negatives of a row.
+    """
     import tensorflow as tf
 
     logits = tf.matmul(a, b, transpose_b=True) / temperature
     labels = tf.range(tf.shape(a)[0])
     forward = tf.where(rows, _MASKED, logits)
     backward = tf.where(cols, _MASKED, tf.transpose(logits))
+    if hard is not None:
+        extra = tf.where(hard_ignore, _MASKED, tf.matmul(a, hard, transpose_b=True) / temperature)
+        forward = tf.concat([forward, extra], axis=1)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits
     return 0.5 * (tf.reduce_mean(ce(labels, forward)) + tf.reduce_mean(ce(labels, backward)))
 
@@ -409,14 +472,3 @@ def batch_loss(model: Any, pairs: PairSet, max_length: int = 32, temperature: fl
     a = model(*texts.pack([p.left for p in batch]))
     b = model(*texts.pack([p.right for p in batch]))
     return float(pair_loss(a, b, rows, cols, temperature))
-
-
-def _read_meta(version_dir: Path) -> dict[str, Any]:
-    path = version_dir / "assets.extra" / "simstream.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -90,6 +90,20 @@ class PairStats:
         }
 
 
+@dataclass(frozen=True)
+class PairLabel:
+    """One ``product-labels`` record: ``positive`` says whether the two are a match."""
+
+    left_id: str
+    right_id: str
+    positive: bool
+    ts: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (min(self.left_id, self.right_id), max(self.left_id, self.right_id))
+
+
 class PairBuilder:
     """Collects candidate pairs from any number of sources against one set of known ids."""
 

@@ -335,3 +335,49 @@ def _evaluate_version(models: Path, version: int, queries: list[Product], corpus
     _log(f"minilm/{version}: " + ", ".join(f"{m} hit@1 {r['hit@1']:.4f}" for m, r in out.items()))
     sys.stderr.flush()
     return out
+
+
+# --- learn: the loop on what the stream carries --------------------------------------------------
+@main.command("learn")
+@click.option("--min-new-pairs", type=click.IntRange(0), default=None,
+              help="Train only when this many positive pairs are new [SIMSTREAM_LEARN_MIN_NEW_PAIRS].")
+@click.option("--min-gain", type=click.FloatRange(-1, 1), default=None,
+              help="Promote only when the held-out hybrid hit@1 beats the live version's by this "
+                   "[SIMSTREAM_LEARN_MIN_GAIN].")
+@click.option("--test-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
+              show_default=True, help="Share of the paired items held out to decide (by item).")
+@click.option("--valid-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
+              show_default=True, help="Share of the remaining items held out for early stopping and the blend.")
+@click.option("--hard-negatives", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Mined hard negatives per training item (labelled negatives are always used).")
+@click.option("--no-groups", is_flag=True, help="Do not pair products that share a group_id.")
+@_finetune_options
+def learn_command(min_new_pairs: int | None, min_gain: float | None, test_share: float, valid_share: float,
+                  hard_negatives: int, no_groups: bool, **options: Any) -> None:
+    """Mine pairs from the topics, fine-tune, and promote a new model version if it wins on held-out items.
+
+    Reads simstream-products, user-events, product-labels and simstream-models; writes one
+    record to simstream-models (and dead letters for malformed labels). A promoted version
+    appears in the model base, where the workers' model poll rolls over to it.
+    """
+    from encoders.training.learn import LearnConfig
+    from serving.errors import SimstreamError
+    from streams.learn import run_learn
+    from streams.settings import get_settings
+    from streams.worker import recommender_config
+
+    settings = get_settings()
+    try:
+        config = LearnConfig(
+            min_new_pairs=settings.learn_min_new_pairs if min_new_pairs is None else min_new_pairs,
+            min_gain=settings.learn_min_gain if min_gain is None else min_gain,
+            test_share=test_share, valid_share=valid_share, hard_negatives=hard_negatives,
+            use_groups=not no_groups, seed=options["seed"],
+            finetune=_config(**{**options, "max_steps": options["max_steps"] or settings.learn_max_steps}))
+        record = run_learn(settings, config, recommender_config(settings), progress=_log)
+    except SimstreamError as exc:
+        raise _fail(exc) from exc
+    _log(f"learn: {record['decision']}: {record['reason']}")
+    click.echo(json.dumps(record))
+    if record["decision"] == "failed":
+        sys.exit(1)

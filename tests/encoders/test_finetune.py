@@ -92,3 +92,29 @@ def test_finetune_command_reports_too_few_pairs(tmp_path: Path, base: Path) -> N
     assert result.exit_code == 1
     assert "1 pairs name an id without a text" in result.stderr
     assert "1 usable training pairs; fine-tuning needs at least 32" in result.stderr
+
+
+def test_hard_negatives_are_masked_where_they_are_not_negatives() -> None:
+    from encoders.training.finetune import hard_negative_batch
+
+    batch = [Pair.of("l0", "r0", "t"), Pair.of("l1", "r1", "t"), Pair.of("l2", "r2", "t")]
+    positives = {p.key for p in batch} | {("l0", "r9")}
+    hard = {"l0": ["r9"], "l1": ["r2"]}  # r9 is a known positive of l0; r2 is l2's own partner
+    chosen, ignore = hard_negative_batch(batch, hard, positives, np.random.default_rng(0))
+    assert chosen == ["r9", "r2", "r2"]  # l2 has none: its slot repeats its partner and is masked
+    assert ignore.tolist() == [[True, False, True],   # l0: r9 is its positive
+                               [False, False, True],  # l1: r2 is a negative
+                               [False, True, True]]   # l2: r2 is its partner
+
+
+def test_a_finetune_with_hard_negatives_lowers_the_loss_and_records_them(base: Path) -> None:
+    config = FinetuneConfig(epochs=3, batch_size=8, learning_rate=3e-4, freeze_layers=4, max_length=12,
+                            patience=3, seed=0)
+    negatives = {f"l{i}": [f"r{(i + 1) % 8}"] for i in range(8)}
+    logged: list[str] = []
+    result = finetune(_pairs(), base, 1, 2, config, log=logged.append, negatives=negatives,
+                      meta_extra={"note": "hard"})
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    assert any("hard negatives for 8 items" in line for line in logged), logged[:2]
+    meta = json.loads((base / "2" / "assets.extra" / "simstream.json").read_text(encoding="utf-8"))
+    assert meta["finetune"]["hard_negative_items"] == 8 and meta["note"] == "hard"

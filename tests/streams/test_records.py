@@ -12,6 +12,7 @@ from streams.records import (
     DecodeError,
     dead_letter,
     decode_product_change,
+    decode_product_label,
     decode_user_event,
     product_from_wire,
     product_to_wire,
@@ -167,3 +168,31 @@ def test_dead_letters_carry_where_and_why_and_cut_huge_payloads() -> None:
     assert letter["payload_truncated"] is True and letter["payload_bytes"] == 200_000
     assert len(letter["payload"]) == 64 * 1024
     assert letter["at"] == "2026-11-10T03:00:00.000Z"
+
+
+# --- product-labels ------------------------------------------------------------------------------
+def test_a_label_becomes_a_pair_label_and_booleans_or_0_1_mean_the_same() -> None:
+    yes = decode_product_label('{"left_id": "a", "right_id": "b", "label": true, "ts": 1700000000, "source": "ops"}')
+    assert yes.source == "ops"
+    label = yes.to_core()
+    assert (label.left_id, label.right_id, label.positive, label.ts) == ("a", "b", True, 1700000000.0)
+    assert label.key == ("a", "b") == decode_product_label(
+        '{"left_id": "b", "right_id": "a", "label": 0, "ts": 1700000000}').to_core().key
+    assert decode_product_label('{"left_id": "b", "right_id": "a", "label": 0}', kafka_ts=1.7e9).to_core().positive \
+        is False
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("{not json", "malformed JSON"),
+    ('{"right_id": "b", "label": 1, "ts": 1700000000}', "missing required field 'left_id'"),
+    ('{"left_id": "a", "right_id": "a", "label": 1, "ts": 1700000000}', "pairs two different products"),
+    ('{"left_id": "a", "right_id": "b", "ts": 1700000000}', "missing required field 'label'"),
+    ('{"left_id": "a", "right_id": "b", "label": 2, "ts": 1700000000}', "must be 0, 1, true or false, got 2"),
+    ('{"left_id": "a", "right_id": "b", "label": "yes", "ts": 1700000000}', "must be 0, 1, true or false, got string"),
+    ('{"left_id": "a", "right_id": 5, "label": 1, "ts": 1700000000}', "field 'right_id' must be a string"),
+    ('{"left_id": "a", "right_id": "b", "label": 1}', "missing 'ts'"),
+])
+def test_bad_labels_are_rejected_with_a_one_line_reason(raw: str, reason: str) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_product_label(raw)
+    assert reason in str(err.value) and "\n" not in str(err.value), str(err.value)
