@@ -33,6 +33,10 @@ class RecommenderConfig:
       its reasons (``duplicate_of: <id>``).
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.
+    * ``hnsw_ef``: HNSW's search breadth. A list search asks for ``buffer_depth`` (66)
+      neighbours; at ef 100 (1.5x that) real embeddings lost candidates the exact search
+      finds, enough to put the gift-card lists one query below the encoder alone. The rule
+      is ef of about 3x the neighbours asked for (``docs/quality.md``).
     """
 
     dim: int = 384
@@ -45,7 +49,7 @@ class RecommenderConfig:
     behavior_weight: float = 0.0
     collapse_duplicates: bool = True
     price_band: float = 0.3
-    hnsw_ef: int = 100
+    hnsw_ef: int = 200
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_initial_capacity: int = 1024

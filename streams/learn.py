@@ -148,7 +148,7 @@ def run_learn(settings: Settings, config: LearnConfig, base_config: RecommenderC
         report = learn_once(inputs.products, mined, model_base=model_base, live_version=live_version,
                             live_config=live_config(settings, base_config, model_base, live_version), config=config,
                             embed=local_embed(settings.max_length), train=finetune,
-                            positives_at_last_training=before, log=say)
+                            positives_at_last_training=before, events=inputs.events, log=say)
     except Exception as exc:
         report = LearnReport("failed", f"{type(exc).__name__}: {exc}".splitlines()[0], live_version)
         log.error("learn: failed: %s", report.reason, exc_info=not isinstance(exc, SimstreamError))

@@ -132,7 +132,8 @@ class Settings(BaseSettings):
                           "same brand and model code; variants of one group excepted): the best ranked stays and "
                           "names the others in its reasons as `duplicate_of: <id>`.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
-    hnsw_ef: int = Field(100, ge=10, le=5000, description="HNSW ef at query time.")
+    hnsw_ef: int = Field(200, ge=10, le=5000, description="HNSW ef at query time: about 3x the neighbours a list "
+                         "search asks for (candidate depth + 16), so the dense candidates are those of an exact search.")
     index: str = Field(
         "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
                             "approximate) or `exact` (brute force, for small catalogs and audits).")

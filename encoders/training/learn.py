@@ -18,7 +18,9 @@
    (a margin against unlabelled duplicates, which would be false negatives).
 5. **Fine-tune** (``encoders.training.finetune``) into a staging folder beside the model base.
 6. **Calibrate** the dense/lexical weight and floor on the validation pairs with the
-   candidate's vectors (a small grid; ties go to the blend in use).
+   candidate's vectors (a small grid; ties go to the blend in use), and the behaviour weight
+   on time: behaviour learnt from the earlier events, judged on the co-occurrence of the
+   later ones (``fit_behavior_weight``).
 7. **Compare on the test items**: the live version with its blend, the candidate with the
    calibrated one, and char TF-IDF, each ranking every catalog product outside the
    training and validation items (hit@1, hit@k, MRR@k).
@@ -67,6 +69,10 @@ BLEND_WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8)
 BLEND_FLOORS = (0.0, 0.2, 0.4, 0.6)
 #: Fewer validation queries than this cannot tell blends apart: the live blend is kept.
 MIN_CALIBRATION_QUERIES = 20
+#: The behaviour weights the calibration tries, and the share of the events (by time) it
+#: learns behaviour from; the later events are what the lists must foresee.
+BEHAVIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)
+BEHAVIOR_PAST_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,61 @@ def calibrate(table: CandidateTable, truth: Mapping[str, set[str]], k: int, curr
     return best
 
 
+def fit_behavior_weight(events: Sequence[UserEvent], catalog: Sequence[str], vectors: Mapping[str, np.ndarray],
+                        lexical: Mapping[str, Any], blend: Blend, k: int, depth: int,
+                        min_score: float = 0.1) -> tuple[float, dict[str, Any]]:
+    """The behaviour weight whose lists best foresee later co-occurrence, and what each scored.
+
+    The events are cut in time: the behaviour model learns from the first
+    ``BEHAVIOR_PAST_SHARE`` of them, and an item's *future partners* are its co-view, co-cart
+    and co-purchase partners in the rest. Each item's list is ranked, as the worker ranks it,
+    over its dense top-``depth`` plus its past behaviour partners by
+    ``(1 - w) * content + w * behaviour``; the weight with the best hit@k wins (ties: the
+    current weight, then the smaller). Behaviour is judged on what it did not see, so a
+    weight is not rewarded for repeating its own input. Too few items with a future: the
+    current weight is kept.
+    """
+    current = blend.behavior_weight
+    timed = sorted((e for e in events if e.product_id in vectors or e.product_id is None), key=lambda e: e.ts)
+    if len(timed) < 10:
+        return current, {"reason": f"{len(timed)} usable events"}
+    cut = timed[int(len(timed) * BEHAVIOR_PAST_SHARE)].ts
+    past, future = BehaviorModel(), BehaviorModel()
+    for event in timed:
+        (past if event.ts < cut else future).ingest(event)
+    in_catalog = set(catalog)
+    truth: dict[str, set[str]] = {}
+    for item in sorted({e.product_id for e in timed if e.ts >= cut and e.product_id in in_catalog}):
+        partners = {p for p, score in future.partners(item, "all", k=20) if score >= min_score and p in in_catalog}
+        if partners:
+            truth[item] = partners
+    if len(truth) < MIN_CALIBRATION_QUERIES:
+        return current, {"reason": f"{len(truth)} items with later co-occurrence, fewer than "
+                                   f"{MIN_CALIBRATION_QUERIES}", "queries": len(truth)}
+    queries = sorted(truth)
+    table = CandidateTable(queries, catalog, vectors, lexical, depth)
+    w, f = blend.lexical_weight, blend.lexical_floor
+    rows = []
+    for q, (ids, dense, lex) in zip(queries, table.rows, strict=True):
+        content = dict(zip(ids, (1 - w) * dense + w / (1 - f) * np.where(lex > f, lex - f, 0.0), strict=True))
+        behavior = dict(past.partners(q, "all", k=100))
+        for extra in behavior.keys() - content.keys():
+            if extra in vectors and extra != q:
+                d = float(vectors[q].astype(np.float64) @ vectors[extra].astype(np.float64))
+                lx = cosine(lexical[q], lexical[extra])
+                content[extra] = (1 - w) * d + w / (1 - f) * (lx - f if lx > f else 0.0)
+        rows.append((content, behavior))
+    scores: dict[float, float] = {}
+    for bw in sorted({current, *BEHAVIOR_WEIGHTS}):
+        hits = 0
+        for q, (content, behavior) in zip(queries, rows, strict=True):
+            ranked = sorted(content, key=lambda c: (-((1 - bw) * content[c] + bw * behavior.get(c, 0.0)), c))[:k]
+            hits += any(c in truth[q] for c in ranked)
+        scores[bw] = hits / len(queries)
+    best = max(scores, key=lambda bw: (scores[bw], bw == current, -bw))
+    return best, {"queries": len(queries), "hit@k_by_weight": {str(bw): round(v, 4) for bw, v in scores.items()}}
+
+
 # --- the run ------------------------------------------------------------------------------------
 @dataclass
 class LearnReport:
@@ -291,7 +352,8 @@ def _mine_negatives(train: Sequence[Pair], vectors: Mapping[str, np.ndarray], po
 
 def learn_once(products: Mapping[str, Product], mined: MinedPairs, *, model_base: Path, live_version: int,
                live_config: RecommenderConfig, config: LearnConfig, embed: Embed, train: Train,
-               positives_at_last_training: int = 0, log: Log = print) -> LearnReport:
+               positives_at_last_training: int = 0, events: Sequence[UserEvent] = (),
+               log: Log = print) -> LearnReport:
     """One run of the loop (module docstring); ``train`` is ``encoders.training.finetune.finetune``
     or a stand-in with its signature. Promotion moves ``<base>/.learn-staging/<N>`` to ``<base>/<N>``."""
     from encoders.export import list_versions
@@ -364,6 +426,9 @@ def learn_once(products: Mapping[str, Product], mined: MinedPairs, *, model_base
         else:
             blend, valid_scores = live_blend, _score_rankings(valid_table.queries, valid_table.rank(live_blend),
                                                               valid_truth, config.k)
+        behavior_weight, behavior_fit = fit_behavior_weight(events, ids, cand_vectors, lexical, blend, config.k, depth,
+                                                            config.behavior_min_score)
+        blend = Blend(blend.lexical_weight, blend.lexical_floor, behavior_weight)
         report.blend = asdict(blend)
 
         test_truth = _partners(test_pairs)
@@ -380,6 +445,7 @@ def learn_once(products: Mapping[str, Product], mined: MinedPairs, *, model_base
                           "encoder": _score_rankings(queries, cand_table.rank(None), test_truth, config.k).as_dict()},
             "tfidf-char": tfidf_scores.as_dict(),
             "validation_candidate_hybrid": valid_scores.as_dict(),
+            "behavior_weight_fit": behavior_fit,
         }
         live_hit, cand_hit, tfidf_hit = live_scores.hit_at_1, cand_scores.hit_at_1, tfidf_scores.hit_at_1
         gain = cand_hit - live_hit

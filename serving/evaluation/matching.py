@@ -32,7 +32,7 @@ def hybrid_rank(
     config: RecommenderConfig,
     *,
     lexical: LexicalModel | None = None,
-    index: Literal["hnsw", "exact"] = "hnsw",
+    index: Literal["hnsw", "exact"] | None = None,
     query_texts: Sequence[str] | None = None,
     corpus_texts: Sequence[str] | None = None,
 ) -> list[list[str]]:
@@ -57,7 +57,7 @@ def hybrid_rank(
     if k <= 0 or not corpus or not queries:
         return [[] for _ in queries]
     model = lexical if lexical is not None else LexicalModel.fit(c_texts)
-    idx = create_index(index, config)
+    idx = create_index(index or config.index, config)
     idx.upsert(ids, np.asarray(corpus_vectors))
     corpus_lex = {p.product_id: model.vectorize(t) for p, t in zip(corpus, c_texts, strict=True)}
     depth = max(config.candidate_depth, k)

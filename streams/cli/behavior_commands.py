@@ -167,13 +167,15 @@ def _related_rankings(method: str, products: list[Any], texts: list[str], querie
     """The ``depth`` best catalog ids (the query itself included) for each query product."""
     ids = [p.product_id for p in products]
     if method == "hybrid":
-        from serving.config import RecommenderConfig
+        from dataclasses import replace
+
         from serving.evaluation.matching import hybrid_rank
         from streams.settings import get_settings
+        from streams.worker import recommender_config
 
-        settings = get_settings()  # the worker's blend: SIMSTREAM_LEXICAL_WEIGHT and SIMSTREAM_LEXICAL_FLOOR
-        config = RecommenderConfig(k=depth, candidate_depth=max(50, depth), lexical_weight=settings.lexical_weight,
-                                   lexical_floor=settings.lexical_floor)
+        # The worker's own core settings (blend, HNSW ef and M, index adapter), read like the worker.
+        base = recommender_config(get_settings())
+        config = replace(base, k=depth, candidate_depth=max(base.candidate_depth, depth))
         return hybrid_rank([products[i] for i in queries], vectors[queries], products, vectors, depth, config)
     if method == "encoder":
         from serving.evaluation.matching_eval import top_k_by_cosine

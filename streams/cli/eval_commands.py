@@ -267,13 +267,15 @@ def _rank_hybrid(task: MatchingTask, k: int, encoder_target: str | None, model_b
         from serving.evaluation.matching import hybrid_rank  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as exc:
         raise click.UsageError("--method hybrid needs serving.evaluation.matching.hybrid_rank (the core issue)") from exc
-    from serving.config import RecommenderConfig
+    from dataclasses import replace
+
     from streams.settings import get_settings
+    from streams.worker import recommender_config
 
     query_vectors, corpus_vectors = _vectors(task, encoder_target, model_base)
-    settings = get_settings()  # the worker's blend: SIMSTREAM_LEXICAL_WEIGHT and SIMSTREAM_LEXICAL_FLOOR
-    config = RecommenderConfig(k=k, candidate_depth=max(50, k), lexical_weight=settings.lexical_weight,
-                               lexical_floor=settings.lexical_floor)
+    # The worker's own core settings (blend, HNSW ef and M, index adapter), read like the worker.
+    base = recommender_config(get_settings())
+    config = replace(base, k=k, candidate_depth=max(base.candidate_depth, k))
     return list(hybrid_rank(task.queries, query_vectors, task.corpus, corpus_vectors, k, config))
 
 

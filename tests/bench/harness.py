@@ -44,7 +44,8 @@ DEFAULT_OUT = ROOT / "var" / "bench"
 VARIANTS = ["black", "white", "blue", "red", "2-pack", "3-pack", "large", "small", "2025 edition",
             "deluxe", "bundle", "refurbished", "gift box", "travel size", "pro", "lite"]
 TOPICS = ("product_changes", "user_events", "similar_items", "substitutes", "complements",
-          "user_recommendations", "dead_letters", "products", "embeddings", "pair_updates", "lexical")
+          "user_recommendations", "dead_letters", "products", "embeddings", "pair_updates", "lexical",
+          "product_labels", "models")
 
 
 # ---- results

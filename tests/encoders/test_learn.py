@@ -214,3 +214,26 @@ def test_mined_pairs_survive_a_split_that_leaves_no_test_pairs(tmp_path: Path) -
                         config=LearnConfig(min_new_pairs=1), embed=run.embed, train=run.train, log=lambda _: None)
     assert report.decision == "skipped" and ("split" in report.reason or "pairs after" in report.reason)
     assert run.trained == []
+
+
+def test_the_behaviour_weight_is_fitted_on_later_events_it_did_not_learn_from() -> None:
+    from encoders.training.learn import fit_behavior_weight
+
+    ids = [f"x{i:02d}" for i in range(30)] + [f"y{i:02d}" for i in range(30)]
+    vectors = {pid: _unit(pid) for pid in ids}  # dense knows nothing of the pairs
+    model = LexicalModel.fit(ids)
+    lexical = {pid: model.vectorize(pid) for pid in ids}
+    events = []
+    for day in range(5):  # every day, shoppers view x_i then y_i in one session
+        for i in range(30):
+            for pid in (f"x{i:02d}", f"y{i:02d}"):
+                events.append(UserEvent(user_id=f"u{i}-{day}", type=UserEventType.VIEW, ts=1.7e9 + day * 86400 + i,
+                                        product_id=pid, session_id=f"s{i}-{day}"))
+    current = Blend(0.6, 0.4, 0.0)
+    weight, fit = fit_behavior_weight(events, ids, vectors, lexical, current, k=10, depth=50)
+    assert weight > 0, fit
+    assert fit["hit@k_by_weight"][str(weight)] == 1.0 and fit["hit@k_by_weight"]["0.0"] < 0.5, fit
+
+    # Without enough events the weight in use stays, and the fit says why.
+    weight, fit = fit_behavior_weight(events[:6], ids, vectors, lexical, current, k=10, depth=50)
+    assert weight == 0.0 and "usable events" in fit["reason"]
