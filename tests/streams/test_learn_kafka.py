@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 
 from encoders.export import list_versions, version_blend
+from serving.scoring import content_score
 from streams.kafka_io import create_topics, producer, read_topic
 from streams.settings import Settings
+from streams.worker import recommender_config
 from tests.support import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -147,6 +149,16 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     assert "carries its own blend" in worker.log_tail(400) or record["blend"] == {
         "lexical_weight": settings.lexical_weight, "lexical_floor": settings.lexical_floor,
         "behavior_weight": settings.behavior_weight}
+    # The republished lists are scored with version 2's blend.
+    config = blend.apply(recommender_config(settings))
+    checked = 0
+    for pid in [a for a, _ in pairs[:20]]:
+        body = worker.get(f"/similar/{pid}")[1]
+        assert body["model_version"] == "minilm/2", body
+        for item in body["items"]:
+            assert abs(item["content"] - content_score(item["dense"], item["lexical"], config)) < 1e-9, item
+            checked += 1
+    assert checked >= 100
 
     # 2. The worker's own run (the admin action; the timer starts the same process) is refused:
     #    it must win by 100 points. Nothing is added to the model base; the metrics say so.

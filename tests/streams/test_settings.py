@@ -84,3 +84,27 @@ def test_settings_command_prints_what_make_docs_writes() -> None:
     assert result.exit_code == 0 and result.output == configuration_markdown()
     plain = CliRunner().invoke(main, ["settings"])
     assert plain.exit_code == 0 and plain.output.startswith("SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:9092\t")
+
+
+def test_a_model_version_that_carries_a_blend_sets_the_lists_weights(tmp_path: Path) -> None:
+    import json as _json
+
+    from serving.config import Blend
+    from streams.rollover import blend_for
+    from streams.settings import Settings
+
+    base = tmp_path / "minilm"
+    (base / "2" / "assets.extra").mkdir(parents=True)
+    (base / "2" / "assets.extra" / "simstream.json").write_text(_json.dumps(
+        {"dim": 384, "blend": {"lexical_weight": 0.2, "lexical_floor": 0.1, "behavior_weight": 0.3}}), encoding="utf-8")
+    (base / "3" / "assets.extra").mkdir(parents=True)
+    (base / "3" / "assets.extra" / "simstream.json").write_text(_json.dumps(
+        {"dim": 384, "blend": {"lexical_weight": 7, "lexical_floor": 0.1, "behavior_weight": 0.3}}), encoding="utf-8")
+    settings = Settings(model_base=base, lexical_weight=0.6, lexical_floor=0.4, behavior_weight=0.0)
+    assert blend_for(settings, 2) == Blend(0.2, 0.1, 0.3)
+    configured = Blend(0.6, 0.4, 0.0)
+    assert blend_for(settings, 1) == configured  # no folder here: the settings' blend
+    assert blend_for(settings, 3) == configured  # an invalid blend is not used
+    assert blend_for(settings, None) == configured
+    off = Settings(model_base=base, model_blend=False, lexical_weight=0.6, lexical_floor=0.4, behavior_weight=0.0)
+    assert blend_for(off, 2) == configured
