@@ -59,7 +59,8 @@ MAX_QUERY_CHARS = 200
 MAX_DEPTH = 2000
 #: Reciprocal-rank fusion's constant (Cormack et al., 2009).
 RRF_K = 60
-#: Words of the query that a hit's text shares, at most, in its lexical reason.
+#: Words of the query that a hit's text shares, at most, in its reason (``words: ...``; words
+#: of one or two letters without a digit are left out).
 MAX_REASON_WORDS = 5
 
 
@@ -289,13 +290,18 @@ def search(
         reasons = [f"dense {dense[i]:.3f} (#{dense_rank[pid]})", f"lexical {lexical[i]:.3f} (#{lexical_rank[pid]})"]
         product = catalog.get(pid)
         if product is not None and query_words:
-            shared = [w for w in query_words if w in _product_words(product)][:MAX_REASON_WORDS]
+            shared = [w for w in query_words if _telling(w) and w in _product_words(product)][:MAX_REASON_WORDS]
             if shared:
                 reasons.append("words: " + ", ".join(shared))
         reasons += passed_filters
         hits.append(SearchHit(pid, fused[i], dense[i], lexical[i], dense_rank[pid], lexical_rank[pid], matched,
                               passed_filters, tuple(reasons)))
     return hits
+
+
+def _telling(word: str) -> bool:
+    """Whether a shared word is worth a reason: 3 characters or more, or with a digit ("on" is not)."""
+    return len(word) >= 3 or any(ch.isdigit() for ch in word)
 
 
 def _product_words(product: Product) -> set[str]:
