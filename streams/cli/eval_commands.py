@@ -312,13 +312,14 @@ def eval_search(left: Path, right: Path, truth: Path, methods: tuple[str, ...], 
     score) on a core holding RIGHT; search-rrf the same candidates by reciprocal-rank fusion;
     encoder the query's embedding alone (exact cosine); lexical the search's lexical half
     alone; tfidf-char scikit-learn's char_wb 2-5 TF-IDF (fitted on the catalog). Queries are
-    titles as a shopper would type them, normalised like /search does.
+    titles as a shopper would type them, normalised like /search does (and cut to its 200
+    characters).
     """
     from encoders.factory import create_encoder
     from serving.config import RecommenderConfig
     from serving.evaluation.matching_eval import evaluate_rankings, load_truth, top_k_by_cosine
     from serving.evaluation.search_eval import lexical_rankings, search_core, search_rankings
-    from serving.search import Fusion, normalize_query
+    from serving.search import MAX_QUERY_CHARS, Fusion, normalize_query
     from serving.text import product_text
     from streams.settings import get_settings
 
@@ -329,7 +330,7 @@ def eval_search(left: Path, right: Path, truth: Path, methods: tuple[str, ...], 
     queries = [p for p in load_products(left) if truth_map.get(p.product_id, set()) & known]
     if not queries:
         raise click.UsageError("no LEFT product has a true match in RIGHT: check the truth CSV's ids")
-    query_texts = [normalize_query(p.title) for p in queries]
+    query_texts = [normalize_query(p.title)[:MAX_QUERY_CHARS] for p in queries]  # what /search accepts
     settings = get_settings()
     encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
     corpus_vectors = encode_texts([product_text(p) for p in corpus], encoder, "catalog")

@@ -344,6 +344,10 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
             status += f"; memory flat within 10%: **{'PASS' if summary['memory_pass'] else 'FAIL'}**"
         anchor = re.sub(r"[^a-z0-9 _-]", "", run["name"].lower()).replace(" ", "-")
         lines.append(f"| [{run['name']}](#{anchor}) | `{run['script']}` | {status} | {_minutes(run['wall_s'])} |")
+    previous = report.read_text() if report.exists() else ""
+    kept = {name: block for name, block in kept_sections(previous).items() if name not in {r["name"] for r in runs}}
+    for name in kept:
+        lines.append(f"| [{name}](#{name}-measured-separately) | `tests/bench/bench_{name}.py` | measured separately | |")
     lines.append("")
     lines += machine_section(machine)
 
@@ -378,11 +382,8 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         body = human_output(out_lines)
         if body:
             lines += ["<details><summary>Output</summary>", "", "```text", *body, "```", "", "</details>", ""]
-    previous = report.read_text() if report.exists() else ""
-    ran = {run["name"] for run in runs}
-    for name, block in kept_sections(previous).items():
-        if name not in ran:
-            lines += [block.rstrip("\n"), ""]
+    for block in kept.values():
+        lines += [block.rstrip("\n"), ""]
     for stale in plots_dir.glob("*.png"):
         if stale.resolve() not in made:
             stale.unlink()

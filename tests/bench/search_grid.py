@@ -38,7 +38,7 @@ def main() -> None:
     from serving.config import RecommenderConfig
     from serving.evaluation.matching_eval import evaluate_rankings, load_truth, top_k_by_cosine
     from serving.evaluation.search_eval import lexical_rankings, search_core, search_rankings
-    from serving.search import Fusion, normalize_query
+    from serving.search import MAX_QUERY_CHARS, Fusion, normalize_query
     from serving.text import product_text
     from streams.cli.eval_commands import encode_texts, load_products
     from streams.settings import get_settings
@@ -61,7 +61,7 @@ def main() -> None:
         known = {p.product_id for p in corpus}
         queries = [p for p in queries_side if truth.get(p.product_id, set()) & known]
         ids = [p.product_id for p in queries]
-        texts = [normalize_query(p.title) for p in queries]
+        texts = [normalize_query(p.title)[:MAX_QUERY_CHARS] for p in queries]  # what /search accepts
         qvecs = encode_texts(texts, encoder, "queries")
 
         def emit(method: str, rankings: list[list[str]], extra: dict[str, Any] | None = None,
