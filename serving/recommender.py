@@ -33,8 +33,9 @@ from serving.config import RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
 from serving.index import DEFAULT_INDEX, Offsets, VectorIndex, create_index, normalize_rows
 from serving.kinds import CONTENT_KINDS, LIST_KINDS, Kind
-from serving.lexical import LexicalModel
+from serving.lexical import LexicalModel, SparseVec
 from serving.lists import BOUGHT_TOGETHER, build_complements, build_lists, exact_lists
+from serving.postings import LexicalPostings
 from serving.propagation import Propagator
 from serving.publication import Items, Publication, ScoredItem, Trigger, last_per_key
 from serving.scoring import profile
@@ -96,6 +97,8 @@ class Recommender:
         self.catalog = Catalog()
         self.lexical = lexical
         self.offsets: Offsets = {}
+        #: The lexical vectors by feature, for search (built at the first search).
+        self.postings = LexicalPostings()
         self._propagation = Propagator(config, index, owns if owns is not None else (lambda _pid: True))
 
     # ------------------------------------------------------------------ state
@@ -207,6 +210,18 @@ class Recommender:
         mat = self.index.get_vectors(ids)
         return {pid: mat[i] for i, pid in enumerate(ids)}
 
+    @property
+    def lexical_vectors(self) -> Mapping[str, SparseVec]:
+        """Every live product's lexical vector (read only: the core keeps them current)."""
+        return self._propagation.lex
+
+    def lexical_top(
+        self, query: SparseVec, n: int, accept: Callable[[str], bool] | None = None, *, limit: int | None = None
+    ) -> list[tuple[str, float]]:
+        """The ``n`` products with the highest lexical cosine to ``query`` (positive only, ties
+        by id) that ``accept``, looking at no more than ``limit``; exact (``LexicalPostings``)."""
+        return self.postings.top(self._propagation.lex, query, n, accept, limit=limit)
+
     def stats(self) -> RecommenderStats:
         core = self._propagation
         return RecommenderStats(
@@ -258,6 +273,7 @@ class Recommender:
             return settled
         if update.outcome is Outcome.DELETED:
             self.catalog.commit(update, change.ts)
+            self.postings.mark(pid)
             return settled + (core.defer_delete(pid) if defer else core.on_delete(pid))
         after = update.after
         assert after is not None
@@ -272,6 +288,7 @@ class Recommender:
             self.index.upsert([pid], np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector)
             self.catalog.commit(update, change.ts)
             core.lex[pid] = lex
+            self.postings.mark(pid)
             core.profiles[pid] = profile(after)
             if defer:
                 core.defer_change(pid, out_of_stock=update.went_out_of_stock)
@@ -404,6 +421,7 @@ class Recommender:
         if model.same_as(self.lexical):
             return self.settle()
         self.lexical = model
+        self.postings.reset()  # its rows hold the old model's weights
         lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
         if self.unsettled:
             self._propagation.lex = lex

@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Interface of the web server (read API, /health, /metrics).")
     web_port: int = Field(6066, ge=1, le=65535, description="Port of the web server.")
     web_token: SecretStr | None = Field(None, description="Bearer token required on every endpoint but /health.")
+    search_cache_size: int = Field(
+        1024, ge=0, le=1_000_000,
+        description="Embeddings of the most recent distinct `/search` queries kept (least recently used evicted; "
+                    "about 1.5 KB each); 0 embeds every query.")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")
 

@@ -18,7 +18,9 @@ import numpy as np
 from faust.web import Request, Response, View
 
 from serving.recommender import CONTENT_KINDS, Kind, Recommender
+from serving.search import InvalidSearch, parse_search_params
 from streams.records import MAX_ID_CHARS, product_to_wire
+from streams.search import QueryVectors, SearchUnavailable, run_search
 from streams.wire import item_to_wire
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 _ID = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_ID_CHARS}}}$")
 PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_QUERY_CHARS = 200
-MAX_RESULTS = 50
 MAX_FEED_ITEMS = 100
 
 
@@ -149,31 +150,23 @@ def register_views(app: faust.App, worker: Worker) -> None:
                                         for i in items],
                               "history": len(users.feeds.history(user_id, time.time()))})
 
+    queries = QueryVectors(worker.settings.search_cache_size)
+
     @app.page("/search")
     class Search(Base):
-        """Products whose title contains every word of ``q`` (case-insensitive)."""
+        """Semantic search (``serving.search``): ``q``, ``k`` (1 to 50), and the filters ``category``,
+        ``in_stock``, ``price_min``, ``price_max``; hits with their scores and reasons."""
 
         async def get(self, request: Request) -> Response:
             if (denied := self.guard(request)) is not None:
                 return denied
-            query = request.query.get("q", "")
-            if len(query) > MAX_QUERY_CHARS:
-                return self.json({"error": f"q is limited to {MAX_QUERY_CHARS} characters"}, status=400)
-            raw_limit = request.query.get("limit", "20")
-            # Bounded like every list parameter: out of range is a clear 400, not a silent clamp.
-            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_RESULTS:
-                return self.json({"error": f"limit must be an integer from 1 to {MAX_RESULTS}"}, status=400)
-            limit = int(raw_limit)
-            words = query.lower().split()
-            hits = []
-            for product in await engine.read(lambda core: list(core.catalog)):
-                title = product.title.lower()
-                if all(w in title for w in words):
-                    hits.append({"product_id": product.product_id, "title": product.title, "brand": product.brand,
-                                 "price": product.price, "in_stock": product.in_stock})
-                    if len(hits) >= limit:
-                        break
-            return self.json({"query": query, "results": hits})
+            try:
+                search_request = parse_search_params(request.query)
+                return self.json(await run_search(engine, queries, search_request))
+            except InvalidSearch as exc:
+                return self.json({"error": str(exc)}, status=400)
+            except SearchUnavailable as exc:
+                return self.json({"error": str(exc)}, status=503)
 
     @app.page("/stats")
     class Stats(Base):
@@ -194,6 +187,7 @@ def register_views(app: faust.App, worker: Worker) -> None:
                 "published_records": total("simstream_published"), "embedded_texts": engine.embedded_texts,
                 "model_version": engine.model_version if engine.encoder_ok else None,
                 "last_event_at": worker.last_event_at,
+                "search_cache": {"size": len(queries), "hits": queries.hits, "misses": queries.misses},
                 # The rollover, and scale-out: owned partitions, handovers, replica lag.
                 **worker.status_parts(),
             })

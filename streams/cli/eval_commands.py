@@ -286,3 +286,91 @@ RANKERS: dict[str, Callable[[MatchingTask, int, str | None, Path | None], list[l
     "tfidf-char": _rank_tfidf("tfidf-char"),
     "hybrid": _rank_hybrid,
 }
+
+
+# --- semantic search ------------------------------------------------------------------------
+SEARCH_METHODS = ("search", "search-rrf", "encoder", "lexical", "tfidf-char")
+
+
+@eval_group.command("search")
+@click.option("--left", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Products whose titles are the queries (product-changes JSONL).")
+@click.option("--right", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The catalog searched (product-changes JSONL).")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="CSV with header left_id,right_id.")
+@click.option("--method", "methods", type=click.Choice([*SEARCH_METHODS, "all"]), multiple=True, default=["all"],
+              show_default=True, help="Repeat it to compare some methods; all runs every one.")
+@click.option("--k", type=click.IntRange(1, 50), default=10, show_default=True, help="Hits per query (MRR@k, hit@k).")
+@click.option("--encoder", "encoder_target", default=None,
+              help="local, grpc://host:port or hashing [SIMSTREAM_ENCODER].")
+@click.option("--model-base", type=click.Path(path_type=Path), default=None,
+              help="SavedModel base for the local encoder [SIMSTREAM_MODEL_BASE].")
+def eval_search(left: Path, right: Path, truth: Path, methods: tuple[str, ...], k: int,
+                encoder_target: str | None, model_base: Path | None) -> None:
+    """Search RIGHT with the title of every LEFT product that has a true match; hit@1, hit@k, MRR@k.
+
+    search is GET /search (serving.search: dense and lexical candidates fused with the content
+    score) on a core holding RIGHT; search-rrf the same candidates by reciprocal-rank fusion;
+    encoder the query's embedding alone (exact cosine); lexical the search's lexical half
+    alone; tfidf-char scikit-learn's char_wb 2-5 TF-IDF (fitted on the catalog). Queries are
+    titles as a shopper would type them, normalised like /search does (and cut to its 200
+    characters).
+    """
+    from encoders.factory import create_encoder
+    from serving.config import RecommenderConfig
+    from serving.evaluation.matching_eval import evaluate_rankings, load_truth, top_k_by_cosine
+    from serving.evaluation.search_eval import lexical_rankings, search_core, search_rankings
+    from serving.search import MAX_QUERY_CHARS, Fusion, normalize_query
+    from serving.text import product_text
+    from streams.settings import get_settings
+
+    started = time.perf_counter()
+    truth_map = load_truth(truth)
+    corpus = load_products(right)
+    known = {p.product_id for p in corpus}
+    queries = [p for p in load_products(left) if truth_map.get(p.product_id, set()) & known]
+    if not queries:
+        raise click.UsageError("no LEFT product has a true match in RIGHT: check the truth CSV's ids")
+    query_texts = [normalize_query(p.title)[:MAX_QUERY_CHARS] for p in queries]  # what /search accepts
+    settings = get_settings()
+    encoder = create_encoder(encoder_target or settings.encoder, **settings.encoder_options(model_base))
+    corpus_vectors = encode_texts([product_text(p) for p in corpus], encoder, "catalog")
+    query_vectors = encode_texts(query_texts, encoder, "queries")
+    # The worker's own configuration: candidate depth, blend and index settings.
+    config = RecommenderConfig(k=settings.k, candidate_depth=settings.candidate_depth,
+                               lexical_weight=settings.lexical_weight, lexical_floor=settings.lexical_floor,
+                               hnsw_ef=settings.hnsw_ef, hnsw_m=settings.hnsw_m, index=settings.index,
+                               hnsw_initial_capacity=len(corpus) + 1)
+    core = search_core(corpus, corpus_vectors, config)
+    chosen = list(SEARCH_METHODS) if "all" in methods else list(dict.fromkeys(methods))
+    reports: list[dict[str, Any]] = []
+    for method in chosen:
+        t = time.perf_counter()
+        if method in ("search", "search-rrf"):
+            rankings = search_rankings(core, query_texts, query_vectors, k,
+                                       Fusion.RRF if method == "search-rrf" else Fusion.CONTENT)
+        elif method == "encoder":
+            top = top_k_by_cosine(query_vectors, corpus_vectors, k)
+            rankings = [[corpus[i].product_id for i in row] for row in top]
+        elif method == "lexical":
+            rankings = lexical_rankings(core, query_texts, k)
+        else:
+            from encoders.training.baselines import tfidf_top_k
+
+            catalog_texts = [product_text(p) for p in corpus]
+            top = tfidf_top_k("tfidf-char", query_texts, catalog_texts, k, fit_texts=catalog_texts)
+            rankings = [[corpus[i].product_id for i in row] for row in top]
+        took = time.perf_counter() - t
+        report = evaluate_rankings(method, [p.product_id for p in queries], rankings, truth_map, k).as_dict()
+        report["ms_per_query"] = round(took / len(queries) * 1000, 3)
+        reports.append(report)
+        click.echo(f"{method}: hit@1 {report['hit@1']:.4f}, {time.perf_counter() - started:.1f} s", err=True)
+    click.echo(f"{len(queries)} queries (titles of {left.name}) against {len(corpus)} products of {right.name}, "
+               f"encoder {encoder.model_version}\n")
+    click.echo(f"| method | hit@1 | hit@{k} | MRR@{k} | ms per query |")
+    click.echo("| --- | --- | --- | --- | --- |")
+    for r in reports:
+        click.echo(f"| {r['method']} | {r['hit@1']:.4f} | {r[f'hit@{k}']:.4f} | {r[f'mrr@{k}']:.4f} | "
+                   f"{r['ms_per_query']} |")
+    click.echo(json.dumps(reports))

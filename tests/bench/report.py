@@ -304,6 +304,17 @@ def machine_section(machine: dict[str, Any]) -> list[str]:
     ]
 
 
+#: A hand-written section of the report: ``<!-- kept: NAME -->`` ... ``<!-- /kept: NAME -->``.
+KEPT = re.compile(r"<!-- kept: (?P<name>[\w-]+) -->\n.*?<!-- /kept: (?P=name) -->\n", re.S)
+
+
+def kept_sections(text: str) -> dict[str, str]:
+    """The hand-written sections of a report, by bench name: numbers measured outside a full
+    ``make bench`` (each names its command), which a regeneration keeps until the results
+    hold a run of that bench."""
+    return {m.group("name"): m.group(0) for m in KEPT.finditer(text)}
+
+
 def build(results: Path, report: Path, plots_dir: Path) -> str:
     runs = sorted((json.loads(p.read_text()) for p in results.glob("*.run.json")), key=lambda r: bench_order(r["name"]))
     machine_path = results / "machine.json"
@@ -319,6 +330,8 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         "repository root with `SIMSTREAM_KAFKA_BOOTSTRAP` (the fresh broker `make bench` starts),",
         f"`SIMSTREAM_MODEL_BASE` and `SIMSTREAM_BENCH_OUT` (results folder, here `{os.path.relpath(results, ROOT)}`)",
         "set. `make bench BENCH_ARGS=\"--only soak\"` reruns some benches and regenerates this file from all results.",
+        "Sections marked *measured separately* are hand-written between `<!-- kept: NAME -->` markers; a",
+        "regeneration keeps them until the results hold a run of that bench.",
         "",
     ]
     if any(r.get("quick") for r in runs):
@@ -331,6 +344,10 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
             status += f"; memory flat within 10%: **{'PASS' if summary['memory_pass'] else 'FAIL'}**"
         anchor = re.sub(r"[^a-z0-9 _-]", "", run["name"].lower()).replace(" ", "-")
         lines.append(f"| [{run['name']}](#{anchor}) | `{run['script']}` | {status} | {_minutes(run['wall_s'])} |")
+    previous = report.read_text() if report.exists() else ""
+    kept = {name: block for name, block in kept_sections(previous).items() if name not in {r["name"] for r in runs}}
+    for name in kept:
+        lines.append(f"| [{name}](#{name}-measured-separately) | `tests/bench/bench_{name}.py` | measured separately | |")
     lines.append("")
     lines += machine_section(machine)
 
@@ -365,6 +382,8 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         body = human_output(out_lines)
         if body:
             lines += ["<details><summary>Output</summary>", "", "```text", *body, "```", "", "</details>", ""]
+    for block in kept.values():
+        lines += [block.rstrip("\n"), ""]
     for stale in plots_dir.glob("*.png"):
         if stale.resolve() not in made:
             stale.unlink()

@@ -12,7 +12,7 @@ import pytest
 
 from streams.kafka_io import create_topics, producer
 from streams.settings import Settings
-from tests.support import WorkerProcess
+from tests.support import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +99,83 @@ def test_search_pick_and_see_lists_with_scores_and_reasons(
     browser.refresh()
     wait.until(lambda d: "out of stock" in d.find_element(By.ID, "product").text)
     browser.save_screenshot(str(screenshot_dir / "page.png"))
+
+
+SEARCH_PRODUCTS = [
+    ("SONY", "Sony WH-1000XM4 wireless noise cancelling headphones", "Sony", ["Electronics", "Audio", "Headphones"],
+     348.0, True),
+    ("BOSE", "Bose QuietComfort 45 wireless headphones", "Bose", ["Electronics", "Audio", "Headphones"], 279.0, False),
+    ("JBL", "JBL Tune 510BT on-ear bluetooth headphones", "JBL", ["Electronics", "Audio", "Headphones"], 39.0, True),
+    ("EARB", "Apple AirPods Pro in-ear earbuds with noise cancellation", "Apple", ["Electronics", "Audio", "Earbuds"],
+     249.0, True),
+    ("SPK", "JBL Flip 6 portable waterproof speaker", "JBL", ["Electronics", "Audio", "Speakers"], 99.0, True),
+    ("KEYS", "Logitech MX Keys wireless keyboard", "Logitech", ["Electronics", "Computers", "Keyboards"], 99.0, True),
+    ("POT", "Instant Pot Duo 7-in-1 electric pressure cooker", "Instant Pot", ["Home", "Kitchen"], 89.0, True),
+]
+
+
+def test_the_search_box_uses_semantic_search_with_filters_and_reasons(
+    settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess], browser: Any,
+    model_base: Any, tmp_path: Any,
+) -> None:
+    """The real encoder: a query by meaning, the filters, the reasons on each hit, an error line.
+
+    The screenshot of the search view goes to tmp_path, or to docs/search.png with
+    SIMSTREAM_UPDATE_SCREENSHOTS=1 (how docs/search.png is made).
+    """
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory(SIMSTREAM_ENCODER="local", SIMSTREAM_MODEL_BASE=str(model_base))
+    worker.wait_ready(timeout=180)
+    kafka = producer(settings)
+    for pid, title, brand, category, price, in_stock in SEARCH_PRODUCTS:
+        event = {"op": "upsert", "product_id": pid, "title": title, "brand": brand, "price": price,
+                 "currency": "USD", "category": category, "in_stock": in_stock, "ts": time.time() - 5}
+        kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
+    kafka.flush()
+    kafka.close()
+    deadline = time.monotonic() + 60
+    while worker.get("/stats")[1]["index_live"] < len(SEARCH_PRODUCTS) and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+    wait = WebDriverWait(browser, 20)
+    browser.get(worker.web + "/")
+
+    def shown() -> list[str]:
+        return [li.get_attribute("data-product") or "" for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
+
+    # By meaning: no word of the query is in the products' texts.
+    browser.find_element(By.ID, "q").send_keys("something to listen to music on a long flight")
+    wait.until(lambda d: len(shown()) == len(SEARCH_PRODUCTS))
+    assert set(shown()[:5]) == {"SONY", "BOSE", "JBL", "EARB", "SPK"}  # everything to listen with first
+    first = browser.find_element(By.CSS_SELECTOR, "#results li")
+    assert "dense" in first.text and "score " in first.text
+
+    # Filters: a category at any level, in stock only, a price ceiling.
+    browser.find_element(By.ID, "category").send_keys("headphones")
+    wait.until(lambda d: set(shown()) == {"SONY", "BOSE", "JBL"})
+    browser.find_element(By.ID, "in_stock").click()
+    wait.until(lambda d: set(shown()) == {"SONY", "JBL"})
+    browser.find_element(By.ID, "price_max").send_keys("400")
+    wait.until(lambda d: "price 348 in [0, 400]" in d.find_element(By.CSS_SELECTOR, "#results li[data-product='SONY']").text)
+    hit = browser.find_element(By.CSS_SELECTOR, "#results li[data-product='SONY']")
+    for reason in ("category: Headphones", "in stock"):
+        assert reason in hit.text
+    assert "2 hits" in browser.find_element(By.ID, "search-status").text
+    out_dir = ROOT / "docs" if os.environ.get("SIMSTREAM_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    browser.save_screenshot(str(out_dir / "search.png"))
+
+    # A pick shows the product's lists, as before.
+    hit.click()
+    wait.until(lambda d: "Sony WH-1000XM4" in d.find_element(By.ID, "product").text)
+
+    # A bad filter: the one-line error, no hits.
+    browser.find_element(By.ID, "price_max").clear()
+    browser.find_element(By.ID, "price_max").send_keys("-5")
+    wait.until(lambda d: "price_max must be a number of at least 0" in d.find_element(By.ID, "search-status").text)
+    assert shown() == []

@@ -150,7 +150,7 @@ def test_read_api_validates_ids_and_guards_with_a_token(
     assert get("/substitutes/A1")[0] == 200
     product = get("/products/A1")[1]
     assert product["title"] == "Sony WH-1000XM4 headphones" and product["similar"][0]["product_id"] == "A2"
-    assert get("/search?q=xm5")[1]["results"][0]["product_id"] == "A2"
+    assert get("/search?q=xm5")[1]["hits"][0]["product_id"] == "A2"
 
     assert get("/similar/nope")[0] == 404 and "unknown product" in get("/similar/nope")[1]["error"]
     assert get("/similar/bad%01id")[0] == 400

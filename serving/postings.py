@@ -1,0 +1,192 @@
+"""``LexicalPostings``: the exact lexical top-n of a query over every product (numpy only).
+
+Semantic search (``serving.search``) needs lexical candidates beside the dense ones: a query
+that names a model number must find the product that carries it even when the encoder ranks
+it far down. Scoring a query's sparse vector against every product's one by one
+(``serving.lexical.cosine_many``) costs a pass over every non-zero of the catalog; at 100k
+products that is tens of milliseconds. This module keeps the same vectors the other way
+round, by hashed feature (an inverted index: bucket -> the rows that have it, with their
+weights), so a query touches only the rows of its own buckets.
+
+* **Exact.** The score of a row is the float64 sum, in ascending bucket order, of the
+  products of matching weights: bit for bit what ``cosine_many`` gives the same pair.
+* **Built lazily, from the recommender's own vectors.** Nothing is built until the first
+  search, so a worker that never serves search pays nothing. Building reads every vector
+  once (about a second at 100k products on the development machine; see BENCHMARKS.md).
+* **Changes without a rebuild.** Products whose text changed or that were deleted since the
+  build are *marked* (``mark``, called by ``Recommender.apply``); a query skips their
+  built rows and scores their current vectors directly. Once the marked products pass
+  ``max(MIN_REBUILD, live / REBUILD_SHARE)`` the next query rebuilds. A new lexical model
+  (a refit, ``Recommender.use_lexical``) or a new vectors mapping drops everything.
+
+Not thread-safe, like the recommender that owns it: call it on the core thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from serving.lexical import N_BUCKETS, SparseVec, cosine_many
+
+#: Marked products that are scored one by one before a query rebuilds the postings.
+MIN_REBUILD = 2048
+#: ... or this share of the live products, whichever is larger (1/16 of them).
+REBUILD_SHARE = 16
+
+
+class LexicalPostings:
+    """An inverted index over a recommender's lexical vectors (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._source: Mapping[str, SparseVec] | None = None
+        self._ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._indptr = np.zeros(N_BUCKETS + 1, np.int64)
+        self._rows = np.zeros(0, np.int32)
+        self._weights = np.zeros(0, np.float32)
+        self._marked: set[str] = set()
+        #: How many times the postings were built (for tests and the bench).
+        self.builds = 0
+
+    @property
+    def built(self) -> bool:
+        return self._source is not None
+
+    def reset(self) -> None:
+        """Forget the build (a new lexical model): the next query builds again."""
+        self._source = None
+        self._ids, self._row = [], {}
+        self._rows, self._weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        self._marked = set()
+
+    def mark(self, product_id: str) -> None:
+        """``product_id``'s lexical vector changed or went away since the build."""
+        if self._source is not None:
+            self._marked.add(product_id)
+
+    def build(self, vectors: Mapping[str, SparseVec]) -> None:
+        """Index every vector of ``vectors`` (kept by reference: later queries read its
+        current values for the marked products)."""
+        ids = list(vectors)
+        parts = [vectors[pid] for pid in ids]
+        lengths = np.fromiter((len(p[0]) for p in parts), dtype=np.int64, count=len(parts))
+        if parts and int(lengths.sum()):
+            buckets = np.concatenate([p[0] for p in parts])
+            weights = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
+            rows = np.repeat(np.arange(len(ids), dtype=np.int32), lengths)
+            # Stable: within one bucket the rows stay in id order.
+            order = np.argsort(buckets, kind="stable")
+            counts = np.bincount(buckets, minlength=N_BUCKETS)
+            self._rows, self._weights = rows[order], weights[order]
+        else:
+            counts = np.zeros(N_BUCKETS, np.int64)
+            self._rows, self._weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        self._indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._ids = ids
+        self._row = {pid: i for i, pid in enumerate(ids)}
+        self._source = vectors
+        self._marked = set()
+        self.builds += 1
+
+    def _current(self, vectors: Mapping[str, SparseVec]) -> None:
+        stale = self._source is not vectors
+        if not stale:
+            stale = len(self._marked) > max(MIN_REBUILD, len(vectors) // REBUILD_SHARE)
+        if stale:
+            self.build(vectors)
+
+    def scores(self, vectors: Mapping[str, SparseVec], query: SparseVec) -> tuple[list[str], np.ndarray, dict[str, float]]:
+        """The lexical cosine of ``query`` with every product of ``vectors``.
+
+        Returns the built ids, their scores (float64, 0 for a marked row) and the scores of
+        the marked products that still have a vector.
+        """
+        self._current(vectors)
+        qi, qv = query
+        n = len(self._ids)
+        built = np.zeros(n, np.float64)
+        if n and qi.size:
+            # Row by row the products are added in ascending bucket order (qi is sorted),
+            # each in float64: the very sum cosine_many makes. A row occurs once per bucket,
+            # so the fancy-indexed += adds every product.
+            indptr, rows, weights = self._indptr, self._rows, self._weights
+            for b, q in zip(qi.tolist(), qv.astype(np.float64).tolist(), strict=True):
+                start, end = int(indptr[b]), int(indptr[b + 1])
+                if start < end:
+                    built[rows[start:end]] += weights[start:end].astype(np.float64) * q
+        extra: dict[str, float] = {}
+        if self._marked:
+            marked_rows = [self._row[p] for p in self._marked if p in self._row]
+            if marked_rows:
+                built[np.asarray(marked_rows, np.int64)] = 0.0
+            live = sorted(p for p in self._marked if p in vectors)
+            extra = dict(zip(live, cosine_many(query, [vectors[p] for p in live]), strict=True))
+        return self._ids, built, extra
+
+    def top(
+        self,
+        vectors: Mapping[str, SparseVec],
+        query: SparseVec,
+        n: int,
+        accept: Callable[[str], bool] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[tuple[str, float]]:
+        """Up to ``n`` (id, lexical cosine) pairs with a positive cosine, best first (ties by
+        id), that ``accept``; at most ``limit`` products are looked at (every one by default)."""
+        if n <= 0:
+            return []
+        ids, built, extra = self.scores(vectors, query)
+        positive = np.flatnonzero(built > 0.0)
+        pool = [(float(built[i]), ids[i]) for i in positive] if positive.size <= 4 * n else None
+        if pool is None:
+            # Many positive rows: sort only as many as needed, widening until n are accepted.
+            return self._top_wide(ids, built, positive, extra, n, accept, limit)
+        pool += [(s, p) for p, s in extra.items() if s > 0.0]
+        pool.sort(key=lambda t: (-t[0], t[1]))
+        return _take(pool, n, accept, limit)
+
+    def _top_wide(
+        self,
+        ids: list[str],
+        built: np.ndarray,
+        positive: np.ndarray,
+        extra: dict[str, float],
+        n: int,
+        accept: Callable[[str], bool] | None,
+        limit: int | None,
+    ) -> list[tuple[str, float]]:
+        cap = positive.size + len(extra) if limit is None else min(limit, positive.size + len(extra))
+        want = min(cap, 4 * n)
+        extras = sorted(((s, p) for p, s in extra.items() if s > 0.0), key=lambda t: (-t[0], t[1]))
+        values = built[positive]
+        while True:
+            m = min(want, positive.size)
+            if m < positive.size:
+                # The m best, plus every row tied with the m-th (ties are broken by id below).
+                kth = np.partition(values, positive.size - m)[positive.size - m]
+                chosen = positive[values >= kth]
+            else:
+                chosen = positive
+            pool = [(float(built[i]), ids[i]) for i in chosen] + extras
+            pool.sort(key=lambda t: (-t[0], t[1]))
+            out = _take(pool[:want], n, accept, limit)
+            if len(out) >= n or want >= cap:
+                return out
+            want = min(cap, want * 4)
+
+
+def _take(
+    pool: list[tuple[float, str]], n: int, accept: Callable[[str], bool] | None, limit: int | None
+) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for looked, (score, pid) in enumerate(pool):
+        if limit is not None and looked >= limit:
+            break
+        if accept is None or accept(pid):
+            out.append((pid, score))
+            if len(out) >= n:
+                break
+    return out
