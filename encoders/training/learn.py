@@ -62,6 +62,8 @@ from serving.text import product_text
 
 #: Where a run stages the candidate version: hidden from ``list_versions`` (not a number).
 STAGING = ".learn-staging"
+#: One learning run per model base at a time (the worker's timer and a scheduled CLI may meet).
+LOCK = ".learn.lock"
 #: A mined negative must score below this share of its anchor's partner (false-negative guard).
 NEGATIVE_MARGIN = 0.95
 #: The blend grid the calibration searches (lexical weight x floor).
@@ -395,77 +397,98 @@ def learn_once(products: Mapping[str, Product], mined: MinedPairs, *, model_base
         f"{len(train_pairs)} train / {len(valid_pairs)} validation / {len(test_pairs)} test pairs, "
         f"{len(corpus)} products in the test corpus")
 
-    live_vectors = dict(zip(ids, embed(model_base, live_version, [texts[i] for i in ids]), strict=True))
-    groups = {pid: p.group_id for pid, p in products.items()}
-    negatives = _mine_negatives(train_pairs, live_vectors, [i for i in ids if i not in fit_items or i in train_items],
-                                _partners(mined.positives), mined.negatives, config.hard_negatives, groups)
-    report.pairs["hard_negative_items"] = len(negatives)
-
-    versions = list_versions(model_base)
-    version = max(versions, default=live_version) + 1
-    staging = model_base / STAGING
-    if staging.exists():
-        shutil.rmtree(staging)  # a run that died half-way
-    staging.mkdir(parents=True)
-    (staging / str(live_version)).symlink_to((model_base / str(live_version)).resolve(), target_is_directory=True)
-    train_texts = {i: texts[i] for i in fit_items | {n for ns in negatives.values() for n in ns}}
+    lock = exclusive_lock(model_base / LOCK)
+    if lock is None:
+        report.reason = f"another learning run holds {model_base / LOCK}"
+        report.seconds = time.perf_counter() - started
+        return report
     try:
-        result = train(PairSet(list(train_pairs), list(valid_pairs), train_texts), staging, live_version, version,
-                       config.finetune, log=log, negatives=negatives)
-        report.finetune = {k: v for k, v in result.as_dict().items() if k not in ("version_dir", "epochs")}
-        cand_vectors = dict(zip(ids, embed(staging, version, [texts[i] for i in ids]), strict=True))
+        live_vectors = dict(zip(ids, embed(model_base, live_version, [texts[i] for i in ids]), strict=True))
+        groups = {pid: p.group_id for pid, p in products.items()}
+        negatives = _mine_negatives(train_pairs, live_vectors, [i for i in ids if i not in fit_items or i in train_items],
+                                    _partners(mined.positives), mined.negatives, config.hard_negatives, groups)
+        report.pairs["hard_negative_items"] = len(negatives)
+        versions = list_versions(model_base)
+        version = max(versions, default=live_version) + 1
+        staging = model_base / STAGING
+        if staging.exists():
+            shutil.rmtree(staging)  # a run that died half-way (the lock says no run is alive)
+        staging.mkdir(parents=True)
+        (staging / str(live_version)).symlink_to((model_base / str(live_version)).resolve(), target_is_directory=True)
+        train_texts = {i: texts[i] for i in fit_items | {n for ns in negatives.values() for n in ns}}
+        try:
+            result = train(PairSet(list(train_pairs), list(valid_pairs), train_texts), staging, live_version, version,
+                           config.finetune, log=log, negatives=negatives)
+            report.finetune = {k: v for k, v in result.as_dict().items() if k not in ("version_dir", "epochs")}
+            cand_vectors = dict(zip(ids, embed(staging, version, [texts[i] for i in ids]), strict=True))
 
-        lexical_model = LexicalModel.fit([texts[i] for i in ids])
-        lexical = {i: lexical_model.vectorize(texts[i]) for i in ids}
-        depth = max(live_config.candidate_depth, config.k)
-        valid_truth = _partners(valid_pairs)
-        valid_corpus = [i for i in ids if i not in train_items]
-        valid_table = CandidateTable(sorted(valid_truth), valid_corpus, cand_vectors, lexical, depth)
-        if len(valid_table.queries) >= MIN_CALIBRATION_QUERIES:
-            blend, valid_scores = calibrate(valid_table, valid_truth, config.k, live_blend)
-        else:
-            blend, valid_scores = live_blend, _score_rankings(valid_table.queries, valid_table.rank(live_blend),
-                                                              valid_truth, config.k)
-        behavior_weight, behavior_fit = fit_behavior_weight(events, ids, cand_vectors, lexical, blend, config.k, depth,
-                                                            config.behavior_min_score)
-        blend = Blend(blend.lexical_weight, blend.lexical_floor, behavior_weight)
-        report.blend = asdict(blend)
+            lexical_model = LexicalModel.fit([texts[i] for i in ids])
+            lexical = {i: lexical_model.vectorize(texts[i]) for i in ids}
+            depth = max(live_config.candidate_depth, config.k)
+            valid_truth = _partners(valid_pairs)
+            valid_corpus = [i for i in ids if i not in train_items]
+            valid_table = CandidateTable(sorted(valid_truth), valid_corpus, cand_vectors, lexical, depth)
+            if len(valid_table.queries) >= MIN_CALIBRATION_QUERIES:
+                blend, valid_scores = calibrate(valid_table, valid_truth, config.k, live_blend)
+            else:
+                blend, valid_scores = live_blend, _score_rankings(valid_table.queries, valid_table.rank(live_blend),
+                                                                  valid_truth, config.k)
+            behavior_weight, behavior_fit = fit_behavior_weight(events, ids, cand_vectors, lexical, blend, config.k, depth,
+                                                                config.behavior_min_score)
+            blend = Blend(blend.lexical_weight, blend.lexical_floor, behavior_weight)
+            report.blend = asdict(blend)
 
-        test_truth = _partners(test_pairs)
-        queries = sorted(test_truth)
-        live_table = CandidateTable(queries, corpus, live_vectors, lexical, depth)
-        cand_table = CandidateTable(queries, corpus, cand_vectors, lexical, depth)
-        live_scores = _score_rankings(queries, live_table.rank(live_blend), test_truth, config.k)
-        cand_scores = _score_rankings(queries, cand_table.rank(blend), test_truth, config.k)
-        tfidf_scores = _tfidf_char(queries, corpus, texts, test_truth, config.k)
-        report.heldout = {
-            "live": {"hybrid": live_scores.as_dict(),
-                     "encoder": _score_rankings(queries, live_table.rank(None), test_truth, config.k).as_dict()},
-            "candidate": {"hybrid": cand_scores.as_dict(),
-                          "encoder": _score_rankings(queries, cand_table.rank(None), test_truth, config.k).as_dict()},
-            "tfidf-char": tfidf_scores.as_dict(),
-            "validation_candidate_hybrid": valid_scores.as_dict(),
-            "behavior_weight_fit": behavior_fit,
-        }
-        live_hit, cand_hit, tfidf_hit = live_scores.hit_at_1, cand_scores.hit_at_1, tfidf_scores.hit_at_1
-        gain = cand_hit - live_hit
-        summary = (f"held-out hybrid hit@1 {cand_hit:.4f} (candidate, blend w={blend.lexical_weight:g} "
-                   f"f={blend.lexical_floor:g}) vs {live_hit:.4f} (live version {live_version}); "
-                   f"char TF-IDF {tfidf_hit:.4f}; {len(queries)} test queries")
-        if gain >= config.min_gain and math.isfinite(gain):
-            meta_path = staging / str(version) / "assets.extra" / "simstream.json"
-            _add_blend(meta_path, blend, report)
-            (staging / str(version)).rename(model_base / str(version))
-            report.decision, report.version = "promoted", version
-            report.reason = f"{summary}: gain {gain:+.4f} >= {config.min_gain:g}"
-        else:
-            report.decision = "refused"
-            report.reason = f"{summary}: gain {gain:+.4f} < {config.min_gain:g}"
+            test_truth = _partners(test_pairs)
+            queries = sorted(test_truth)
+            live_table = CandidateTable(queries, corpus, live_vectors, lexical, depth)
+            cand_table = CandidateTable(queries, corpus, cand_vectors, lexical, depth)
+            live_scores = _score_rankings(queries, live_table.rank(live_blend), test_truth, config.k)
+            cand_scores = _score_rankings(queries, cand_table.rank(blend), test_truth, config.k)
+            tfidf_scores = _tfidf_char(queries, corpus, texts, test_truth, config.k)
+            report.heldout = {
+                "live": {"hybrid": live_scores.as_dict(),
+                         "encoder": _score_rankings(queries, live_table.rank(None), test_truth, config.k).as_dict()},
+                "candidate": {"hybrid": cand_scores.as_dict(),
+                              "encoder": _score_rankings(queries, cand_table.rank(None), test_truth, config.k).as_dict()},
+                "tfidf-char": tfidf_scores.as_dict(),
+                "validation_candidate_hybrid": valid_scores.as_dict(),
+                "behavior_weight_fit": behavior_fit,
+            }
+            live_hit, cand_hit, tfidf_hit = live_scores.hit_at_1, cand_scores.hit_at_1, tfidf_scores.hit_at_1
+            gain = cand_hit - live_hit
+            summary = (f"held-out hybrid hit@1 {cand_hit:.4f} (candidate, blend w={blend.lexical_weight:g} "
+                       f"f={blend.lexical_floor:g}) vs {live_hit:.4f} (live version {live_version}); "
+                       f"char TF-IDF {tfidf_hit:.4f}; {len(queries)} test queries")
+            if gain >= config.min_gain and math.isfinite(gain):
+                meta_path = staging / str(version) / "assets.extra" / "simstream.json"
+                _add_blend(meta_path, blend, report)
+                (staging / str(version)).rename(model_base / str(version))
+                report.decision, report.version = "promoted", version
+                report.reason = f"{summary}: gain {gain:+.4f} >= {config.min_gain:g}"
+            else:
+                report.decision = "refused"
+                report.reason = f"{summary}: gain {gain:+.4f} < {config.min_gain:g}"
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        report.seconds = time.perf_counter() - started
+        log(f"learn: {report.decision}: {report.reason}")
+        return report
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    log(f"learn: {report.decision}: {report.reason}")
-    return report
+        lock.close()
+
+
+def exclusive_lock(path: Path) -> Any:
+    """An open file holding an exclusive lock on ``path``, or ``None`` when another process holds it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def _tfidf_char(queries: Sequence[str], corpus: Sequence[str], texts: Mapping[str, str],

@@ -237,3 +237,20 @@ def test_the_behaviour_weight_is_fitted_on_later_events_it_did_not_learn_from() 
     # Without enough events the weight in use stays, and the fit says why.
     weight, fit = fit_behavior_weight(events[:6], ids, vectors, lexical, current, k=10, depth=50)
     assert weight == 0.0 and "usable events" in fit["reason"]
+
+
+def test_a_second_run_on_the_same_model_base_waits_its_turn(catalog: dict[str, Product], tmp_path: Path) -> None:
+    from encoders.training.learn import LOCK, exclusive_lock
+
+    run = Run(catalog, candidate_knows_pairs=True)
+    base = _base(tmp_path)
+    held = exclusive_lock(base / LOCK)  # another run is training on this model base
+    assert held is not None
+    cfg = LearnConfig(min_new_pairs=10, finetune=FinetuneConfig(batch_size=8))
+    report = learn_once(catalog, mine_pairs(catalog, [], _labels(), cfg), model_base=base, live_version=1,
+                        live_config=RecommenderConfig(), config=cfg, embed=run.embed, train=run.train,
+                        log=lambda _: None)
+    assert report.decision == "skipped" and "another learning run" in report.reason
+    assert run.trained == [] and list_versions(base) == [1]
+    held.close()
+    assert _learn(catalog, tmp_path / "again", run).decision == "promoted"
