@@ -22,7 +22,7 @@
    on time: behaviour learnt from the earlier events, judged on the co-occurrence of the
    later ones (``fit_behavior_weight``).
 7. **Compare on the test items**: the live version with its blend, the candidate with the
-   calibrated one, and char TF-IDF, each ranking every catalog product outside the
+   calibrated one, and char and word TF-IDF, each ranking every catalog product outside the
    training and validation items (hit@1, hit@k, MRR@k).
 8. **Decide**: promote when the candidate's hybrid hit@1 beats the live one's by at least
    ``min_gain``; the version folder is then moved into the model base in one rename (TF
@@ -444,13 +444,14 @@ def learn_once(products: Mapping[str, Product], mined: MinedPairs, *, model_base
             cand_table = CandidateTable(queries, corpus, cand_vectors, lexical, depth)
             live_scores = _score_rankings(queries, live_table.rank(live_blend), test_truth, config.k)
             cand_scores = _score_rankings(queries, cand_table.rank(blend), test_truth, config.k)
-            tfidf_scores = _tfidf_char(queries, corpus, texts, test_truth, config.k)
+            tfidf_scores = _tfidf("tfidf-char", queries, corpus, texts, test_truth, config.k)
             report.heldout = {
                 "live": {"hybrid": live_scores.as_dict(),
                          "encoder": _score_rankings(queries, live_table.rank(None), test_truth, config.k).as_dict()},
                 "candidate": {"hybrid": cand_scores.as_dict(),
                               "encoder": _score_rankings(queries, cand_table.rank(None), test_truth, config.k).as_dict()},
                 "tfidf-char": tfidf_scores.as_dict(),
+                "tfidf-word": _tfidf("tfidf-word", queries, corpus, texts, test_truth, config.k).as_dict(),
                 "validation_candidate_hybrid": valid_scores.as_dict(),
                 "behavior_weight_fit": behavior_fit,
             }
@@ -491,11 +492,11 @@ def exclusive_lock(path: Path) -> Any:
     return handle
 
 
-def _tfidf_char(queries: Sequence[str], corpus: Sequence[str], texts: Mapping[str, str],
-                truth: Mapping[str, set[str]], k: int) -> Scores:
+def _tfidf(method: str, queries: Sequence[str], corpus: Sequence[str], texts: Mapping[str, str],
+           truth: Mapping[str, set[str]], k: int) -> Scores:
     from encoders.training.baselines import tfidf_top_k
 
-    top = tfidf_top_k("tfidf-char", [texts[q] for q in queries], [texts[c] for c in corpus], k + 1,
+    top = tfidf_top_k(method, [texts[q] for q in queries], [texts[c] for c in corpus], k + 1,
                       fit_texts=[texts[c] for c in corpus])
     rankings = [[corpus[j] for j in row if corpus[j] != q][:k] for q, row in zip(queries, top, strict=True)]
     return _score_rankings(queries, rankings, truth, k)

@@ -116,7 +116,8 @@ def main() -> None:
             ("live version (zero-shot), encoder alone", held.get("live", {}).get("encoder")),
             ("candidate (fine-tuned), hybrid with its calibrated blend", held.get("candidate", {}).get("hybrid")),
             ("candidate (fine-tuned), encoder alone", held.get("candidate", {}).get("encoder")),
-            ("char TF-IDF (char_wb 2-5, sublinear)", held.get("tfidf-char"))]
+            ("char TF-IDF (char_wb 2-5, sublinear)", held.get("tfidf-char")),
+            ("word TF-IDF (1-2, sublinear)", held.get("tfidf-word"))]
     print("\n| held-out test items | queries | hit@1 | hit@10 | MRR@10 |\n| --- | --- | --- | --- | --- |")
     for name, scores in rows:
         if scores:

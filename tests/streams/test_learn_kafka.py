@@ -134,6 +134,7 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     for model in ("live", "candidate"):
         assert 0 <= record["heldout"][model]["hybrid"]["hit@1"] <= 1
     assert record["heldout"]["tfidf-char"]["queries"] == record["heldout"]["live"]["hybrid"]["queries"] > 0
+    assert record["heldout"]["tfidf-word"]["queries"] == record["heldout"]["tfidf-char"]["queries"]
     assert list_versions(models) == [1, 2] and not (models / ".learn-staging").exists()
     blend = version_blend(models, 2)
     assert blend is not None and record["blend"] == {"lexical_weight": blend.lexical_weight,
@@ -175,8 +176,12 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     assert 'simstream_learn_heldout_hit_at_1{model="candidate"}' in metrics
     assert 'simstream_learn_pairs{source="labelled"} 120.0' in metrics
 
-    # 3. No new pairs since: the next run is skipped without training.
-    skipped = _learn({**cli_env, "SIMSTREAM_LEARN_MIN_NEW_PAIRS": "10"}, *TINY)
+    # 3. No new pairs since: the next run is skipped without training (in this process: the
+    #    command itself was shown above, and a skip decides before any model is loaded).
+    from encoders.training.learn import LearnConfig
+    from streams.learn import run_learn
+
+    skipped = run_learn(settings, LearnConfig(min_new_pairs=10), recommender_config(settings))
     assert skipped["decision"] == "skipped" and "0 new pairs" in skipped["reason"], skipped
 
     runs = _values(settings, settings.topic_models)
