@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from encoders.export import resolve_version, version_blend
+from encoders.export import resolve_version
 from encoders.training.learn import LearnConfig, LearnReport, learn_once, mine_pairs
 from encoders.training.pairs import PairLabel
 from serving.catalog import Product, UserEvent
@@ -42,6 +42,7 @@ from streams.records import (
     iso,
     product_from_wire,
 )
+from streams.rollover import blend_for
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,6 @@ def local_embed(max_length: int) -> Any:
     return embed
 
 
-def live_config(settings: Settings, base_config: RecommenderConfig, model_base: Path, version: int) -> RecommenderConfig:
-    """The core configuration of ``version``: its own blend when it carries one and ``model_blend`` is on."""
-    blend = version_blend(model_base, version) if settings.model_blend else None
-    return blend.apply(base_config) if blend is not None else base_config
-
-
 def run_learn(settings: Settings, config: LearnConfig, base_config: RecommenderConfig, *,
               progress: Any = None) -> dict[str, Any]:
     """One run: read, decide (``learn_once``), record on ``simstream-models``; returns the record."""
@@ -146,7 +141,7 @@ def run_learn(settings: Settings, config: LearnConfig, base_config: RecommenderC
         f"({inputs.bad_labels} malformed), live version {live_version}")
     try:
         report = learn_once(inputs.products, mined, model_base=model_base, live_version=live_version,
-                            live_config=live_config(settings, base_config, model_base, live_version), config=config,
+                            live_config=blend_for(settings, live_version).apply(base_config), config=config,
                             embed=local_embed(settings.max_length), train=finetune,
                             positives_at_last_training=before, events=inputs.events, log=say)
     except Exception as exc:

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,17 +45,36 @@ def encoder_server(model_base: Path, log: Path) -> Iterator[str]:
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", worker: WorkerProcess | None = None
+    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", worker: WorkerProcess | None = None,
+    every: float = 0.3,
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with the worker's log tail."""
+    """Poll ``predicate`` until it returns something truthy; fail with the worker's log tail
+    (at once when the worker has exited)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        assert worker is None or worker.alive, worker.log_tail() if worker is not None else ""
         value = predicate()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(every)
     tail = worker.log_tail() if worker is not None else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def send(settings: Any, topic: str, records: Iterable[tuple[str | None, bytes]]) -> None:
+    """Produce ``(key, value)`` records to ``topic`` and wait until the broker has them all."""
+    from streams.kafka_io import producer
+
+    kafka = producer(settings)
+    for key, value in records:
+        kafka.send(topic, key=None if key is None else key.encode(), value=value)
+    kafka.flush()
+    kafka.close()
+
+
+def send_products(settings: Any, events: Iterable[dict[str, Any]]) -> None:
+    """Product changes as JSON on ``product-changes``, keyed by ``product_id``."""
+    send(settings, settings.topic_product_changes, ((e["product_id"], json.dumps(e).encode()) for e in events))
 
 
 def free_port() -> int:

@@ -57,7 +57,9 @@ from serving.behavior import CHANNELS, BehaviorModel
 from serving.catalog import Product, UserEvent
 from serving.config import Blend, RecommenderConfig
 from serving.errors import ConfigurationError, InvalidInput
-from serving.lexical import LexicalModel, cosine
+from serving.evaluation.matching_eval import evaluate_rankings
+from serving.lexical import LexicalModel, cosine_many
+from serving.scoring import dense_scores
 from serving.text import product_text
 
 #: Where a run stages the candidate version: hidden from ``list_versions`` (not a number).
@@ -167,16 +169,23 @@ def _partners(pairs: Iterable[Pair]) -> dict[str, set[str]]:
 
 def _score_rankings(queries: Sequence[str], rankings: Sequence[Sequence[str]], truth: Mapping[str, set[str]],
                     k: int) -> Scores:
-    hit1 = hitk = rr = 0.0
-    for q, ranked in zip(queries, rankings, strict=True):
-        for rank, item in enumerate(ranked[:k], start=1):
-            if item in truth[q]:
-                hitk += 1
-                rr += 1.0 / rank
-                hit1 += rank == 1
-                break
-    n = max(1, len(queries))
-    return Scores(len(queries), hit1 / n, hitk / n, rr / n)
+    report = evaluate_rankings("", queries, rankings, truth, k)
+    return Scores(report.n_queries, report.hit_at_1, report.hit_at_k, report.mrr_at_k)
+
+
+def _pair_scores(q: str, others: Sequence[str], vectors: Mapping[str, np.ndarray],
+                 lexical: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(dense, lexical) of ``q`` with each of ``others``, computed as the core computes them."""
+    if not others:
+        return np.zeros(0), np.zeros(0)
+    dense = dense_scores(vectors[q], np.stack([vectors[c] for c in others]))
+    return dense, np.asarray(cosine_many(lexical[q], [lexical[c] for c in others]))
+
+
+def _content(blend: Blend, dense: np.ndarray, lexical: np.ndarray) -> np.ndarray:
+    """``serving.scoring.content_score`` over arrays."""
+    w, f = blend.lexical_weight, blend.lexical_floor
+    return (1 - w) * dense + w / (1 - f) * np.where(lexical > f, lexical - f, 0.0)
 
 
 class CandidateTable:
@@ -200,19 +209,13 @@ class CandidateTable:
                     row[position[q]] = -np.inf  # an item is not its own match
                 top = np.argpartition(-row, depth - 1)[:depth]
                 ids = [self.corpus[j] for j in top if np.isfinite(row[j])]
-                dense = np.array([float(vectors[q].astype(np.float64) @ vectors[c].astype(np.float64)) for c in ids])
-                lex = np.array([cosine(lexical[q], lexical[c]) for c in ids])
-                self.rows.append((ids, dense, lex))
+                self.rows.append((ids, *_pair_scores(q, ids, vectors, lexical)))
 
     def rank(self, blend: Blend | None) -> list[list[str]]:
         """Each query's candidates by content score under ``blend`` (dense alone when ``None``), ties by id."""
         out = []
         for ids, dense, lex in self.rows:
-            if blend is None:
-                score = dense
-            else:
-                w, f = blend.lexical_weight, blend.lexical_floor
-                score = (1 - w) * dense + w / (1 - f) * np.where(lex > f, lex - f, 0.0)
+            score = dense if blend is None else _content(blend, dense, lex)
             order = sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))
             out.append([ids[i] for i in order])
         return out
@@ -266,24 +269,19 @@ def fit_behavior_weight(events: Sequence[UserEvent], catalog: Sequence[str], vec
                                    f"{MIN_CALIBRATION_QUERIES}", "queries": len(truth)}
     queries = sorted(truth)
     table = CandidateTable(queries, catalog, vectors, lexical, depth)
-    w, f = blend.lexical_weight, blend.lexical_floor
     rows = []
     for q, (ids, dense, lex) in zip(queries, table.rows, strict=True):
-        content = dict(zip(ids, (1 - w) * dense + w / (1 - f) * np.where(lex > f, lex - f, 0.0), strict=True))
         behavior = dict(past.partners(q, "all", k=100))
-        for extra in behavior.keys() - content.keys():
-            if extra in vectors and extra != q:
-                d = float(vectors[q].astype(np.float64) @ vectors[extra].astype(np.float64))
-                lx = cosine(lexical[q], lexical[extra])
-                content[extra] = (1 - w) * d + w / (1 - f) * (lx - f if lx > f else 0.0)
+        extra = sorted(c for c in behavior.keys() - set(ids) if c in vectors and c != q)
+        extra_dense, extra_lex = _pair_scores(q, extra, vectors, lexical)
+        content = dict(zip(ids + extra, np.concatenate([_content(blend, dense, lex),
+                                                        _content(blend, extra_dense, extra_lex)]), strict=True))
         rows.append((content, behavior))
     scores: dict[float, float] = {}
     for bw in sorted({current, *BEHAVIOR_WEIGHTS}):
-        hits = 0
-        for q, (content, behavior) in zip(queries, rows, strict=True):
-            ranked = sorted(content, key=lambda c: (-((1 - bw) * content[c] + bw * behavior.get(c, 0.0)), c))[:k]
-            hits += any(c in truth[q] for c in ranked)
-        scores[bw] = hits / len(queries)
+        rankings = [sorted(content, key=lambda c: (-((1 - bw) * content[c] + bw * behavior.get(c, 0.0)), c))
+                    for content, behavior in rows]
+        scores[bw] = _score_rankings(queries, rankings, truth, k).hit_at_k
     best = max(scores, key=lambda bw: (scores[bw], bw == current, -bw))
     return best, {"queries": len(queries), "hit@k_by_weight": {str(bw): round(v, 4) for bw, v in scores.items()}}
 

@@ -25,10 +25,10 @@ import pytest
 
 from encoders.export import list_versions, version_blend
 from serving.scoring import content_score
-from streams.kafka_io import create_topics, producer, read_topic
+from streams.kafka_io import create_topics, read_topic
 from streams.settings import Settings
 from streams.worker import recommender_config
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, send, send_products, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,24 +66,6 @@ def _catalog() -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     return events, pairs
 
 
-def _send(settings: Settings, topic: str, records: list[tuple[str | None, bytes]]) -> None:
-    kafka = producer(settings)
-    for key, value in records:
-        kafka.send(topic, key=None if key is None else key.encode(), value=value)
-    kafka.flush()
-    kafka.close()
-
-
-def _wait(what: str, check: Callable[[], bool], worker: WorkerProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert worker.alive, worker.log_tail()
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}:\n{worker.log_tail()}")
-
-
 def _learn(env: dict[str, str], *args: str) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", "streams.cli", "learn", *args], env=env, capture_output=True,
                           text=True, timeout=600, check=False)
@@ -114,15 +96,14 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     worker.wait_ready(timeout=180)
 
     products, pairs = _catalog()
-    _send(settings, settings.topic_product_changes,
-          [(p["product_id"], json.dumps(p).encode()) for p in products])
-    _wait("the catalog", lambda: worker.get("/stats")[1]["events"] >= len(products), worker, timeout=180)
+    send_products(settings, products)
+    wait_for(lambda: worker.get("/stats")[1]["events"] >= len(products), 180, "the catalog", worker, every=0.5)
 
     labels = [(f"{a}|{b}", json.dumps({"left_id": a, "right_id": b, "label": 1}).encode()) for a, b in pairs]
     negatives = [(pairs[i][0], pairs[i + 1][1]) for i in range(5)]
     labels += [(f"{a}|{b}", json.dumps({"left_id": a, "right_id": b, "label": False}).encode()) for a, b in negatives]
     labels += [("bad-1", b"{not json"), ("bad-2", json.dumps({"left_id": "x", "right_id": "y", "label": 7}).encode())]
-    _send(settings, settings.topic_product_labels, labels)
+    send(settings, settings.topic_product_labels, labels)
 
     # 1. The CLI promotes version 2; the worker's model poll rolls over to it and takes its blend.
     cli_env = {**os.environ, **isolated_env, **env}
@@ -143,8 +124,9 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     letters = [v for v in _values(settings, settings.topic_dead_letters) if v["source_topic"] == settings.topic_product_labels]
     assert len(letters) == 2 and any("'label' must be 0, 1, true or false" in v["error"] for v in letters), letters
 
-    _wait("the rollover to version 2", lambda: worker.get("/health")[1]["model_version"] == "minilm/2"
-          and worker.get("/health")[1]["rollover"]["phase"] == "done", worker, timeout=180)
+    wait_for(lambda: worker.get("/health")[1]["model_version"] == "minilm/2"
+             and worker.get("/health")[1]["rollover"]["phase"] == "done", 180, "the rollover to version 2", worker,
+             every=0.5)
     health = worker.get("/health")[1]
     assert health["blend"] == record["blend"], health
     assert "carries its own blend" in worker.log_tail(400) or record["blend"] == {
@@ -166,8 +148,8 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     request = urllib.request.Request(worker.web + "/admin/learn", data=b"{}", method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read()) == {"learn": "started"}
-    _wait("the refused run", lambda: (worker.get("/health")[1].get("learn") or {}).get("decision") == "refused",
-          worker, timeout=400)
+    wait_for(lambda: (worker.get("/health")[1].get("learn") or {}).get("decision") == "refused", 400,
+             "the refused run", worker, every=0.5)
     learn = worker.get("/health")[1]["learn"]
     assert learn["version"] is None and "< 1" in learn["reason"], learn
     assert list_versions(models) == [1, 2]

@@ -24,12 +24,12 @@ import pytest
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, exact_lists
 from serving.text import product_text
-from streams.kafka_io import create_topics, latest_by_key, producer, read_topic
+from streams.kafka_io import create_topics, latest_by_key, read_topic
 from streams.records import product_from_wire
 from streams.settings import Settings
 from streams.wire import embedding_from_wire
 from streams.worker import recommender_config
-from tests.support import WorkerProcess, write_toy_model
+from tests.support import WorkerProcess, send_products, write_toy_model
 from tests.support import encoder_server as serve_encoder
 
 pytestmark = pytest.mark.integration
@@ -59,14 +59,6 @@ def iso(offset_s: float) -> str:
     from streams.records import iso as to_iso
 
     return to_iso(BASE_TS + offset_s)
-
-
-def send(settings: Settings, events: list[dict[str, Any]]) -> None:
-    kafka = producer(settings)
-    for event in events:
-        kafka.send(settings.topic_product_changes, key=event["product_id"].encode(), value=json.dumps(event).encode())
-    kafka.flush()
-    kafka.close()
 
 
 def post(worker: WorkerProcess, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -127,7 +119,7 @@ def test_rollover_to_a_new_version_under_churn_never_mixes_vectors(
     rows = [json.loads(line) for line in CATALOG.read_text(encoding="utf-8").splitlines()[:N_PRODUCTS]]
     products = {r["product_id"]: r for r in rows}
     ids = sorted(products)
-    send(settings, [{**r, "price": r.get("price") or 20.0, "ts": iso(i)} for i, r in enumerate(rows)])
+    send_products(settings, [{**r, "price": r.get("price") or 20.0, "ts": iso(i)} for i, r in enumerate(rows)])
     wait_for("the catalog", lambda: worker.get("/stats")[1]["events"] >= N_PRODUCTS, worker, timeout=120, every=0.5)
     reader = Reader(worker, ids[0])
     reader.start()
@@ -146,7 +138,7 @@ def test_rollover_to_a_new_version_under_churn_never_mixes_vectors(
     churn += [{**rows[0], "product_id": "NEW-1", "title": rows[0]["title"] + " starter pack", "price": 25.0,
                "ts": iso(1200)}]
     churn += [{"op": "upsert", "product_id": pid, "in_stock": False, "ts": iso(1300)} for pid in ids[10:14]]
-    send(settings, churn)
+    send_products(settings, churn)
     expected_events = N_PRODUCTS + len(churn)
 
     wait_for("the swap", lambda: worker.get("/health")[1]["rollover"]["phase"] in ("done", "failed"),

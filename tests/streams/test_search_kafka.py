@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from streams.kafka_io import create_topics, producer
+from streams.kafka_io import create_topics
 from streams.settings import Settings
-from tests.support import WorkerProcess, wait_for
+from tests.support import WorkerProcess, send_products, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,6 @@ PRODUCTS = [
     ("BOSE", "Bose QuietComfort 45 wireless headphones", "Bose", ["Electronics", "Audio", "Headphones"], 279.0),
     ("KEYS", "Logitech MX Keys wireless keyboard", "Logitech", ["Electronics", "Computers", "Keyboards"], 99.0),
 ]
-
-
-def send(settings: Settings, events: list[dict[str, Any]]) -> None:
-    kafka = producer(settings)
-    for event in events:
-        kafka.send(settings.topic_product_changes, key=event["product_id"].encode(), value=json.dumps(event).encode())
-    kafka.flush()
-    kafka.close()
 
 
 def test_search_finds_by_meaning_filters_and_follows_changes(
@@ -68,7 +60,7 @@ def test_search_finds_by_meaning_filters_and_follows_changes(
         return hits
 
     now = time.time()
-    send(settings, [{"op": "upsert", "product_id": pid, "title": title, "brand": brand, "category": category,
+    send_products(settings, [{"op": "upsert", "product_id": pid, "title": title, "brand": brand, "category": category,
                      "price": price, "currency": "USD", "ts": now - 10}
                     for pid, title, brand, category, price in PRODUCTS])
     wait_for(lambda: get("/stats")[1]["index_live"] == len(PRODUCTS), what="every product indexed", worker=worker)
@@ -100,12 +92,12 @@ def test_search_finds_by_meaning_filters_and_follows_changes(
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
 
     # Changes show in the next search: out of stock, then a delete.
-    send(settings, [{"op": "upsert", "product_id": "BOSE", "in_stock": False, "ts": now}])
+    send_products(settings, [{"op": "upsert", "product_id": "BOSE", "in_stock": False, "ts": now}])
     wait_for(lambda: [h["product_id"] for h in search("bose headphones", in_stock="true")][:1] == ["SONY"],
              what="BOSE out of stock in search", worker=worker)
     gone = search("bose headphones", in_stock="false")
     assert [h["product_id"] for h in gone] == ["BOSE"] and gone[0]["in_stock"] is False
-    send(settings, [{"op": "delete", "product_id": "KINDLE", "ts": now + 1}])
+    send_products(settings, [{"op": "delete", "product_id": "KINDLE", "ts": now + 1}])
     wait_for(lambda: "KINDLE" not in {h["product_id"] for h in search("something to read books on")},
              what="KINDLE deleted from search", worker=worker)
 
