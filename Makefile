@@ -94,8 +94,10 @@ test: install model browser
 	exit $$status
 
 # Same pattern as test, on a broker of its own (FAULTS_KAFKA_PORT), so it may run beside it.
+# FAULT_ROUNDS: rounds of the graceful restart loop (the crash loop runs half as many).
+FAULT_ROUNDS ?= 10
 test-faults: install model
-	$(call with-broker,$(FAULTS_KAFKA_PORT),$(BIN)/pytest -m faults $(PYTEST_ARGS))
+	$(call with-broker,$(FAULTS_KAFKA_PORT),SIMSTREAM_TEST_FAULT_ROUNDS=$(FAULT_ROUNDS) $(BIN)/pytest -m faults $(PYTEST_ARGS))
 
 unit: install
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ from serving.config import RecommenderConfig
 from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
 from serving.publication import Items, ScoredItem
 from serving.rules import profile_is_substitute
-from serving.scoring import Profile, blend, content_score, final_score
+from serving.scoring import Profile, blend, content_score, final_score, profile_reasons
 
 
 def may_change(
@@ -51,8 +51,7 @@ def may_change(
     for e in entered:
         if e in listed:
             return True
-        z = buf.parts[e]
-        dense, lexical = z.real, z.imag
+        dense, lexical = buf.pair(e)
         key = (-content_score(dense, lexical, config), e)
         if len(similar) < k or key < (-similar[-1].content, similar[-1].product_id):
             return True
@@ -65,6 +64,45 @@ def may_change(
         ):
             return True
     return False
+
+
+def attributes_may_change(
+    similar: Items,
+    subs: Items,
+    buf: CandidateBuffer,
+    owner: Profile,
+    q: str,
+    before: Profile,
+    after: Profile,
+    config: RecommenderConfig,
+) -> bool:
+    """Whether ``p``'s lists can differ after ``q``, in ``p``'s top-C, changed its stock or
+    price and nothing else (same group, same text): ``before`` and ``after`` are ``q``'s
+    profiles, ``owner`` is ``p``'s, ``similar`` and ``subs`` its lists.
+
+    Exact, and narrower than ``may_change(entered=(q,))``: the ranking and the duplicate
+    collapse read neither stock nor price, so ``similar`` changes only when ``q`` is listed
+    in it with other reasons now (a price gap); ``subs`` changes when ``q`` is listed in it
+    and is no substitute any more or has other reasons, when a listing it stands for
+    (``duplicate_of``) is no substitute any more, or when ``q`` has become one that beats
+    the list's last item or fills a short list. A stock flip thus leaves every similar-items
+    list alone, where a rebuild of every list naming ``q`` cost most of a stock change.
+    """
+    reasons_moved = before.price != after.price and profile_reasons(owner, before) != profile_reasons(owner, after)
+    if reasons_moved and any(i.product_id == q for i in similar):
+        return True
+    now_sub = profile_is_substitute(owner, after, config)
+    if any(i.product_id == q for i in subs):
+        return reasons_moved or not now_sub
+    if config.collapse_duplicates and q in collapsed_ids(subs):
+        return not now_sub
+    if not now_sub:
+        return False
+    if len(subs) < config.k:
+        return True
+    dense, lexical = buf.pair(q)
+    key = (-content_score(dense, lexical, config), q)
+    return key < (-subs[-1].content, subs[-1].product_id)
 
 
 def patched_lists(
@@ -189,11 +227,9 @@ def best_unlisted(
     w_dense, w_ev, floor = blend(config)
     best: tuple[float, str] | None = None
     found: tuple[str, float, float] | None = None
-    for _key, c in buf.keys[: config.candidate_depth]:
+    for c, d, lx in buf.head(config.candidate_depth):
         if c in listed:
             continue
-        z = buf.parts[c]
-        d, lx = z.real, z.imag
         key = (-(w_dense * d + w_ev * (lx - floor if lx > floor else 0.0)), c)
         if best is not None and key >= best:
             continue

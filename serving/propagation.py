@@ -33,7 +33,6 @@ exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -47,7 +46,7 @@ from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import SparseVec, cosine_many
 from serving.lists import ReasonCache, build_complements, build_lists
-from serving.patching import may_change, patched_lists
+from serving.patching import attributes_may_change, may_change, patched_lists
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
 
@@ -228,7 +227,7 @@ class Propagator:
         """``q`` is new or has a new vector (already in the index, ``lex`` and ``profiles``)."""
         affected: set[str] = set()
         patched: dict[str, tuple[Items, Items]] = {}
-        old_rev = self.buffers.holders.pop(q, set())
+        old_rev = self.buffers.holders.pop(q, [])
         for p in old_rev:
             if self._drop(p, q, patched):
                 affected.add(p)
@@ -250,7 +249,7 @@ class Propagator:
         self.lex.pop(q, None)
         self.profiles.pop(q, None)
         self._set_row(q, None)
-        old_rev = self.buffers.holders.pop(q, set())
+        old_rev = self.buffers.holders.pop(q, [])
         self.index.delete(q)
         patched: dict[str, tuple[Items, Items]] = {}
         affected = {p for p in old_rev if self._drop(p, q, patched)}
@@ -259,15 +258,28 @@ class Propagator:
         pubs.extend(self.refresh(affected, patched=patched))
         return pubs
 
-    def on_attributes_change(self, q: str, update: CatalogUpdate) -> list[Publication]:
-        """``q`` changed without a new vector (stock, price, group...; ``profiles`` updated)."""
+    def on_attributes_change(
+        self, q: str, update: CatalogUpdate, *, before: Profile | None = None
+    ) -> list[Publication]:
+        """``q`` changed without a new vector (stock, price, group...; ``profiles`` updated).
+
+        ``before`` is ``q``'s profile before the change; with it, a stock or price change
+        rebuilds only the lists it can change (``attribute_change_may_change``).
+        """
         # Only lists whose top-C holds q can change: those that list q (reasons, rules) and
         # those q may now enter as a substitute.
         c_depth = self.config.candidate_depth
+        after = self.profiles.get(q)
+        narrow = before is not None and after is not None and before.group_id == after.group_id
         affected = {
             p
             for p in self.buffers.holders.get(q, ())
-            if self.buffers.rank_of(p, q) < c_depth and self._may_change(p, left=(), entered=(q,))
+            if self.buffers.rank_of(p, q) < c_depth
+            and (
+                self._attributes_may_change(p, q, before, after)  # type: ignore[arg-type]
+                if narrow
+                else self._may_change(p, left=(), entered=(q,))
+            )
         }
         if q in self.buffers.by_owner:
             affected.add(q)
@@ -336,24 +348,25 @@ class Propagator:
         Returns whether ``p``'s lists must be rebuilt. With ``patched``, lists that only lose
         ``q`` (and take what moved into the top-C) are patched there instead.
         """
-        i = self.buffers.rank_of(p, q)
         buf = self.buffers.by_owner.get(p)
-        if buf is None or i >= len(buf.keys):
+        if buf is None:
             return False
-        del buf.keys[i]
-        del buf.parts[q]
+        i = buf.find(q)
+        if i >= len(buf):
+            return False
+        buf.delete(i)
         c_depth = self.config.candidate_depth
-        if not buf.complete and len(buf.keys) < c_depth:
+        if not buf.complete and len(buf) < c_depth:
             self.buffers.refill(p, self.lex)
             return True
         self.buffers.note_floor(p)
         if i >= c_depth:
             return False
-        moved_in = (buf.keys[c_depth - 1][1],) if len(buf.keys) >= c_depth else ()
+        moved_in = (buf.ids[c_depth - 1],) if len(buf) >= c_depth else ()
         if patched is not None:
             entered = moved_in[0] if moved_in else None
-            z = buf.parts[entered] if entered is not None else 0j
-            fast = self._patched_lists(p, entered, z.real, z.imag, (q,), base=patched.get(p))
+            dense, lexical = (buf.dense(c_depth - 1), buf.lex[c_depth - 1]) if moved_in else (0.0, 0.0)
+            fast = self._patched_lists(p, entered, dense, lexical, (q,), base=patched.get(p))
             if fast is not None:
                 patched[p] = fast
                 return False
@@ -369,6 +382,19 @@ class Propagator:
         return may_change(
             similar, subs, self.buffers.by_owner[p], self.profiles.get(p), self.profiles, self.config,
             left=left, entered=entered,
+        )
+
+    def _attributes_may_change(self, p: str, q: str, before: Profile, after: Profile) -> bool:
+        """Whether ``p``'s lists can differ after ``q`` (in ``p``'s top-C) changed only its
+        stock or price (``serving.patching.attributes_may_change``); always for a product
+        with behaviour."""
+        similar = self.lists[Kind.SIMILAR].get(p)
+        subs = self.lists[Kind.SUBSTITUTES].get(p)
+        owner = self.profiles.get(p)
+        if similar is None or subs is None or owner is None or p in self.rows:
+            return True
+        return attributes_may_change(
+            similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.config
         )
 
     def _patched_lists(
@@ -432,7 +458,7 @@ class Propagator:
                     continue
                 seen.add(p)
                 b = bufs.get(p)
-                if b is not None and q not in b.parts:
+                if b is not None and q not in b:
                     cands.append(p)
                     cand_bufs.append(b)
         if not cands:
@@ -440,7 +466,7 @@ class Propagator:
         scores = dense_scores(vq, self.index.get_vectors(cands)).tolist()
         admitted: list[tuple[str, float, CandidateBuffer]] = []
         for p, d, buf in zip(cands, scores, cand_bufs, strict=True):
-            if buf.complete or not buf.keys or (-d, q) < buf.keys[-1]:
+            if buf.complete or not buf.ids or (-d, q) < buf.last_key():
                 admitted.append((p, d, buf))
         if not admitted:
             return
@@ -449,39 +475,33 @@ class Propagator:
         lexical = cosine_many(self.lex[q], [self.lex[p] for p, _d, _b in admitted])
         depth = self.config.buffer_depth
         c_depth = self.config.candidate_depth
-        rev = self.buffers.holders
+        buffers = self.buffers
         for (p, d, buf), lx in zip(admitted, lexical, strict=True):
-            key = (-d, q)
-            pos = bisect_left(buf.keys, key)
-            buf.keys.insert(pos, key)
-            buf.parts[q] = complex(d, lx)
-            # Looked up each time: trimming below can drop q again and delete its entry.
-            rev.setdefault(q, set()).add(p)
+            pos = buf.position(d, q)
+            buf.insert(pos, q, d, lx)
+            buffers.add_holder(q, p)
             # Read what q pushed out of the top-C before the tail is trimmed (C may equal depth).
             if pos < c_depth and p not in affected:
-                pushed_out = (buf.keys[c_depth][1],) if len(buf.keys) > c_depth else ()
+                pushed_out = (buf.ids[c_depth],) if len(buf) > c_depth else ()
                 fast = self._patched_lists(p, q, d, lx, pushed_out, base=patched.get(p))
                 if fast is None:
                     affected.add(p)
                 else:
                     patched[p] = fast
-            if len(buf.keys) > depth:
-                _d, dropped = buf.keys.pop()
-                del buf.parts[dropped]
-                self.buffers.discard_holder(dropped, p)
+            if len(buf) > depth:
+                dropped = buf.pop()
+                buffers.discard_holder(dropped, p)
                 buf.complete = False
-            self.buffers.note_floor(p)
+            buffers.note_floor(p)
 
     def _compute(self, p: str) -> tuple[Items, Items]:
         buf = self.buffers.by_owner[p]
-        top = buf.keys[: self.config.candidate_depth]
-        parts = buf.parts
-        cands = [(c, parts[c].real, parts[c].imag) for _d, c in top]
+        cands = buf.head(self.config.candidate_depth)
         owner = self.profiles[p]
         row = self.rows.get(p)
         partners = dict(row.partners) if row is not None else None
         if partners and self.config.behavior_weight > 0:
-            listed_now = {c for _d, c in top}
+            listed_now = {c for c, _d, _lx in cands}
             extra = [c for c in sorted(partners) if c not in listed_now and c != p and c in self.lex]
             cands += [(c, d, lx) for c, (d, lx) in zip(extra, self._pair_parts(p, extra), strict=True)]
         held = self._reasons.get(p)

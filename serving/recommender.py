@@ -295,11 +295,12 @@ class Recommender:
                 return settled
             return settled + core.on_vector_change(pid, out_of_stock=update.went_out_of_stock)
         self.catalog.commit(update, change.ts)
+        before = core.profiles.get(pid)
         core.profiles[pid] = profile(after)
         if defer:
             core.defer_change(pid, out_of_stock=update.went_out_of_stock)
             return settled
-        return settled + core.on_attributes_change(pid, update)
+        return settled + core.on_attributes_change(pid, update, before=before)
 
     @property
     def unsettled(self) -> bool:

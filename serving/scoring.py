@@ -115,10 +115,10 @@ def profile(product: Product) -> Profile:
         price=product.price,
         group_id=product.group_id,
         has_brand=bool(product.brand),
-        brand=_norm(product.brand),
+        brand=sys.intern(_norm(product.brand)),
         has_leaf=bool(leaf),
-        leaf=_norm(leaf),
-        leaf_display=leaf_display,
+        leaf=sys.intern(_norm(leaf)),
+        leaf_display=sys.intern(leaf_display),
         attrs=attrs,
         attr_map={_norm(k): _norm(v) for k, v in product.attributes},
         category_reason=sys.intern(f"same category: {leaf_display}"),
@@ -197,7 +197,25 @@ def profile_reasons(owner: Profile, candidate: Profile, *, max_attributes: int =
             if shared >= max_attributes:
                 break
     # Every string is interned: a few hundred distinct ones are shared by millions of items.
-    return tuple(out)
+    return intern_reasons(tuple(out))
+
+
+#: Reasons tuples seen so far, each stored once (``intern_reasons``).
+_REASONS: dict[tuple[str, ...], tuple[str, ...]] = {}
+#: Beyond this many distinct tuples new ones are no longer stored (a catalog whose
+#: attribute values are all distinct would otherwise grow the table without end).
+_REASONS_MAX = 200_000
+
+
+def intern_reasons(reasons: tuple[str, ...]) -> tuple[str, ...]:
+    """One shared object per distinct reasons tuple: a few thousand distinct tuples stand
+    for millions of list entries, and a tuple object per entry cost ~0.8 KB per product."""
+    held = _REASONS.get(reasons)
+    if held is not None:
+        return held
+    if len(_REASONS) < _REASONS_MAX:
+        _REASONS[reasons] = reasons
+    return reasons
 
 
 def reasons(owner: Product, candidate: Product, *, max_attributes: int = 3) -> tuple[str, ...]:

@@ -141,24 +141,27 @@ def _write_files(state: RecommenderState, config: RecommenderConfig, out: Path) 
     owners = sorted(buffers)
     indptr = np.zeros(len(owners) + 1, dtype=np.int64)
     for i, owner in enumerate(owners):
-        indptr[i + 1] = indptr[i] + len(buffers[owner].keys)
+        indptr[i + 1] = indptr[i] + len(buffers[owner])
     total = int(indptr[-1])
     cand = np.empty(total, dtype=np.int32)
-    parts = np.empty(total, dtype=np.complex128)
+    dense = np.empty(total, dtype=np.float64)
+    lexical = np.empty(total, dtype=np.float64)
     at = 0
     for owner in owners:
         buf = buffers[owner]
-        members = [c for _key, c in buf.keys]
-        cand[at : at + len(members)] = [pos[c] for c in members]
-        parts[at : at + len(members)] = [buf.parts[c] for c in members]
-        at += len(members)
+        size = len(buf)
+        cand[at : at + size] = [pos[c] for c in buf.ids]
+        dense[at : at + size] = buf.neg
+        lexical[at : at + size] = buf.lex
+        at += size
     write("buf_owner.npy", np.array([pos[o] for o in owners], dtype=np.int32))
     write("buf_indptr.npy", indptr)
     write("buf_cand.npy", cand)
-    write("buf_dense.npy", np.ascontiguousarray(parts.real))
-    write("buf_lex.npy", np.ascontiguousarray(parts.imag))
+    np.negative(dense, out=dense)  # the buffers hold negated dense scores
+    write("buf_dense.npy", dense)
+    write("buf_lex.npy", lexical)
     write("buf_complete.npy", np.array([buffers[o].complete for o in owners], dtype=np.bool_))
-    del cand, parts
+    del cand, dense, lexical
 
     lex = state.lexical_vectors
     lex_ptr = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -417,11 +420,7 @@ def _build(
     buffers: dict[str, CandidateBuffer] = {}
     for j, o in enumerate(owner.tolist()):
         a, b = int(indptr[j]), int(indptr[j + 1])
-        buffers[ids[o]] = CandidateBuffer(
-            keys=[(-dense_l[i], cand_ids[i]) for i in range(a, b)],
-            parts={cand_ids[i]: complex(dense_l[i], lex_l[i]) for i in range(a, b)},
-            complete=bool(complete[j]),
-        )
+        buffers[ids[o]] = CandidateBuffer(cand_ids[a:b], dense_l[a:b], lex_l[a:b], complete=bool(complete[j]))
     behavior: dict[str, BehaviorRow] = {}
     if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
         try:

