@@ -302,6 +302,20 @@ class Recommender:
             return settled
         return settled + core.on_attributes_change(pid, update, before=before)
 
+    def prime(self, vectors: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Prepare for a batch whose text changes bring ``vectors``: the reverse check of
+        every owner against all of them runs as one matrix product instead of one pass over
+        the owners' vectors per change (``CandidateBuffers.prime``). Results are the same
+        with or without it; ``unprime`` frees it once the batch is applied."""
+        rows = np.asarray(vectors, dtype=np.float32)
+        if rows.ndim != 2 or len(rows) < 2 or self._propagation.unsettled:
+            return
+        self._propagation.buffers.prime(normalize_rows(rows, self.config.dim))
+
+    def unprime(self) -> None:
+        """Free what ``prime`` prepared."""
+        self._propagation.buffers.unprime()
+
     @property
     def unsettled(self) -> bool:
         """Whether deferred changes wait for ``settle``."""

@@ -143,6 +143,8 @@ class Engine(Edge):
     #: Apply with ``defer`` (``Recommender.apply``): lists wait for ``settle``. The worker
     #: sets it while far behind its input.
     defer_propagation: bool = False
+    #: Texts of the batch in flight whose vectors the core was primed with (``Recommender.prime``).
+    primed_texts: set[str] = field(default_factory=set)
 
     @property
     def core(self) -> Recommender:
@@ -340,6 +342,7 @@ class Engine(Edge):
         if self.builds_from_scratch(changes):
             return await self.in_core(self.bulk_load, changes)
         out = Outputs()
+        self.primed_texts = set()
         texts = self.texts_to_embed(changes)
         size = self.settings.embed_batch_size
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
@@ -443,6 +446,11 @@ class Engine(Edge):
         out = Outputs()
         core = self.core
         stopped = False
+        fresh = [v for t, v in vectors.items() if t not in self.primed_texts]
+        if len(fresh) > 1 and not self.defer_propagation:
+            # One matrix product for the reverse checks of every text change to come.
+            core.prime(np.stack(fresh))
+            self.primed_texts.update(vectors)
         for i in range(start, len(changes)):
             item = changes[i]
             change = item.change
@@ -495,6 +503,7 @@ class Engine(Edge):
                 # A change left for later (its text has no vector yet) is not done.
                 if item.source is not None and not stopped:
                     out.done.append(item.source)
+        core.unprime()
         return out, len(changes), None
 
     def already_applied(self, item: Change) -> bool:
