@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
 from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
 from serving.publication import Items, ScoredItem
 from serving.rules import profile_is_substitute
-from serving.scoring import Profile, blend, content_score, final_score, profile_reasons
+from serving.scoring import DUPLICATE_OF, Profile, blend, content_score, final_score, profile_reasons
 
 
 def may_change(
@@ -66,7 +67,7 @@ def may_change(
     return False
 
 
-def attributes_may_change(
+def patch_attributes(
     similar: Items,
     subs: Items,
     buf: CandidateBuffer,
@@ -75,34 +76,55 @@ def attributes_may_change(
     before: Profile,
     after: Profile,
     config: RecommenderConfig,
-) -> bool:
-    """Whether ``p``'s lists can differ after ``q``, in ``p``'s top-C, changed its stock or
-    price and nothing else (same group, same text): ``before`` and ``after`` are ``q``'s
-    profiles, ``owner`` is ``p``'s, ``similar`` and ``subs`` its lists.
+) -> tuple[Items, Items] | None:
+    """``p``'s lists after ``q``, in ``p``'s top-C, changed its stock or price and nothing
+    else (same group, same text), or ``None`` when they must be rebuilt. ``before`` and
+    ``after`` are ``q``'s profiles, ``owner`` is ``p``'s, ``similar`` and ``subs`` its lists
+    (returned as the same objects when they cannot change).
 
-    Exact, and narrower than ``may_change(entered=(q,))``: the ranking and the duplicate
-    collapse read neither stock nor price, so ``similar`` changes only when ``q`` is listed
-    in it with other reasons now (a price gap); ``subs`` changes when ``q`` is listed in it
-    and is no substitute any more or has other reasons, when a listing it stands for
-    (``duplicate_of``) is no substitute any more, or when ``q`` has become one that beats
-    the list's last item or fills a short list. A stock flip thus leaves every similar-items
-    list alone, where a rebuild of every list naming ``q`` cost most of a stock change.
+    Exact: the ranking and the duplicate collapse read neither stock nor price, so
+    ``similar`` can only change in the reasons of ``q``'s own item (a price gap), and so
+    can ``subs`` while ``q`` stays a substitute. A rebuild is needed only when ``q`` is
+    listed in ``subs`` (or stands collapsed there) and is no substitute any more, or when
+    ``q`` has become one that beats the list's last item or fills a short list. A stock flip
+    thus leaves every similar-items list alone, and a price change rewrites one item's
+    reasons, where a rebuild of every list naming ``q`` cost most of such a change.
     """
-    reasons_moved = before.price != after.price and profile_reasons(owner, before) != profile_reasons(owner, after)
-    if reasons_moved and any(i.product_id == q for i in similar):
-        return True
+    reasons = profile_reasons(owner, after) if before.price != after.price else None
+    if reasons is not None and reasons == profile_reasons(owner, before):
+        reasons = None
     now_sub = profile_is_substitute(owner, after, config)
     if any(i.product_id == q for i in subs):
-        return reasons_moved or not now_sub
-    if config.collapse_duplicates and q in collapsed_ids(subs):
-        return not now_sub
-    if not now_sub:
-        return False
-    if len(subs) < config.k:
-        return True
-    dense, lexical = buf.pair(q)
-    key = (-content_score(dense, lexical, config), q)
-    return key < (-subs[-1].content, subs[-1].product_id)
+        if not now_sub:
+            return None
+        new_subs = _with_reasons(subs, q, reasons)
+    elif config.collapse_duplicates and q in collapsed_ids(subs):
+        if not now_sub:
+            return None
+        new_subs = subs
+    elif now_sub:
+        if len(subs) < config.k:
+            return None
+        dense, lexical = buf.pair(q)
+        if (-content_score(dense, lexical, config), q) < (-subs[-1].content, subs[-1].product_id):
+            return None
+        new_subs = subs
+    else:
+        new_subs = subs
+    return _with_reasons(similar, q, reasons), new_subs
+
+
+def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Items:
+    """``items`` with ``q``'s item giving ``reasons`` (plus the ``duplicate_of`` reasons it
+    had); ``items`` itself when ``reasons`` is ``None`` or ``q`` is not listed."""
+    if reasons is None:
+        return items
+    for at, item in enumerate(items):
+        if item.product_id == q:
+            collapsed = tuple(r for r in item.reasons if r.startswith(DUPLICATE_OF))
+            fresh = replace(item, reasons=(*reasons, *collapsed) if collapsed else reasons)
+            return (*items[:at], fresh, *items[at + 1 :])
+    return items
 
 
 def patched_lists(

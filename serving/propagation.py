@@ -46,7 +46,7 @@ from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import SparseVec, cosine_many
 from serving.lists import ReasonCache, build_complements, build_lists
-from serving.patching import attributes_may_change, may_change, patched_lists
+from serving.patching import may_change, patch_attributes, patched_lists
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
 
@@ -264,27 +264,34 @@ class Propagator:
         """``q`` changed without a new vector (stock, price, group...; ``profiles`` updated).
 
         ``before`` is ``q``'s profile before the change; with it, a stock or price change
-        rebuilds only the lists it can change (``attribute_change_may_change``).
+        patches the lists it changes in place where it can (``patch_attributes``) and
+        rebuilds only the rest.
         """
         # Only lists whose top-C holds q can change: those that list q (reasons, rules) and
         # those q may now enter as a substitute.
         c_depth = self.config.candidate_depth
         after = self.profiles.get(q)
         narrow = before is not None and after is not None and before.group_id == after.group_id
-        affected = {
-            p
-            for p in self.buffers.holders.get(q, ())
-            if self.buffers.rank_of(p, q) < c_depth
-            and (
-                self._attributes_may_change(p, q, before, after)  # type: ignore[arg-type]
-                if narrow
-                else self._may_change(p, left=(), entered=(q,))
-            )
-        }
+        affected: set[str] = set()
+        patched: dict[str, tuple[Items, Items]] = {}
+        for p in self.buffers.holders.get(q, ()):
+            if self.buffers.rank_of(p, q) >= c_depth:
+                continue
+            if not narrow:
+                if self._may_change(p, left=(), entered=(q,)):
+                    affected.add(p)
+                continue
+            lists = self._patch_attributes(p, q, before, after)  # type: ignore[arg-type]
+            if lists is None:
+                affected.add(p)
+            elif lists[0] is not self.lists[Kind.SIMILAR].get(p) or lists[1] is not self.lists[Kind.SUBSTITUTES].get(p):
+                patched[p] = lists
         if q in self.buffers.by_owner:
             affected.add(q)
         affected |= self._behavior_holders(q)
-        return self.refresh(affected, out_of_stock=(q,) if update.went_out_of_stock else ())
+        for p in affected:
+            patched.pop(p, None)
+        return self.refresh(affected, out_of_stock=(q,) if update.went_out_of_stock else (), patched=patched)
 
     # ------------------------------------------------------------------ deferred changes
 
@@ -384,18 +391,20 @@ class Propagator:
             left=left, entered=entered,
         )
 
-    def _attributes_may_change(self, p: str, q: str, before: Profile, after: Profile) -> bool:
-        """Whether ``p``'s lists can differ after ``q`` (in ``p``'s top-C) changed only its
-        stock or price (``serving.patching.attributes_may_change``); always for a product
-        with behaviour."""
+    def _patch_attributes(self, p: str, q: str, before: Profile, after: Profile) -> tuple[Items, Items] | None:
+        """``p``'s lists after ``q`` (in ``p``'s top-C) changed only its stock or price
+        (``serving.patching.patch_attributes``), or ``None`` to rebuild them (always for a
+        product with behaviour)."""
         similar = self.lists[Kind.SIMILAR].get(p)
         subs = self.lists[Kind.SUBSTITUTES].get(p)
         owner = self.profiles.get(p)
         if similar is None or subs is None or owner is None or p in self.rows:
-            return True
-        return attributes_may_change(
-            similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.config
-        )
+            return None
+        lists = patch_attributes(similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.config)
+        held = self._reasons.get(p)
+        if lists is not None and held is not None:
+            held[1].pop(q, None)  # computed for q's old profile
+        return lists
 
     def _patched_lists(
         self,

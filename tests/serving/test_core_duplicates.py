@@ -93,3 +93,17 @@ def test_when_the_kept_listing_goes_the_other_takes_its_place_without_the_reason
     assert similar is not None and ids(similar) == ["stuffit-b", "reader", "math"]
     assert all(not r.startswith("duplicate_of") for i in similar for r in i.reasons)
     assert (Kind.SIMILAR, "owner") in {p.key for p in pubs}
+
+
+def test_a_price_change_of_the_kept_listing_keeps_what_it_stands_for() -> None:
+    """The kept listing's reasons change with its price gap; the listings it stands for stay
+    named, exactly as a rebuild of the list gives them."""
+    rec = build()
+    pubs = rec.apply(ProductUpsert("stuffit-a", 2.0, price=25.0))
+    similar = rec.similar("owner")
+    assert similar is not None and ids(similar) == ["stuffit-a", "reader", "math"]
+    assert "price within 25%" in similar[0].reasons
+    assert "duplicate_of: stuffit-b" in similar[0].reasons
+    assert any(p.kind is Kind.SIMILAR and p.product_id == "owner" for p in pubs)
+    fresh = build(**{"stuffit-a": ProductUpsert("stuffit-a", 1.0, title="Stuffit Deluxe 11", price=25.0)})
+    assert similar == fresh.similar("owner")
