@@ -90,28 +90,30 @@ def patch_attributes(
     thus leaves every similar-items list alone, and a price change rewrites one item's
     reasons, where a rebuild of every list naming ``q`` cost most of such a change.
     """
-    reasons = profile_reasons(owner, after) if before.price != after.price else None
-    if reasons is not None and reasons == profile_reasons(owner, before):
-        reasons = None
+    in_similar = any(i.product_id == q for i in similar)
+    in_subs = any(i.product_id == q for i in subs)
+    reasons = None
+    if before.price != after.price and (in_similar or in_subs):
+        reasons = profile_reasons(owner, after)
+        if reasons == profile_reasons(owner, before):
+            reasons = None
+    new_similar = _with_reasons(similar, q, reasons) if in_similar else similar
     now_sub = profile_is_substitute(owner, after, config)
-    if any(i.product_id == q for i in subs):
+    if in_subs:
         if not now_sub:
             return None
-        new_subs = _with_reasons(subs, q, reasons)
-    elif config.collapse_duplicates and q in collapsed_ids(subs):
-        if not now_sub:
-            return None
-        new_subs = subs
-    elif now_sub:
+        return new_similar, _with_reasons(subs, q, reasons)
+    # Listed nowhere in subs, q may still stand collapsed under a listing of its product
+    # (only a substitute ever does).
+    if config.collapse_duplicates and profile_is_substitute(owner, before, config) and q in collapsed_ids(subs):
+        return None if not now_sub else (new_similar, subs)
+    if now_sub:
         if len(subs) < config.k:
             return None
         dense, lexical = buf.pair(q)
         if (-content_score(dense, lexical, config), q) < (-subs[-1].content, subs[-1].product_id):
             return None
-        new_subs = subs
-    else:
-        new_subs = subs
-    return _with_reasons(similar, q, reasons), new_subs
+    return new_similar, subs
 
 
 def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Items:
