@@ -101,6 +101,61 @@ def save_snapshot(state: RecommenderState, config: RecommenderConfig, root: Path
     return final
 
 
+class ChildSave:
+    """A snapshot being written by a forked child (``save_in_child``); ``wait`` for its path."""
+
+    def __init__(self, pid: int, reader: int) -> None:
+        self.pid = pid
+        self._reader = reader
+        self._result: Path | SnapshotError | None = None
+
+    def wait(self) -> Path:
+        """Block until the child is done; its snapshot directory, or ``SnapshotError`` with
+        the child's one-line reason."""
+        if self._result is None:
+            chunks = []
+            while chunk := os.read(self._reader, 65536):
+                chunks.append(chunk)
+            os.close(self._reader)
+            _, status = os.waitpid(self.pid, 0)
+            message = b"".join(chunks).decode("utf-8", errors="replace")
+            if os.waitstatus_to_exitcode(status) == 0 and message.startswith("ok "):
+                self._result = Path(message[3:])
+            else:
+                self._result = SnapshotError(message.removeprefix("error: ") or f"snapshot child exited with {status}")
+        if isinstance(self._result, SnapshotError):
+            raise self._result
+        return self._result
+
+
+def save_in_child(save: Callable[[], Path]) -> ChildSave:
+    """Run ``save`` in a forked child and return at once (what Redis does for BGSAVE).
+
+    The child sees the process's memory as it was at the fork, copy-on-write, so the caller
+    may change its state right away: the snapshot is of the instant of the fork, and the
+    caller pauses only for the fork itself (page tables: tens of ms for GBs), not for the
+    write. Memory grows by the pages the caller touches while the child writes. The child
+    touches no lock, thread or socket of the parent's beyond what ``save`` does, and ends
+    with ``os._exit`` so no exit handler or buffered output of the parent runs twice.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(reader)
+            try:
+                message = f"ok {save()}"
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, whatever it is
+                message = f"error: {type(exc).__name__}: {exc}".replace("\n", " ")
+            os.write(writer, message.encode("utf-8")[:65536])
+        finally:
+            os._exit(code)
+    os.close(writer)
+    return ChildSave(pid, reader)
+
+
 def _prune(root: Path, keep: str) -> None:
     snaps = sorted(p for p in root.glob("snap-*") if p.is_dir() and p.name != keep)
     for old in snaps[: max(0, len(snaps) - KEEP_PREVIOUS)]:

@@ -34,6 +34,7 @@ from serving.catalog import Outcome, Product, ProductChange, ProductDelete, Prod
 from serving.errors import EncoderUnavailable, SimstreamError
 from serving.lexical import LexicalModel
 from serving.recommender import CONTENT_KINDS, Kind, Publication, Recommender
+from serving.snapshot import ChildSave, save_in_child
 from serving.text import product_text
 from streams.backoff import Backoff
 from streams.edge import Edge
@@ -691,4 +692,12 @@ class Engine(Edge):
         core = self.core
         core.offsets = {topic: dict(parts) for topic, parts in offsets.items()}
         return core.save(root)
+
+    def fork_snapshot(self, root: Path, offsets: Mapping[str, Mapping[int, int]]) -> ChildSave:
+        """``save_snapshot`` in a forked child (``serving.snapshot.save_in_child``), on the
+        core thread, between batches: the snapshot is of this instant, and the core goes on
+        as soon as the fork returns."""
+        core = self.core
+        core.offsets = {topic: dict(parts) for topic, parts in offsets.items()}
+        return save_in_child(lambda: core.save(root))
 

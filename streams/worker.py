@@ -20,6 +20,7 @@ import ctypes
 import gc
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -33,6 +34,7 @@ from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
 from serving.kinds import CONTENT_KINDS
 from serving.recommender import Recommender
+from serving.snapshot import ChildSave
 from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
@@ -128,6 +130,8 @@ class Worker:
         self.dirty = False
         self.background: set[asyncio.Future[Any]] = set()
         self.snapshot_task: asyncio.Future[Path | None] | None = None
+        #: One snapshot at a time (a timer's and an admin's would otherwise prune each other's).
+        self.snapshot_lock = asyncio.Lock()
         #: Operations the admin endpoints run: name -> coroutine returning a JSON-able result.
         self.actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
             "snapshot": self.snapshot_now, "rebuild-index": self.rebuild_index, "learn": self.learn_now}
@@ -586,10 +590,42 @@ class Worker:
         log.info("snapshot %s written in %.2f s", path, time.monotonic() - started)
         return path
 
+    def fork_snapshot(self) -> ChildSave | None:
+        """Start a snapshot of the core as it is now in a forked child (on the core's thread,
+        between batches); ``None`` when the fork failed (logged; the stream goes on)."""
+        covered = self.replica.covered() if self.replica is not None else self.written
+        try:
+            child = self.engine.fork_snapshot(self.snapshot_root, covered)
+        except OSError as exc:
+            log.error("snapshot failed, the previous one is kept: could not fork (%s)", exc)
+            return None
+        self.dirty = False
+        return child
+
     async def snapshot_between_batches(self) -> Path | None:
-        async with self.batch_lock:
-            await self.settle_bulk()
-            return await self.engine.in_core(self.take_snapshot)
+        """A snapshot between two batches: written by a forked child while the stream goes on
+        (``SIMSTREAM_SNAPSHOT_FORK``), or on the core's thread."""
+        async with self.snapshot_lock:
+            if not (self.settings.snapshot_fork and hasattr(os, "fork")):
+                async with self.batch_lock:
+                    await self.settle_bulk()
+                    return await self.engine.in_core(self.take_snapshot)
+            started = time.monotonic()
+            async with self.batch_lock:
+                await self.settle_bulk()
+                child = await self.engine.in_core(self.fork_snapshot)
+            if child is None:
+                return None
+            paused = time.monotonic() - started
+            try:
+                path = await asyncio.get_running_loop().run_in_executor(None, child.wait)
+            except SnapshotError as exc:
+                self.dirty = True
+                log.error("snapshot failed, the previous one is kept: %s", exc)
+                return None
+            log.info("snapshot %s written in %.2f s by a child process (the stream paused %.3f s for the fork)",
+                     path, time.monotonic() - started, paused)
+            return path
 
     async def snapshot_now(self) -> dict[str, Any]:
         """The admin action: a snapshot now."""

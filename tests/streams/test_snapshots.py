@@ -54,6 +54,47 @@ async def test_a_failed_snapshot_keeps_the_previous_one(
     assert restored.lists(Kind.SIMILAR).keys() == {f"P{i}" for i in range(12)}
 
 
+async def test_a_forked_snapshot_is_of_the_instant_of_the_fork(tmp_path: Path) -> None:
+    """The child writes the core as it was when forked, while the stream goes on changing it."""
+    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
+    worker = Worker(settings)
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    worker.dirty = True
+    child = worker.fork_snapshot()
+    assert child is not None and not worker.dirty
+    await fill(worker, 5, start=12)  # the stream goes on while the child writes
+    path = child.wait()
+    assert (worker.snapshot_root / "CURRENT").read_text() == path.name
+    restored = Recommender.load(worker.snapshot_root, recommender_config(settings))
+    assert len(restored.catalog) == 12 and len(worker.engine.core.catalog) == 17
+    assert restored.lists(Kind.SIMILAR).keys() == {f"P{i}" for i in range(12)}
+
+
+async def test_a_failed_forked_snapshot_is_retried_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
+    worker = Worker(settings)
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    first = await worker.snapshot_between_batches()
+    assert first is not None and (worker.snapshot_root / "CURRENT").read_text() == first.name
+
+    await fill(worker, 5, start=12)
+    worker.dirty = True
+
+    def disk_full(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("serving.snapshot._write_files", disk_full)  # the child inherits it
+    with caplog.at_level(logging.ERROR):
+        assert await worker.snapshot_between_batches() is None
+    assert "snapshot failed, the previous one is kept" in caplog.text and "No space left" in caplog.text
+    assert worker.dirty, "the failed snapshot must be retried"
+    assert (worker.snapshot_root / "CURRENT").read_text() == first.name
+
+
 async def test_the_idf_is_refitted_in_a_quiet_stream_by_the_owner_of_partition_zero(tmp_path: Path) -> None:
     import time
 
