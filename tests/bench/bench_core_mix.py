@@ -11,7 +11,8 @@ there; a rerun loads the snapshot instead (both timed). Then three mixes run thr
 40% price changes of up to 20%), the attribute-only mix (stock and price) and the text-only
 mix. Title edits are real titles with a variant suffix, embedded by the same encoder.
 
-Reported per mix: changes/s through the core, apply p50/p99 per kind, list publications
+Also timed: a snapshot written by a forked child as the worker writes it (how long the caller
+pauses for the fork, how long the child takes). Reported per mix: changes/s through the core, apply p50/p99 per kind, list publications
 per change; and the RSS per product after the load. This is the core alone: the worker adds
 decoding, the encoder, JSON and Kafka sends (``bench_stream.py`` measures those). The last
 line is JSON.
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from serving.catalog import Catalog, ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.recommender import Recommender
+from serving.snapshot import save_in_child
 from serving.text import product_text
 from tests.bench.bench_exact_scale import CACHE, embed, upsert
 from tests.bench.harness import VARIANTS, build_catalog
@@ -163,6 +166,15 @@ def main() -> None:
     res["rss_kb_per_product"] = round((rss_kb() - rss0) / args.n, 1)
     print(f"RSS after the load: {res['rss_kb_per_product']} KB per product (three float32 copies of each "
           f"vector, 4.5 KB, included: the graph's, the index's numpy store and the reverse check's)")
+    with tempfile.TemporaryDirectory(prefix="simstream-bench-") as scratch:
+        # What the worker does every SIMSTREAM_SNAPSHOT_INTERVAL_S: fork, the child writes.
+        t = time.perf_counter()
+        child = save_in_child(lambda: rec.save(Path(scratch)))
+        res["snapshot_fork_pause_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        child.wait()
+        res["snapshot_child_write_s"] = round(time.perf_counter() - t, 1)
+        print(f"forked snapshot: the caller paused {res['snapshot_fork_pause_ms']} ms for the fork; "
+              f"the child wrote it in {res['snapshot_child_write_s']} s")
     ts = 2e9
     for name, shares in (("mixed", (0.2, 0.4, 0.4)), ("attributes", (0.0, 0.5, 0.5)), ("text", (1.0, 0.0, 0.0))):
         ops = args.ops if name != "text" else max(1, args.ops // 3)
