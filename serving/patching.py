@@ -75,6 +75,7 @@ def patch_attributes(
     q: str,
     before: Profile,
     after: Profile,
+    profiles: Mapping[str, Profile],
     config: RecommenderConfig,
 ) -> tuple[Items, Items] | None:
     """``p``'s lists after ``q``, in ``p``'s top-C, changed its stock or price and nothing
@@ -86,9 +87,11 @@ def patch_attributes(
     ``similar`` can only change in the reasons of ``q``'s own item (a price gap), and so
     can ``subs`` while ``q`` stays a substitute. A rebuild is needed only when ``q`` is
     listed in ``subs`` (or stands collapsed there) and is no substitute any more, or when
-    ``q`` has become one that beats the list's last item or fills a short list. A stock flip
+    ``q`` has become one that beats the list's last item or fills a short list (and when
+    ``q``'s leaving ``subs`` touches a collapsed listing). A stock flip
     thus leaves every similar-items list alone, and a price change rewrites one item's
-    reasons, where a rebuild of every list naming ``q`` cost most of such a change.
+    reasons, where a rebuild of every list naming ``q`` cost most of such a change. A
+    substitute that leaves ``subs`` is patched out too (``_without``).
     """
     in_similar = any(i.product_id == q for i in similar)
     in_subs = any(i.product_id == q for i in subs)
@@ -101,7 +104,8 @@ def patch_attributes(
     now_sub = profile_is_substitute(owner, after, config)
     if in_subs:
         if not now_sub:
-            return None
+            left = _without(subs, q, buf, owner, profiles, config)
+            return None if left is None else (new_similar, left)
         return new_similar, _with_reasons(subs, q, reasons)
     # Listed nowhere in subs, q may still stand collapsed under a listing of its product
     # (only a substitute ever does).
@@ -114,6 +118,32 @@ def patch_attributes(
         if (-content_score(dense, lexical, config), q) < (-subs[-1].content, subs[-1].product_id):
             return None
     return new_similar, subs
+
+
+def _without(
+    subs: Items, q: str, buf: CandidateBuffer, owner: Profile, profiles: Mapping[str, Profile],
+    config: RecommenderConfig,
+) -> Items | None:
+    """``subs`` after its item ``q`` stopped being a substitute (out of stock, out of the
+    price band), or ``None`` when only a rebuild can tell. A full list takes the best
+    substitute of the top-C it did not list, which ranks after every listed one (all better
+    ones are listed); a short list already held every substitute there was."""
+    if config.collapse_duplicates and collapsed_ids(subs):
+        return None  # which listing stands for which may change: rebuild
+    rest = tuple(i for i in subs if i.product_id != q)
+    if len(subs) < config.k:
+        return rest
+    fill = best_unlisted(buf, owner, {i.product_id for i in subs}, True, profiles, config)
+    if fill is None:
+        return rest
+    c, dense, lexical = fill
+    content = content_score(dense, lexical, config)
+    item = ScoredItem(product_id=c, score=final_score(content, 0.0, config), content=content, dense=dense,
+                      lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, profiles[c]))
+    out = (*rest, item)
+    if config.collapse_duplicates and has_duplicates(out, profiles):
+        return None
+    return out
 
 
 def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Items:

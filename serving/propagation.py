@@ -400,7 +400,9 @@ class Propagator:
         owner = self.profiles.get(p)
         if similar is None or subs is None or owner is None or p in self.rows:
             return None
-        lists = patch_attributes(similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.config)
+        lists = patch_attributes(
+            similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.profiles, self.config
+        )
         held = self._reasons.get(p)
         if lists is not None and held is not None:
             held[1].pop(q, None)  # computed for q's old profile
