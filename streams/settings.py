@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     topic_models: str = Field(
         "simstream-models", description="Output (compacted, one partition): one record per `simstream learn` run: "
                                         "pairs used, held-out scores of live and candidate, promoted or refused and why.")
+    topic_competitor_offers: str = Field(
+        "competitor-offers", description="Input (one partition): competitors' offers `{op, competitor, offer_id, title, "
+                                         "brand, price, currency, url, ts}`, keyed `competitor|offer_id`.")
+    topic_offer_matches: str = Field(
+        "offer-matches", description="Output (compacted): each competitor offer's best own product, confidence, price "
+                                     "gap and reasons, or `no_match`; keyed `competitor|offer_id`.")
+    topic_competitor_prices: str = Field(
+        "competitor-prices", description="Output (compacted): per own product, the competitors' matched offers and "
+                                         "their prices.")
     topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
     topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
 
@@ -182,6 +191,16 @@ class Settings(BaseSettings):
         1024, ge=0, le=1_000_000,
         description="Embeddings of the most recent distinct `/search` queries kept (least recently used evicted; "
                     "about 1.5 KB each); 0 embeds every query.")
+    offer_match_threshold: float = Field(
+        0.5, ge=0, le=1, description="Confidence below which a competitor offer is published with `no_match`: the "
+                                     "threshold of best F1 on the validation half of Amazon-Google "
+                                     "(`simstream eval offers`).")
+    offer_confidence_slope: float = Field(
+        20.0, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score + intercept))): "
+                                         "Platt scaling fitted by `simstream eval offers`.")
+    offer_confidence_intercept: float = Field(
+        -10.0, ge=-1000, le=1000, description="The intercept of the offer confidence's logistic curve (see "
+                                              "`SIMSTREAM_OFFER_CONFIDENCE_SLOPE`).")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")
 
