@@ -14,10 +14,11 @@ outside both scores at most ``(1 - w)·d_C + w_ev·max(0, l_C - f)`` (the C-th d
 lexical scores), so when the best candidate beats that bound it is the arg-max, else C
 grows fourfold. Exact with an exact index, and as exact as the index's recall with HNSW.
 
-**Confidence.** The score is mapped to a probability-like confidence by a logistic curve
-(``Calibration``: Platt scaling, fitted on labelled pairs by ``simstream eval offers``); an
-offer whose best product's confidence is below ``Calibration.threshold`` is published with
-``no_match`` (its best candidate is still named in the reasons).
+**Confidence.** The score, and the gap between the offer's price and the product's, are
+mapped to a probability-like confidence by a logistic curve (``Calibration``, fitted on
+labelled pairs by ``simstream eval offers``); an offer whose best product's confidence is
+below ``Calibration.threshold`` is published with ``no_match`` (its best candidate is still
+named in the reasons). The price never picks the product, it only says how sure the match is.
 
 **Exact re-matching** (``OfferMatcher.on_products_changed``). When an own product ``p`` is
 upserted, changed or deleted, the offers re-matched are:
@@ -65,6 +66,9 @@ KEY_SEPARATOR = "|"
 EPS = 1e-9
 #: Shared words named, at most, in a match's reasons.
 MAX_REASON_WORDS = 5
+#: Largest ``|ln(offer price / own price)|`` the confidence looks at: a 20-fold gap (e^3) says
+#: as much as any larger one.
+MAX_LOG_PRICE_GAP = 3.0
 
 
 def offer_key(competitor: str, offer_id: str) -> str:
@@ -112,27 +116,50 @@ class OfferDelete:
 OfferChange = Offer | OfferDelete
 
 
+def log_price_gap(offer: Offer, product: Product | None) -> float | None:
+    """``min(|ln(offer price / own price)|, MAX_LOG_PRICE_GAP)``, or ``None`` when either price is
+    unknown (or not positive) or the currencies differ."""
+    if product is None or offer.price is None or product.price is None or offer.price <= 0 or product.price <= 0:
+        return None
+    if offer.currency and product.currency and offer.currency != product.currency:
+        return None
+    return min(abs(math.log(offer.price / product.price)), MAX_LOG_PRICE_GAP)
+
+
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """Content score -> confidence, ``1 / (1 + exp(-(slope·score + intercept)))``, and the
-    confidence below which an offer has no match. Fitted by ``simstream eval offers``."""
+    """The confidence that an offer's best own product is the same product, and the confidence
+    below which it has no match. Fitted by ``simstream eval offers`` (logistic regression):
+
+    ``confidence = 1 / (1 + exp(-(slope·score - price_weight·gap + intercept)))``
+
+    where ``score`` is the content score and ``gap`` the ``log_price_gap`` of the offer and the
+    product (``unknown_price_gap`` when a price is unknown). The gap only moves the
+    confidence, never which product is the match: the same product sells at similar prices,
+    and a very different price is evidence of another edition or bundle.
+    """
 
     slope: float
     intercept: float
     threshold: float
+    price_weight: float = 0.0
+    unknown_price_gap: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.slope) and math.isfinite(self.intercept)) or self.slope <= 0:
-            raise InvalidInput(f"a calibration needs a finite positive slope and a finite intercept, got "
-                               f"{self.slope!r}, {self.intercept!r}")
+        numbers = (self.slope, self.intercept, self.price_weight, self.unknown_price_gap)
+        if not all(math.isfinite(x) for x in numbers) or self.slope <= 0:
+            raise InvalidInput(f"a calibration needs finite numbers and a positive slope, got {numbers!r}")
+        if self.price_weight < 0 or not 0.0 <= self.unknown_price_gap <= MAX_LOG_PRICE_GAP:
+            raise InvalidInput(f"price_weight must be at least 0 and unknown_price_gap in [0, {MAX_LOG_PRICE_GAP:g}]")
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidInput(f"the match threshold is a confidence in [0, 1], got {self.threshold!r}")
 
-    def confidence(self, score: float) -> float:
-        """The calibrated confidence of a content score (0 for no candidate at all)."""
+    def confidence(self, score: float, gap: float | None = None) -> float:
+        """The calibrated confidence of a content score and a log price gap (0 for no candidate)."""
         if not math.isfinite(score):
             return 0.0
-        z = self.slope * score + self.intercept
+        g = self.unknown_price_gap if gap is None else min(gap, MAX_LOG_PRICE_GAP)
+        z = self.slope * score - self.price_weight * g + self.intercept
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
@@ -462,7 +489,7 @@ class OfferMatcher:
         offer = self.offers[key]
         candidate = best_product(core, self.index.get_vectors([key])[0], self.lex[key])
         product = core.catalog.get(candidate.product_id) if candidate.product_id is not None else None
-        confidence = self.calibration.confidence(candidate.score)
+        confidence = self.calibration.confidence(candidate.score, log_price_gap(offer, product))
         no_match = candidate.product_id is None or confidence < self.calibration.threshold
         gap = price_gap(offer, product)
         match = OfferMatch(offer, candidate, confidence, no_match, gap,

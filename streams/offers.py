@@ -65,7 +65,8 @@ _VOLATILE = ("version", "updated_at", "model_version")
 def calibration_of(settings: Settings) -> Calibration:
     """The offer confidence curve and threshold from the settings."""
     return Calibration(settings.offer_confidence_slope, settings.offer_confidence_intercept,
-                       settings.offer_match_threshold)
+                       settings.offer_match_threshold, price_weight=settings.offer_confidence_price_weight,
+                       unknown_price_gap=settings.offer_unknown_price_gap)
 
 
 def offer_to_wire(offer: Offer) -> dict[str, Any]:

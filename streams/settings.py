@@ -196,11 +196,18 @@ class Settings(BaseSettings):
                                      "threshold of best F1 on the validation half of Amazon-Google "
                                      "(`simstream eval offers`).")
     offer_confidence_slope: float = Field(
-        20.0, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score + intercept))): "
-                                         "Platt scaling fitted by `simstream eval offers`.")
+        20.0, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score - price weight * "
+                                         "log price gap + intercept))): a logistic regression fitted by "
+                                         "`simstream eval offers`.")
     offer_confidence_intercept: float = Field(
         -10.0, ge=-1000, le=1000, description="The intercept of the offer confidence's logistic curve (see "
                                               "`SIMSTREAM_OFFER_CONFIDENCE_SLOPE`).")
+    offer_confidence_price_weight: float = Field(
+        0.0, ge=0, le=1000, description="How much a price gap lowers the offer confidence: the curve's term "
+                                        "`- weight * min(abs(ln(offer price / own price)), 3)`.")
+    offer_unknown_price_gap: float = Field(
+        0.0, ge=0, le=3, description="The log price gap assumed when the offer's or the product's price is unknown "
+                                     "(or the currencies differ): the median gap of the calibration set.")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")
 

@@ -213,6 +213,21 @@ def test_the_best_product_may_be_in_neither_top_list() -> None:
     shop.check_exact()
 
 
+def test_a_price_gap_lowers_the_confidence_but_never_picks_the_product() -> None:
+    shop = Shop(Calibration(slope=12.0, intercept=-6.0, threshold=0.5, price_weight=4.0, unknown_price_gap=0.5))
+    shop.product("A", "sony x100 headphones", 1.0, price=100.0)
+    shop.offer("c", "1", "sony x100 headphones", 2.0, price=100.0)
+    assert not shop.matcher.matches["c|1"].no_match and shop.matcher.matches["c|1"].confidence > 0.99
+    shop.product("A", "sony x100 headphones", 3.0, price=1000.0)  # ten times dearer: another edition?
+    match = shop.matcher.matches["c|1"]
+    assert match.candidate.product_id == "A" and match.no_match and shop.matches["c|1"].version == 2
+    assert shop.prices["A"].offers == ()  # it left the product's competitor-price list
+    shop.offer("c", "2", "sony x100 headphones", 4.0)  # no price: the typical gap
+    unknown = shop.matcher.matches["c|2"]
+    assert unknown.confidence == pytest.approx(1 / (1 + np.exp(-(12.0 * unknown.candidate.score - 4.0 * 0.5 - 6.0))))
+    shop.check_exact()
+
+
 def test_calibration_maps_scores_to_confidences() -> None:
     assert CALIBRATION.confidence(0.5) == pytest.approx(0.5)
     assert CALIBRATION.confidence(1.0) > 0.99 and CALIBRATION.confidence(-math.inf) == 0.0
