@@ -192,21 +192,22 @@ class Settings(BaseSettings):
         description="Embeddings of the most recent distinct `/search` queries kept (least recently used evicted; "
                     "about 1.5 KB each); 0 embeds every query.")
     offer_match_threshold: float = Field(
-        0.5, ge=0, le=1, description="Confidence below which a competitor offer is published with `no_match`: the "
-                                     "threshold of best F1 on the validation half of Amazon-Google "
-                                     "(`simstream eval offers`).")
+        0.4072, ge=0, le=1, description="Confidence below which a competitor offer is published with `no_match`. "
+                                        "The default is the threshold of best F1 on the validation half of "
+                                        "Amazon-Google for the zero-shot encoder (`simstream eval offers`, which "
+                                        "prints the values for any version).")
     offer_confidence_slope: float = Field(
-        20.0, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score - price weight * "
+        2.5923, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score - price weight * "
                                          "log price gap + intercept))): a logistic regression fitted by "
                                          "`simstream eval offers`.")
     offer_confidence_intercept: float = Field(
-        -10.0, ge=-1000, le=1000, description="The intercept of the offer confidence's logistic curve (see "
+        -0.7131, ge=-1000, le=1000, description="The intercept of the offer confidence's logistic curve (see "
                                               "`SIMSTREAM_OFFER_CONFIDENCE_SLOPE`).")
     offer_confidence_price_weight: float = Field(
-        0.0, ge=0, le=1000, description="How much a price gap lowers the offer confidence: the curve's term "
+        2.2105, ge=0, le=1000, description="How much a price gap lowers the offer confidence: the curve's term "
                                         "`- weight * min(abs(ln(offer price / own price)), 3)`.")
     offer_unknown_price_gap: float = Field(
-        0.0, ge=0, le=3, description="The log price gap assumed when the offer's or the product's price is unknown "
+        0.1859, ge=0, le=3, description="The log price gap assumed when the offer's or the product's price is unknown "
                                      "(or the currencies differ): the median gap of the calibration set.")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")

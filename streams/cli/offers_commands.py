@@ -136,25 +136,32 @@ def eval_offers(data: Path | None, holdout: float, seed: int, versions: str | No
         found = dict(zip((o.key for o in offers), best_matches(core, offers, offer_vectors), strict=True))
         gaps = {o.key: log_price_gap(o, right.get(found[o.key].product_id or "")) for o in offers}
         keys_valid, keys_test = [f"{COMPETITOR}|{i}" for i in valid_ids], [f"{COMPETITOR}|{i}" for i in test_ids]
-        for label, with_price in (("score", None), ("score + price gap", gaps)):
-            result = evaluate_offers(f"{encoder.model_version}, {label}", found, with_price, truth, keys_valid,
-                                     keys_test)
-            results.append(result)
-            click.echo(f"{result.model}: test F1 {result.test.f1:.4f}, {time.perf_counter() - started:.1f} s",
-                       err=True)
-    click.echo("| model, confidence from | threshold | slope | price weight | intercept | valid F1 | test precision | "
-               "test recall | test F1 | test offers (with a true match) | best product correct |")
-    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results:
+        # Every offer (the stream's case: some have no counterpart in the catalog), and, for
+        # comparison, only the offers that have one.
+        for offers_label, valid_keys, test_keys in (
+                ("all", keys_valid, keys_test),
+                ("with a true match", [k for k in keys_valid if k in truth], [k for k in keys_test if k in truth])):
+            for label, with_price in (("score", None), ("score + price gap", gaps)):
+                result = evaluate_offers(f"{encoder.model_version}, {label}", found, with_price, truth, valid_keys,
+                                         test_keys)
+                results.append((offers_label, result))
+                click.echo(f"{result.model}, {offers_label} offers: test F1 {result.test.f1:.4f}, "
+                           f"{time.perf_counter() - started:.1f} s", err=True)
+    click.echo("| offers | model, confidence from | threshold | slope | price weight | intercept | valid F1 | "
+               "test precision | test recall | test F1 | test offers (with a true match) | best product correct |")
+    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for offers_label, r in results:
         c = r.calibration
-        click.echo(f"| {r.model} | {c.threshold:.4f} | {c.slope:.3f} | {c.price_weight:.3f} | {c.intercept:.3f} | "
-                   f"{r.valid.f1 * 100:.1f} | {r.test.precision * 100:.1f} | {r.test.recall * 100:.1f} | "
-                   f"**{r.test.f1 * 100:.1f}** | {r.test_offers} ({r.test.with_truth}) | "
+        click.echo(f"| {offers_label} | {r.model} | {c.threshold:.4f} | {c.slope:.3f} | {c.price_weight:.3f} | "
+                   f"{c.intercept:.3f} | {r.valid.f1 * 100:.1f} | {r.test.precision * 100:.1f} | "
+                   f"{r.test.recall * 100:.1f} | **{r.test.f1 * 100:.1f}** | {r.test_offers} ({r.test.with_truth}) | "
                    f"{r.test_top1_correct * 100:.1f}% |")
     click.echo("\nAnchors (Amazon-Google as pairwise classification of candidate pairs, F1; a different protocol: "
                "here every offer is matched against the whole catalog, then kept or called no_match): "
                + "; ".join(f"{name} {f1:.1f}" for name, f1 in ANCHORS))
-    for r in results:
+    for offers_label, r in results:
+        if offers_label != "all":
+            continue
         c = r.calibration
         click.echo(f"settings for {r.model}: SIMSTREAM_OFFER_MATCH_THRESHOLD={c.threshold:.4f} "
                    f"SIMSTREAM_OFFER_CONFIDENCE_SLOPE={c.slope:.4f} SIMSTREAM_OFFER_CONFIDENCE_INTERCEPT={c.intercept:.4f} "
@@ -162,5 +169,5 @@ def eval_offers(data: Path | None, holdout: float, seed: int, versions: str | No
                    f"SIMSTREAM_OFFER_UNKNOWN_PRICE_GAP={c.unknown_price_gap:.4f}")
     click.echo(json.dumps({"data": str(folder), "holdout": holdout, "seed": seed, "catalog": len(catalog),
                            "valid_offers": len(valid_ids), "test_offers": len(test_ids),
-                           "evaluated_in_training_pairs": checked, "results": [r.as_dict() for r in results],
+                           "evaluated_in_training_pairs": checked, "results": [{"offers": o, **r.as_dict()} for o, r in results],
                            "seconds": round(time.perf_counter() - started, 1)}))

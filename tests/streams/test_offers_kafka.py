@@ -70,8 +70,9 @@ def test_offers_are_matched_re_matched_and_priced(
     assert entry["url"] == "https://rival.example/1" and entry["confidence"] >= sony["threshold"]
     assert worker.get("/products/NOPE/offers")[0] == 404
 
-    # Re-matches: KEYS' offer follows BOSE when BOSE takes its title, and comes back when BOSE goes.
-    send_products(settings, [{"op": "upsert", "product_id": "BOSE", "ts": now - 20,
+    # Re-matches: KEYS' offer follows BOSE when BOSE becomes that keyboard (its title, brand and a price
+    # like it: a price far off would lower the confidence), and comes back when BOSE goes.
+    send_products(settings, [{"op": "upsert", "product_id": "BOSE", "ts": now - 20, "price": 95.0, "brand": "Logitech",
                               "title": "Logitech MX Keys Advanced Wireless Illuminated Keyboard"}])
     wait_for(lambda: offers_of("BOSE") == ["other|7"] and offers_of("KEYS") == [],
              what="the offer re-matched to the retitled product", worker=worker)
