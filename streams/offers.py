@@ -163,6 +163,10 @@ class OfferStream(Edge):
         """The group's assignment of ``competitor-offers``: gaining partition 0 restores the
         offers at the next batch or tick; losing it drops them."""
         owned = 0 in partitions
+        if partitions - {0}:
+            log.error("%s has more than one partition (this worker got %s): each worker then holds only some "
+                      "offers and competitor-prices is incomplete; recreate it with `simstream topics create`",
+                      self.settings.topic_competitor_offers, sorted(partitions))
         if owned and not self.owned:
             self.restored = False
         if not owned and self.owned:

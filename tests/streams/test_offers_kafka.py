@@ -115,3 +115,14 @@ def test_offers_are_matched_re_matched_and_priced(
     assert "lowest competitor gap -14.4%" in browser.find_element(By.ID, "offers").text
     out_dir = ROOT / "docs" if os.environ.get("SIMSTREAM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     browser.save_screenshot(str(out_dir / "offers.png"))
+
+    # A restart restores the offers from offer-matches, and republishes nothing that did not change.
+    published = len(list(read_topic(settings, settings.topic_offer_matches)))
+    worker.stop()
+    again = worker_factory(SIMSTREAM_ENCODER="local", SIMSTREAM_MODEL_BASE=str(model_base))
+    again.wait_ready(timeout=180)
+    wait_for(lambda: again.get("/products/KEYS/offers")[1]["offers"] != [], what="offers restored", worker=again)
+    assert [o["offer_id"] for o in again.get("/products/SONY/offers")[1]["offers"]] == \
+        [o["offer_id"] for o in sony["offers"]]
+    assert "restored 4 competitor offers" in again.log_tail(200)
+    assert len(list(read_topic(settings, settings.topic_offer_matches))) == published
