@@ -25,9 +25,9 @@ upserted, changed or deleted, the offers re-matched are:
 
 * every offer whose best candidate was ``p`` (its score, price gap or existence changed);
 * every offer that ``p`` now scores at least as high as its current best (within ``EPS``),
-  found by one scan of the offer index with ``p``'s vector: an offer whose upper bound
-  ``w_dense·dense + w_ev·(1 - f)`` is already below its best is skipped before its lexical
-  cosine is computed.
+  found by one scan of the offer index (``OfferVectors``) with ``p``'s vector and one pass
+  over the offers' lexical postings (``serving.postings.LexicalPostings``) with ``p``'s
+  lexical vector.
 
 No other offer's arg-max can move: their best is unchanged and ``p`` still scores below it.
 A refit of the IDF moves every lexical score, so the first call after one re-vectorises
@@ -53,8 +53,9 @@ import numpy as np
 from serving.catalog import Product
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput
-from serving.index import create_index, normalize_rows
+from serving.index import normalize_rows
 from serving.lexical import LexicalModel, SparseVec, codes, cosine_many, words
+from serving.postings import LexicalPostings
 from serving.recommender import Recommender
 from serving.scoring import blend, content_score, dense_scores
 from serving.text import product_text
@@ -64,6 +65,11 @@ KEY_SEPARATOR = "|"
 #: Float noise tolerated when deciding whether a changed product might beat an offer's best:
 #: such offers are re-matched from scratch rather than decided on a borderline comparison.
 EPS = 1e-9
+#: Largest difference between a float32 and a float64 inner product of two unit vectors of the
+#: encoder's dimension (about 1e-7 in practice), with a wide margin.
+DENSE_SLACK = 1e-4
+#: Decimal digits a candidate's dense and content scores are rounded to (see ``_arg_max``).
+SCORE_DIGITS = 12
 #: Shared words named, at most, in a match's reasons.
 MAX_REASON_WORDS = 5
 #: Largest ``|ln(offer price / own price)|`` the confidence looks at: a 20-fold gap (e^3) says
@@ -274,9 +280,13 @@ def _best_of(core: Recommender, vector: np.ndarray, lexical: SparseVec, ids: Seq
 
 def _arg_max(ids: Sequence[str], dense: Sequence[float], lex: Sequence[float],
              config: RecommenderConfig) -> Candidate:
+    """The best of these products (ties by id). Scores are rounded to ``SCORE_DIGITS``: BLAS may
+    sum one pair's inner product in another order inside another matrix, and a last-bit
+    difference must neither move a match nor republish an unchanged one."""
     best = NO_CANDIDATE
-    for pid, d, lx in zip(ids, dense, lex, strict=True):
-        score = content_score(d, lx, config)
+    for pid, raw_dense, lx in zip(ids, dense, lex, strict=True):
+        d = round(raw_dense, SCORE_DIGITS)
+        score = round(content_score(d, lx, config), SCORE_DIGITS)
         if best.product_id is None or score > best.score or (score == best.score and pid < best.product_id):
             best = Candidate(pid, score, d, lx)
     return best
@@ -342,6 +352,76 @@ def match_reasons(offer: Offer, product: Product | None, candidate: Candidate, c
     return tuple(out)
 
 
+# --- the offer index -----------------------------------------------------------------------------
+class OfferVectors:
+    """The offers' index: their unit vectors in one growable float32 matrix, and beside each
+    the content score of its current best product.
+
+    A changed own product is scored against every offer at once (``scores``), exactly: that
+    scan is what keeps re-matching exact, so no approximate index stands in for it. Inserts
+    are amortised O(1) (the matrix doubles when full) and deletes move the last row into the
+    gap, so a bulk of offers costs no more than its rows.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._keys: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._mat = np.zeros((16, dim), dtype=np.float32)
+        self._best = np.full(16, -math.inf)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pos
+
+    def upsert(self, key: str, vector: np.ndarray) -> None:
+        """Store (or replace) an offer's vector; raises ``InvalidVector`` on a bad one."""
+        row = normalize_rows(np.asarray(vector), self.dim)[0]
+        pos = self._pos.get(key)
+        if pos is None:
+            pos = len(self._keys)
+            if pos == self._mat.shape[0]:
+                self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+                self._best = np.concatenate([self._best, np.full(pos, -math.inf)])
+            self._keys.append(key)
+            self._pos[key] = pos
+            self._best[pos] = -math.inf
+        self._mat[pos] = row
+
+    def delete(self, key: str) -> None:
+        pos = self._pos.pop(key, None)
+        if pos is None:
+            return
+        last = len(self._keys) - 1
+        if pos != last:
+            moved = self._keys[last]
+            self._keys[pos], self._pos[moved] = moved, pos
+            self._mat[pos], self._best[pos] = self._mat[last], self._best[last]
+        self._keys.pop()
+
+    def get(self, key: str) -> np.ndarray:
+        """The offer's unit vector (``KeyError`` when absent)."""
+        return self._mat[self._pos[key]].copy()
+
+    def set_best(self, key: str, score: float) -> None:
+        """Record the content score of the offer's best product (``-inf``: none)."""
+        self._best[self._pos[key]] = score
+
+    def scores(self, vector: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Every offer's key, its dense score with ``vector`` in float32 (within ``DENSE_SLACK``
+        of the float64 one ``dense_scores`` gives: a float64 copy of the matrix per call
+        cost more than the rest of a re-match), and its best score."""
+        n = len(self._keys)
+        dense = self._mat[:n] @ np.asarray(vector, dtype=np.float32)
+        return list(self._keys), dense.astype(np.float64), self._best[:n].copy()
+
+    def exact_dense(self, vector: np.ndarray, keys: Sequence[str]) -> np.ndarray:
+        """``dense_scores`` of ``vector`` with these offers (float64)."""
+        return dense_scores(vector, self._mat[[self._pos[k] for k in keys]])
+
+
 # --- the matcher ---------------------------------------------------------------------------------
 class OfferMatcher:
     """The offers, their index and matches, and the exact incremental re-matching (module doc)."""
@@ -351,8 +431,10 @@ class OfferMatcher:
         self.config = config or RecommenderConfig()
         self.offers: dict[str, Offer] = {}
         #: The offers' unit vectors: an index of their own, never the shop's.
-        self.index = create_index("exact", self.config)
+        self.index = OfferVectors(self.config.dim)
         self.lex: dict[str, SparseVec] = {}
+        #: The offers' lexical vectors by feature: a changed product's cosine with every offer.
+        self.postings = LexicalPostings()
         self.matches: dict[str, OfferMatch] = {}
         #: own product -> offers whose best candidate it is (matched or not).
         self.by_candidate: dict[str, set[str]] = {}
@@ -394,8 +476,8 @@ class OfferMatcher:
                 self.stale_events += 1
                 update.stale += 1
                 continue
-            self.ts[key] = change.ts
             if isinstance(change, OfferDelete):
+                self.ts[key] = change.ts
                 if key in self.offers:
                     self._forget(key, touched)
                     update.matches.append(OfferPublication(key, None, self._next_version(key)))
@@ -403,26 +485,42 @@ class OfferMatcher:
             if self.needs_embedding(change):
                 if vector is None:
                     raise InvalidInput(f"offer {key!r} is new or its text changed: pass its vector")
-                self.index.upsert([key], np.asarray(vector, dtype=np.float32).reshape(1, -1))
+                self.index.upsert(key, vector)  # raises InvalidVector before anything changed
                 self.lex[key] = core.lexical.vectorize(change.text)
+                self.postings.mark(key)
+            self.ts[key] = change.ts
             self.offers[key] = change
             self._rematch(core, key, update, touched)
         update.prices += self._price_publications(core, touched)
         return update
 
     def on_products_changed(self, core: Recommender, product_ids: Iterable[str]) -> OfferUpdate:
-        """Re-match every offer whose match a change of these own products could move."""
+        """Re-match every offer whose match a change of these own products could move.
+
+        An offer whose best product changed is searched again (``best_product``). An offer
+        whose best product ``b`` did not change, but that a changed product may now beat
+        (``_could_prefer``), needs no search: every other product still scores at most ``b``'s
+        unchanged score, so its match is the best of ``b`` and the changed products.
+        """
         update = self.sync(core)
         if not self.offers:
             return update
-        keys: set[str] = set()
-        for pid in product_ids:
-            keys |= self.by_candidate.get(pid, set())
-            if pid in core.catalog and pid in core.index:
-                keys |= self._could_prefer(core, pid)
+        changed = list(dict.fromkeys(product_ids))
+        live = [pid for pid in changed if pid in core.catalog and pid in core.index]
+        lost: set[str] = set()
+        for pid in changed:
+            lost |= self.by_candidate.get(pid, set())
+        gained: set[str] = set()
+        for pid in live:
+            gained |= self._could_prefer(core, pid)
         touched: set[str] = set()
-        for key in sorted(keys):
-            self._rematch(core, key, update, touched)
+        for key in sorted(lost | gained):
+            held = self.matches[key].candidate.product_id
+            if key in lost or held is None:
+                self._rematch(core, key, update, touched)
+            else:
+                pool = list(dict.fromkeys([held, *live]))
+                self._settle(core, key, _best_of(core, self.index.get(key), self.lex[key], pool), update, touched)
         update.prices += self._price_publications(core, touched)
         return update
 
@@ -434,6 +532,7 @@ class OfferMatcher:
             return update
         if core.lexical is not self._lexical:
             self.lex = {key: core.lexical.vectorize(offer.text) for key, offer in self.offers.items()}
+            self.postings.reset()
             self._lexical = core.lexical
         self._core = core
         touched: set[str] = set()
@@ -446,9 +545,8 @@ class OfferMatcher:
         """New vectors for every offer (a model rollover re-embedded them); re-match them all."""
         if set(vectors) != set(self.offers):
             raise InvalidInput("use_vectors needs one vector per held offer")
-        if vectors:
-            keys = sorted(vectors)
-            self.index.upsert(keys, np.stack([np.asarray(vectors[k], dtype=np.float32) for k in keys]))
+        for key, vector in vectors.items():
+            self.index.upsert(key, vector)
         self._core = None  # forces the full re-match
         return self.sync(core)
 
@@ -460,34 +558,37 @@ class OfferMatcher:
         """Continue a product's ``competitor-prices`` version counter (a restore)."""
         self.price_versions[product_id] = max(self.price_versions.get(product_id, 0), version)
 
-    def seed_published(self, matches: Mapping[str, OfferMatch]) -> None:
-        """What the topics already hold (a restore): an unchanged match is then not republished."""
-        self.matches.update(matches)
-        for key, match in matches.items():
-            if match.candidate.product_id is not None:
-                self.by_candidate.setdefault(match.candidate.product_id, set()).add(key)
-        for pid in {m.product_id for m in matches.values() if m.product_id is not None}:
-            self.prices[pid] = self.offers_of(pid)
-
     # ------------------------------------------------------------------ internals
 
     def _could_prefer(self, core: Recommender, pid: str) -> set[str]:
         """Offers for which ``pid`` scores at least their current best (less ``EPS``)."""
         w_dense, w_ev, floor = blend(core.config)
         pv = core.index.get_vectors([pid])[0]
-        dense = self.index.query(pv, len(self.index))
-        best = {k: (m.candidate.score if (m := self.matches.get(k)) is not None else -math.inf) for k, _ in dense}
-        # Upper bound with a perfect lexical cosine: most offers are out before any lexical work.
-        maybe = [(k, d) for k, d in dense if w_dense * d + w_ev * (1.0 - floor) >= best[k] - EPS]
-        if not maybe:
+        keys, dense, best = self.index.scores(pv)
+        # A float32 dense score is a bound within DENSE_SLACK: offers far below their best are out.
+        near = np.flatnonzero(w_dense * (dense + DENSE_SLACK) + w_ev * (1.0 - floor) >= best - EPS)
+        if not near.size:
             return set()
-        lex = cosine_many(core.lexical_vectors[pid], [self.lex[k] for k, _ in maybe])
-        return {k for (k, d), lx in zip(maybe, lex, strict=True)
-                if content_score(d, lx, core.config) >= best[k] - EPS}
+        keys = [keys[i] for i in near.tolist()]
+        dense, best = self.index.exact_dense(pv, keys), best[near]
+        # The product's lexical cosine with every offer, from the offers' postings: bit for bit
+        # what cosine_many gives, touching only the offers that share a feature with it.
+        ids, built, marked = self.postings.scores(self.lex, core.lexical_vectors[pid])
+        by_key = dict(zip(ids, built.tolist(), strict=True))
+        by_key.update(marked)
+        lex = np.fromiter((by_key.get(k, 0.0) for k in keys), dtype=np.float64, count=len(keys))
+        # content_score, element-wise: the same float64 operations in the same order.
+        content = w_dense * dense + w_ev * np.where(lex > floor, lex - floor, 0.0)
+        return {keys[i] for i in np.flatnonzero(content >= best - EPS).tolist()}
 
     def _rematch(self, core: Recommender, key: str, update: OfferUpdate, touched: set[str]) -> None:
+        self._settle(core, key, best_product(core, self.index.get(key), self.lex[key]), update, touched)
+
+    def _settle(self, core: Recommender, key: str, candidate: Candidate, update: OfferUpdate,
+                touched: set[str]) -> None:
+        """Make ``candidate`` the offer's match; publish it when the match changed."""
         offer = self.offers[key]
-        candidate = best_product(core, self.index.get_vectors([key])[0], self.lex[key])
+        self.index.set_best(key, candidate.score)
         product = core.catalog.get(candidate.product_id) if candidate.product_id is not None else None
         confidence = self.calibration.confidence(candidate.score, log_price_gap(offer, product))
         no_match = candidate.product_id is None or confidence < self.calibration.threshold
@@ -510,6 +611,7 @@ class OfferMatcher:
         self.offers.pop(key)
         self.index.delete(key)
         self.lex.pop(key, None)
+        self.postings.mark(key)
         old = self.matches.pop(key, None)
         if old is not None and old.candidate.product_id is not None:
             self._unlink(old.candidate.product_id, key)

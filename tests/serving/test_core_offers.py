@@ -92,7 +92,7 @@ class Shop:
     def check_exact(self) -> None:
         """Incremental matches and what the topics hold agree with a from-scratch matching."""
         core, matcher = self.core, self.matcher
-        offer_vectors = {k: matcher.index.get_vectors([k])[0] for k in matcher.offers}
+        offer_vectors = {k: matcher.index.get(k) for k in matcher.offers}
         scratch = exact_offer_matches({p.product_id: p for p in core.catalog}, core.vectors(), matcher.offers,
                                       offer_vectors, core.lexical, core.config)
         assert set(matcher.matches) == set(matcher.offers) == set(scratch)
@@ -245,7 +245,8 @@ def test_a_new_offer_needs_a_vector() -> None:
 
 
 # --- the property: incremental == from scratch, after any sequence of changes ---------------------
-titles = st.lists(st.sampled_from(WORDS), min_size=1, max_size=4).map(" ".join)
+# A small vocabulary: equal and overlapping titles (hence ties and strong lexical evidence) are common.
+titles = st.lists(st.sampled_from(WORDS[:5]), min_size=1, max_size=3).map(" ".join)
 product_op = st.tuples(st.just("product"), st.sampled_from(PRODUCT_IDS), titles,
                        st.one_of(st.none(), st.floats(1, 500)))
 delete_op = st.tuples(st.just("delete_product"), st.sampled_from(PRODUCT_IDS), st.none(), st.none())
@@ -257,7 +258,7 @@ ops = st.lists(st.one_of(product_op, product_op, delete_op, offer_op, offer_op, 
                min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_incremental_matching_equals_a_from_scratch_matching(sequence: list[tuple[Any, Any, Any, Any]]) -> None:
     shop = Shop()
