@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.errors import SimstreamError
+from serving.errors import InvalidInput, SimstreamError
 from serving.offers import (
     Calibration,
     Offer,
@@ -229,35 +229,54 @@ class OfferStream(Edge):
         return change
 
     async def on_batch(self, batch: list[Inbound]) -> None:
-        """A batch of ``competitor-offers``: decode, embed, match, publish, acknowledge."""
+        """A batch of ``competitor-offers``: decode, embed, match, publish, acknowledge.
+
+        The texts are embedded before the batch lock is taken, so an encoder outage holds this
+        agent only, never the product changes (whose own outage handling defers them); a text
+        the encoder refuses fails only its offer (a dead letter with the reason).
+        """
+        engine = self.live
+        dead: list[Outbound] = []
+        decoded: list[tuple[Inbound, OfferChange]] = []
+        for message in batch:
+            try:
+                decoded.append((message, self.decode(message)))
+            except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
+                dead.append(self.reject(message, exc))
+        poison: dict[str, str] = {}
+        version = engine.model_version
+        vectors = await engine.embed_chunk_or_one_by_one(self.texts_to_embed(decoded), poison)
         async with self.lock:
             await self.ensure_restored()
             await self.follow_model()
-            engine = self.live
-            dead: list[Outbound] = []
-            decoded: list[tuple[Inbound, OfferChange]] = []
-            for message in batch:
-                try:
-                    decoded.append((message, self.decode(message)))
-                except Exception as exc:  # noqa: BLE001 - every failure must become a dead letter
-                    dead.append(self.reject(message, exc))
-            texts = [c.text for _, c in decoded if isinstance(c, Offer) and self.offers.needs_embedding(c)]
-            vectors = await engine.embed(list(dict.fromkeys(texts)))
-            update, failed = await engine.in_core(self.apply_each, decoded, vectors)
+            if engine.model_version != version:  # a rollover meanwhile: these vectors are the old model's
+                vectors = {}
+            missing = [t for t in self.texts_to_embed(decoded) if t not in vectors and t not in poison]
+            if missing:
+                vectors.update(await engine.embed_chunk_or_one_by_one(missing, poison))
+            update, failed = await engine.in_core(self.apply_each, decoded, vectors, poison)
             dead += [self.reject(message, exc) for message, exc in failed]
             await self.send(dead + self.records(update))
             for message in batch:
                 if message.ack is not None:
                     await message.ack()
 
-    def apply_each(self, decoded: Sequence[tuple[Inbound, OfferChange]],
-                   vectors: Mapping[str, np.ndarray]) -> tuple[OfferUpdate, list[tuple[Inbound, Exception]]]:
+    def texts_to_embed(self, decoded: Sequence[tuple[Inbound, OfferChange]]) -> list[str]:
+        """The distinct texts of the new or changed offers of a batch."""
+        return list(dict.fromkeys(c.text for _, c in decoded if isinstance(c, Offer) and self.offers.needs_embedding(c)))
+
+    def apply_each(self, decoded: Sequence[tuple[Inbound, OfferChange]], vectors: Mapping[str, np.ndarray],
+                   poison: Mapping[str, str]) -> tuple[OfferUpdate, list[tuple[Inbound, Exception]]]:
         """On the core thread: apply the offers one by one, so one failure fails only its record."""
         core = self.live.core
         total = OfferUpdate()
         failed: list[tuple[Inbound, Exception]] = []
         for message, change in decoded:
             vector = vectors.get(change.text) if isinstance(change, Offer) else None
+            if isinstance(change, Offer) and change.text in poison and self.offers.needs_embedding(change):
+                reason = poison[change.text].split(": ", 1)[-1]
+                failed.append((message, InvalidInput(f"the encoder refused this offer's text: {reason}")))
+                continue
             try:
                 update = self.offers.apply(core, [(change, vector)])
             except Exception as exc:  # noqa: BLE001 - one bad offer must not stop the others

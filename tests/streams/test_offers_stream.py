@@ -144,6 +144,28 @@ async def test_a_rollover_re_embeds_the_offers_and_a_restore_republishes_only_ch
     assert stream._changed(topic, "rival|1", match_to_wire(match, threshold=stream.offers.calibration.threshold), 9, "t", None) != []
 
 
+class RefusingEncoder(HashingEncoder):
+    """Refuses any batch that holds a text with "poison" in it."""
+
+    async def encode(self, texts: Any) -> Any:
+        if any("poison" in t for t in texts):
+            raise ValueError("token limit exceeded")
+        return await super().encode(texts)
+
+
+async def test_an_offer_text_the_encoder_refuses_fails_only_that_offer() -> None:
+    sent = Sent()
+    engine, stream = await shop(sent)
+    engine.encoder = RefusingEncoder()
+    stream.model_version = engine.model_version
+    await stream.on_batch([offer("rival", "1", "Sony WH-1000XM4 wireless headphones", offset=1),
+                           offer("rival", "2", "poison pill", offset=2)])
+    assert sent.on(engine.settings.topic_offer_matches)["rival|1"]["product_id"] == "H1"
+    dead = [r.value for r in sent.records if r.topic == engine.settings.topic_dead_letters and r.value]
+    assert [d["offset"] for d in dead] == [2]
+    assert dead[0]["error"] == "the encoder refused this offer's text: token limit exceeded"
+
+
 def test_the_offer_decoder_is_strict() -> None:
     good = decode_competitor_offer(json.dumps({"op": "upsert", "competitor": "rival", "offer_id": "A|1",
                                                "title": " Sony XM4 ", "price": 12, "currency": "EUR",
