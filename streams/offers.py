@@ -333,13 +333,15 @@ class OfferStream(Edge):
         threshold = self.offers.calibration.threshold
         for pub in update.matches:
             value = None if pub.match is None else match_to_wire(pub.match, threshold=threshold)
-            out += self._changed(s.topic_offer_matches, pub.key, value, pub.version, now, engine.model_version)
+            out += self.unless_on_topic(s.topic_offer_matches, pub.key, value, pub.version, now, engine.model_version)
         for pp in update.prices:
-            out += self._changed(s.topic_competitor_prices, pp.product_id, prices_to_wire(pp), pp.version, now, None)
+            out += self.unless_on_topic(s.topic_competitor_prices, pp.product_id, prices_to_wire(pp), pp.version, now, None)
         return out
 
-    def _changed(self, topic: str, key: str, value: dict[str, Any] | None, version: int, now: str,
-                 model_version: str | None) -> list[Outbound]:
+    def unless_on_topic(self, topic: str, key: str, value: dict[str, Any] | None, version: int, now: str,
+                        model_version: str | None) -> list[Outbound]:
+        """The record of ``value`` (stamped with its version, time and model), or none when
+        ``topic`` already holds the same content for ``key`` (restored, unchanged)."""
         known = self.on_topics.pop((topic, key), ...)
         if known is not ... and known == _content(value):
             return []

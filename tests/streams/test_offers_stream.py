@@ -140,8 +140,8 @@ async def test_a_rollover_re_embeds_the_offers_and_a_restore_republishes_only_ch
     stream.on_topics[(topic, "rival|1")] = {k: v for k, v in before.items()
                                             if k not in ("version", "updated_at", "model_version")}
     match = stream.offers.matches["rival|1"]
-    assert stream._changed(topic, "rival|1", match_to_wire(match, threshold=stream.offers.calibration.threshold), 9, "t", None) == []
-    assert stream._changed(topic, "rival|1", match_to_wire(match, threshold=stream.offers.calibration.threshold), 9, "t", None) != []
+    assert stream.unless_on_topic(topic, "rival|1", match_to_wire(match, threshold=stream.offers.calibration.threshold), 9, "t", None) == []
+    assert stream.unless_on_topic(topic, "rival|1", match_to_wire(match, threshold=stream.offers.calibration.threshold), 9, "t", None) != []
 
 
 class RefusingEncoder(HashingEncoder):
