@@ -139,6 +139,8 @@ class OfferStream(Edge):
     model_version: str | None = None
     #: ``(topic, key)`` -> the restored value's content, until a publication replaces it.
     on_topics: dict[tuple[str, str], Any] = field(default_factory=dict)
+    #: The last failure to follow a model rollover (logged once), or ``None``.
+    follow_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.matcher is None:
@@ -200,9 +202,14 @@ class OfferStream(Edge):
             if value is not None and isinstance(value.get("version"), int):
                 self.offers.seed_price_version(pid, value["version"])
         engine = self.live
-        vectors = await engine.embed(list(dict.fromkeys(o.text for o in offers)))
+        poison: dict[str, str] = {}
+        vectors = await engine.embed_chunk_or_one_by_one(list(dict.fromkeys(o.text for o in offers)), poison)
+        for o in offers:
+            if o.text in poison:
+                log.error("not restoring offer %s: %s", o.key, poison[o.text])
         self.model_version = engine.model_version
-        update = await engine.in_core(self.offers.apply, engine.core, [(o, vectors[o.text]) for o in offers])
+        update = await engine.in_core(self.offers.apply, engine.core,
+                                      [(o, vectors[o.text]) for o in offers if o.text in vectors])
         records = self.records(update)
         # A price list on the topic that no restored offer is matched to any more: a tombstone.
         for (topic, key), content in self.on_topics.items():
@@ -248,7 +255,7 @@ class OfferStream(Edge):
         vectors = await engine.embed_chunk_or_one_by_one(self.texts_to_embed(decoded), poison)
         async with self.lock:
             await self.ensure_restored()
-            await self.follow_model()
+            await self.follow()
             if engine.model_version != version:  # a rollover meanwhile: these vectors are the old model's
                 vectors = {}
             missing = [t for t in self.texts_to_embed(decoded) if t not in vectors and t not in poison]
@@ -304,7 +311,15 @@ class OfferStream(Edge):
         engine = self.live
         if self.model_version != engine.model_version:
             offers = dict(self.offers.offers)
-            vectors = await engine.embed(list(dict.fromkeys(o.text for o in offers.values())))
+            poison: dict[str, str] = {}
+            vectors = await engine.embed_chunk_or_one_by_one(list(dict.fromkeys(o.text for o in offers.values())),
+                                                             poison)
+            if poison:
+                # The offers keep the old model's vectors and re-matching waits (on_products_changed
+                # is off while the versions differ): this is retried at every tick, and said once.
+                text, reason = next(iter(poison.items()))
+                raise SimstreamError(f"model {engine.model_version} refused {len(poison)} offer texts (e.g. "
+                                     f"{text[:60]!r}: {reason}); the offers stay on {self.model_version}")
             update = await engine.in_core(self.offers.use_vectors, engine.core,
                                           {k: vectors[o.text] for k, o in offers.items()})
             self.model_version = engine.model_version
@@ -319,7 +334,18 @@ class OfferStream(Edge):
             return
         async with self.lock:
             await self.ensure_restored()
+            await self.follow()
+
+    async def follow(self) -> None:
+        """``follow_model``, reporting a failure once rather than ending the agent or the timer."""
+        try:
             await self.follow_model()
+        except SimstreamError as exc:
+            if str(exc) != self.follow_error:
+                log.error("competitor offers: %s", exc)
+            self.follow_error = str(exc)
+        else:
+            self.follow_error = None
 
     # ------------------------------------------------------------------ records and reads
 

@@ -166,6 +166,18 @@ async def test_an_offer_text_the_encoder_refuses_fails_only_that_offer() -> None
     assert dead[0]["error"] == "the encoder refused this offer's text: token limit exceeded"
 
 
+async def test_a_new_model_that_refuses_an_offer_text_keeps_the_offers_on_the_old_one() -> None:
+    sent = Sent()
+    engine, stream = await shop(sent)
+    await stream.on_batch([offer("rival", "1", "poison Sony headphones")])
+    engine.encoder = RefusingEncoder(version="hashing/2")
+    await stream.tick()  # not ready: nothing happens
+    stream.ready.set()
+    await stream.tick()
+    assert stream.model_version == "hashing/1" and "refused 1 offer texts" in (stream.follow_error or "")
+    assert await stream.on_products_changed({"H1"}) == []  # re-matching waits for the re-embedding
+
+
 def test_the_offer_decoder_is_strict() -> None:
     good = decode_competitor_offer(json.dumps({"op": "upsert", "competitor": "rival", "offer_id": "A|1",
                                                "title": " Sony XM4 ", "price": 12, "currency": "EUR",
