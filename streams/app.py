@@ -163,6 +163,7 @@ def create_app(settings: Settings) -> faust.App:
     # trip capped the stream near 100 events/s).
     agent(settings.topic_user_events, "user-events", worker.on_user_events, 256, 0.005)
     agent(settings.topic_pair_updates, "pair-updates", worker.on_pair_updates, 500, 0.05)
+    agent(settings.topic_competitor_offers, "competitor-offers", worker.offers.on_batch, 256, 0.05)
 
     app.timer(interval=GC_FREEZE_INTERVAL_S)(worker.freeze_survivors)
     app.timer(interval=1.0)(worker.snapshot_tick)
@@ -173,6 +174,7 @@ def create_app(settings: Settings) -> faust.App:
     app.timer(interval=1.0)(worker.follow_model_version)
     app.timer(interval=1.0)(worker.refit_lexical_when_quiet)
     app.timer(interval=5.0)(worker.learn_tick)
+    app.timer(interval=1.0)(worker.offers.tick)
     app.timer(interval=settings.progress_interval_s)(worker.report_progress)
 
     from streams.web import register_views

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +125,8 @@ class Engine(Edge):
     send: Send | None = None
     #: Extra records for products that went away (the feeds that list them).
     on_gone: Callable[[set[str]], list[Outbound]] | None = None
+    #: Extra records for products a change was applied to (the competitor offers re-matched).
+    on_changed: Callable[[set[str]], Awaitable[list[Outbound]]] | None = None
     #: product_id -> the embedding it was last indexed with; lets a restart or a redelivery
     #: reuse a vector instead of re-embedding unchanged text.
     embeddings: dict[str, StoredEmbedding] = field(default_factory=dict)
@@ -323,6 +325,8 @@ class Engine(Edge):
         records = outputs.records()
         if outputs.gone and self.on_gone is not None:
             records += self.on_gone(outputs.gone)
+        if outputs.changed and self.on_changed is not None:
+            records += await self.on_changed(outputs.changed)
         if records:
             await self.send(records)
 
@@ -414,7 +418,7 @@ class Engine(Edge):
                 c.product.product_id, vector, self.model_version, c.product.content_hash)
         if self.journal is not None:
             self.journal.extend(upserts)
-        return Outputs(lists=self.lists_to_records(pubs))
+        return Outputs(lists=self.lists_to_records(pubs), changed={u.product_id for u in upserts})
 
     async def embed_chunk_or_one_by_one(
         self, texts: list[str], poison: dict[str, str], *, wait: bool = True
@@ -481,6 +485,7 @@ class Engine(Edge):
                 before = core.catalog.get(pid)
                 stale_before = core.catalog.stale_events
                 publications = core.apply(change, vector, defer=self.defer_propagation)
+                out.changed.add(pid)
                 if self.journal is not None:
                     self.journal.append(change)
                 after = core.catalog.get(pid)

@@ -89,6 +89,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_models, True, partitions=1),
         # One record, read in one order by every worker; the IDF is a few hundred KB.
         TopicSpec(settings.topic_lexical, True, partitions=1, max_message_bytes=8 * 1024 * 1024),
+        # One partition: its one owner holds every offer, so competitor-prices (an aggregate per
+        # own product over all offers) is complete (streams/offers.py).
+        TopicSpec(settings.topic_competitor_offers, False, partitions=1),
+        TopicSpec(settings.topic_offer_matches, True),
+        TopicSpec(settings.topic_competitor_prices, True),
     ]
 
 

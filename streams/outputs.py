@@ -70,7 +70,9 @@ class Outputs:
     * ``dead_letters``: one per input record that could not be applied;
     * ``gone``: products that went out of stock or were deleted (feeds that list them are
       refreshed);
-    * ``done``: input records now fully handled, to acknowledge once the records are.
+    * ``done``: input records now fully handled, to acknowledge once the records are;
+    * ``changed``: products a change was applied to (competitor offers are re-matched
+      against them, ``streams/offers.py``).
     """
 
     state: list[Outbound] = field(default_factory=list)
@@ -78,6 +80,7 @@ class Outputs:
     dead_letters: list[Outbound] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
     done: list[Inbound] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
 
     def records(self) -> list[Outbound]:
         """Every record to produce: dead letters, state, then lists."""
@@ -89,6 +92,7 @@ class Outputs:
         self.dead_letters += other.dead_letters
         self.gone |= other.gone
         self.done += other.done
+        self.changed |= other.changed
         return self
 
     def __bool__(self) -> bool:

@@ -38,6 +38,7 @@ from serving.catalog import (
     freeze_attributes,
 )
 from serving.errors import InvalidInput
+from serving.offers import KEY_SEPARATOR, Offer, OfferChange, OfferDelete
 
 MAX_ID_CHARS = 256
 MAX_TITLE_CHARS = 2_000
@@ -129,6 +130,28 @@ class ProductLabelRecord(faust.Record, validation=True, serializer="json"):
 
     def to_core(self) -> PairLabel:
         return PairLabel(self.left_id, self.right_id, bool(self.label), self.ts)
+
+
+class CompetitorOfferRecord(faust.Record, validation=True, serializer="json"):
+    """``competitor-offers`` value. Build it with ``decode_competitor_offer``; it is already checked."""
+
+    op: str
+    competitor: str
+    offer_id: str
+    ts: float
+    title: str | None = None
+    brand: str | None = StringField(allow_blank=True, required=False, default=None)
+    price: float | None = None
+    currency: str | None = None
+    url: str | None = None
+
+    def to_core(self) -> OfferChange:
+        """The frozen core dataclass for this record."""
+        if self.op == "delete":
+            return OfferDelete(self.competitor, self.offer_id, self.ts)
+        assert self.title is not None
+        return Offer(self.competitor, self.offer_id, self.title, self.ts, brand=self.brand or None, price=self.price,
+                     currency=self.currency, url=self.url)
 
 
 # --- strict field checks ----------------------------------------------------------------------
@@ -356,6 +379,56 @@ def decode_product_label(
         raise DecodeError(f"field 'label' must be 0, 1, true or false, got {str(label)[:40] if isinstance(label, int | float) else _type_name(label)}")
     return ProductLabelRecord(left_id=left, right_id=right, label=value, ts=_timestamp(obj, kafka_ts, now),
                               source=_string(obj, "source", MAX_SHORT_CHARS))
+
+
+#: Cheapest and dearest price an offer may carry; anything else is a producer bug (a price in
+#: cents, a placeholder 0 or -1) and is dead-lettered rather than matched with an absurd gap.
+MIN_OFFER_PRICE = 0.01
+
+
+def decode_competitor_offer(
+    raw: bytes | str,
+    *,
+    kafka_ts: float | None = None,
+    max_bytes: int = 1_000_000,
+    now: float | None = None,
+) -> CompetitorOfferRecord:
+    """Decode and check one ``competitor-offers`` value; raise ``DecodeError`` with the reason.
+
+    An upsert is the whole offer (fields left out are absent, not kept): ``title`` is required
+    and ``price``, when given, is from 0.01 to 1e9. ``competitor`` may not contain ``|``, which
+    separates it from ``offer_id`` in the record key.
+    """
+    now = datetime.now(UTC).timestamp() if now is None else now
+    obj = _load_object(raw, max_bytes)
+    op = obj.get("op")
+    if op is None:
+        raise DecodeError("missing required field 'op' (\"upsert\" or \"delete\")")
+    if op not in ("upsert", "delete"):
+        shown = op if isinstance(op, str) else _type_name(op)
+        raise DecodeError(f"unknown op {str(shown)[:40]!r}; expected \"upsert\" or \"delete\"")
+    competitor = _identifier(obj, "competitor", required=True)
+    offer_id = _identifier(obj, "offer_id", required=True)
+    assert competitor is not None and offer_id is not None
+    if KEY_SEPARATOR in competitor:
+        raise DecodeError(f"field 'competitor' may not contain {KEY_SEPARATOR!r} (it separates the key's parts)")
+    ts = _timestamp(obj, kafka_ts, now)
+    if op == "delete":
+        return CompetitorOfferRecord(op="delete", competitor=competitor, offer_id=offer_id, ts=ts)
+    title = _string(obj, "title", MAX_TITLE_CHARS, required=True)
+    assert title is not None
+    if not title.strip():
+        raise DecodeError("field 'title' is blank")
+    currency = _string(obj, "currency", 3)
+    if currency is not None and not _CURRENCY_PATTERN.match(currency):
+        raise DecodeError(f"field 'currency' must be an ISO-4217 code such as \"USD\", got {currency!r}")
+    return CompetitorOfferRecord(
+        op="upsert", competitor=competitor, offer_id=offer_id, ts=ts, title=title.strip(),
+        brand=_string(obj, "brand", MAX_SHORT_CHARS),
+        price=_number(obj, "price", low=MIN_OFFER_PRICE, high=MAX_PRICE),
+        currency=currency,
+        url=_string(obj, "url", MAX_URL_CHARS),
+    )
 
 
 # --- encoding of what simstream writes ----------------------------------------------------------

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     topic_models: str = Field(
         "simstream-models", description="Output (compacted, one partition): one record per `simstream learn` run: "
                                         "pairs used, held-out scores of live and candidate, promoted or refused and why.")
+    topic_competitor_offers: str = Field(
+        "competitor-offers", description="Input (one partition): competitors' offers `{op, competitor, offer_id, title, "
+                                         "brand, price, currency, url, ts}`, keyed `competitor|offer_id`.")
+    topic_offer_matches: str = Field(
+        "offer-matches", description="Output (compacted): each competitor offer's best own product, confidence, price "
+                                     "gap and reasons, or `no_match`; keyed `competitor|offer_id`.")
+    topic_competitor_prices: str = Field(
+        "competitor-prices", description="Output (compacted): per own product, the competitors' matched offers and "
+                                         "their prices.")
     topic_partitions: int = Field(6, ge=1, le=1024, description="Partitions for topics that `topics create` makes.")
     topic_replication: int = Field(1, ge=1, le=16, description="Replication factor for topics that `topics create` makes.")
 
@@ -183,6 +192,24 @@ class Settings(BaseSettings):
         1024, ge=0, le=1_000_000,
         description="Embeddings of the most recent distinct `/search` queries kept (least recently used evicted; "
                     "about 1.5 KB each); 0 embeds every query.")
+    offer_match_threshold: float = Field(
+        0.4072, ge=0, le=1, description="Confidence below which a competitor offer is published with `no_match`. "
+                                        "The default is the threshold of best F1 on the validation half of "
+                                        "Amazon-Google for the zero-shot encoder (`simstream eval offers`, which "
+                                        "prints the values for any version).")
+    offer_confidence_slope: float = Field(
+        2.5923, gt=0, le=1000, description="Offer confidence = 1 / (1 + exp(-(slope * content score - price weight * "
+                                         "log price gap + intercept))): a logistic regression fitted by "
+                                         "`simstream eval offers`.")
+    offer_confidence_intercept: float = Field(
+        -0.7131, ge=-1000, le=1000, description="The intercept of the offer confidence's logistic curve (see "
+                                              "`SIMSTREAM_OFFER_CONFIDENCE_SLOPE`).")
+    offer_confidence_price_weight: float = Field(
+        2.2105, ge=0, le=1000, description="How much a price gap lowers the offer confidence: the curve's term "
+                                        "`- weight * min(abs(ln(offer price / own price)), 3)`.")
+    offer_unknown_price_gap: float = Field(
+        0.1859, ge=0, le=3, description="The log price gap assumed when the offer's or the product's price is unknown "
+                                     "(or the currencies differ): the median gap of the calibration set.")
     max_message_bytes: int = Field(1_000_000, ge=1024, le=50_000_000, description="Larger input messages are dead-lettered.")
     log_level: str = Field("info", description="Worker log level.")
 

@@ -46,10 +46,13 @@ def authorized(worker: Worker, request: Request) -> bool:
 def register_views(app: faust.App, worker: Worker) -> None:
     """Attach every view to ``app``. Views read the core through ``Engine.read`` (on the core's
     thread, between two writes), so a read never sees a change half applied."""
+    from streams.offers import register_offer_views
     from streams.rollover import register_rollover_views
 
     engine = worker.engine
     register_rollover_views(app, worker.rollover, lambda request: authorized(worker, request))
+    register_offer_views(app, worker.offers, lambda request: authorized(worker, request),
+                         lambda product_id: bool(_ID.match(product_id)))
 
     class Base(View):
         def guard(self, request: Request) -> Response | None:

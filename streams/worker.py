@@ -40,6 +40,7 @@ from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
 from streams.kafka_io import committed_offsets, end_offsets, input_offsets
 from streams.metrics import Metrics
+from streams.offers import OfferStream
 from streams.outputs import Inbound, Outbound, Send
 from streams.readiness import CatchUp, InputProgress, input_progress
 from streams.replica import Replica
@@ -116,6 +117,10 @@ class Worker:
         self.ready = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.behavior_lock = asyncio.Lock()
+        #: Competitor offers: matched on the worker that holds ``competitor-offers``.
+        self.offers = OfferStream(settings, self.metrics, engine=self.engine, publish=self.publish,
+                                  lock=self.batch_lock, ready=self.ready)
+        self.engine.on_changed = self.offers.on_products_changed
         self.rollover = ModelRollover(settings, self.metrics, self.engine, self.batch_lock, self.ready,
                                       self.publish, on_swap=self.mark_dirty)
         self.draining = False
@@ -685,6 +690,7 @@ class Worker:
 
         self.ownership.on_assigned(of(s.topic_product_changes),
                                    {topic: of(topic) for topic in (s.topic_user_events, s.topic_pair_updates)})
+        self.offers.on_assigned(of(s.topic_competitor_offers))
 
     async def drain(self, timeout_s: float) -> bool:
         """Let the batches in flight finish (publish, acknowledgements, input acks) and start no

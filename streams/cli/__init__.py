@@ -15,6 +15,7 @@ from streams.cli import (  # noqa: F401  (each registers its commands on import)
     eval_commands,
     kafka_commands,
     learning_commands,
+    offers_commands,
     ops_commands,
 )
 from streams.cli.group import main

@@ -16,7 +16,7 @@ from serving.recommender import Recommender
 from streams.engine import Engine
 from streams.metrics import Metrics
 from streams.outputs import Inbound
-from streams.records import DecodeError, decode_product_change, decode_user_event
+from streams.records import DecodeError, decode_competitor_offer, decode_product_change, decode_user_event
 from streams.settings import Settings
 
 NOW = 1_795_000_000.0
@@ -27,7 +27,8 @@ json_values = st.recursive(
     max_leaves=20,
 )
 FIELDS = ["op", "product_id", "title", "description", "brand", "category", "price", "currency", "in_stock",
-          "group_id", "attributes", "image_url", "ts", "user_id", "type", "session_id"]
+          "group_id", "attributes", "image_url", "ts", "user_id", "type", "session_id", "competitor", "offer_id",
+          "url"]
 plausible = st.fixed_dictionaries(
     {},
     optional={name: json_values | st.sampled_from(["upsert", "delete", "view", "purchase", "forget", "2026-11-01T00:00:00Z"])
@@ -36,7 +37,7 @@ plausible = st.fixed_dictionaries(
 
 
 def decode_all(raw: bytes) -> None:
-    for decode in (decode_product_change, decode_user_event):
+    for decode in (decode_product_change, decode_user_event, decode_competitor_offer):
         try:
             record = decode(raw, now=NOW)
         except DecodeError as exc:

@@ -26,6 +26,7 @@ def test_create_topics_twice_is_harmless_and_sets_compaction(settings_for: Calla
     consumer = KafkaConsumer(**client_options(settings))
     assert consumer.partitions_for_topic(settings.topic_lexical) == {0}
     assert consumer.partitions_for_topic(settings.topic_models) == {0}  # one order of the learning runs
+    assert consumer.partitions_for_topic(settings.topic_competitor_offers) == {0}  # one owner holds every offer
     consumer.close()
     second = create_topics(settings)
     assert set(second.values()) == {"exists"}
@@ -33,7 +34,8 @@ def test_create_topics_twice_is_harmless_and_sets_compaction(settings_for: Calla
     policies = describe_cleanup_policy(settings, list(first))
     compacted = {settings.topic_similar_items, settings.topic_substitutes, settings.topic_complements,
                  settings.topic_products, settings.topic_embeddings, settings.topic_lexical,
-                 settings.topic_product_labels, settings.topic_models}
+                 settings.topic_product_labels, settings.topic_models, settings.topic_offer_matches,
+                 settings.topic_competitor_prices}
     for spec in topic_specs(settings):
         assert policies[spec.name] == ("compact" if spec.name in compacted else "delete"), spec.name
 
