@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from bisect import insort
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -72,6 +73,10 @@ class HnswIndex:
 
     * Ids are strings; hnswlib labels are integers from a counter, never reused, so a
       stale label can never alias a new product.
+    * Products with bit-identical vectors (listings of one title) share one graph node,
+      whose label stands for all of them: a search expands it to every such id, by id.
+      HNSW keeps few links among identical points, so hundreds of copies of one gift-card
+      title made the region around them hard to search; they are now one point.
     * Updating an existing id replaces its vector in place. A new id takes a deleted slot
       when there is one (``allow_replace_deleted``), otherwise a fresh slot.
     * Capacity grows (doubling) before a batch is added, so a batch never half-fails.
@@ -105,7 +110,10 @@ class HnswIndex:
         self.rebuilds = 0
         self._lock = threading.RLock()
         self._label: dict[str, int] = {}
-        self._id: dict[int, str] = {}
+        #: label -> the ids its node stands for, sorted (twins share a node).
+        self._ids: dict[int, list[str]] = {}
+        #: hash of a node's vector bytes -> labels with that hash (compared bytewise on use).
+        self._by_hash: dict[int, list[int]] = {}
         self._next_label = 0
         self._store = _VectorStore(dim, capacity)
         self._index = self._new_index(max(16, capacity))
@@ -145,37 +153,98 @@ class HnswIndex:
         rows = normalize_rows(vectors, self.dim)
         id_list, rows = dedupe_last(check_ids(ids, rows.shape[0]), rows)
         with self._lock:
-            existing = [i for i, pid in enumerate(id_list) if pid in self._label]
-            new = [i for i, pid in enumerate(id_list) if pid not in self._label]
-            # New ids fill deleted slots first; grow for the rest before touching the graph.
-            fresh = max(0, len(new) - self.deleted_count)
-            needed = self._index.get_current_count() + fresh
+            # New nodes, (id, row index), added in one call; an id whose node it alone holds
+            # and whose vector has no twin is updated in place.
+            fresh: list[tuple[str, int]] = []
+            pending: dict[int, list[int]] = {}  # hash -> row indexes of the new nodes
+            for i, pid in enumerate(id_list):
+                row = rows[i]
+                key = hash(row.tobytes())
+                old = self._label.get(pid)
+                if old is not None:
+                    current = self._store.get([pid])[0]
+                    if np.array_equal(current, row):
+                        continue
+                    twin = self._twin(key, row)
+                    batch_twin = any(np.array_equal(rows[at], row) for at in pending.get(key, ()))
+                    if twin is None and not batch_twin and self._ids[old] == [pid]:
+                        self._unhash(old, hash(current.tobytes()))
+                        # replace_deleted must stay off for a label that exists: hnswlib would
+                        # otherwise move it into a vacant slot and leave the old slot aliased.
+                        self._index.add_items(row[None, :], np.array([old], dtype=np.uint64), num_threads=1,
+                                              replace_deleted=False)
+                        self._by_hash.setdefault(key, []).append(old)
+                        self._store.put([pid], row[None, :])
+                        continue
+                    self._detach(pid, old, current)
+                else:
+                    twin = self._twin(key, row)
+                if twin is not None:
+                    self._label[pid] = twin
+                    insort(self._ids[twin], pid)
+                    self._store.put([pid], row[None, :])
+                    continue
+                # Twins within this batch share one new node.
+                same = next((at for at in pending.get(key, ()) if np.array_equal(rows[at], row)), None)
+                if same is None:
+                    pending.setdefault(key, []).append(i)
+                    same = i
+                fresh.append((pid, same))
+            if not fresh:
+                return
+            nodes: dict[int, list[str]] = {}
+            for pid, at in fresh:
+                nodes.setdefault(at, []).append(pid)
+            # New nodes fill deleted slots first; grow for the rest before touching the graph.
+            grow = max(0, len(nodes) - self.deleted_count)
+            needed = self._index.get_current_count() + grow
             capacity = self._index.get_max_elements()
             if needed > capacity:
                 self._index.resize_index(max(needed, capacity * 2))
-            if existing:
-                labels = np.array([self._label[id_list[i]] for i in existing], dtype=np.uint64)
-                # replace_deleted must stay off for a label that exists: hnswlib would
-                # otherwise move it into a vacant slot and leave the old slot aliased.
-                self._index.add_items(rows[existing], labels, num_threads=1, replace_deleted=False)
-            if new:
-                labels = np.arange(self._next_label, self._next_label + len(new), dtype=np.uint64)
-                self._next_label += len(new)
-                threads = -1 if len(new) >= 256 else 1  # batches (bulk load, replays): every core
-                self._index.add_items(rows[new], labels, num_threads=threads, replace_deleted=True)
-                for i, label in zip(new, labels.tolist(), strict=True):
-                    self._label[id_list[i]] = label
-                    self._id[label] = id_list[i]
-            self._store.put(id_list, rows)
+            at_rows = list(nodes)
+            labels = np.arange(self._next_label, self._next_label + len(at_rows), dtype=np.uint64)
+            self._next_label += len(at_rows)
+            threads = -1 if len(at_rows) >= 256 else 1  # batches (bulk load, replays): every core
+            self._index.add_items(rows[at_rows], labels, num_threads=threads, replace_deleted=True)
+            for at, label in zip(at_rows, labels.tolist(), strict=True):
+                members = sorted(nodes[at])
+                self._ids[label] = members
+                self._by_hash.setdefault(hash(rows[at].tobytes()), []).append(label)
+                for pid in members:
+                    self._label[pid] = label
+                self._store.put(members, np.repeat(rows[at][None, :], len(members), axis=0))
+
+    def _twin(self, key: int, row: np.ndarray) -> int | None:
+        """The live node whose vector is ``row``, bit for bit, if any."""
+        for label in self._by_hash.get(key, ()):
+            if np.array_equal(self._store.get(self._ids[label][:1])[0], row):
+                return label
+        return None
+
+    def _unhash(self, label: int, key: int) -> None:
+        labels = self._by_hash.get(key)
+        if labels is not None and label in labels:
+            labels.remove(label)
+            if not labels:
+                del self._by_hash[key]
+
+    def _detach(self, pid: str, label: int, vector: np.ndarray) -> None:
+        """``pid`` leaves its node; a node left with no id is deleted from the graph."""
+        del self._label[pid]
+        members = self._ids[label]
+        members.remove(pid)
+        if not members:
+            del self._ids[label]
+            self._unhash(label, hash(vector.tobytes()))
+            self._index.mark_deleted(label)
 
     def delete(self, product_id: str) -> bool:
         with self._lock:
-            label = self._label.pop(product_id, None)
+            label = self._label.get(product_id)
             if label is None:
                 return False
-            del self._id[label]
+            self._detach(product_id, label, self._store.get([product_id])[0])
             self._store.remove(product_id)
-            self._index.mark_deleted(label)
             total = self._index.get_current_count()
             if total and self.deleted_count / total > self.rebuild_deleted_share:
                 self.rebuild()
@@ -184,16 +253,20 @@ class HnswIndex:
     def rebuild(self) -> None:
         """Rebuild the graph from live vectors only, dropping every deleted slot."""
         with self._lock:
-            ids = list(self._label)
-            vectors = self.get_vectors(ids) if ids else np.zeros((0, self.dim), np.float32)
-            index = self._new_index(max(16, int(len(ids) * 1.5) + 16))
-            labels = np.arange(len(ids), dtype=np.uint64)
-            if ids:
-                index.add_items(vectors, labels, num_threads=-1 if len(ids) >= 1024 else 1)
+            groups = list(self._ids.values())
+            firsts = [members[0] for members in groups]
+            vectors = self.get_vectors(firsts) if firsts else np.zeros((0, self.dim), np.float32)
+            index = self._new_index(max(16, int(len(groups) * 1.5) + 16))
+            labels = np.arange(len(groups), dtype=np.uint64)
+            if groups:
+                index.add_items(vectors, labels, num_threads=-1 if len(groups) >= 1024 else 1)
             self._index = index
-            self._label = {pid: i for i, pid in enumerate(ids)}
-            self._id = dict(enumerate(ids))
-            self._next_label = len(ids)
+            self._ids = dict(enumerate(groups))
+            self._label = {pid: label for label, members in self._ids.items() for pid in members}
+            self._by_hash = {}
+            for label, row in enumerate(vectors):
+                self._by_hash.setdefault(hash(row.tobytes()), []).append(label)
+            self._next_label = len(groups)
             self.rebuilds += 1
 
     def query(
@@ -201,7 +274,7 @@ class HnswIndex:
     ) -> list[tuple[str, float]]:
         q = normalize_rows(vector, self.dim)
         with self._lock:
-            live = len(self._label)
+            live = len(self._ids)
             if k <= 0 or live == 0:
                 return []
             # Ask for a few more than k so excluded ids can be dropped without a Python
@@ -217,16 +290,20 @@ class HnswIndex:
                     want //= 2
             else:
                 return []
-            out: list[tuple[str, float]] = []
-            id_of = self._id.get
-            for label, dist in zip(labels[0].tolist(), dists[0].tolist(), strict=True):
-                pid = id_of(label)
-                if pid is None or pid in exclude:
+            return self._expand(labels[0].tolist(), dists[0].tolist(), k, exclude)
+
+    def _expand(self, labels: list[int], dists: list[float], k: int, exclude: Collection[str]) -> list[tuple[str, float]]:
+        """The first ``k`` ids the nodes stand for (twins by id), less ``exclude``."""
+        out: list[tuple[str, float]] = []
+        ids_of = self._ids.get
+        for label, dist in zip(labels, dists, strict=True):
+            for pid in ids_of(label, ()):
+                if pid in exclude:
                     continue
                 out.append((pid, 1.0 - dist))
                 if len(out) >= k:
-                    break
-            return out
+                    return out
+        return out
 
     def query_batch(
         self, vectors: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
@@ -236,7 +313,7 @@ class HnswIndex:
         if len(skip) != len(rows):
             raise InvalidVector("query_batch: pass one exclude entry per row")
         with self._lock:
-            live = len(self._label)
+            live = len(self._ids)
             if k <= 0 or live == 0 or len(rows) == 0:
                 return [[] for _ in range(len(rows))]
             want = min(k + 1, live)
@@ -245,18 +322,10 @@ class HnswIndex:
                 labels, dists = self._index.knn_query(rows, k=want, num_threads=-1)
             except RuntimeError:
                 return [self.query(r, k, exclude=(x,) if x else ()) for r, x in zip(rows, skip, strict=True)]
-            out: list[list[tuple[str, float]]] = []
-            for row_labels, row_dists, x in zip(labels.tolist(), dists.tolist(), skip, strict=True):
-                found: list[tuple[str, float]] = []
-                for label, dist in zip(row_labels, row_dists, strict=True):
-                    pid = self._id.get(int(label))
-                    if pid is None or pid == x:
-                        continue
-                    found.append((pid, 1.0 - float(dist)))
-                    if len(found) >= k:
-                        break
-                out.append(found)
-            return out
+            return [
+                self._expand(row_labels, row_dists, k, (x,) if x else ())
+                for row_labels, row_dists, x in zip(labels.tolist(), dists.tolist(), skip, strict=True)
+            ]
 
     def get_vector(self, product_id: str) -> np.ndarray:
         return self.get_vectors([product_id])[0]
@@ -287,7 +356,7 @@ class HnswIndex:
     @property
     def deleted_count(self) -> int:
         with self._lock:
-            return int(self._index.get_current_count()) - len(self._label)
+            return int(self._index.get_current_count()) - len(self._ids)
 
     @property
     def capacity(self) -> int:
@@ -348,10 +417,18 @@ class HnswIndex:
             store.put(chunk, rows.reshape(len(chunk), self.dim))
         index.set_ef(self.ef)
         index.set_num_threads(1)
+        ids: dict[int, list[str]] = {}
+        for pid, label in label_of.items():
+            ids.setdefault(label, []).append(pid)
+        by_hash: dict[int, list[int]] = {}
+        for label, members in ids.items():
+            members.sort()
+            by_hash.setdefault(hash(store.get(members[:1])[0].tobytes()), []).append(label)
         with self._lock:
             self._index = index
             self._store = store
             self._label = label_of
-            self._id = {label: pid for pid, label in label_of.items()}
+            self._ids = ids
+            self._by_hash = by_hash
             self._next_label = int(meta.get("next_label", max(label_of.values(), default=-1) + 1))
         return offsets

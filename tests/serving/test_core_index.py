@@ -235,3 +235,75 @@ def test_adapters_are_created_and_named_from_one_registry() -> None:
         create_index("annoy", config)
     with pytest.raises(ConfigurationError, match="not a registered vector index"):
         index_name(object())  # type: ignore[arg-type]
+
+
+def same(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> bool:
+    """Same ids in the same order, scores equal up to float32 rounding."""
+    return [i for i, _ in got] == [i for i, _ in want] and np.allclose(
+        [s for _, s in got], [s for _, s in want], atol=1e-5)
+
+
+def twin_catalog() -> tuple[list[str], np.ndarray]:
+    """30 products, 20 of them listings of five titles (bit-identical vectors), in a
+    scrambled order so twins arrive apart and in one batch."""
+    base = normalize_rows(vecs(15, 7), DIM)
+    rows = np.concatenate([base[:10], np.repeat(base[10:], 4, axis=0)])
+    order = np.random.default_rng(3).permutation(len(rows))
+    return [f"t{i:02d}" for i in order], rows[order]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_twins_are_all_found_with_equal_scores_in_id_order(kind: str) -> None:
+    index = make(kind)
+    names, rows = twin_catalog()
+    index.upsert(names[:12], rows[:12])
+    for pid, row in zip(names[12:], rows[12:], strict=True):  # the rest one at a time
+        index.upsert([pid], row)
+    exact = ExactIndex(DIM)
+    exact.upsert(names, rows)
+    for q in normalize_rows(vecs(10, 11), DIM):
+        assert same(index.query(q, 12), exact.query(q, 12))
+        got = [pid for pid, _ in index.query(q, 12, exclude=names[:3])]
+        assert got == [pid for pid, _ in exact.query(q, 12, exclude=names[:3])]
+    twins = [n for n, r in zip(names, rows, strict=True) if np.array_equal(r, rows[names.index("t10")])]
+    assert [pid for pid, _ in index.query(rows[names.index("t10")], 4)] == sorted(twins)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_twin_that_moves_or_goes_leaves_the_others_in_place(kind: str, tmp_path: Path) -> None:
+    index = make(kind)
+    names, rows = twin_catalog()
+    index.upsert(names, rows)
+    group = sorted(n for n, r in zip(names, rows, strict=True) if np.array_equal(r, rows[names.index("t12")]))
+    first, second, *rest = group
+    index.delete(first)  # the node's first id goes: the others still stand on it
+    index.upsert([second], vecs(1, 99))  # another moves away
+    live = [n for n in names if n != first]
+    moved = {second: normalize_rows(vecs(1, 99), DIM)[0]}
+    exact = ExactIndex(DIM)
+    exact.upsert(live, np.stack([moved.get(n, r) for n, r in zip(names, rows, strict=True) if n != first]))
+    target = rows[names.index("t12")]
+    assert [pid for pid, _ in index.query(target, len(rest))] == rest
+    for q in normalize_rows(vecs(5, 12), DIM):
+        assert same(index.query(q, 10), exact.query(q, 10))
+    index.upsert([second], target)  # and comes back
+    assert [pid for pid, _ in index.query(target, len(group) - 1)] == sorted([second, *rest])
+    index.save(tmp_path / "index.bin", {})
+    back = make(kind)
+    back.load(tmp_path / "index.bin")
+    assert same(back.query(target, 8), index.query(target, 8))
+    assert sorted(back.ids()) == sorted(index.ids())
+
+
+def test_hnsw_twins_share_one_node() -> None:
+    index = HnswIndex(DIM, ef=64, capacity=16)
+    names, rows = twin_catalog()
+    index.upsert(names, rows)
+    assert len(index) == 30 and index.deleted_count == 0
+    assert int(index._index.get_current_count()) == 15  # type: ignore[attr-defined]
+    group = [n for n, r in zip(names, rows, strict=True) if np.array_equal(r, rows[names.index("t14")])]
+    for pid in group:
+        index.delete(pid)
+    assert index.deleted_count == 1  # the node went with its last id
+    index.rebuild()
+    assert int(index._index.get_current_count()) == 14 and len(index) == 26  # type: ignore[attr-defined]
