@@ -115,8 +115,7 @@ class Propagator:
         """
         self.lex = lex
         self.profiles = profiles
-        for pid, buf in buffers.items():
-            self.buffers.adopt(pid, buf)
+        self.buffers.adopt_all(buffers)
         for pid, row in rows.items():
             if pid in self.buffers.by_owner:
                 self._set_row(pid, row)

@@ -50,11 +50,29 @@ def final_score(content: float, behavior: float, config: RecommenderConfig) -> f
     return (1.0 - config.behavior_weight) * content + config.behavior_weight * behavior
 
 
+#: Rows per block in ``dense_scores`` (bounds its float64 temporary to ~12 MB at dim 384).
+_DENSE_BLOCK = 4096
+
+
 def dense_scores(owner: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Inner products (float64) of one stored unit vector with a matrix of them."""
-    if candidates.shape[0] == 0:
+    """Inner products (float64) of one stored unit vector with a matrix of them.
+
+    Bit for bit the same whichever side computes a pair and whatever else is in the matrix:
+    the products of float32 values are exact in float64, and each row is summed by numpy's
+    pairwise sum on its own. A BLAS matrix-vector product rounds a row differently by its
+    place in the matrix, so a pair scored from the owner's side (a buffer rebuild) and from
+    the newcomer's (an insert) could differ in the last bit, and a list republish for it.
+    """
+    n = candidates.shape[0]
+    if n == 0:
         return np.zeros(0, dtype=np.float64)
-    return np.asarray(candidates, dtype=np.float64) @ np.asarray(owner, dtype=np.float64)
+    v = np.asarray(owner, dtype=np.float64)
+    if n <= _DENSE_BLOCK:
+        return (np.asarray(candidates, dtype=np.float64) * v).sum(axis=1)
+    out = np.empty(n, dtype=np.float64)
+    for at in range(0, n, _DENSE_BLOCK):
+        out[at : at + _DENSE_BLOCK] = (np.asarray(candidates[at : at + _DENSE_BLOCK], dtype=np.float64) * v).sum(axis=1)
+    return out
 
 
 Candidate = tuple[str, float, float]  # (product_id, dense, lexical)

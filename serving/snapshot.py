@@ -59,6 +59,7 @@ from serving.index import (
 from serving.kinds import Kind
 from serving.lexical import LEGACY_SCHEME, SCHEME, LexicalModel, SparseVec
 from serving.publication import Items, ScoredItem
+from serving.scoring import intern_reasons
 from serving.state import RecommenderState
 
 FORMAT = 1
@@ -324,9 +325,10 @@ def _read_lists(snap: Path, files: Mapping[str, Any], ids: list[str]) -> dict[Ki
         if (len(indptr) != len(owner) + 1 or indptr[-1] != n or len(scores) != n * len(_ITEM_FLOATS)
                 or len(reason_ptr) != n + 1 or reason_ptr[-1] != len(reason)):
             raise _fail(snap, f"the stored {kind} lists do not match each other")
+        reasons_of = table.__getitem__
         made = [
             ScoredItem(ids[item[i]], score, content, dense, lexical, behavior,
-                       tuple(table[r] for r in reason[reason_ptr[i] : reason_ptr[i + 1]]))
+                       intern_reasons(tuple(map(reasons_of, reason[reason_ptr[i] : reason_ptr[i + 1]]))))
             for i, (score, content, dense, lexical, behavior) in enumerate(
                 zip(scores[0::5], scores[1::5], scores[2::5], scores[3::5], scores[4::5], strict=True))
         ]

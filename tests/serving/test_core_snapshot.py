@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from core_helpers import SMALL, Stream, make_index, random_upsert
 
 from serving.catalog import ProductChange, ProductDelete, ProductUpsert
+from serving.config import RecommenderConfig
 from serving.errors import SnapshotError
 from serving.lexical import SCHEME
 from serving.recommender import Kind, Publication, Recommender
@@ -68,17 +70,25 @@ def state(rec: Recommender) -> tuple[object, ...]:
     )
 
 
+#: Buffers of three and a reverse search of one: after a load, most admissions go through the
+#: restored floors and owner vectors (``CandidateBuffers.adopt_all``).
+NARROW = replace(SMALL, k=2, candidate_depth=3, candidate_slack=0, reverse_depth=1)
+
+
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
-def test_save_mid_stream_reload_and_finish_equals_uninterrupted(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", [SMALL, NARROW], ids=["small", "narrow"])
+def test_save_mid_stream_reload_and_finish_equals_uninterrupted(
+    kind: str, config: RecommenderConfig, tmp_path: Path
+) -> None:
     changes = make_changes(3, 400)
-    straight = Recommender(SMALL, make_index(kind, SMALL))
+    straight = Recommender(config, make_index(kind, config))
     straight_pubs = feed(straight, changes)
 
-    first = Recommender(SMALL, make_index(kind, SMALL))
+    first = Recommender(config, make_index(kind, config))
     pubs = feed(first, changes[:200])
     first.offsets = {"product-changes": {0: 200, 1: 7}}
     first.save(tmp_path / "snap")
-    resumed = Recommender.load(tmp_path / "snap", SMALL)
+    resumed = Recommender.load(tmp_path / "snap", config)
     assert resumed.offsets == {"product-changes": {0: 200, 1: 7}}
     assert state(resumed)[:6] == state(first)[:6]
     pubs += feed(resumed, changes[200:])
