@@ -156,6 +156,11 @@ def duplicate_keys(title: str, brand: str | None) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def variants(group: str | None, other_group: str | None) -> bool:
+    """Whether two listings are variants of one group (never duplicates of each other)."""
+    return group is not None and group == other_group
+
+
 #: Largest price gap, in percent, that is still given as a reason ("price within N%").
 SIMILAR_PRICE_PERCENT = 50
 
