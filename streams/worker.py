@@ -63,6 +63,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         lexical_floor=settings.lexical_floor,
         behavior_weight=settings.behavior_weight,
         collapse_duplicates=settings.collapse_duplicates,
+        duplicate_threshold=settings.duplicate_threshold,
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,

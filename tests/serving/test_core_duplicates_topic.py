@@ -1,0 +1,170 @@
+"""The ``duplicates`` lists: the definition, its symmetry, and exact incremental upkeep."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+from core_helpers import SMALL, Stream, check_against_exact
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_core_propagation import half, op_strategy, run_stream
+
+from serving.catalog import ProductDelete, ProductUpsert
+from serving.config import RecommenderConfig
+from serving.duplicates import SAME_CODE, SAME_TITLE, bounds, exact_duplicates, threshold_reason
+from serving.index import ExactIndex
+from serving.recommender import Kind, Recommender
+from serving.scoring import content_score
+
+CONFIG = RecommenderConfig(dim=4, k=3, candidate_depth=4, candidate_slack=0, duplicate_threshold=0.8)
+
+#: The threshold found over the lexical postings (it needs lexical evidence: t > 1 - w) ...
+LEXICAL_PATH = replace(SMALL, duplicate_threshold=0.55)
+#: ... and over a dense range search of the index (a dense score alone may reach it).
+DENSE_PATH = replace(SMALL, lexical_weight=0.2, duplicate_threshold=0.6)
+#: The textual rule alone.
+RULE_ONLY = replace(SMALL, duplicate_threshold=1.5)
+
+
+def build(config: RecommenderConfig = CONFIG) -> Recommender:
+    rec = Recommender(config, ExactIndex(config.dim))
+    rows = [
+        ("stuffit-a", "Stuffit Deluxe 11", None, [1.0, 0.0, 0.0, 0.0]),
+        ("stuffit-b", "stuffit deluxe 11", None, [0.0, 1.0, 0.0, 0.0]),  # embedded far away: the rule still holds
+        ("stuffit-12", "Stuffit Deluxe 12", None, [0.0, 0.0, 1.0, 0.0]),
+        ("mug-red", "Acme mug", "mugs", [0.0, 0.0, 0.0, 1.0]),
+        ("mug-blue", "Acme mug", "mugs", [0.0, 0.0, 0.0, 1.0]),  # a variant of one group, never a duplicate
+    ]
+    for pid, title, group, vec in rows:
+        rec.apply(ProductUpsert(pid, 1.0, title=title, group_id=group), np.array(vec, dtype=np.float32))
+    return rec
+
+
+def ids(rec: Recommender, pid: str) -> list[str]:
+    return [i.product_id for i in rec.duplicates(pid) or ()]
+
+
+def test_the_textual_rule_finds_listings_that_embed_far_apart_and_skips_variants() -> None:
+    rec = build()
+    assert ids(rec, "stuffit-a") == ["stuffit-b"] and ids(rec, "stuffit-b") == ["stuffit-a"]
+    item = (rec.duplicates("stuffit-a") or ())[0]
+    assert item.reasons == (SAME_TITLE,) and item.score == content_score(item.dense, item.lexical, CONFIG)
+    assert ids(rec, "stuffit-12") == [] and ids(rec, "mug-red") == [] and ids(rec, "mug-blue") == []
+
+
+def test_a_retitle_that_ends_the_duplicate_updates_both_sides_and_a_delete_tombstones() -> None:
+    rec = build()
+    pubs = rec.apply(ProductUpsert("stuffit-b", 2.0, title="stuffit deluxe 12 upgrade"),
+                     np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32))
+    dup = {p.product_id: p for p in pubs if p.kind is Kind.DUPLICATES}
+    assert dup["stuffit-a"].items == () and dup["stuffit-b"].items == ()
+    assert dup["stuffit-a"].version == 3  # empty while alone, then naming stuffit-b, now empty again
+    # A second listing under the same brand and model code, and its group moved away and back.
+    rec.apply(ProductUpsert("ear-1", 3.0, title="Sony WH-1000XM4 headphones", brand="Sony", group_id="g"),
+              np.array([0.5, 0.5, 0.5, 0.5], dtype=np.float32))
+    rec.apply(ProductUpsert("ear-2", 3.0, title="WH1000XM4 wireless, black", brand="Sony", group_id="h"),
+              np.array([-0.5, 0.5, -0.5, 0.5], dtype=np.float32))
+    assert [i.reasons for i in rec.duplicates("ear-1") or ()] == [(SAME_CODE,)]
+    pubs = rec.apply(ProductUpsert("ear-2", 4.0, group_id="g"))
+    assert {p.product_id: p.items for p in pubs if p.kind is Kind.DUPLICATES} == {"ear-1": (), "ear-2": ()}
+    rec.apply(ProductUpsert("ear-2", 5.0, group_id="h"))
+    pubs = rec.apply(ProductDelete("ear-2", 6.0))
+    dup = {p.product_id: p.items for p in pubs if p.kind is Kind.DUPLICATES}
+    assert dup == {"ear-2": None, "ear-1": ()}
+
+
+def test_a_pair_above_the_threshold_is_listed_on_both_sides_with_the_same_numbers() -> None:
+    rec = Recommender(CONFIG, ExactIndex(CONFIG.dim))
+    rec.apply(ProductUpsert("a", 1.0, title="photo editor suite for windows"), np.array([1, 0.1, 0, 0], np.float32))
+    rec.apply(ProductUpsert("b", 1.0, title="photo editor suite windows"), np.array([1, 0.12, 0, 0], np.float32))
+    rec.apply(ProductUpsert("c", 1.0, title="garden hose"), np.array([1, 0.1, 0.01, 0], np.float32))
+    (ab,) = rec.duplicates("a") or ()
+    (ba,) = rec.duplicates("b") or ()
+    assert (ab.product_id, ba.product_id) == ("b", "a")
+    assert (ab.score, ab.dense, ab.lexical, ab.reasons) == (ba.score, ba.dense, ba.lexical, ba.reasons)
+    assert ab.reasons == (threshold_reason(CONFIG),) and ab.score >= CONFIG.duplicate_threshold
+    assert rec.duplicates("c") == ()  # as close by meaning, nothing shared by text
+
+
+@settings(max_examples=200, deadline=None)
+@given(dense=st.floats(-1, 1), lexical=st.floats(0, 1), weight=st.floats(0, 1), floor=st.floats(0, 0.9),
+       threshold=st.floats(0.05, 1.2))
+def test_the_candidate_bounds_never_lose_a_pair(dense: float, lexical: float, weight: float, floor: float,
+                                                threshold: float) -> None:
+    config = replace(SMALL, lexical_weight=weight, lexical_floor=floor, duplicate_threshold=threshold)
+    min_dense, min_lexical = bounds(config)
+    if content_score(dense, lexical, config) >= threshold:
+        assert dense >= min_dense - 1e-9 and lexical >= min_lexical - 1e-9
+
+
+def check_duplicates_exact(stream: Stream) -> None:
+    rec = stream.rec
+    want = exact_duplicates(list(rec.catalog), rec.vectors(), rec.config, rec.lexical, owns=rec.owns)
+    got = rec.lists(Kind.DUPLICATES)
+    assert got == want
+    for pid, items in got.items():
+        pub = stream.published[(Kind.DUPLICATES, pid)]
+        assert pub.items == items
+
+
+def check_symmetric(rec: Recommender) -> None:
+    lists = rec.lists(Kind.DUPLICATES)
+    for p, items in lists.items():
+        for item in items:
+            back = lists.get(item.product_id)
+            if back is not None:  # owned here too
+                (mirror,) = [i for i in back if i.product_id == p]
+                assert (mirror.score, mirror.dense, mirror.lexical, mirror.reasons) == (
+                    item.score, item.dense, item.lexical, item.reasons)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from([LEXICAL_PATH, DENSE_PATH, RULE_ONLY]),
+    kind=st.sampled_from(["exact", "hnsw"]),
+    seed=st.integers(0, 2**31),
+    initial=st.integers(0, 40),
+    ops=st.lists(op_strategy, max_size=60),
+    partitioned=st.booleans(),
+)
+def test_duplicates_equal_recomputation_after_random_changes(
+    config: RecommenderConfig, kind: str, seed: int, initial: int, ops: list[tuple[str, int]], partitioned: bool
+) -> None:
+    """Inserts, re-embeds, near-duplicates, retitles, group and stock changes, deletes and
+    re-inserts: every published duplicates list equals the from-scratch definition
+    (``check_against_exact`` covers every content kind), and the relation is symmetric."""
+    stream = run_stream(kind, config, seed, initial, ops, owns=half if partitioned else None)
+    check_against_exact(stream, exact=kind == "exact")
+    if config is not DENSE_PATH:  # found over the lexical postings: exact whatever the index
+        check_duplicates_exact(stream)
+    check_symmetric(stream.rec)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), ops=st.lists(op_strategy, max_size=40),
+       defer=st.sampled_from([(True, True), (False, True)]))
+def test_deferred_changes_and_a_refit_settle_to_recomputation(
+    seed: int, ops: list[tuple[str, int]], defer: tuple[bool, bool]
+) -> None:
+    stream = run_stream("exact", LEXICAL_PATH, seed, 25, ops, defer=defer)
+    stream.settle()
+    check_against_exact(stream, exact=True)
+    for pub in stream.rec.refit_lexical():
+        stream.published[pub.key] = pub
+        stream.all_pubs.append(pub)
+    check_against_exact(stream, exact=True)
+    check_symmetric(stream.rec)
+
+
+def test_the_cluster_hands_duplicates_over_exactly() -> None:
+    from core_helpers import Cluster
+
+    for seed, turn in itertools.product(range(3), range(1, 3)):
+        rng = np.random.default_rng(seed)
+        ops = [(str(rng.choice(["new", "near_dup", "delete", "retitle", "move"])), int(rng.integers(10_000)))
+               for _ in range(25)]
+        stream = run_stream("exact", LEXICAL_PATH, seed, 20, [*ops, ("rebalance", turn)], workers=3)
+        assert isinstance(stream, Cluster)
+        stream.check(exact=True)
