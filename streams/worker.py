@@ -31,12 +31,13 @@ from typing import Any
 from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
-from serving.kinds import CONTENT_KINDS
+from serving.kinds import CONTENT_KINDS, LIST_KINDS
 from serving.recommender import Recommender
 from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
 from streams.kafka_io import committed_offsets, end_offsets, input_offsets
+from streams.live import LiveFeed
 from streams.metrics import Metrics
 from streams.outputs import Inbound, Outbound, Send
 from streams.readiness import CatchUp, InputProgress, input_progress
@@ -112,6 +113,8 @@ class Worker:
         self.state = StateReader(settings)
         self.replica: Replica | None = None
         self.sink = sink
+        #: The page's live stream (GET /live): what the broker acknowledged, by the change behind it.
+        self.live = LiveFeed({settings.list_topic(spec.kind): str(spec.kind) for spec in LIST_KINDS})
         self.ready = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.behavior_lock = asyncio.Lock()
@@ -158,6 +161,7 @@ class Worker:
         sink = self.sink
         # The broker is down or refusing: try again, the batch is never skipped.
         await retry_forever(lambda: sink(owned), f"publishing {len(owned)} records")
+        self.live.observe(owned)
 
     # ------------------------------------------------------------------ start
 
