@@ -176,9 +176,9 @@ class DuplicateKeys:
         """Index every profile of ``profiles`` afresh."""
         self._by_key, self._keys = {}, {}
         for pid, prof in profiles.items():
-            self.set(pid, prof.dup_keys)
+            self.put(pid, prof.dup_keys)
 
-    def set(self, pid: str, keys: Sequence[str]) -> None:
+    def put(self, pid: str, keys: Sequence[str]) -> None:
         """``pid`` now has ``keys`` (its old ones are forgotten)."""
         self.discard(pid)
         if keys:

@@ -628,7 +628,7 @@ class Propagator:
     def _duplicates_changed(self, q: str) -> list[Publication]:
         """``q`` is new or changed: its own duplicates, and its entry in every owned list that
         named it or names it now (the relation is pair-wise and symmetric)."""
-        self.dup_keys.set(q, self.profiles[q].dup_keys)
+        self.dup_keys.put(q, self.profiles[q].dup_keys)
         mine = self._duplicates(q)
         pubs = self._set_duplicates(q, mine) if q in self.buffers.by_owner else []
         found = {i.product_id: i for i in mine}
