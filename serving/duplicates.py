@@ -24,8 +24,9 @@ Finding the pairs above the threshold without scoring every product: the content
 ``a * dense + b * max(0, lexical - floor)`` with ``a = 1 - w`` and ``b = w / (1 - floor)``,
 so a pair can only reach ``t`` when ``lexical >= floor + (t - a) / b`` (if ``t > a``: no
 dense score makes up for missing lexical evidence), or else when ``dense >= (t - w) / a``.
-``candidate_ids`` uses the first bound over the exact lexical postings when it applies, the
-second over the vector index otherwise (then as exact as the index: exact with
+``candidate_ids`` uses the first bound over the lexical postings when it applies
+(``LexicalPostings.candidates``: only the query's rare buckets are looked up, and the
+bound makes that exact), the second over the vector index otherwise (then as exact as the index: exact with
 ``ExactIndex``, as good as its recall with HNSW).
 """
 
@@ -129,9 +130,7 @@ def candidate_ids(
     (a superset; ``duplicate_item`` decides)."""
     min_dense, min_lexical = bounds(config)
     if min_lexical > config.lexical_floor:
-        ids, scores, extra = postings.scores(lex, lex[pid])
-        out = {ids[i] for i in np.flatnonzero(scores >= min_lexical - _MARGIN)}
-        out.update(p for p, s in extra.items() if s >= min_lexical - _MARGIN)
+        out = postings.candidates(lex, lex[pid], min_lexical - _MARGIN)
         out.discard(pid)
         return out
     vector = index.get_vector(pid)

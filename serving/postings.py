@@ -125,6 +125,35 @@ class LexicalPostings:
             extra = dict(zip(live, cosine_many(query, [vectors[p] for p in live]), strict=True))
         return self._ids, built, extra
 
+    def candidates(self, vectors: Mapping[str, SparseVec], query: SparseVec, min_cosine: float) -> set[str]:
+        """Every product of ``vectors`` whose cosine with ``query`` may reach ``min_cosine``
+        (> 0): a superset, found without scoring the common buckets (prefix filtering).
+
+        Take the query's buckets rarest first until the weights left out have a norm below
+        ``min_cosine``: a product that shares none of the taken buckets has a cosine of at
+        most that norm (Cauchy-Schwarz, both vectors being unit), so only the rows of the
+        short posting lists need to be looked at. Marked products are scored directly.
+        """
+        self._current(vectors)
+        qi, qv = query
+        out: set[str] = set()
+        if qi.size and min_cosine > 0:
+            lengths = self._indptr[qi + 1] - self._indptr[qi]
+            order = np.argsort(lengths, kind="stable")
+            left = float(np.sum(qv.astype(np.float64) ** 2)) - np.cumsum(qv[order].astype(np.float64) ** 2)
+            # Slack for the float32 weights: a product is kept rather than lost at the edge.
+            bound = (min_cosine * (1.0 - 1e-6)) ** 2
+            taken = int(np.argmax(left < bound)) + 1 if np.any(left < bound) else len(order)
+            parts = [self._rows[self._indptr[b] : self._indptr[b + 1]] for b in qi[order[:taken]].tolist()]
+            if parts:
+                out = {self._ids[r] for r in np.unique(np.concatenate(parts)).tolist()}
+        if self._marked:
+            out -= self._marked  # their built rows are stale
+            live = sorted(p for p in self._marked if p in vectors)
+            scores = cosine_many(query, [vectors[p] for p in live])
+            out.update(p for p, sc in zip(live, scores, strict=True) if sc >= min_cosine * (1.0 - 1e-6))
+        return out
+
     def top(
         self,
         vectors: Mapping[str, SparseVec],

@@ -168,3 +168,30 @@ def test_the_cluster_hands_duplicates_over_exactly() -> None:
         stream = run_stream("exact", LEXICAL_PATH, seed, 20, [*ops, ("rebalance", turn)], workers=3)
         assert isinstance(stream, Cluster)
         stream.check(exact=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 60), min_cosine=st.floats(0.05, 1.0), changed=st.integers(0, 5))
+def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
+    seed: int, n: int, min_cosine: float, changed: int
+) -> None:
+    from serving.lexical import LexicalModel, cosine_many
+    from serving.postings import LexicalPostings
+
+    rng = np.random.default_rng(seed)
+    words = ["stuffit", "deluxe", "11", "12", "photo", "editor", "suite", "windows", "mac", "pro", "2007", "x100"]
+    texts = {f"p{i}": " ".join(rng.choice(words, size=int(rng.integers(1, 6)))) for i in range(n)}
+    model = LexicalModel.fit(texts.values())
+    vectors = {pid: model.vectorize(t) for pid, t in texts.items()}
+    postings = LexicalPostings()
+    postings.candidates(vectors, vectors["p0"], min_cosine)  # built here; later changes are marked
+    for i in range(changed):
+        pid = f"p{int(rng.integers(n))}"
+        vectors[pid] = model.vectorize(" ".join(rng.choice(words, size=3)))
+        postings.mark(pid)
+    for pid, vec in vectors.items():
+        found = postings.candidates(vectors, vec, min_cosine)
+        others = sorted(vectors)
+        want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
+                if c >= min_cosine}
+        assert want <= found
