@@ -11,8 +11,10 @@ weights), so a query touches only the rows of its own buckets.
 * **Exact.** The score of a row is the float64 sum, in ascending bucket order, of the
   products of matching weights: bit for bit what ``cosine_many`` gives the same pair.
 * **Built lazily, from the recommender's own vectors.** Nothing is built until the first
-  search, so a worker that never serves search pays nothing. Building reads every vector
-  once (about a second at 100k products on the development machine; see BENCHMARKS.md).
+  search or the first ``duplicates`` list (``serving.duplicates`` finds its candidates here,
+  with ``candidates``), so a core that owns no list and serves no search pays nothing.
+  Building reads every vector once (about a second at 100k products on the development
+  machine; see BENCHMARKS.md).
 * **Changes without a rebuild.** Products whose text changed or that were deleted since the
   build are *marked* (``mark``, called by ``Recommender.apply``); a query skips their
   built rows and scores their current vectors directly. Once the marked products pass
@@ -136,10 +138,11 @@ class LexicalPostings:
         (> 0): a small superset, found without scoring the common buckets (prefix filtering).
 
         The query's buckets are taken rarest first until the weights left out have a norm
-        ``rest`` below ``PREFIX_REST_SHARE * min_cosine``. A product's cosine is at most its partial score over the
-        taken buckets plus ``rest`` (Cauchy-Schwarz, both vectors being unit), so only the rows
-        of those short posting lists are scored, and only those whose partial score plus
-        ``rest`` reaches ``min_cosine`` are kept. Marked products are scored directly.
+        ``rest`` below ``PREFIX_REST_SHARE * min_cosine``. A product's cosine is at most its
+        partial score over the taken buckets plus ``rest`` (Cauchy-Schwarz, both vectors being
+        unit), so only the rows of those short posting lists are scored, and only those whose
+        partial score plus ``rest`` reaches ``min_cosine`` are kept. Marked products are scored
+        directly.
         """
         self._current(vectors)
         qi, qv = query

@@ -629,6 +629,8 @@ class Propagator:
         """``q`` is new or changed: its own duplicates, and its entry in every owned list that
         named it or names it now (the relation is pair-wise and symmetric)."""
         self.dup_keys.put(q, self.profiles[q].dup_keys)
+        if not self.buffers.by_owner:
+            return []  # no list here can name q (a replica, a worker before its assignment)
         mine = self._duplicates(q)
         pubs = self._set_duplicates(q, mine) if q in self.buffers.by_owner else []
         found = {i.product_id: i for i in mine}
