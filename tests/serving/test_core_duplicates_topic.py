@@ -185,11 +185,11 @@ def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
     vectors = {pid: model.vectorize(t) for pid, t in texts.items()}
     postings = LexicalPostings()
     postings.candidates(vectors, vectors["p0"], min_cosine)  # built here; later changes are marked
-    for i in range(changed):
+    for _ in range(changed):
         pid = f"p{int(rng.integers(n))}"
         vectors[pid] = model.vectorize(" ".join(rng.choice(words, size=3)))
         postings.mark(pid)
-    for pid, vec in vectors.items():
+    for vec in vectors.values():
         found = postings.candidates(vectors, vec, min_cosine)
         others = sorted(vectors)
         want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
