@@ -11,7 +11,10 @@ computes it from scratch; ``serving.propagation`` keeps it incrementally):
   brand's model code), the very rule that collapses them inside a list; or
 * their hybrid content score (``serving.scoring.content_score``, the score the lists rank
   by) reaches ``RecommenderConfig.duplicate_threshold``, calibrated on labelled
-  same-product pairs (``docs/quality.md``, "Duplicate listings").
+  same-product pairs (``docs/quality.md``, "Duplicate listings"), unless both titles carry
+  numbers and share none (``numbers_differ``: "stuffit deluxe 11" and "12", "hdmi cable 1"
+  and "2" are editions or sizes of a line, whose n-grams overlap as much as two listings
+  of one product do).
 
 Items are ranked by content score, best first, ties by id; ``reasons`` say which test
 passed. The relation is symmetric and pair-wise: whether ``q`` is in ``duplicates[p]``, and
@@ -75,6 +78,11 @@ def rule_reasons(a: Profile, b: Profile) -> tuple[str, ...]:
     return tuple(out)
 
 
+def numbers_differ(a: Profile, b: Profile) -> bool:
+    """Whether both titles carry numbers and share none (then the score cannot make them one)."""
+    return bool(a.title_numbers and b.title_numbers and a.title_numbers.isdisjoint(b.title_numbers))
+
+
 def duplicate_item(owner: Profile, other: Profile, dense: float, lexical: float,
                    config: RecommenderConfig) -> ScoredItem | None:
     """The entry for ``other`` in ``owner``'s duplicates, or ``None`` when it is not one."""
@@ -82,7 +90,7 @@ def duplicate_item(owner: Profile, other: Profile, dense: float, lexical: float,
         return None
     content = content_score(dense, lexical, config)
     reasons = rule_reasons(owner, other)
-    if content >= config.duplicate_threshold:
+    if content >= config.duplicate_threshold and not numbers_differ(owner, other):
         reasons = (*reasons, threshold_reason(config))
     if not reasons:
         return None
@@ -154,7 +162,11 @@ def score_pairs(
     config: RecommenderConfig,
 ) -> Items:
     """``owner``'s duplicates among ``ids`` (any superset of them), ranked."""
-    others = sorted(i for i in ids if i != owner.product_id and i in profiles)
+    # Pairs that neither test can pass are dropped before they are scored: variants, and
+    # titles whose numbers differ without a shared key (a line of sizes: "hdmi cable 1..3000").
+    others = sorted(i for i in ids if i != owner.product_id and i in profiles
+                    and not variants(owner.group_id, profiles[i].group_id)
+                    and (not numbers_differ(owner, profiles[i]) or rule_reasons(owner, profiles[i])))
     if not others:
         return ()
     dense = pair_dense(vector, vectors(others))

@@ -102,6 +102,8 @@ class Profile:
     attr_reasons: tuple[tuple[str, str, str], ...] = ()  # (key_norm, value_norm, reason)
     #: Two products that share a key are listings of the same product (``duplicate_keys``).
     dup_keys: tuple[str, ...] = ()
+    #: The title's words that hold a digit ("11", "2007", "x100"): editions and versions.
+    title_numbers: frozenset[str] = frozenset()
 
 
 def profile(product: Product) -> Profile:
@@ -124,6 +126,7 @@ def profile(product: Product) -> Profile:
         category_reason=sys.intern(f"same category: {leaf_display}"),
         attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs),
         dup_keys=duplicate_keys(product.title, product.brand),
+        title_numbers=frozenset(w for w in words(product.title) if any(ch.isdigit() for ch in w)),
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from serving.catalog import Product
 from serving.config import RecommenderConfig
+from serving.duplicates import numbers_differ
 from serving.index import normalize_rows
 from serving.lexical import LexicalModel, cosine_many
 from serving.scoring import blend, profile, variants
@@ -40,7 +41,12 @@ class PairTable:
     right: list[str]
     content: np.ndarray  # float64 (left, right)
     rule: np.ndarray  # bool (left, right)
+    veto: np.ndarray  # bool (left, right): titles whose numbers differ (``numbers_differ``)
     truth: np.ndarray  # bool (left, right)
+
+    def decide(self, rows: np.ndarray, threshold: float) -> np.ndarray:
+        """The worker's decision for the pairs of ``rows``: the rule, or the score unless vetoed."""
+        return self.rule[rows] | ((self.content[rows] >= threshold) & ~self.veto[rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +106,12 @@ def pair_table(
         for key in prof.dup_keys:
             by_key.setdefault(key, []).append(j)
     rule = np.zeros(content.shape, dtype=bool)
+    veto = np.zeros(content.shape, dtype=bool)
     labels = np.zeros(content.shape, dtype=bool)
     for i, product in enumerate(left):
         prof = profile(product)
+        for j in np.flatnonzero(content[i] >= GRID[0]).tolist():  # below the grid a veto changes nothing
+            veto[i, j] = numbers_differ(prof, right_profiles[j])
         for key in prof.dup_keys:
             for j in by_key.get(key, ()):
                 if not variants(prof.group_id, right_profiles[j].group_id):
@@ -110,7 +119,7 @@ def pair_table(
         for other in truth.get(product.product_id, ()):
             if other in right_pos:
                 labels[i, right_pos[other]] = True
-    return PairTable([p.product_id for p in left], [p.product_id for p in right], content, rule, labels)
+    return PairTable([p.product_id for p in left], [p.product_id for p in right], content, rule, veto, labels)
 
 
 def split_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,8 +138,8 @@ def scores(predicted: np.ndarray, truth: np.ndarray) -> Scores:
 def choose_threshold(table: PairTable, rows: np.ndarray, beta: float = 0.5, grid: Sequence[float] = GRID) -> float:
     """The threshold of ``grid`` with the best F-beta of "rule or content >= t" on ``rows``
     (the highest of equals: fewer pairs called duplicates for the same score)."""
-    content, rule, truth = table.content[rows], table.rule[rows], table.truth[rows]
-    best = max(grid, key=lambda t: (scores(rule | (content >= t), truth).f_beta(beta), t))
+    truth = table.truth[rows]
+    best = max(grid, key=lambda t: (scores(table.decide(rows, t), truth).f_beta(beta), t))
     return float(best)
 
 
@@ -143,7 +152,6 @@ def calibrate(table: PairTable, seed: int, beta: float = 0.5) -> dict[str, Any]:
     calib, test = split_rows(len(table.left), seed)
     t = choose_threshold(table, calib, beta)
     content, rule, truth = table.content[test], table.rule[test], table.truth[test]
-    fitted = table.content[calib], table.rule[calib], table.truth[calib]
     return {
         "threshold": t,
         "beta": beta,
@@ -152,11 +160,12 @@ def calibrate(table: PairTable, seed: int, beta: float = 0.5) -> dict[str, Any]:
         "test_items": len(test),
         "test_pairs": int(content.size),
         "test_true_pairs": int(np.count_nonzero(truth)),
-        "calibration": scores(fitted[1] | (fitted[0] >= t), fitted[2]).as_dict(),
+        "calibration": scores(table.decide(calib, t), table.truth[calib]).as_dict(),
         "test": {
             "rule": scores(rule, truth).as_dict(),
             "threshold": scores(content >= t, truth).as_dict(),
-            "rule_or_threshold": scores(rule | (content >= t), truth).as_dict(),
+            "threshold_without_veto": scores(rule | (content >= t), truth).as_dict(),
+            "rule_or_threshold": scores(table.decide(test, t), truth).as_dict(),
         },
-        "test_curve": {str(c): scores(rule | (content >= c), truth).as_dict() for c in CURVE},
+        "test_curve": {str(c): scores(table.decide(test, c), truth).as_dict() for c in CURVE},
     }

@@ -195,3 +195,91 @@ def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
         want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
                 if c >= min_cosine}
         assert want <= found
+
+
+#: Titles from a small vocabulary, a few with numbers: many pairs near the threshold, editions among them.
+WORDS = ["stuffit", "deluxe", "photo", "editor", "suite", "windows", "mac", "pro", "home", "studio"]
+NUMBERS = ["11", "12", "2007", "x100"]
+DUP_OPS = ["new", "copy", "retitle", "group", "stock", "price", "delete", "reinsert"]
+
+
+def random_title(rng: np.random.Generator) -> str:
+    words = list(rng.choice(WORDS, size=int(rng.integers(1, 5))))
+    if rng.random() < 0.3:
+        words.append(str(rng.choice(NUMBERS)))
+    return " ".join(words)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from([LEXICAL_PATH, replace(SMALL, duplicate_threshold=0.7), DENSE_PATH]),
+    seed=st.integers(0, 2**31),
+    ops=st.lists(st.tuples(st.sampled_from(DUP_OPS), st.integers(0, 10_000)), max_size=50),
+    partitioned=st.booleans(),
+    defer=st.booleans(),
+)
+def test_threshold_duplicates_follow_every_change_exactly(
+    config: RecommenderConfig, seed: int, ops: list[tuple[str, int]], partitioned: bool, defer: bool
+) -> None:
+    """Copies of other listings (same title, a nearby vector), retitles with and without
+    numbers, group moves, stock and price changes, deletes and re-inserts: the duplicates
+    lists equal the pair-wise definition after every few changes, and what was published
+    last per key is the current list (a tombstone for the deleted), versions increasing."""
+    rng = np.random.default_rng(seed)
+    rec = Recommender(config, ExactIndex(config.dim), owns=half if partitioned else None)
+    stream = Stream(rec, defer=defer)
+    centers = rng.normal(size=(3, config.dim))
+    ts = 1.0
+
+    def upsert(pid: str, title: str, vector: np.ndarray) -> None:
+        stream.apply(ProductUpsert(pid, ts, title=title, brand=str(rng.choice(["Acme", "Smith"]))), vector)
+
+    for i in range(12):
+        upsert(f"p{i:02d}", random_title(rng), centers[i % 3] + 0.3 * rng.normal(size=config.dim))
+    deleted: list[str] = []
+    for step, (op, pick) in enumerate(ops):
+        ts += 1
+        live = sorted(stream.vectors)
+        if op == "new" or not live:
+            upsert(f"n{step:02d}", random_title(rng), centers[pick % 3] + 0.3 * rng.normal(size=config.dim))
+            continue
+        pid, other = live[pick % len(live)], live[(pick // 7) % len(live)]
+        current = rec.catalog.get(pid)
+        assert current is not None
+        if op == "copy":  # another listing of `other`: its title, its vector give or take
+            source = rec.catalog.get(other)
+            assert source is not None
+            stream.apply(ProductUpsert(pid, ts, title=source.title.upper(), brand=source.brand),
+                         stream.vectors[other] + 1e-3 * rng.normal(size=config.dim))
+        elif op == "retitle":
+            stream.apply(ProductUpsert(pid, ts, title=random_title(rng)), stream.vectors[pid])
+        elif op == "group":
+            stream.apply(ProductUpsert(pid, ts, group_id=str(rng.choice(["g0", "g1"])) if pick % 3 else None))
+        elif op == "stock":
+            stream.apply(ProductUpsert(pid, ts, in_stock=not current.in_stock))
+        elif op == "price":
+            stream.apply(ProductUpsert(pid, ts, price=float(pick % 50 + 1)))
+        elif op == "delete":
+            stream.apply(ProductDelete(pid, ts))
+            deleted.append(pid)
+        elif op == "reinsert" and deleted:
+            upsert(deleted.pop(pick % len(deleted)), random_title(rng), rng.normal(size=config.dim))
+        if step % 10 == 9 and not defer:
+            check_duplicates_exact(stream)
+    stream.settle()
+    check_duplicates_exact(stream)
+    check_symmetric(rec)
+    for (kind, pid), pub in stream.published.items():
+        if kind is Kind.DUPLICATES and pid not in rec.catalog:
+            assert pub.items is None, f"{pid} must end with a tombstone"
+
+
+def test_editions_and_sizes_are_not_duplicates_by_score() -> None:
+    rec = Recommender(CONFIG, ExactIndex(CONFIG.dim))
+    vec = np.array([1, 0.1, 0, 0], np.float32)
+    for pid, title in (("s11", "Stuffit Deluxe 11"), ("s12", "Stuffit Deluxe 12"), ("s11-pro", "Stuffit Deluxe 11 Pro"),
+                       ("c1", "hdmi cable"), ("c2", "hdmi cable 2 m")):
+        rec.apply(ProductUpsert(pid, 1.0, title=title), vec)
+    assert ids(rec, "s11") == ["s11-pro"]  # shares its number; 12 is another edition
+    assert ids(rec, "s12") == []
+    assert ids(rec, "c1") == ["c2"]  # one title without numbers: the score decides
