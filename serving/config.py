@@ -52,7 +52,7 @@ class RecommenderConfig:
     lexical_floor: float = 0.4
     behavior_weight: float = 0.0
     collapse_duplicates: bool = True
-    duplicate_threshold: float = 0.735
+    duplicate_threshold: float = 0.66
     price_band: float = 0.3
     hnsw_ef: int = 200
     hnsw_m: int = 16

@@ -35,7 +35,7 @@ from serving.lexical import N_BUCKETS, SparseVec, cosine_many
 #: ``candidates`` scores the rarest buckets of a query until the weights left out have a norm
 #: below this share of the cosine asked for: the lower, the more (common) buckets are scored
 #: and the fewer products pass the bound. Measured on 8,000 products of ``build_catalog`` at
-#: the default threshold (BENCHMARKS.md, "duplicates"): share 1 (the minimal prefix) let 2,742
+#: a threshold of 0.735 (BENCHMARKS.md, "duplicates"): share 1 (the minimal prefix) let 2,742
 #: candidates through on average, 0.35 lets 191, for 2.7 ms per product at the median.
 PREFIX_REST_SHARE = 0.35
 #: Marked products that are scored one by one before a query rebuilds the postings.

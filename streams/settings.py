@@ -135,7 +135,7 @@ class Settings(BaseSettings):
                           "same brand and model code; variants of one group excepted): the best ranked stays and "
                           "names the others in its reasons as `duplicate_of: <id>`.")
     duplicate_threshold: float = Field(
-        0.735, gt=0, le=2, description="Content score at which two listings count as one product on the `duplicates` "
+        0.66, gt=0, le=2, description="Content score at which two listings count as one product on the `duplicates` "
         "topic, besides the textual rule (calibrated on Amazon-Google with `simstream eval duplicates`: "
         "docs/quality.md); above 1 the textual rule alone decides.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
