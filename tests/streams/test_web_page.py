@@ -210,7 +210,7 @@ def test_the_live_stream_and_a_products_duplicates(
     kafka = producer(settings)
     for pid, title, brand, category, price in DUPLICATE_PRODUCTS:
         event = {"op": "upsert", "product_id": pid, "title": title, "brand": brand, "category": category,
-                 "price": price, "currency": "USD", "ts": time.time() - 2}
+                 "price": price, "currency": "USD", "ts": time.time()}
         kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
     kafka.flush()
     # One more change after the catalog: a price cut, which republishes the lists it moves.
