@@ -93,3 +93,12 @@ def test_when_the_kept_listing_goes_the_other_takes_its_place_without_the_reason
     assert similar is not None and ids(similar) == ["stuffit-b", "reader", "math"]
     assert all(not r.startswith("duplicate_of") for i in similar for r in i.reasons)
     assert (Kind.SIMILAR, "owner") in {p.key for p in pubs}
+
+
+def test_a_version_tag_is_not_a_model_code() -> None:
+    """A brand's line shares its version tags: they name no single product."""
+    for a, b in (("Adobe Photoshop CS3 [mac]", "Adobe InDesign CS3 [mac]"),
+                 ("CA ArcServe backup r11.5 agent", "CA ArcServe protection suite r11.5"),
+                 ("Instant Immersion German v2.0", "Instant Immersion Italian v2.0")):
+        assert not set(duplicate_keys(a, "Brand")) & set(duplicate_keys(b, "Brand")), (a, b)
+    assert set(duplicate_keys("Samsung SM-G991B phone", "Samsung")) & set(duplicate_keys("SMG991B, black", "Samsung"))
