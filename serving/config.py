@@ -31,6 +31,10 @@ class RecommenderConfig:
     * ``collapse_duplicates``: list one of several listings of the same product (see
       ``serving.scoring.duplicate_keys``): the best ranked is kept and names the others in
       its reasons (``duplicate_of: <id>``).
+    * ``duplicate_threshold``: the content score at which two listings count as one product
+      in the ``duplicates`` lists (``serving.duplicates``), besides the textual rule;
+      calibrated on labelled same-product pairs (``docs/quality.md``). Above 1 no score
+      reaches it, and the textual rule alone decides.
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.
     * ``hnsw_ef``: HNSW's search breadth. A list search asks for ``buffer_depth`` (66)
@@ -48,6 +52,7 @@ class RecommenderConfig:
     lexical_floor: float = 0.4
     behavior_weight: float = 0.0
     collapse_duplicates: bool = True
+    duplicate_threshold: float = 0.66
     price_band: float = 0.3
     hnsw_ef: int = 200
     hnsw_m: int = 16
@@ -79,6 +84,7 @@ class RecommenderConfig:
             0.0 <= self.behavior_weight <= 1.0,
             f"behavior_weight must be in [0, 1], got {self.behavior_weight}",
         )
+        need(self.duplicate_threshold > 0.0, f"duplicate_threshold must be positive, got {self.duplicate_threshold}")
         need(self.price_band >= 0.0, f"price_band must be >= 0, got {self.price_band}")
         need(self.hnsw_ef > 0, f"hnsw_ef must be positive, got {self.hnsw_ef}")
         need(self.hnsw_m >= 2, f"hnsw_m must be at least 2, got {self.hnsw_m}")

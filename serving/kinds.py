@@ -16,6 +16,7 @@ class Kind(enum.StrEnum):
     SIMILAR = "similar"
     SUBSTITUTES = "substitutes"
     COMPLEMENTS = "complements"
+    DUPLICATES = "duplicates"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,13 @@ LIST_KINDS: tuple[ListKindSpec, ...] = (
         topic_setting="topic_complements",
         content=False,
         description="products often carted or bought together with it, live and in stock",
+    ),
+    ListKindSpec(
+        Kind.DUPLICATES,
+        topic_setting="topic_duplicates",
+        content=True,
+        description="the other listings of the same product (textual rule, or content score at the "
+        "calibrated threshold; serving.duplicates)",
     ),
 )
 

@@ -3,7 +3,8 @@
 * ``build_lists``: similar items and substitutes of one product from its candidates (the
   dense top-C with pair scores, plus behaviour partners when behaviour is weighted in).
 * ``build_complements``: the complements of one product from its behaviour row.
-* ``exact_lists``: every list computed from scratch by brute force; the definition the
+* ``exact_lists``: every list computed from scratch by brute force (duplicates by
+  ``serving.duplicates.exact_duplicates``); the definition the
   incremental maintenance (``serving.propagation``) must match, used by the tests.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 from serving.behavior import BehaviorRow
 from serving.catalog import Product
 from serving.config import RecommenderConfig
+from serving.duplicates import exact_duplicates
 from serving.index import normalize_rows
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import LexicalModel, cosine_many
@@ -30,6 +32,7 @@ from serving.scoring import (
     profile,
     profile_reasons,
     rank_candidates,
+    variants,
 )
 from serving.text import product_text
 
@@ -121,15 +124,10 @@ def _kept_duplicate(
     Variants of one group are never duplicates of each other."""
     for key in cand.dup_keys:
         hit = kept.get(key)
-        if hit is not None and not _variants(hit[1], cand.group_id):
+        if hit is not None and not variants(hit[1], cand.group_id):
             dups.setdefault(hit[0], []).append(pid)
             return True
     return False
-
-
-def _variants(kept_group: str | None, group: str | None) -> bool:
-    """Whether two listings are variants of one group (never duplicates of each other)."""
-    return kept_group is not None and kept_group == group
 
 
 def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
@@ -150,7 +148,7 @@ def has_duplicates(items: Items, profiles: Mapping[str, Profile]) -> bool:
     for i in items:
         prof = profiles[i.product_id]
         for key in prof.dup_keys:
-            if key in seen and not _variants(seen[key], prof.group_id):
+            if key in seen and not variants(seen[key], prof.group_id):
                 return True
         for key in prof.dup_keys:
             seen.setdefault(key, prof.group_id)
@@ -233,6 +231,9 @@ def exact_lists(
     if not ids:
         return out
     mat = normalize_rows(np.stack([np.asarray(vectors[i], dtype=np.float64) for i in ids]), config.dim)
+    out[Kind.DUPLICATES] = exact_duplicates(
+        prods.values(), {pid: mat[j] for j, pid in enumerate(ids)}, config, lexical, owns=owns
+    )
     m64 = mat.astype(np.float64)
     sims = m64 @ m64.T
     lex = {i: lexical.vectorize(product_text(prods[i])) for i in ids}

@@ -11,8 +11,10 @@ weights), so a query touches only the rows of its own buckets.
 * **Exact.** The score of a row is the float64 sum, in ascending bucket order, of the
   products of matching weights: bit for bit what ``cosine_many`` gives the same pair.
 * **Built lazily, from the recommender's own vectors.** Nothing is built until the first
-  search, so a worker that never serves search pays nothing. Building reads every vector
-  once (about a second at 100k products on the development machine; see BENCHMARKS.md).
+  search or the first ``duplicates`` list (``serving.duplicates`` finds its candidates here,
+  with ``candidates``), so a core that owns no list and serves no search pays nothing.
+  Building reads every vector once (about a second at 100k products on the development
+  machine; see BENCHMARKS.md).
 * **Changes without a rebuild.** Products whose text changed or that were deleted since the
   build are *marked* (``mark``, called by ``Recommender.apply``); a query skips their
   built rows and scores their current vectors directly. Once the marked products pass
@@ -30,6 +32,12 @@ import numpy as np
 
 from serving.lexical import N_BUCKETS, SparseVec, cosine_many
 
+#: ``candidates`` scores the rarest buckets of a query until the weights left out have a norm
+#: below this share of the cosine asked for: the lower, the more (common) buckets are scored
+#: and the fewer products pass the bound. Measured on 8,000 products of ``build_catalog`` at
+#: a threshold of 0.735 (BENCHMARKS.md, "duplicates"): share 1 (the minimal prefix) let 2,742
+#: candidates through on average, 0.35 lets 191, for 2.7 ms per product at the median.
+PREFIX_REST_SHARE = 0.35
 #: Marked products that are scored one by one before a query rebuilds the postings.
 MIN_REBUILD = 2048
 #: ... or this share of the live products, whichever is larger (1/16 of them).
@@ -124,6 +132,44 @@ class LexicalPostings:
             live = sorted(p for p in self._marked if p in vectors)
             extra = dict(zip(live, cosine_many(query, [vectors[p] for p in live]), strict=True))
         return self._ids, built, extra
+
+    def candidates(self, vectors: Mapping[str, SparseVec], query: SparseVec, min_cosine: float) -> set[str]:
+        """Every product of ``vectors`` whose cosine with ``query`` may reach ``min_cosine``
+        (> 0): a small superset, found without scoring the common buckets (prefix filtering).
+
+        The query's buckets are taken rarest first until the weights left out have a norm
+        ``rest`` below ``PREFIX_REST_SHARE * min_cosine``. A product's cosine is at most its
+        partial score over the taken buckets plus ``rest`` (Cauchy-Schwarz, both vectors being
+        unit), so only the rows of those short posting lists are scored, and only those whose
+        partial score plus ``rest`` reaches ``min_cosine`` are kept. Marked products are scored
+        directly.
+        """
+        self._current(vectors)
+        qi, qv = query
+        out: set[str] = set()
+        # Slack for the float32 weights: a product is kept rather than lost at the edge.
+        edge = min_cosine * (1.0 - 1e-6)
+        if qi.size and min_cosine > 0 and self._ids:
+            lengths = self._indptr[qi + 1] - self._indptr[qi]
+            order = np.argsort(lengths, kind="stable")
+            weights = qv[order].astype(np.float64)
+            left = np.maximum(float(np.sum(weights**2)) - np.cumsum(weights**2), 0.0)
+            below = np.flatnonzero(left < (edge * PREFIX_REST_SHARE) ** 2)
+            taken = int(below[0]) + 1 if below.size else len(order)
+            rest = float(np.sqrt(left[taken - 1]))
+            partial = np.zeros(len(self._ids), np.float64)
+            indptr, rows, wts = self._indptr, self._rows, self._weights
+            for b, q in zip(qi[order[:taken]].tolist(), weights[:taken].tolist(), strict=True):
+                start, end = int(indptr[b]), int(indptr[b + 1])
+                if start < end:
+                    partial[rows[start:end]] += wts[start:end].astype(np.float64) * q
+            out = {self._ids[r] for r in np.flatnonzero(partial + rest >= edge).tolist() if partial[r] > 0.0}
+        if self._marked:
+            out -= self._marked  # their built rows are stale
+            live = sorted(p for p in self._marked if p in vectors)
+            scores = cosine_many(query, [vectors[p] for p in live])
+            out.update(p for p, sc in zip(live, scores, strict=True) if sc >= edge)
+        return out
 
     def top(
         self,

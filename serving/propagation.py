@@ -20,6 +20,12 @@ The definition every published list must match (DESIGN.md, "Propagation invarian
 * **stock, price, group or other non-text change**: the lists whose buffers name ``q``
   (and ``q``'s own) are re-evaluated, since substitute rules and reasons depend on them.
 
+``duplicates[p]`` (``serving.duplicates``) is pair-wise, so a change of ``q`` can only
+change ``q``'s own list and the entry for ``q`` in others: ``q``'s list is recomputed from
+its candidates (key mates and the pairs that may reach the threshold), and every owned list
+that named ``q`` before (``dup_holders``) or names it now is patched. A group change moves
+variants; no other non-text change touches duplicates. Whole-state steps recompute them all.
+
 A list that one swap in its top-C cannot change is left alone, and one that the swap
 changes in a known way is patched (``serving.patching``); the rest are rebuilt. Only lists
 that differ from the last published ones are returned, except that a product going out of
@@ -41,12 +47,14 @@ from serving.behavior import BehaviorRow
 from serving.candidates import CandidateBuffer, CandidateBuffers
 from serving.catalog import CatalogUpdate
 from serving.config import RecommenderConfig
+from serving.duplicates import DuplicateKeys, candidate_ids, duplicate_item, ranked, score_pairs
 from serving.errors import ListsDiffer
 from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import SparseVec, cosine_many
 from serving.lists import ReasonCache, build_complements, build_lists
 from serving.patching import may_change, patch_attributes, patched_lists
+from serving.postings import LexicalPostings
 from serving.publication import Items, Publication, Trigger
 from serving.scoring import Profile, dense_scores
 
@@ -71,7 +79,13 @@ class Propagator:
     version published per (kind, product). Not thread-safe.
     """
 
-    def __init__(self, config: RecommenderConfig, index: VectorIndex, owns: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        index: VectorIndex,
+        owns: Callable[[str], bool],
+        postings: LexicalPostings | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.owns = owns
@@ -93,6 +107,11 @@ class Propagator:
         #: are stale until ``settle``.
         self.unsettled = False
         self._unsettled_out_of_stock: set[str] = set()
+        #: The lexical postings (shared with search), where duplicates find their candidates.
+        self.postings = postings if postings is not None else LexicalPostings()
+        #: Duplicate keys of every live product, and which owned lists name each product.
+        self.dup_keys = DuplicateKeys()
+        self.dup_holders: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ whole-state steps
 
@@ -115,19 +134,25 @@ class Propagator:
         """
         self.lex = lex
         self.profiles = profiles
+        self.dup_keys.rebuild(profiles)
         self.buffers.adopt_all(buffers)
         for pid, row in rows.items():
             if pid in self.buffers.by_owner:
                 self._set_row(pid, row)
         if lists is not None:
             self._adopt_lists(lists, sample)
-            return
-        for pid in self.buffers.by_owner:
-            similar, subs = self._compute(pid)
-            self.lists[Kind.SIMILAR][pid] = similar
-            self.lists[Kind.SUBSTITUTES][pid] = subs
-            if pid in self.rows:
-                self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
+        else:
+            for pid in self.buffers.by_owner:
+                similar, subs = self._compute(pid)
+                self.lists[Kind.SIMILAR][pid] = similar
+                self.lists[Kind.SUBSTITUTES][pid] = subs
+                if pid in self.rows:
+                    self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
+                self.lists[Kind.DUPLICATES][pid] = self._duplicates(pid)
+        self.dup_holders = {}
+        for pid, items in self.lists[Kind.DUPLICATES].items():
+            for item in items:
+                self.dup_holders.setdefault(item.product_id, set()).add(pid)
 
     def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int) -> None:
         owners = self.buffers.by_owner
@@ -141,8 +166,9 @@ class Propagator:
             similar, subs = self._compute(pid)
             complements = self._compute_complements(pid) if pid in self.rows else ()
             held_complements = self.lists[Kind.COMPLEMENTS].get(pid, ())
-            if (similar, subs, complements) != (
-                self.lists[Kind.SIMILAR][pid], self.lists[Kind.SUBSTITUTES][pid], held_complements
+            if (similar, subs, complements, self._duplicates(pid)) != (
+                self.lists[Kind.SIMILAR][pid], self.lists[Kind.SUBSTITUTES][pid], held_complements,
+                self.lists[Kind.DUPLICATES][pid],
             ):
                 raise ListsDiffer(f"the saved lists of {pid} differ from a recomputation")
 
@@ -150,14 +176,16 @@ class Propagator:
         """Start from a whole catalog already in the index: buffers and lists of ``owned``."""
         self.lex = lex
         self.profiles = profiles
+        self.dup_keys.rebuild(profiles)
         self.buffers.build(owned, self.lex)
-        return self.refresh(owned)
+        return self.refresh(owned) + self.refresh_duplicates(owned)
 
     def use_lexical_vectors(self, lex: dict[str, SparseVec]) -> list[Publication]:
         """Rescore every pair with new lexical vectors and republish the lists that changed."""
         self.lex = lex
         self.buffers.rescore_lexical(self.lex)
-        return self.refresh(set(self.buffers.by_owner))
+        owned = set(self.buffers.by_owner)
+        return self.refresh(owned) + self.refresh_duplicates(owned)
 
     def apply_behavior(self, rows: Mapping[str, BehaviorRow]) -> list[Publication]:
         """Store validated behaviour rows and return the lists that changed; rows of products
@@ -202,6 +230,7 @@ class Propagator:
         """
         self.owns = owns
         for p in [p for p in self.buffers.by_owner if not owns(p)]:
+            self._forget_duplicates(p)
             self.buffers.remove_owner(p)
             self._reasons.pop(p, None)
             self._set_row(p, None)
@@ -218,7 +247,7 @@ class Propagator:
                 # The topic holds the old owner's complements, and no row says what they are.
                 self.lists[Kind.COMPLEMENTS][pid] = ()
                 emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
-        return emptied + self.refresh(gained)
+        return emptied + self.refresh(gained) + self.refresh_duplicates(gained)
 
     # ------------------------------------------------------------------ changes
 
@@ -239,10 +268,12 @@ class Propagator:
             affected.add(q)
         affected |= self._behavior_holders(q)
         self._enter(q, vq, near, old_rev, affected, patched)
-        return self.refresh(affected, out_of_stock=(q,) if out_of_stock else (), patched=patched)
+        pubs = self.refresh(affected, out_of_stock=(q,) if out_of_stock else (), patched=patched)
+        return pubs + self._duplicates_changed(q)
 
     def on_delete(self, q: str) -> list[Publication]:
         """``q`` is gone from the catalog: out of the index, every buffer and its own lists."""
+        self._forget_duplicates(q)
         self.buffers.remove_owner(q)
         self._reasons.pop(q, None)
         self.lex.pop(q, None)
@@ -255,6 +286,7 @@ class Propagator:
         affected |= self._behavior_holders(q)
         pubs = self._own_tombstones(q)
         pubs.extend(self.refresh(affected, patched=patched))
+        pubs.extend(self._duplicates_gone(q))
         return pubs
 
     def on_attributes_change(
@@ -290,7 +322,10 @@ class Propagator:
         affected |= self._behavior_holders(q)
         for p in affected:
             patched.pop(p, None)
-        return self.refresh(affected, out_of_stock=(q,) if update.went_out_of_stock else (), patched=patched)
+        pubs = self.refresh(affected, out_of_stock=(q,) if update.went_out_of_stock else (), patched=patched)
+        if update.before is None or update.after is None or update.before.group_id != update.after.group_id:
+            pubs += self._duplicates_changed(q)  # variants of one group are never duplicates
+        return pubs
 
     # ------------------------------------------------------------------ deferred changes
 
@@ -306,6 +341,8 @@ class Propagator:
         buffers that still name it are rebuilt by ``settle``."""
         self.unsettled = True
         self._unsettled_out_of_stock.discard(q)
+        self._forget_duplicates(q)
+        self.dup_keys.discard(q)
         self.buffers.remove_owner(q)
         self._reasons.pop(q, None)
         self.lex.pop(q, None)
@@ -329,11 +366,12 @@ class Propagator:
         owned = sorted(p for p in self.profiles if self.owns(p))
         # Buffers name products deleted meanwhile: start them all afresh.
         self.buffers.clear()
+        self.dup_keys.rebuild(self.profiles)
         forced = self._unsettled_out_of_stock & self.profiles.keys()
         for start in range(0, len(owned), chunk):
             part = owned[start : start + chunk]
             self.buffers.build(part, self.lex)
-            yield self.refresh(part, out_of_stock=forced)
+            yield self.refresh(part, out_of_stock=forced) + self.refresh_duplicates(part)
         self.unsettled = False
         self._unsettled_out_of_stock = set()
 
@@ -571,6 +609,81 @@ class Propagator:
                 if held != comp and (held is not None or comp):
                     self.lists[Kind.COMPLEMENTS][p] = comp
                     pubs.append(self.publish(Kind.COMPLEMENTS, p, comp, None))
+        return pubs
+
+    # ------------------------------------------------------------------ duplicates
+
+    def _duplicates(self, p: str) -> Items:
+        """``p``'s duplicates computed from its candidates (``serving.duplicates``)."""
+        ids = self.dup_keys.mates(p)
+        ids |= candidate_ids(p, index=self.index, lex=self.lex, postings=self.postings, config=self.config)
+        return score_pairs(self.profiles[p], ids, vector=self.index.get_vector(p), vectors=self.index.get_vectors,
+                           lex=self.lex, profiles=self.profiles, config=self.config)
+
+    def _set_duplicates(self, p: str, items: Items) -> list[Publication]:
+        """Make ``items`` ``p``'s duplicates; its publication when they differ from the held ones."""
+        held = self.lists[Kind.DUPLICATES].get(p)
+        if held == items:
+            return []
+        old = {i.product_id for i in held or ()}
+        new = {i.product_id for i in items}
+        for gone in old - new:
+            self._drop_holder(gone, p)
+        for came in new - old:
+            self.dup_holders.setdefault(came, set()).add(p)
+        self.lists[Kind.DUPLICATES][p] = items
+        return [self.publish(Kind.DUPLICATES, p, items, None)]
+
+    def _drop_holder(self, q: str, p: str) -> None:
+        holders = self.dup_holders.get(q)
+        if holders is not None:
+            holders.discard(p)
+            if not holders:
+                del self.dup_holders[q]
+
+    def _forget_duplicates(self, p: str) -> None:
+        """``p``'s own duplicates list is about to go (deleted, handed over): unregister it."""
+        for item in self.lists[Kind.DUPLICATES].get(p, ()):
+            self._drop_holder(item.product_id, p)
+
+    def refresh_duplicates(self, owners: Iterable[str]) -> list[Publication]:
+        """Recompute the duplicates of ``owners`` and publish those that changed."""
+        pubs: list[Publication] = []
+        for p in sorted(owners):
+            if p in self.buffers.by_owner:
+                pubs += self._set_duplicates(p, self._duplicates(p))
+        return pubs
+
+    def _duplicates_changed(self, q: str) -> list[Publication]:
+        """``q`` is new or changed: its own duplicates, and its entry in every owned list that
+        named it or names it now (the relation is pair-wise and symmetric)."""
+        self.dup_keys.put(q, self.profiles[q].dup_keys)
+        if not self.buffers.by_owner:
+            return []  # no list here can name q (a replica, a worker before its assignment)
+        mine = self._duplicates(q)
+        pubs = self._set_duplicates(q, mine) if q in self.buffers.by_owner else []
+        found = {i.product_id: i for i in mine}
+        owner_q = self.profiles[q]
+        for p in sorted(self.dup_holders.get(q, set()) | found.keys()):
+            if p == q or p not in self.buffers.by_owner:
+                continue
+            rest = [i for i in self.lists[Kind.DUPLICATES].get(p, ()) if i.product_id != q]
+            hit = found.get(p)
+            if hit is not None:
+                item = duplicate_item(self.profiles[p], owner_q, hit.dense, hit.lexical, self.config)
+                if item is not None:
+                    rest.append(item)
+            pubs += self._set_duplicates(p, ranked(rest))
+        return pubs
+
+    def _duplicates_gone(self, q: str) -> list[Publication]:
+        """``q`` is deleted: out of every owned list that named it."""
+        self.dup_keys.discard(q)
+        pubs: list[Publication] = []
+        for p in sorted(self.dup_holders.get(q, set())):
+            if p in self.buffers.by_owner:
+                pubs += self._set_duplicates(p, tuple(i for i in self.lists[Kind.DUPLICATES][p] if i.product_id != q))
+        self.dup_holders.pop(q, None)
         return pubs
 
     def seed_version(self, kind: Kind, product_id: str, version: int) -> None:

@@ -99,7 +99,9 @@ class Recommender:
         self.offsets: Offsets = {}
         #: The lexical vectors by feature, for search (built at the first search).
         self.postings = LexicalPostings()
-        self._propagation = Propagator(config, index, owns if owns is not None else (lambda _pid: True))
+        self._propagation = Propagator(
+            config, index, owns if owns is not None else (lambda _pid: True), postings=self.postings
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -191,6 +193,11 @@ class Recommender:
     def complements(self, product_id: str) -> Items | None:
         """The current complements list, or ``None`` where no behaviour was seen."""
         return self._propagation.lists[Kind.COMPLEMENTS].get(product_id)
+
+    def duplicates(self, product_id: str) -> Items | None:
+        """The other listings of the same product (``serving.duplicates``), or ``None`` for an
+        unknown or unowned product."""
+        return self._propagation.lists[Kind.DUPLICATES].get(product_id)
 
     def behavior_rows(self) -> dict[str, BehaviorRow]:
         """A copy of the stored behaviour rows (for ``exact_lists`` and snapshots)."""

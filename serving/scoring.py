@@ -120,6 +120,8 @@ class Profile:
     attr_reasons: tuple[tuple[str, str, str], ...] = ()  # (key_norm, value_norm, reason)
     #: Two products that share a key are listings of the same product (``duplicate_keys``).
     dup_keys: tuple[str, ...] = ()
+    #: The title's words that hold a digit ("11", "2007", "x100"): editions and versions.
+    title_numbers: frozenset[str] = frozenset()
 
 
 def profile(product: Product) -> Profile:
@@ -142,6 +144,7 @@ def profile(product: Product) -> Profile:
         category_reason=sys.intern(f"same category: {leaf_display}"),
         attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs),
         dup_keys=duplicate_keys(product.title, product.brand),
+        title_numbers=frozenset(w for w in words(product.title) if any(ch.isdigit() for ch in w)),
     )
 
 
@@ -158,6 +161,9 @@ def duplicate_keys(title: str, brand: str | None) -> tuple[str, ...]:
     * with a brand, the brand with the title's model codes (tokens of letters and digits,
       punctuation dropped: ``WH-1000XM4`` is ``wh1000xm4``), when the title has any: one
       brand's model number names one product, however the rest of the title is written.
+      A model code has five characters or more, two letters and two digits at least
+      (``model_code``): a version tag (``cs3``, ``v2.0``, ``r11.5``, ``11d``) is shared by a
+      brand's whole line, and made "Adobe Photoshop CS3" a duplicate of "Adobe InDesign CS3".
 
     Variants of a product (another colour, a 2-pack) differ in a title word, so they stay.
     """
@@ -168,10 +174,20 @@ def duplicate_keys(title: str, brand: str | None) -> tuple[str, ...]:
         return ()
     keys = [f"t\x00{brand_norm}\x00{' '.join(title_words)}"]
     if brand_norm:
-        title_codes = sorted(codes(title))
+        title_codes = sorted(c for c in codes(title) if model_code(c))
         if title_codes:
             keys.append(f"c\x00{brand_norm}\x00{' '.join(title_codes)}")
     return tuple(keys)
+
+
+def variants(group: str | None, other_group: str | None) -> bool:
+    """Whether two listings are variants of one group (never duplicates of each other)."""
+    return group is not None and group == other_group
+
+
+def model_code(code: str) -> bool:
+    """Whether a code token (``serving.lexical.codes``) is long enough to name one product."""
+    return len(code) >= 5 and sum(ch.isdigit() for ch in code) >= 2 and sum(ch.isalpha() for ch in code) >= 2
 
 
 #: Largest price gap, in percent, that is still given as a reason ("price within N%").

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     topic_similar_items: str = Field("similar-items", description="Output (compacted): similar items per product.")
     topic_substitutes: str = Field("substitutes", description="Output (compacted): in-stock substitutes per product.")
     topic_complements: str = Field("complements", description="Output (compacted): bought-together items per product.")
+    topic_duplicates: str = Field(
+        "duplicates", description="Output (compacted): the other listings of the same product, per product."
+    )
     topic_user_recommendations: str = Field("user-recommendations", description="Output: per-user feeds.")
     topic_dead_letters: str = Field("simstream-dead-letters", description="Output: events that could not be processed.")
     topic_products: str = Field("simstream-products", description="Internal (compacted): merged catalog state.")
@@ -140,6 +143,10 @@ class Settings(BaseSettings):
         True, description="List one of several listings of the same product (same brand and title words, or the "
                           "same brand and model code; variants of one group excepted): the best ranked stays and "
                           "names the others in its reasons as `duplicate_of: <id>`.")
+    duplicate_threshold: float = Field(
+        0.66, gt=0, le=2, description="Content score at which two listings count as one product on the `duplicates` "
+        "topic, besides the textual rule (calibrated on Amazon-Google with `simstream eval duplicates`: "
+        "docs/quality.md); above 1 the textual rule alone decides.")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(200, ge=10, le=5000, description="HNSW ef at query time: about 3x the neighbours a list "
                          "search asks for (candidate depth + 16), so the dense candidates are those of an exact search.")

@@ -127,6 +127,52 @@ def register_views(app: faust.App, worker: Worker) -> None:
     for kind in Kind:  # one read endpoint per registered list kind: /similar/{id}, /substitutes/{id}, ...
         list_view(kind, f"/{kind}/{{product_id}}")
 
+    @app.page("/products/{product_id}/duplicates")
+    class DuplicatesView(Base):
+        """The other listings of the same product (the ``duplicates`` topic's list), with titles."""
+
+        async def get(self, request: Request, product_id: str) -> Response:
+            if (denied := self.guard(request) or self.bad_id(product_id)) is not None:
+                return denied
+            body = await engine.read(lambda core: None if product_id not in core.catalog
+                                     else duplicates_of(core, product_id))
+            if body is None:
+                return self.unknown(product_id)
+            return self.json(body)
+
+    def duplicates_of(core: Recommender, product_id: str) -> dict[str, Any]:
+        items = core.duplicates(product_id)
+        return {"product_id": product_id, "title": title(core, product_id),
+                "owned": items is not None, "threshold": core.config.duplicate_threshold,
+                "version": core.versions.get((Kind.DUPLICATES, product_id), 0),
+                "model_version": engine.model_version,
+                "duplicates": [{"duplicate_id": i.product_id, "title": title(core, i.product_id), "score": i.score,
+                                "dense": i.dense, "lexical": i.lexical, "reasons": list(i.reasons)}
+                               for i in items or ()]}
+
+    @app.page("/live")
+    class Live(Base):
+        """The live stream (``streams.live``): the last changes and the lists each republished,
+        freshness p50/p99 over the last minutes, counters, and the model versions in use."""
+
+        async def get(self, request: Request) -> Response:
+            if (denied := self.guard(request)) is not None:
+                return denied
+            body = worker.live.as_json()
+            ids = {c["product_id"] for c in body["changes"] if c["product_id"]}
+            ids |= {item["product_id"] for c in body["changes"] for item in c["lists"]}
+            titles = await engine.read(lambda core: {pid: title(core, pid) for pid in ids})
+            for change in body["changes"]:
+                change["title"] = titles.get(change["product_id"]) if change["product_id"] else None
+                for item in change["lists"]:
+                    item["title"] = titles.get(item["product_id"])
+            lexical = engine.core.lexical
+            body["models"] = {"encoder": engine.model_version if engine.encoder_ok else None,
+                              "rollover": worker.rollover.status.as_json(),
+                              "lexical_idf_docs": lexical.n_docs if lexical.fitted else None,
+                              "duplicate_threshold": engine.core.config.duplicate_threshold}
+            return self.json(body)
+
     @app.page("/users/{user_id}/recommendations")
     class UserRecommendations(Base):
         """The user's feed now; ``k`` (1 to ``MAX_FEED_ITEMS``) items; trending for new users,

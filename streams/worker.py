@@ -32,13 +32,14 @@ from typing import Any
 from encoders.factory import create_encoder
 from serving.config import RecommenderConfig
 from serving.errors import EncoderUnavailable, SnapshotError
-from serving.kinds import CONTENT_KINDS
+from serving.kinds import CONTENT_KINDS, LIST_KINDS
 from serving.recommender import Recommender
 from serving.snapshot import ChildSave
 from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
 from streams.engine import Engine, needs_refit
 from streams.kafka_io import committed_offsets, end_offsets, input_offsets
+from streams.live import LiveFeed
 from streams.metrics import Metrics
 from streams.offers import OfferStream
 from streams.outputs import Inbound, Outbound, Send
@@ -66,6 +67,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         lexical_floor=settings.lexical_floor,
         behavior_weight=settings.behavior_weight,
         collapse_duplicates=settings.collapse_duplicates,
+        duplicate_threshold=settings.duplicate_threshold,
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,
@@ -114,6 +116,8 @@ class Worker:
         self.state = StateReader(settings)
         self.replica: Replica | None = None
         self.sink = sink
+        #: The page's live stream (GET /live): what the broker acknowledged, by the change behind it.
+        self.live = LiveFeed({settings.list_topic(spec.kind): str(spec.kind) for spec in LIST_KINDS})
         self.ready = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.behavior_lock = asyncio.Lock()
@@ -166,6 +170,7 @@ class Worker:
         sink = self.sink
         # The broker is down or refusing: try again, the batch is never skipped.
         await retry_forever(lambda: sink(owned), f"publishing {len(owned)} records")
+        self.live.observe(owned)
 
     # ------------------------------------------------------------------ start
 

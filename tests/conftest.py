@@ -57,7 +57,8 @@ def isolated_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
     }
     for name in ("product_changes", "user_events", "similar_items", "substitutes", "complements",
                  "user_recommendations", "dead_letters", "products", "embeddings", "pair_updates", "lexical",
-                 "product_labels", "models", "competitor_offers", "offer_matches", "competitor_prices"):
+                 "product_labels", "models", "competitor_offers", "offer_matches", "competitor_prices",
+                 "duplicates"):
         env[f"SIMSTREAM_TOPIC_{name.upper()}"] = f"t-{tag}-{name.replace('_', '-')}"
     return env
 

@@ -11,6 +11,7 @@ import click
 
 from streams.cli import (  # noqa: F401  (each registers its commands on import)
     behavior_commands,
+    duplicates_commands,
     encoder_commands,
     eval_commands,
     kafka_commands,

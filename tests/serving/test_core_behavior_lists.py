@@ -64,7 +64,7 @@ def test_complements_are_live_in_stock_partners_best_first() -> None:
 
     pubs = rec.apply(ProductDelete("A", 5))
     tombstones = {p.key for p in pubs if p.items is None}
-    assert tombstones == {(Kind.SIMILAR, "A"), (Kind.SUBSTITUTES, "A"), (Kind.COMPLEMENTS, "A")}
+    assert tombstones == {(Kind.SIMILAR, "A"), (Kind.SUBSTITUTES, "A"), (Kind.COMPLEMENTS, "A"), (Kind.DUPLICATES, "A")}
     assert rec.behavior_rows() == {}
 
 

@@ -52,7 +52,8 @@ def test_a_deferred_delete_tombstones_its_own_lists_at_once_and_leaves_every_lis
     holders = [p for p, items in rec.lists(Kind.SIMILAR).items() if "p07" in {i.product_id for i in items}]
     assert holders
     gone = rec.apply(ProductDelete("p07", 2.0), defer=True)
-    assert {(p.key, p.items) for p in gone} == {((Kind.SIMILAR, "p07"), None), ((Kind.SUBSTITUTES, "p07"), None)}
+    assert {(p.key, p.items) for p in gone} == {((Kind.SIMILAR, "p07"), None), ((Kind.SUBSTITUTES, "p07"), None),
+                                                 ((Kind.DUPLICATES, "p07"), None)}
     pubs = rec.settle()
     assert set(holders) <= {p.product_id for p in pubs if p.kind is Kind.SIMILAR}
     assert all("p07" not in {i.product_id for i in items} for items in rec.lists(Kind.SIMILAR).values())

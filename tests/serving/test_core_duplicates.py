@@ -107,3 +107,12 @@ def test_a_price_change_of_the_kept_listing_keeps_what_it_stands_for() -> None:
     assert any(p.kind is Kind.SIMILAR and p.product_id == "owner" for p in pubs)
     fresh = build(**{"stuffit-a": ProductUpsert("stuffit-a", 1.0, title="Stuffit Deluxe 11", price=25.0)})
     assert similar == fresh.similar("owner")
+
+
+def test_a_version_tag_is_not_a_model_code() -> None:
+    """A brand's line shares its version tags: they name no single product."""
+    for a, b in (("Adobe Photoshop CS3 [mac]", "Adobe InDesign CS3 [mac]"),
+                 ("CA ArcServe backup r11.5 agent", "CA ArcServe protection suite r11.5"),
+                 ("Instant Immersion German v2.0", "Instant Immersion Italian v2.0")):
+        assert not set(duplicate_keys(a, "Brand")) & set(duplicate_keys(b, "Brand")), (a, b)
+    assert set(duplicate_keys("Samsung SM-G991B phone", "Samsung")) & set(duplicate_keys("SMG991B, black", "Samsung"))

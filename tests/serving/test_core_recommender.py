@@ -101,7 +101,8 @@ def test_delete_publishes_tombstones_and_refills_lists_that_named_it() -> None:
     rec, _ = build()
     pubs = rec.apply(ProductDelete("A", 2))
     tombstones = [p for p in pubs if p.items is None]
-    assert {(p.kind, p.product_id) for p in tombstones} == {(Kind.SIMILAR, "A"), (Kind.SUBSTITUTES, "A")}
+    assert {(p.kind, p.product_id) for p in tombstones} == {
+        (Kind.SIMILAR, "A"), (Kind.SUBSTITUTES, "A"), (Kind.DUPLICATES, "A")}
     assert rec.similar("A") is None and rec.substitutes("A") is None
     refreshed = {p.product_id for p in pubs if p.kind is Kind.SIMILAR and p.items is not None}
     assert refreshed == {"B", "C", "D", "E"}
@@ -212,9 +213,9 @@ def test_apply_many_keeps_last_publication_per_key_and_reports_errors() -> None:
     pubs = rec.apply_many(items, on_error=lambda i, e: errors.append((i, e)))
     assert [i for i, _ in errors] == [3] and isinstance(errors[0][1], InvalidVector)
     keys = [p.key for p in pubs]
-    assert len(keys) == len(set(keys)) == 6
+    assert len(keys) == len(set(keys)) == 9  # similar, substitutes and duplicates of A, B and C
     for p in pubs:
-        assert p.items == (rec.similar(p.product_id) if p.kind is Kind.SIMILAR else rec.substitutes(p.product_id))
+        assert p.items == rec.list_of(p.kind, p.product_id)
     with pytest.raises(InvalidVector):
         rec.apply_many([(ProductUpsert("bad", 1, title="x"), np.zeros(4))])
 

@@ -29,7 +29,7 @@ def test_topic_settings_name_settings_attributes() -> None:
 
 def test_content_kinds_follow_the_flags() -> None:
     assert tuple(spec.kind for spec in LIST_KINDS if spec.content) == CONTENT_KINDS
-    assert CONTENT_KINDS == (Kind.SIMILAR, Kind.SUBSTITUTES)
+    assert CONTENT_KINDS == (Kind.SIMILAR, Kind.SUBSTITUTES, Kind.DUPLICATES)
     assert not spec_of(Kind.COMPLEMENTS).content
 
 

@@ -192,7 +192,8 @@ async def test_restore_reuses_stored_vectors_and_republishes_only_what_differs(p
     encoder = CountingEncoder()
     fresh = make_pipeline(encoder)
     records = (await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"],
-                                  {Kind.SIMILAR: latest["similar-items"], Kind.SUBSTITUTES: latest["substitutes"]})
+                                  {Kind.SIMILAR: latest["similar-items"], Kind.SUBSTITUTES: latest["substitutes"],
+                                   Kind.DUPLICATES: latest["duplicates"]})
                ).records()
     assert encoder.calls == []  # nothing embedded again
     assert len(fresh.core.catalog) == 5

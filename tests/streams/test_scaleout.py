@@ -93,7 +93,7 @@ def test_hand_over_republishes_only_lists_that_differ_and_continues_versions() -
 
     previous = build(PartitionOwnership(frozenset({0, 1, 2, 3}), PARTITIONS))
     on_topic = {kind: {pid: publication_to_wire(previous.republish(kind, pid), model_version="m/1", at=0.0)
-                       for pid in previous.lists(kind)} for kind in (Kind.SIMILAR, Kind.SUBSTITUTES)}
+                       for pid in previous.lists(kind)} for kind in (Kind.SIMILAR, Kind.SUBSTITUTES, Kind.DUPLICATES)}
     heir = Recommender(config, ExactIndex(config.dim), owns=PartitionOwnership(frozenset(), PARTITIONS))
     for p in previous.catalog:
         heir.apply(ProductUpsert(product_id=p.product_id, ts=p.ts, title=p.title), previous.index.get_vector(p.product_id))

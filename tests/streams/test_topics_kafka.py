@@ -32,7 +32,7 @@ def test_create_topics_twice_is_harmless_and_sets_compaction(settings_for: Calla
     assert set(second.values()) == {"exists"}
 
     policies = describe_cleanup_policy(settings, list(first))
-    compacted = {settings.topic_similar_items, settings.topic_substitutes, settings.topic_complements,
+    compacted = {settings.topic_similar_items, settings.topic_substitutes, settings.topic_complements, settings.topic_duplicates,
                  settings.topic_products, settings.topic_embeddings, settings.topic_lexical,
                  settings.topic_product_labels, settings.topic_models, settings.topic_offer_matches,
                  settings.topic_competitor_prices}

@@ -179,3 +179,74 @@ def test_the_search_box_uses_semantic_search_with_filters_and_reasons(
     browser.find_element(By.ID, "price_max").send_keys("-5")
     wait.until(lambda d: "price_max must be a number of at least 0" in d.find_element(By.ID, "search-status").text)
     assert shown() == []
+
+
+DUPLICATE_PRODUCTS = [
+    ("STUFF-1", "Stuffit Deluxe 11", "Smith Micro", ["Software", "Utilities"], 79.99),
+    ("STUFF-2", "stuffit  deluxe 11", "smith micro", ["Software", "Utilities"], 74.99),  # the same, typed again
+    ("PSE-1", "Adobe Photoshop Elements 2.0 for Windows", "Adobe", ["Software", "Graphics"], 99.0),
+    ("PSE-2", "Photoshop Elements 2.0 (Windows)", "Adobe", ["Software", "Graphics"], 89.0),
+    ("POSER", "Poser 8 3D figure animation", "Smith Micro", ["Software", "Graphics"], 199.0),
+    ("KEYS", "Logitech MX Keys wireless keyboard", "Logitech", ["Electronics", "Keyboards"], 99.0),
+]
+
+
+def test_the_live_stream_and_a_products_duplicates(
+    settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess], browser: Any,
+    tmp_path: Any,
+) -> None:
+    """The landing view is the live stream (changes, what each republished, freshness,
+    counters, models); a product shows its duplicate listings. Screenshots go to tmp_path, or
+    to docs/live.png and docs/duplicates.png with SIMSTREAM_UPDATE_SCREENSHOTS=1."""
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings = settings_for()
+    create_topics(settings)
+    worker = worker_factory()
+    worker.wait_ready()
+    kafka = producer(settings)
+    for pid, title, brand, category, price in DUPLICATE_PRODUCTS:
+        event = {"op": "upsert", "product_id": pid, "title": title, "brand": brand, "category": category,
+                 "price": price, "currency": "USD", "ts": time.time()}
+        kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
+    kafka.flush()
+    # One more change after the catalog: a price cut, which republishes the lists it moves.
+    kafka.send(settings.topic_product_changes, key=b"STUFF-2", value=json.dumps(
+        {"op": "upsert", "product_id": "STUFF-2", "price": 69.99, "ts": time.time()}).encode())
+    kafka.flush()
+    kafka.close()
+    deadline = time.monotonic() + 60
+    while worker.get("/products/STUFF-2")[1].get("price") != 69.99 and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+    out_dir = ROOT / "docs" if os.environ.get("SIMSTREAM_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    browser.set_window_size(1280, 1000)
+    wait = WebDriverWait(browser, 20)
+    browser.get(worker.web + "/")
+    wait.until(lambda d: any("duplicates Stuffit Deluxe 11" in r.text
+                             for r in d.find_elements(By.CSS_SELECTOR, "#live tr[data-change]")))
+    live = browser.find_element(By.ID, "live")
+    assert "freshness p50" in live.text and "p99" in live.text and "encoder hashing" in live.text
+    assert "duplicate threshold" in live.text
+    browser.save_screenshot(str(out_dir / "live.png"))
+
+    # Pick a product from the stream: its page, lists and duplicate listings.
+    first = browser.find_element(By.CSS_SELECTOR, "#live tr[data-change] a")
+    picked = first.text
+    first.click()
+    wait.until(lambda d: picked in d.find_element(By.ID, "product").text)
+    assert browser.find_elements(By.ID, "duplicates")
+    for pid, other, reason in (("PSE-1", "PSE-2", "content score >="), ("STUFF-1", "STUFF-2", "same brand and title words")):
+        browser.get(f"{worker.web}/#{pid}")
+        browser.refresh()
+        wait.until(lambda d, other=other: [r.get_attribute("data-item") for r in
+                                           d.find_elements(By.CSS_SELECTOR, "#duplicates tr[data-item]")] == [other])
+        assert reason in browser.find_element(By.ID, "duplicates").text
+    browser.set_window_size(1280, 1300)
+    browser.save_screenshot(str(out_dir / "duplicates.png"))
+    # And back to the stream.
+    browser.find_element(By.ID, "nav-live").click()
+    wait.until(lambda d: len(d.find_elements(By.ID, "live")) == 1)
