@@ -241,6 +241,25 @@ def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
+def _op(obj: dict[str, Any]) -> str:
+    """The ``op`` of an upsert-or-delete record."""
+    op = obj.get("op")
+    if op is None:
+        raise DecodeError("missing required field 'op' (\"upsert\" or \"delete\")")
+    if op not in ("upsert", "delete"):
+        shown = op if isinstance(op, str) else _type_name(op)
+        raise DecodeError(f"unknown op {str(shown)[:40]!r}; expected \"upsert\" or \"delete\"")
+    return str(op)
+
+
+def _currency(obj: dict[str, Any]) -> str | None:
+    """The optional ISO-4217 ``currency``."""
+    currency = _string(obj, "currency", 3)
+    if currency is not None and not _CURRENCY_PATTERN.match(currency):
+        raise DecodeError(f"field 'currency' must be an ISO-4217 code such as \"USD\", got {currency!r}")
+    return currency
+
+
 # --- decoders ------------------------------------------------------------------------------
 
 
@@ -254,12 +273,7 @@ def decode_product_change(
     """Decode and check one ``product-changes`` value; raise ``DecodeError`` with the reason."""
     now = datetime.now(UTC).timestamp() if now is None else now
     obj = _load_object(raw, max_bytes)
-    op = obj.get("op")
-    if op is None:
-        raise DecodeError("missing required field 'op' (\"upsert\" or \"delete\")")
-    if op not in ("upsert", "delete"):
-        shown = op if isinstance(op, str) else _type_name(op)
-        raise DecodeError(f"unknown op {str(shown)[:40]!r}; expected \"upsert\" or \"delete\"")
+    op = _op(obj)
     product_id = _identifier(obj, "product_id", required=True)
     ts = _timestamp(obj, kafka_ts, now)
     if op == "delete":
@@ -296,9 +310,7 @@ def decode_product_change(
             checked[key] = value
         attributes = checked
 
-    currency = _string(obj, "currency", 3)
-    if currency is not None and not _CURRENCY_PATTERN.match(currency):
-        raise DecodeError(f"field 'currency' must be an ISO-4217 code such as \"USD\", got {currency!r}")
+    currency = _currency(obj)
 
     title = _string(obj, "title", MAX_TITLE_CHARS)
     if title is not None and not title.strip():
@@ -401,12 +413,7 @@ def decode_competitor_offer(
     """
     now = datetime.now(UTC).timestamp() if now is None else now
     obj = _load_object(raw, max_bytes)
-    op = obj.get("op")
-    if op is None:
-        raise DecodeError("missing required field 'op' (\"upsert\" or \"delete\")")
-    if op not in ("upsert", "delete"):
-        shown = op if isinstance(op, str) else _type_name(op)
-        raise DecodeError(f"unknown op {str(shown)[:40]!r}; expected \"upsert\" or \"delete\"")
+    op = _op(obj)
     competitor = _identifier(obj, "competitor", required=True)
     offer_id = _identifier(obj, "offer_id", required=True)
     assert competitor is not None and offer_id is not None
@@ -419,9 +426,7 @@ def decode_competitor_offer(
     assert title is not None
     if not title.strip():
         raise DecodeError("field 'title' is blank")
-    currency = _string(obj, "currency", 3)
-    if currency is not None and not _CURRENCY_PATTERN.match(currency):
-        raise DecodeError(f"field 'currency' must be an ISO-4217 code such as \"USD\", got {currency!r}")
+    currency = _currency(obj)
     return CompetitorOfferRecord(
         op="upsert", competitor=competitor, offer_id=offer_id, ts=ts, title=title.strip(),
         brand=_string(obj, "brand", MAX_SHORT_CHARS),
