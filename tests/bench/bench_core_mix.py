@@ -36,12 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serving.catalog import Catalog, ProductChange, ProductUpsert
+from serving.catalog import ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.recommender import Recommender
 from serving.snapshot import save_in_child
 from serving.text import product_text
-from tests.bench.bench_exact_scale import CACHE, embed, upsert
+from tests.bench.bench_exact_scale import CACHE, embed, embedded_catalog
 from tests.bench.harness import VARIANTS, build_catalog
 
 QUICK_ARGS = ["--n", "3000", "--ops", "300"]
@@ -131,12 +131,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     rows = build_catalog(args.n, random.Random(args.seed))
-    products = [upsert(r, 1.7e9) for r in rows]
-    merged = Catalog()
-    for change in products:
-        merged.apply(change)
-    texts = [product_text(p) for p in (merged.get(c.product_id) for c in products) if p is not None]
-    vectors = embed(texts, "catalog")
+    products, _catalog, vectors = embedded_catalog(rows)
     config = RecommenderConfig(hnsw_initial_capacity=args.n + 1024)
     key = hashlib.sha256(f"{args.n}-{args.seed}-{config}".encode()).hexdigest()[:12]
     snap = CACHE / f"core-mix-{args.n}-{key}"
@@ -160,7 +155,7 @@ def main() -> None:
         rec.save(snap)
         res["snapshot_save_s"] = round(time.perf_counter() - t, 1)
         print(f"snapshot save: {res['snapshot_save_s']} s")
-    del products, merged, vectors
+    del products, _catalog, vectors
     gc.collect()
     gc.freeze()
     res["rss_kb_per_product"] = round((rss_kb() - rss0) / args.n, 1)

@@ -28,13 +28,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serving.catalog import Catalog, ProductDelete, ProductUpsert
+from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.duplicates import candidate_ids, score_pairs
 from serving.recommender import Kind, Recommender
 from serving.scoring import profile
 from serving.text import product_text
-from tests.bench.bench_exact_scale import embed, upsert
+from tests.bench.bench_exact_scale import embed, embedded_catalog, upsert
 from tests.bench.harness import VARIANTS, build_catalog
 
 QUICK_ARGS = ["--n", "8000", "--churn", "400", "--sample", "100"]
@@ -56,12 +56,7 @@ def main() -> None:
     n_new = args.churn // 5
     rows = build_catalog(args.n + n_new, rng)
     base, fresh = rows[: args.n], rows[args.n :]
-    products = [upsert(r, 1.7e9) for r in base]
-    merged = Catalog()
-    for change in products:
-        merged.apply(change)
-    current = {pid: product for pid in (p.product_id for p in products) if (product := merged.get(pid))}
-    vectors = embed([product_text(current[p.product_id]) for p in products], "catalog")
+    products, merged, vectors = embedded_catalog(base)
     config = RecommenderConfig(hnsw_initial_capacity=args.n + n_new + 1024)
     rec = Recommender(config)
     started = time.perf_counter()
@@ -94,7 +89,8 @@ def main() -> None:
     touched = rng.sample([r["product_id"] for r in base], n_edit + n_delete + n_flip)
     edits, deletes, flips = touched[:n_edit], touched[n_edit : n_edit + n_delete], touched[n_edit + n_delete :]
     edit_titles = {pid: f"{rows[rng.randrange(args.n)]['title']} - {rng.choice(VARIANTS)}" for pid in edits}
-    edit_texts = {pid: product_text(replace(current[pid], title=title)) for pid, title in edit_titles.items()}
+    edit_texts = {pid: product_text(replace(merged.get(pid), title=title))  # type: ignore[arg-type]
+                  for pid, title in edit_titles.items()}
     new_products = [upsert(r, 1.8e9) for r in fresh]
     for change in new_products:
         merged.apply(change)

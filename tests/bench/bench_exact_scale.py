@@ -73,6 +73,16 @@ def upsert(row: dict[str, Any], ts: float) -> ProductUpsert:
     return change
 
 
+def embedded_catalog(rows: list[dict[str, Any]]) -> tuple[list[ProductUpsert], Catalog, np.ndarray]:
+    """``rows`` as upserts, the catalog they make, and its products' MiniLM vectors (cached)."""
+    products = [upsert(r, 1.7e9) for r in rows]
+    merged = Catalog()
+    for change in products:
+        merged.apply(change)
+    texts = [product_text(product) for product in (merged.get(c.product_id) for c in products) if product]
+    return products, merged, embed(texts, "catalog")
+
+
 def overlap_stats(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
     return {"mean": round(float(arr.mean()), 5), "min": round(float(arr.min()), 4),
@@ -94,13 +104,7 @@ def main() -> None:
     n_new = args.churn // 5
     rows = build_catalog(args.n + n_new, rng)
     base, fresh = rows[: args.n], rows[args.n :]
-    products = [upsert(r, 1.7e9) for r in base]
-    merged = Catalog()
-    for change in products:
-        merged.apply(change)
-    current = {pid: product for pid in (p.product_id for p in products) if (product := merged.get(pid))}
-    texts = [product_text(current[p.product_id]) for p in products]
-    vectors = embed(texts, "catalog")
+    products, merged, vectors = embedded_catalog(base)
 
     tuned = {k: v for k, v in (("hnsw_ef", args.ef), ("hnsw_m", args.m)) if v is not None}
     config = RecommenderConfig(hnsw_initial_capacity=args.n + n_new + 1024, index=args.index, **tuned)
@@ -119,7 +123,7 @@ def main() -> None:
     edit_texts = {}
 
     for pid, title in edit_titles.items():
-        edit_texts[pid] = product_text(replace(current[pid], title=title))
+        edit_texts[pid] = product_text(replace(merged.get(pid), title=title))  # type: ignore[arg-type]
     new_products = [upsert(r, 1.8e9) for r in fresh]
     for change in new_products:
         merged.apply(change)

@@ -33,14 +33,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serving.catalog import Catalog, ProductUpsert
+from serving.catalog import ProductUpsert
 from serving.config import RecommenderConfig
 from serving.offers import Offer, OfferMatcher
 from serving.recommender import Recommender
 from serving.text import product_text
 from streams.offers import calibration_of
 from streams.settings import Settings
-from tests.bench.bench_exact_scale import embed, upsert
+from tests.bench.bench_exact_scale import embed, embedded_catalog
 from tests.bench.harness import VARIANTS, build_catalog
 
 QUICK_ARGS = ["--n", "2000", "--offers", "300", "--ops", "50"]
@@ -74,14 +74,10 @@ def main() -> None:
     rng = random.Random(args.seed)
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     rows = build_catalog(args.n, random.Random(args.seed))
-    products = [upsert(r, 1.7e9) for r in rows]
-    merged = Catalog()
-    for change in products:
-        merged.apply(change)
-    texts = [product_text(p) for p in (merged.get(c.product_id) for c in products) if p is not None]
+    products, _catalog, vectors = embedded_catalog(rows)
     core = Recommender(RecommenderConfig(hnsw_initial_capacity=args.n + 1024))
     started = time.perf_counter()
-    core.bulk_load(products, embed(texts, "catalog"))
+    core.bulk_load(products, vectors)
     print(f"bulk_load of {args.n:,} products: {time.perf_counter() - started:.0f} s", flush=True)
 
     offers: list[Offer] = []
