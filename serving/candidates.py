@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -103,10 +103,6 @@ class CandidateBuffer:
         """The first ``n`` members as (id, dense, lexical)."""
         return [(c, -d, lx) for c, d, lx in zip(self.ids[:n], self.neg[:n], self.lex[:n], strict=True)]
 
-    def scores(self) -> Iterator[tuple[str, float, float]]:
-        """Every member as (id, dense, lexical), best first."""
-        return ((c, -d, lx) for c, d, lx in zip(self.ids, self.neg, self.lex, strict=True))
-
 
 class CandidateBuffers:
     """The buffers of the owned products (``by_owner``) and who names whom (``holders``).
@@ -185,16 +181,8 @@ class CandidateBuffers:
                 self._owner_at[slot] = p
             else:
                 slot = len(self._owner_at)
+                self._reserve(slot + 1)
                 self._owner_at.append(p)
-                if slot >= self._floor.shape[0]:
-                    # By a quarter, not double: at 1M owners the spare rows of a doubling
-                    # would average 0.5 KB per product.
-                    size = self._floor.shape[0] + max(64, self._floor.shape[0] // 4)
-                    floor = np.full(size, np.nan, dtype=np.float64)
-                    floor[:slot] = self._floor[:slot]
-                    vec = np.zeros((size, self._vec.shape[1]), dtype=np.float32)
-                    vec[:slot] = self._vec[:slot]
-                    self._floor, self._vec = floor, vec
             self._slot[p] = slot
             if vector is None:
                 vector = self.index.get_vector(p)
@@ -203,6 +191,21 @@ class CandidateBuffers:
             if self._primed:
                 self._primed_dirty.add(slot)
         self._floor[slot] = -np.inf if buf.complete or not buf.ids else -buf.neg[-1]
+
+    def _reserve(self, slots: int) -> None:
+        """Room for ``slots`` owners in the floor and vector arrays (free slots hold NaN)."""
+        have = self._floor.shape[0]
+        if slots <= have:
+            return
+        # By a quarter, not double: at 1M owners the spare rows of a doubling would average
+        # 0.5 KB per product.
+        size = max(slots, have + max(64, have // 4))
+        used = len(self._owner_at)
+        floor = np.full(size, np.nan, dtype=np.float64)
+        floor[:used] = self._floor[:used]
+        vec = np.zeros((size, self._vec.shape[1]), dtype=np.float32)
+        vec[:used] = self._vec[:used]
+        self._floor, self._vec = floor, vec
 
     def owners_admitting(self, vector: np.ndarray, edge: float, margin: float) -> list[str]:
         """Owners whose buffer ``vector`` (a newcomer's) may enter, among those whose floor
@@ -298,13 +301,7 @@ class CandidateBuffers:
                     held.append(p)
         start = len(self._owner_at)
         end = start + len(fresh)
-        if end > self._floor.shape[0]:
-            size = end + max(64, end // 4)
-            floor = np.full(size, np.nan, dtype=np.float64)
-            floor[:start] = self._floor[:start]
-            vec = np.zeros((size, self._vec.shape[1]), dtype=np.float32)
-            vec[:start] = self._vec[:start]
-            self._floor, self._vec = floor, vec
+        self._reserve(end)
         self._owner_at.extend(fresh)
         for i, p in enumerate(fresh, start):
             self._slot[p] = i

@@ -702,7 +702,5 @@ class Engine(Edge):
         """``save_snapshot`` in a forked child (``serving.snapshot.save_in_child``), on the
         core thread, between batches: the snapshot is of this instant, and the core goes on
         as soon as the fork returns."""
-        core = self.core
-        core.offsets = {topic: dict(parts) for topic, parts in offsets.items()}
-        return save_in_child(lambda: core.save(root))
+        return save_in_child(lambda: self.save_snapshot(root, offsets))
 

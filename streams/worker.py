@@ -584,10 +584,14 @@ class Worker:
             log.error("not using the snapshot, rebuilding from the topics instead: %s", exc)
             return None
 
+    def covered_offsets(self) -> Mapping[str, Mapping[int, int]]:
+        """The state-topic offsets the core covers now: with a replica, what it read (every
+        worker's records), else what this worker wrote."""
+        return self.replica.covered() if self.replica is not None else self.written
+
     def take_snapshot(self) -> Path | None:
         """Save the core with the offsets it covers (on the core's thread, between batches)."""
-        # With a replica, what is applied here is what it read (every worker's records).
-        covered = self.replica.covered() if self.replica is not None else self.written
+        covered = self.covered_offsets()
         started = time.monotonic()
         try:
             path = self.engine.save_snapshot(self.snapshot_root, covered)
@@ -603,7 +607,7 @@ class Worker:
     def fork_snapshot(self) -> ChildSave | None:
         """Start a snapshot of the core as it is now in a forked child (on the core's thread,
         between batches); ``None`` when the fork failed (logged; the stream goes on)."""
-        covered = self.replica.covered() if self.replica is not None else self.written
+        covered = self.covered_offsets()
         try:
             child = self.engine.fork_snapshot(self.snapshot_root, covered)
         except OSError as exc:
