@@ -35,6 +35,9 @@ class RecommenderConfig:
       in the ``duplicates`` lists (``serving.duplicates``), besides the textual rule;
       calibrated on labelled same-product pairs (``docs/quality.md``). Above 1 no score
       reaches it, and the textual rule alone decides.
+    * ``duplicate_max_items``: a ``duplicates`` list holds at most this many, the best
+      first. A product listed hundreds of times (a marketplace's phone case) would otherwise
+      publish hundreds of items per list and republish them all on every change of one.
     * ``behavior_weight``: share of the behaviour score in the final score.
     * ``price_band``: a substitute's price must be within this fraction of the product's.
     * ``hnsw_ef``: HNSW's search breadth. A list search asks for ``buffer_depth`` (66)
@@ -53,6 +56,7 @@ class RecommenderConfig:
     behavior_weight: float = 0.0
     collapse_duplicates: bool = True
     duplicate_threshold: float = 0.66
+    duplicate_max_items: int = 20
     price_band: float = 0.3
     hnsw_ef: int = 200
     hnsw_m: int = 16
@@ -84,6 +88,7 @@ class RecommenderConfig:
             0.0 <= self.behavior_weight <= 1.0,
             f"behavior_weight must be in [0, 1], got {self.behavior_weight}",
         )
+        need(self.duplicate_max_items > 0, f"duplicate_max_items must be positive, got {self.duplicate_max_items}")
         need(self.duplicate_threshold > 0.0, f"duplicate_threshold must be positive, got {self.duplicate_threshold}")
         need(self.price_band >= 0.0, f"price_band must be >= 0, got {self.price_band}")
         need(self.hnsw_ef > 0, f"hnsw_ef must be positive, got {self.hnsw_ef}")

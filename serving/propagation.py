@@ -47,7 +47,16 @@ from serving.behavior import BehaviorRow
 from serving.candidates import CandidateBuffer, CandidateBuffers
 from serving.catalog import CatalogUpdate
 from serving.config import RecommenderConfig
-from serving.duplicates import DuplicateKeys, candidate_ids, duplicate_item, ranked, score_pairs
+from serving.duplicates import (
+    DuplicateBatch,
+    DuplicateKeys,
+    candidate_ids,
+    capped,
+    duplicate_item,
+    rank_key,
+    ranked,
+    score_pairs,
+)
 from serving.errors import ListsDiffer
 from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
@@ -60,6 +69,9 @@ from serving.scoring import Profile, dense_scores
 
 #: Owners rebuilt per step of a settle (``Propagator.settle_steps``).
 SETTLE_CHUNK = 1000
+#: Owners from which a duplicates refresh uses one ``DuplicateBatch`` instead of one
+#: candidate search each (below it, building the batch's matrices costs more).
+BATCH_MIN_OWNERS = 256
 
 #: Owners whose saved lists are recomputed and compared when a restore takes lists over.
 RESTORE_SAMPLE = 200
@@ -148,7 +160,7 @@ class Propagator:
                 self.lists[Kind.SUBSTITUTES][pid] = subs
                 if pid in self.rows:
                     self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
-                self.lists[Kind.DUPLICATES][pid] = self._duplicates(pid)
+            self.lists[Kind.DUPLICATES] = self._many_duplicates(self.buffers.by_owner)
         self.dup_holders = {}
         for pid, items in self.lists[Kind.DUPLICATES].items():
             for item in items:
@@ -368,10 +380,11 @@ class Propagator:
         self.buffers.clear()
         self.dup_keys.rebuild(self.profiles)
         forced = self._unsettled_out_of_stock & self.profiles.keys()
+        batch = self.duplicate_batch() if len(owned) >= BATCH_MIN_OWNERS else None
         for start in range(0, len(owned), chunk):
             part = owned[start : start + chunk]
             self.buffers.build(part, self.lex)
-            yield self.refresh(part, out_of_stock=forced) + self.refresh_duplicates(part)
+            yield self.refresh(part, out_of_stock=forced) + self.refresh_duplicates(part, batch)
         self.unsettled = False
         self._unsettled_out_of_stock = set()
 
@@ -613,12 +626,31 @@ class Propagator:
 
     # ------------------------------------------------------------------ duplicates
 
-    def _duplicates(self, p: str) -> Items:
-        """``p``'s duplicates computed from its candidates (``serving.duplicates``)."""
+    def _all_duplicates(self, p: str) -> Items:
+        """Every duplicate of ``p``, ranked and uncapped, from its candidates (``serving.duplicates``)."""
         ids = self.dup_keys.mates(p)
         ids |= candidate_ids(p, index=self.index, lex=self.lex, postings=self.postings, config=self.config)
         return score_pairs(self.profiles[p], ids, vector=self.index.get_vector(p), vectors=self.index.get_vectors,
                            lex=self.lex, profiles=self.profiles, config=self.config)
+
+    def _duplicates(self, p: str) -> Items:
+        """``p``'s duplicates list (the ``duplicate_max_items`` best)."""
+        return capped(self._all_duplicates(p), self.config)
+
+    def duplicate_batch(self) -> DuplicateBatch | None:
+        """A ``DuplicateBatch`` of the current state, or ``None`` where the threshold cannot
+        use one (then lists are computed one by one)."""
+        batch = DuplicateBatch(self.lex, self.profiles, self.index.get_vectors, self.config)
+        return batch if batch.usable else None
+
+    def _many_duplicates(self, owners: Iterable[str], batch: DuplicateBatch | None = None) -> dict[str, Items]:
+        """The duplicates lists of ``owners``: one batch for many, one by one for a few."""
+        owners = sorted(owners)
+        if batch is None and len(owners) >= BATCH_MIN_OWNERS:
+            batch = self.duplicate_batch()
+        if batch is None:
+            return {p: self._duplicates(p) for p in owners}
+        return batch.lists(owners)
 
     def _set_duplicates(self, p: str, items: Items) -> list[Publication]:
         """Make ``items`` ``p``'s duplicates; its publication when they differ from the held ones."""
@@ -646,43 +678,57 @@ class Propagator:
         for item in self.lists[Kind.DUPLICATES].get(p, ()):
             self._drop_holder(item.product_id, p)
 
-    def refresh_duplicates(self, owners: Iterable[str]) -> list[Publication]:
-        """Recompute the duplicates of ``owners`` and publish those that changed."""
+    def refresh_duplicates(self, owners: Iterable[str], batch: DuplicateBatch | None = None) -> list[Publication]:
+        """Recompute the duplicates of ``owners`` and publish those that changed (``batch``: a
+        ``DuplicateBatch`` of the current state to take them from)."""
+        owned = [p for p in owners if p in self.buffers.by_owner]
         pubs: list[Publication] = []
-        for p in sorted(owners):
-            if p in self.buffers.by_owner:
-                pubs += self._set_duplicates(p, self._duplicates(p))
+        for p, items in sorted(self._many_duplicates(owned, batch).items()):
+            pubs += self._set_duplicates(p, items)
         return pubs
 
     def _duplicates_changed(self, q: str) -> list[Publication]:
         """``q`` is new or changed: its own duplicates, and its entry in every owned list that
-        named it or names it now (the relation is pair-wise and symmetric)."""
+        named it or names it now (the relation is pair-wise and symmetric).
+
+        With the cap, a list that held ``q`` while full and now drops it (or ranks it below
+        its old last item) may have to take an item it left out: only that list is
+        recomputed from scratch.
+        """
         self.dup_keys.put(q, self.profiles[q].dup_keys)
         if not self.buffers.by_owner:
             return []  # no list here can name q (a replica, a worker before its assignment)
-        mine = self._duplicates(q)
-        pubs = self._set_duplicates(q, mine) if q in self.buffers.by_owner else []
-        found = {i.product_id: i for i in mine}
+        every = self._all_duplicates(q)
+        pubs = self._set_duplicates(q, capped(every, self.config)) if q in self.buffers.by_owner else []
+        found = {i.product_id: i for i in every}
         owner_q = self.profiles[q]
+        cap = self.config.duplicate_max_items
         for p in sorted(self.dup_holders.get(q, set()) | found.keys()):
             if p == q or p not in self.buffers.by_owner:
                 continue
-            rest = [i for i in self.lists[Kind.DUPLICATES].get(p, ()) if i.product_id != q]
+            held = self.lists[Kind.DUPLICATES].get(p, ())
+            rest = [i for i in held if i.product_id != q]
             hit = found.get(p)
-            if hit is not None:
-                item = duplicate_item(self.profiles[p], owner_q, hit.dense, hit.lexical, self.config)
-                if item is not None:
-                    rest.append(item)
-            pubs += self._set_duplicates(p, ranked(rest))
+            item = None if hit is None else duplicate_item(self.profiles[p], owner_q, hit.dense, hit.lexical, self.config)
+            if len(rest) < len(held) and len(held) >= cap and (item is None or rank_key(item) > rank_key(held[-1])):
+                pubs += self._set_duplicates(p, self._duplicates(p))
+                continue
+            if item is not None:
+                rest.append(item)
+            pubs += self._set_duplicates(p, capped(ranked(rest), self.config))
         return pubs
 
     def _duplicates_gone(self, q: str) -> list[Publication]:
-        """``q`` is deleted: out of every owned list that named it."""
+        """``q`` is deleted: out of every owned list that named it (a full one is recomputed:
+        it may take an item the cap left out)."""
         self.dup_keys.discard(q)
         pubs: list[Publication] = []
+        cap = self.config.duplicate_max_items
         for p in sorted(self.dup_holders.get(q, set())):
             if p in self.buffers.by_owner:
-                pubs += self._set_duplicates(p, tuple(i for i in self.lists[Kind.DUPLICATES][p] if i.product_id != q))
+                held = self.lists[Kind.DUPLICATES][p]
+                items = self._duplicates(p) if len(held) >= cap else tuple(i for i in held if i.product_id != q)
+                pubs += self._set_duplicates(p, items)
         self.dup_holders.pop(q, None)
         return pubs
 

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
         0.66, gt=0, le=2, description="Content score at which two listings count as one product on the `duplicates` "
         "topic, besides the textual rule (calibrated on Amazon-Google with `simstream eval duplicates`: "
         "docs/quality.md); above 1 the textual rule alone decides.")
+    duplicate_max_items: int = Field(
+        20, ge=1, le=1000, description="Most items a `duplicates` list holds, the best first (a product listed "
+        "hundreds of times would otherwise republish hundreds of items on every change of one listing).")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
     hnsw_ef: int = Field(200, ge=10, le=5000, description="HNSW ef at query time: about 3x the neighbours a list "
                          "search asks for (candidate depth + 16), so the dense candidates are those of an exact search.")

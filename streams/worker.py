@@ -68,6 +68,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         behavior_weight=settings.behavior_weight,
         collapse_duplicates=settings.collapse_duplicates,
         duplicate_threshold=settings.duplicate_threshold,
+        duplicate_max_items=settings.duplicate_max_items,
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from unittest.mock import patch
 
 import numpy as np
 from core_helpers import SMALL, Stream, check_against_exact
@@ -13,7 +14,18 @@ from test_core_propagation import half, op_strategy, run_stream
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.duplicates import SAME_CODE, SAME_TITLE, bounds, exact_duplicates, threshold_reason
+from serving.duplicates import (
+    SAME_CODE,
+    SAME_TITLE,
+    DuplicateBatch,
+    bounds,
+    candidate_ids,
+    capped,
+    exact_duplicates,
+    rank_key,
+    score_pairs,
+    threshold_reason,
+)
 from serving.index import ExactIndex
 from serving.recommender import Kind, Recommender
 from serving.scoring import content_score
@@ -26,6 +38,8 @@ LEXICAL_PATH = replace(SMALL, duplicate_threshold=0.55)
 DENSE_PATH = replace(SMALL, lexical_weight=0.2, duplicate_threshold=0.6)
 #: The textual rule alone.
 RULE_ONLY = replace(SMALL, duplicate_threshold=1.5)
+#: Lists cut at two items: what the cap leaves out must come back when a listed item goes.
+CAPPED = replace(LEXICAL_PATH, duplicate_max_items=2)
 
 
 def build(config: RecommenderConfig = CONFIG) -> Recommender:
@@ -110,19 +124,26 @@ def check_duplicates_exact(stream: Stream) -> None:
 
 
 def check_symmetric(rec: Recommender) -> None:
+    """A pair listed on one side is listed on the other with the same numbers, unless the
+    other side's list is full of better items (the cap)."""
     lists = rec.lists(Kind.DUPLICATES)
+    cap = rec.config.duplicate_max_items
     for p, items in lists.items():
         for item in items:
             back = lists.get(item.product_id)
-            if back is not None:  # owned here too
-                (mirror,) = [i for i in back if i.product_id == p]
-                assert (mirror.score, mirror.dense, mirror.lexical, mirror.reasons) == (
-                    item.score, item.dense, item.lexical, item.reasons)
+            if back is None:  # not owned here
+                continue
+            mirror = [i for i in back if i.product_id == p]
+            if not mirror:
+                assert len(back) == cap and rank_key(back[-1]) < (-item.score, p)
+                continue
+            assert (mirror[0].score, mirror[0].dense, mirror[0].lexical, mirror[0].reasons) == (
+                item.score, item.dense, item.lexical, item.reasons)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    config=st.sampled_from([LEXICAL_PATH, DENSE_PATH, RULE_ONLY]),
+    config=st.sampled_from([LEXICAL_PATH, DENSE_PATH, RULE_ONLY, CAPPED]),
     kind=st.sampled_from(["exact", "hnsw"]),
     seed=st.integers(0, 2**31),
     initial=st.integers(0, 40),
@@ -144,18 +165,82 @@ def test_duplicates_equal_recomputation_after_random_changes(
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), ops=st.lists(op_strategy, max_size=40),
-       defer=st.sampled_from([(True, True), (False, True)]))
+       defer=st.sampled_from([(True, True), (False, True)]), config=st.sampled_from([LEXICAL_PATH, CAPPED]),
+       batched=st.booleans())
 def test_deferred_changes_and_a_refit_settle_to_recomputation(
-    seed: int, ops: list[tuple[str, int]], defer: tuple[bool, bool]
+    seed: int, ops: list[tuple[str, int]], defer: tuple[bool, bool], config: RecommenderConfig, batched: bool
 ) -> None:
-    stream = run_stream("exact", LEXICAL_PATH, seed, 25, ops, defer=defer)
-    stream.settle()
-    check_against_exact(stream, exact=True)
-    for pub in stream.rec.refit_lexical():
-        stream.published[pub.key] = pub
-        stream.all_pubs.append(pub)
+    """Whole-catalog steps (the bootstrap's deferred changes, then a refit) end at the
+    definition, whether their duplicates come one owner at a time or from one batch."""
+    with patch("serving.propagation.BATCH_MIN_OWNERS", 1 if batched else 10**9):
+        stream = run_stream("exact", config, seed, 25, ops, defer=defer)
+        stream.settle()
+        check_against_exact(stream, exact=True)
+        for pub in stream.rec.refit_lexical():
+            stream.published[pub.key] = pub
+            stream.all_pubs.append(pub)
     check_against_exact(stream, exact=True)
     check_symmetric(stream.rec)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 80), cap=st.integers(1, 6), share=st.floats(0.05, 1.0),
+       threshold=st.floats(0.45, 0.9), owners_block=st.integers(1, 9), pairs_block=st.integers(1, 40),
+       fitted=st.booleans())
+def test_a_batch_equals_the_lists_built_one_owner_at_a_time(
+    seed: int, n: int, cap: int, share: float, threshold: float, owners_block: int, pairs_block: int,
+    fitted: bool,
+) -> None:
+    """The all-pairs join finds every pair the per-owner candidate search finds, and scores
+    each bit for bit the same, however it cuts the owners and the pairs into blocks and
+    however long the prefixes are."""
+    config = replace(LEXICAL_PATH, duplicate_threshold=threshold, duplicate_max_items=cap)
+    rng = np.random.default_rng(seed)
+    rec = Recommender(config, ExactIndex(config.dim))
+    centers = rng.normal(size=(3, config.dim))
+    for i in range(n):
+        title = random_title(rng)
+        if i and rng.random() < 0.3:  # another listing of an earlier one
+            source = rec.catalog.get(f"p{int(rng.integers(i)):03d}")
+            assert source is not None
+            title = source.title.lower()
+        rec.apply(ProductUpsert(f"p{i:03d}", 1.0, title=title, brand=str(rng.choice(["Acme", "Smith"])),
+                                group_id=str(rng.choice(["g0", "g1"])) if rng.random() < 0.3 else None),
+                  (centers[i % 3] + 0.3 * rng.normal(size=config.dim)).astype(np.float32))
+    if fitted:
+        rec.refit_lexical()
+    core = rec._propagation
+    with patch("serving.duplicates.BATCH_REST_SHARE", share), patch("serving.duplicates.BATCH_OWNERS", owners_block), \
+            patch("serving.duplicates.BATCH_PAIRS", pairs_block):
+        batch = DuplicateBatch(core.lex, core.profiles, rec.index.get_vectors, config)
+        assert batch.usable
+        got = batch.lists(sorted(core.profiles))
+    for pid in sorted(core.profiles):
+        mates = core.dup_keys.mates(pid) | candidate_ids(pid, index=rec.index, lex=core.lex, postings=core.postings,
+                                                          config=config)
+        one = capped(score_pairs(core.profiles[pid], mates, vector=rec.index.get_vector(pid),
+                                 vectors=rec.index.get_vectors, lex=core.lex, profiles=core.profiles,
+                                 config=config), config)
+        assert got[pid] == one, pid
+    assert got == exact_duplicates(list(rec.catalog), rec.vectors(), config, rec.lexical)
+
+
+def test_a_full_list_takes_back_what_the_cap_left_out() -> None:
+    """Three listings of one title under a cap of one: each lists the lowest other id, and
+    when that one is retitled away or deleted, the next comes back into the list."""
+    config = replace(CONFIG, duplicate_max_items=1)
+    rec = Recommender(config, ExactIndex(config.dim))
+    for pid in ("a", "b", "c"):
+        rec.apply(ProductUpsert(pid, 1.0, title="Stuffit Deluxe 11"), np.array([1, 0, 0, 0], np.float32))
+    assert (ids(rec, "a"), ids(rec, "b"), ids(rec, "c")) == (["b"], ["a"], ["a"])
+    pubs = rec.apply(ProductUpsert("a", 2.0, title="garden hose"), np.array([0, 1, 0, 0], np.float32))
+    assert {p.product_id: [i.product_id for i in p.items or ()] for p in pubs if p.kind is Kind.DUPLICATES} == {
+        "a": [], "b": ["c"], "c": ["b"]}
+    rec.apply(ProductUpsert("a", 3.0, title="stuffit deluxe 11"), np.array([1, 0, 0, 0], np.float32))
+    assert (ids(rec, "b"), ids(rec, "c")) == (["a"], ["a"])
+    pubs = rec.apply(ProductDelete("a", 4.0))
+    assert {p.product_id: [i.product_id for i in p.items or ()] for p in pubs if p.kind is Kind.DUPLICATES} == {
+        "a": [], "b": ["c"], "c": ["b"]}
 
 
 def test_the_cluster_hands_duplicates_over_exactly() -> None:
@@ -212,7 +297,8 @@ def random_title(rng: np.random.Generator) -> str:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    config=st.sampled_from([LEXICAL_PATH, replace(SMALL, duplicate_threshold=0.7), DENSE_PATH]),
+    config=st.sampled_from([LEXICAL_PATH, replace(SMALL, duplicate_threshold=0.7), DENSE_PATH, CAPPED,
+                            replace(CAPPED, duplicate_max_items=1)]),
     seed=st.integers(0, 2**31),
     ops=st.lists(st.tuples(st.sampled_from(DUP_OPS), st.integers(0, 10_000)), max_size=50),
     partitioned=st.booleans(),
@@ -283,3 +369,24 @@ def test_editions_and_sizes_are_not_duplicates_by_score() -> None:
     assert ids(rec, "s11") == ["s11-pro"]  # shares its number; 12 is another edition
     assert ids(rec, "s12") == []
     assert ids(rec, "c1") == ["c2"]  # one title without numbers: the score decides
+
+
+def test_a_batch_takes_products_without_lexical_features() -> None:
+    """A text with no feature at all (an empty vector) anywhere in the catalog, the last
+    one included, pairs only by the textual rule."""
+    from serving.catalog import Product
+    from serving.lexical import LexicalModel
+    from serving.scoring import profile
+
+    config = CAPPED
+    model = LexicalModel()
+    products = {pid: Product(pid, title, 1.0, brand="Acme")
+                for pid, title in (("a", "Stuffit Deluxe 11"), ("b", "stuffit deluxe 11"), ("z", "x"))}
+    lex = {pid: model.vectorize(p.title) for pid, p in products.items()}
+    lex["z"] = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    profiles = {pid: profile(p) for pid, p in products.items()}
+    vectors = {"a": [1, 0, 0, 0, 0, 0, 0, 0], "b": [1, 0, 0, 0, 0, 0, 0, 0], "z": [0, 1, 0, 0, 0, 0, 0, 0]}
+    batch = DuplicateBatch(lex, profiles, lambda ids: np.array([vectors[i] for i in ids], np.float32), config)
+    got = batch.lists(["a", "b", "z"])
+    assert [i.product_id for i in got["a"]] == ["b"] and [i.product_id for i in got["b"]] == ["a"]
+    assert got["z"] == ()
