@@ -53,6 +53,9 @@ WORD_WEIGHT = 2.0
 CODE_WEIGHT = 3.0
 #: Added to ``ln((1 + n) / (1 + df))``; keeps every IDF positive.
 IDF_OFFSET = 0.1
+#: Entries of the other vectors from which ``cosine_many`` spreads ``a`` over every bucket
+#: rather than searching it once per entry.
+SPREAD_FROM = 20_000
 #: The transform's name: an IDF fitted under another scheme is not used (see the module doc).
 SCHEME = "char_wb2-5+words2+codes3/idf+0.1/crc32-2^18"
 #: The scheme of records written before schemes were named (char_wb 3-5 n-grams, IDF offset 1).
@@ -198,10 +201,17 @@ def cosine_many(a: SparseVec, others: Sequence[SparseVec]) -> list[float]:
         return [0.0] * n
     bi = np.concatenate([b[0] for b in others])
     bv = np.concatenate([b[1] for b in others]).astype(np.float64)
-    pos = np.searchsorted(ai, bi)
-    pos[pos >= ai.size] = 0
-    match = ai[pos] == bi
-    prod = np.where(match, av.astype(np.float64)[pos] * bv, 0.0)
+    if bi.size >= SPREAD_FROM:
+        # Many entries: look ``a``'s weights up in a vector spread over every bucket (0 where
+        # it has none) instead of a binary search per entry; the same products either way.
+        spread = np.zeros(N_BUCKETS, np.float64)
+        spread[ai] = av
+        prod = spread[bi] * bv
+    else:
+        pos = np.searchsorted(ai, bi)
+        pos[pos >= ai.size] = 0
+        match = ai[pos] == bi
+        prod = np.where(match, av.astype(np.float64)[pos] * bv, 0.0)
     seg = np.repeat(np.arange(n), lengths)
     # bincount adds each bin's weights sequentially: deterministic and batch-independent.
     return np.bincount(seg, weights=prod, minlength=n).tolist()

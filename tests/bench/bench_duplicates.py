@@ -5,7 +5,9 @@
 The catalog and the churn are those of ``bench_exact_scale.py`` (``harness.build_catalog``:
 every real title of ``../shared/data``, then variants, duplicate listings and recombinations
 of real titles; MiniLM vectors cached under ``var/bench-cache``, shared with that bench).
-Measured: ``bulk_load`` (every list, duplicates included), the time one product's
+The lexical IDF is fitted on the catalog first, as a worker's bootstrap does before it
+builds the lists. Measured: ``bulk_load`` (every list, duplicates included: one
+``DuplicateBatch``), the time one product's
 duplicates take from scratch (``serving.duplicates.candidate_ids`` over the lexical
 postings, then ``score_pairs``) for a sample, the churn applied one change at a time through
 ``apply`` (p50/p99, duplicates publications per change), what the lists hold, and whether a
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
+from serving.lexical import LexicalModel
 from serving.duplicates import candidate_ids, score_pairs
 from serving.recommender import Kind, Recommender
 from serving.scoring import profile
@@ -58,7 +61,8 @@ def main() -> None:
     base, fresh = rows[: args.n], rows[args.n :]
     products, merged, vectors = embedded_catalog(base)
     config = RecommenderConfig(hnsw_initial_capacity=args.n + n_new + 1024)
-    rec = Recommender(config)
+    # Fitted on the catalog first, as a worker's bootstrap does (Worker.settle_bulk).
+    rec = Recommender(config, lexical=LexicalModel.fit(product_text(p) for p in merged))
     started = time.perf_counter()
     rec.bulk_load(products, vectors)
     load_s = time.perf_counter() - started

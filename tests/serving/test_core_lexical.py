@@ -106,3 +106,25 @@ def test_lexical_alone_matches_at_least_as_well_as_char_tfidf_on_amazon_google()
     char_hit1 = np.mean([c_ids[b] in truth[r["id"]] for r, b in zip(queries, top, strict=True)])
     assert len(queries) > 1000
     assert lexical_hit1 >= char_hit1, (lexical_hit1, char_hit1)
+
+
+def test_cosine_many_scores_bit_for_bit_alike_by_search_or_by_spreading() -> None:
+    """Over ``SPREAD_FROM`` entries ``cosine_many`` spreads the query over every bucket
+    instead of searching it: every score stays the very float of the searched path, and of
+    the pair scored alone (lists compare scores exactly)."""
+    from unittest.mock import patch
+
+    from serving.lexical import cosine_many
+
+    rng = np.random.default_rng(7)
+    model = LexicalModel()
+    vocab = ["photo", "editor", "suite", "windows", "stuffit", "deluxe", "11", "mac", "x100", "pro"]
+    texts = [" ".join(rng.choice(vocab, size=int(rng.integers(1, 7)))) for _ in range(300)]
+    vectors = [model.vectorize(t) for t in texts]
+    for query in vectors[:20]:
+        with patch("serving.lexical.SPREAD_FROM", 10**9):
+            searched = cosine_many(query, vectors)
+        with patch("serving.lexical.SPREAD_FROM", 0):
+            spread = cosine_many(query, vectors)
+        assert spread == searched
+        assert [cosine(query, v) for v in vectors[:30]] == searched[:30]
