@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.lexical import LexicalModel
 from serving.duplicates import candidate_ids, score_pairs
+from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender
 from serving.scoring import profile
 from serving.text import product_text
