@@ -48,11 +48,14 @@ from serving.candidates import CandidateBuffer, CandidateBuffers
 from serving.catalog import CatalogUpdate
 from serving.config import RecommenderConfig
 from serving.duplicates import (
+    RESERVE_FACTOR,
     DuplicateBatch,
     DuplicateKeys,
+    Known,
     candidate_ids,
     capped,
     duplicate_item,
+    known_of,
     rank_key,
     ranked,
     score_pairs,
@@ -64,7 +67,7 @@ from serving.lexical import SparseVec, cosine_many
 from serving.lists import ReasonCache, build_complements, build_lists
 from serving.patching import may_change, patch_attributes, patched_lists
 from serving.postings import LexicalPostings
-from serving.publication import Items, Publication, Trigger
+from serving.publication import Items, Publication, ScoredItem, Trigger
 from serving.scoring import Profile, dense_scores
 
 #: Owners rebuilt per step of a settle (``Propagator.settle_steps``).
@@ -123,6 +126,9 @@ class Propagator:
         self.postings = postings if postings is not None else LexicalPostings()
         #: Duplicate keys of every live product, and which owned lists name each product.
         self.dup_keys = DuplicateKeys()
+        #: What each owned duplicates list keeps (its published items and a reserve), and
+        #: which lists keep each product.
+        self.dup_known: dict[str, Known] = {}
         self.dup_holders: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ whole-state steps
@@ -160,11 +166,9 @@ class Propagator:
                 self.lists[Kind.SUBSTITUTES][pid] = subs
                 if pid in self.rows:
                     self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
-            self.lists[Kind.DUPLICATES] = self._many_duplicates(self.buffers.by_owner)
-        self.dup_holders = {}
-        for pid, items in self.lists[Kind.DUPLICATES].items():
-            for item in items:
-                self.dup_holders.setdefault(item.product_id, set()).add(pid)
+            known = self._many_duplicates(self.buffers.by_owner)
+            self.lists[Kind.DUPLICATES] = {p: capped(items, self.config) for p, (items, _) in known.items()}
+        self._adopt_known(None if lists is not None else known)
 
     def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int) -> None:
         owners = self.buffers.by_owner
@@ -178,7 +182,7 @@ class Propagator:
             similar, subs = self._compute(pid)
             complements = self._compute_complements(pid) if pid in self.rows else ()
             held_complements = self.lists[Kind.COMPLEMENTS].get(pid, ())
-            if (similar, subs, complements, self._duplicates(pid)) != (
+            if (similar, subs, complements, capped(self._duplicates(pid)[0], self.config)) != (
                 self.lists[Kind.SIMILAR][pid], self.lists[Kind.SUBSTITUTES][pid], held_complements,
                 self.lists[Kind.DUPLICATES][pid],
             ):
@@ -633,9 +637,9 @@ class Propagator:
         return score_pairs(self.profiles[p], ids, vector=self.index.get_vector(p), vectors=self.index.get_vectors,
                            lex=self.lex, profiles=self.profiles, config=self.config)
 
-    def _duplicates(self, p: str) -> Items:
-        """``p``'s duplicates list (the ``duplicate_max_items`` best)."""
-        return capped(self._all_duplicates(p), self.config)
+    def _duplicates(self, p: str) -> Known:
+        """What ``p``'s list keeps of its duplicates (``serving.duplicates.Known``)."""
+        return known_of(self._all_duplicates(p), self.config)
 
     def duplicate_batch(self) -> DuplicateBatch | None:
         """A ``DuplicateBatch`` of the current state, or ``None`` where the threshold cannot
@@ -643,28 +647,40 @@ class Propagator:
         batch = DuplicateBatch(self.lex, self.profiles, self.index.get_vectors, self.config)
         return batch if batch.usable else None
 
-    def _many_duplicates(self, owners: Iterable[str], batch: DuplicateBatch | None = None) -> dict[str, Items]:
-        """The duplicates lists of ``owners``: one batch for many, one by one for a few."""
+    def _many_duplicates(self, owners: Iterable[str], batch: DuplicateBatch | None = None) -> dict[str, Known]:
+        """What the lists of ``owners`` keep: one batch for many, one by one for a few."""
         owners = sorted(owners)
         if batch is None and len(owners) >= BATCH_MIN_OWNERS:
             batch = self.duplicate_batch()
         if batch is None:
             return {p: self._duplicates(p) for p in owners}
-        return batch.lists(owners)
+        return batch.known(owners, RESERVE_FACTOR * self.config.duplicate_max_items)
 
-    def _set_duplicates(self, p: str, items: Items) -> list[Publication]:
-        """Make ``items`` ``p``'s duplicates; its publication when they differ from the held ones."""
-        held = self.lists[Kind.DUPLICATES].get(p)
-        if held == items:
-            return []
-        old = {i.product_id for i in held or ()}
+    def _set_duplicates(self, p: str, known: Known) -> list[Publication]:
+        """Keep ``known`` for ``p``; its publication when the listed best differ from the held ones."""
+        items, _ = known
+        old = {i.product_id for i in self.dup_known.get(p, ((), True))[0]}
         new = {i.product_id for i in items}
         for gone in old - new:
             self._drop_holder(gone, p)
         for came in new - old:
             self.dup_holders.setdefault(came, set()).add(p)
-        self.lists[Kind.DUPLICATES][p] = items
-        return [self.publish(Kind.DUPLICATES, p, items, None)]
+        self.dup_known[p] = known
+        listed = capped(items, self.config)
+        if self.lists[Kind.DUPLICATES].get(p) == listed:
+            return []
+        self.lists[Kind.DUPLICATES][p] = listed
+        return [self.publish(Kind.DUPLICATES, p, listed, None)]
+
+    def _adopt_known(self, known: dict[str, Known] | None) -> None:
+        """Keep ``known`` after a restore, or else the held lists (a full one as a prefix)."""
+        cap = self.config.duplicate_max_items
+        self.dup_known = known if known is not None else {
+            p: (items, len(items) < cap) for p, items in self.lists[Kind.DUPLICATES].items()}
+        self.dup_holders = {}
+        for pid, (items, _) in self.dup_known.items():
+            for item in items:
+                self.dup_holders.setdefault(item.product_id, set()).add(pid)
 
     def _drop_holder(self, q: str, p: str) -> None:
         holders = self.dup_holders.get(q)
@@ -675,7 +691,7 @@ class Propagator:
 
     def _forget_duplicates(self, p: str) -> None:
         """``p``'s own duplicates list is about to go (deleted, handed over): unregister it."""
-        for item in self.lists[Kind.DUPLICATES].get(p, ()):
+        for item in self.dup_known.pop(p, ((), True))[0]:
             self._drop_holder(item.product_id, p)
 
     def refresh_duplicates(self, owners: Iterable[str], batch: DuplicateBatch | None = None) -> list[Publication]:
@@ -683,52 +699,55 @@ class Propagator:
         ``DuplicateBatch`` of the current state to take them from)."""
         owned = [p for p in owners if p in self.buffers.by_owner]
         pubs: list[Publication] = []
-        for p, items in sorted(self._many_duplicates(owned, batch).items()):
-            pubs += self._set_duplicates(p, items)
+        for p, known in sorted(self._many_duplicates(owned, batch).items()):
+            pubs += self._set_duplicates(p, known)
         return pubs
 
     def _duplicates_changed(self, q: str) -> list[Publication]:
         """``q`` is new or changed: its own duplicates, and its entry in every owned list that
         named it or names it now (the relation is pair-wise and symmetric).
 
-        With the cap, a list that held ``q`` while full and now drops it (or ranks it below
-        its old last item) may have to take an item it left out: only that list is
-        recomputed from scratch.
+        Each list keeps more than it publishes (``Known``); one that ``q`` leaves takes the
+        next from there, and only one whose known items fall below the published count is
+        searched again from scratch.
         """
         self.dup_keys.put(q, self.profiles[q].dup_keys)
         if not self.buffers.by_owner:
             return []  # no list here can name q (a replica, a worker before its assignment)
         every = self._all_duplicates(q)
-        pubs = self._set_duplicates(q, capped(every, self.config)) if q in self.buffers.by_owner else []
+        pubs = self._set_duplicates(q, known_of(every, self.config)) if q in self.buffers.by_owner else []
         found = {i.product_id: i for i in every}
         owner_q = self.profiles[q]
-        cap = self.config.duplicate_max_items
         for p in sorted(self.dup_holders.get(q, set()) | found.keys()):
             if p == q or p not in self.buffers.by_owner:
                 continue
-            held = self.lists[Kind.DUPLICATES].get(p, ())
-            rest = [i for i in held if i.product_id != q]
             hit = found.get(p)
             item = None if hit is None else duplicate_item(self.profiles[p], owner_q, hit.dense, hit.lexical, self.config)
-            if len(rest) < len(held) and len(held) >= cap and (item is None or rank_key(item) > rank_key(held[-1])):
-                pubs += self._set_duplicates(p, self._duplicates(p))
-                continue
-            if item is not None:
-                rest.append(item)
-            pubs += self._set_duplicates(p, capped(ranked(rest), self.config))
+            pubs += self._move_in_known(p, q, item)
         return pubs
 
+    def _move_in_known(self, p: str, q: str, item: ScoredItem | None) -> list[Publication]:
+        """``q``'s entry in ``p``'s list is now ``item`` (``None``: not a duplicate)."""
+        items, complete = self.dup_known.get(p, ((), True))
+        rest = [i for i in items if i.product_id != q]
+        # An incomplete list knows an exact prefix of the ranking: q joins it only when it
+        # ranks before the prefix's last item (after it, the prefix stays exact without q).
+        if item is not None and (complete or (rest and rank_key(item) < rank_key(rest[-1]))):
+            rest = list(ranked([*rest, item]))
+            depth = RESERVE_FACTOR * self.config.duplicate_max_items
+            if len(rest) > depth:
+                rest, complete = rest[:depth], False
+        if not complete and len(rest) < self.config.duplicate_max_items:
+            return self._set_duplicates(p, self._duplicates(p))
+        return self._set_duplicates(p, (tuple(rest), complete))
+
     def _duplicates_gone(self, q: str) -> list[Publication]:
-        """``q`` is deleted: out of every owned list that named it (a full one is recomputed:
-        it may take an item the cap left out)."""
+        """``q`` is deleted: out of every owned list that named it."""
         self.dup_keys.discard(q)
         pubs: list[Publication] = []
-        cap = self.config.duplicate_max_items
         for p in sorted(self.dup_holders.get(q, set())):
             if p in self.buffers.by_owner:
-                held = self.lists[Kind.DUPLICATES][p]
-                items = self._duplicates(p) if len(held) >= cap else tuple(i for i in held if i.product_id != q)
-                pubs += self._set_duplicates(p, items)
+                pubs += self._move_in_known(p, q, None)
         self.dup_holders.pop(q, None)
         return pubs
 

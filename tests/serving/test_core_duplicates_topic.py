@@ -390,3 +390,41 @@ def test_a_batch_takes_products_without_lexical_features() -> None:
     got = batch.lists(["a", "b", "z"])
     assert [i.product_id for i in got["a"]] == ["b"] and [i.product_id for i in got["b"]] == ["a"]
     assert got["z"] == ()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), cap=st.integers(1, 2),
+       ops=st.lists(st.tuples(st.sampled_from(["retitle", "move", "delete", "new"]), st.integers(0, 10_000)),
+                    min_size=5, max_size=40))
+def test_lists_of_many_listings_follow_their_reserve_exactly(seed: int, cap: int, ops: list[tuple[str, int]]) -> None:
+    """Clusters larger than what a list keeps (its published items and the reserve): items
+    leave, come back with other scores, and newcomers rank before, inside and after the
+    known prefix; every list equals the definition after every change."""
+    config = replace(LEXICAL_PATH, duplicate_max_items=cap)
+    rng = np.random.default_rng(seed)
+    rec = Recommender(config, ExactIndex(config.dim))
+    stream = Stream(rec)
+    titles = ["Stuffit Deluxe 11 photo editor", "garden hose reel pro"]
+    base = rng.normal(size=config.dim)
+
+    def near() -> np.ndarray:
+        return base + float(rng.uniform(0.05, 0.6)) * rng.normal(size=config.dim)
+
+    for i in range(10):
+        stream.apply(ProductUpsert(f"p{i:02d}", 1.0, title=titles[0] if i < 8 else titles[1]), near())
+    ts = 2.0
+    for step, (op, pick) in enumerate(ops):
+        ts += 1
+        live = sorted(stream.vectors)
+        if op == "new" or not live:
+            stream.apply(ProductUpsert(f"n{step:02d}", ts, title=titles[pick % 2]), near())
+        else:
+            pid = live[pick % len(live)]
+            if op == "retitle":
+                stream.apply(ProductUpsert(pid, ts, title=titles[(pick // 3) % 2]), stream.vectors[pid])
+            elif op == "move":
+                stream.apply(ProductUpsert(pid, ts, title=titles[0]), near())
+            else:
+                stream.apply(ProductDelete(pid, ts))
+        check_duplicates_exact(stream)
+    check_symmetric(rec)
