@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.duplicates import candidate_ids, score_pairs
+from serving.duplicates import candidate_ids, capped, score_pairs
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender
 from serving.scoring import profile
@@ -133,8 +133,8 @@ def main() -> None:
     ids = sorted(profiles)
     sample = rng.sample(ids, min(args.sample, len(ids)))
     equal = sum(
-        score_pairs(profiles[pid], ids, vector=rec.index.get_vector(pid), vectors=rec.index.get_vectors,
-                    lex=rec.lexical_vectors, profiles=profiles, config=config) == rec.duplicates(pid)
+        capped(score_pairs(profiles[pid], ids, vector=rec.index.get_vector(pid), vectors=rec.index.get_vectors,
+                           lex=rec.lexical_vectors, profiles=profiles, config=config), config) == rec.duplicates(pid)
         for pid in sample)
     print(f"equal to the brute-force definition: {equal} of {len(sample)} sampled products")
     print(json.dumps({
