@@ -23,8 +23,11 @@ The definition every published list must match (DESIGN.md, "Propagation invarian
 ``duplicates[p]`` (``serving.duplicates``) is pair-wise, so a change of ``q`` can only
 change ``q``'s own list and the entry for ``q`` in others: ``q``'s list is recomputed from
 its candidates (key mates and the pairs that may reach the threshold), and every owned list
-that named ``q`` before (``dup_holders``) or names it now is patched. A group change moves
-variants; no other non-text change touches duplicates. Whole-state steps recompute them all.
+that named ``q`` before (``dup_holders``) or names it now is patched. A list publishes its
+``duplicate_max_items`` best and keeps as many again in reserve (``dup_known``), so an item
+that leaves it is replaced without a search; one whose known items fall below the published
+count is searched again. A group change moves variants; no other non-text change touches
+duplicates. Whole-state steps recompute them all in one ``DuplicateBatch``.
 
 A list that one swap in its top-C cannot change is left alone, and one that the swap
 changes in a known way is patched (``serving.patching``); the rest are rebuilt. Only lists
