@@ -348,6 +348,7 @@ class DuplicateBatch:
             indices, data = np.zeros(0, np.int32), np.zeros(0, np.float64)
         self._lex = sparse.csr_matrix((data, indices, indptr), shape=(n, N_BUCKETS))
         self._lex.has_sorted_indices = True  # each SparseVec's buckets are sorted and unique
+        self._min_lexical = min_lexical
         self._edge = (min_lexical - _MARGIN) * (1.0 - 1e-6)
         # Prefixes: each row's entries in the global order (rarest bucket first, ties by bucket).
         rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
@@ -369,7 +370,6 @@ class DuplicateBatch:
         # (to bound an owner's weight on the buckets another product left out of its prefix).
         self._entry_rank = rank[indices][order]
         self._entry_left = np.sqrt(np.maximum(left, 0.0)) + 1e-7
-        self._indptr = indptr
         first_left_out = np.full(n, N_BUCKETS, np.int64)  # the rank where a row's rest starts
         out_rows = rows[~taken]
         np.minimum.at(first_left_out, out_rows, self._entry_rank[~taken])
@@ -386,12 +386,9 @@ class DuplicateBatch:
         nc = np.array([c for _, c in num_rows], dtype=np.int64)
         self._numbers = sparse.csr_matrix((np.ones(len(num_rows)), (nr, nc)), shape=(n, max(1, len(numbers))))
         self._has_numbers = np.diff(self._numbers.indptr) > 0
-        # The textual rule's side: products by duplicate key.
-        by_key: dict[str, list[int]] = {}
-        for i, p in enumerate(ids):
-            for key in profiles[p].dup_keys:
-                by_key.setdefault(key, []).append(i)
-        self._by_key = {k: v for k, v in by_key.items() if len(v) > 1}
+        # The textual rule's side: the same key index the stream keeps.
+        self._keys = DuplicateKeys()
+        self._keys.rebuild(profiles)
 
     def lists(self, owners: Iterable[str]) -> dict[str, Items]:
         """The duplicates list of each of ``owners`` (live products of the snapshot)."""
@@ -420,7 +417,7 @@ class DuplicateBatch:
         # after where other's rest starts| (Cauchy-Schwarz on the rest alone).
         keep = (partial + self._rest[other] >= self._edge) & (block[local] != other)
         local, other, partial = local[keep], other[keep], partial[keep]
-        starts, ends = self._indptr[block], self._indptr[block + 1]
+        starts, ends = self._lex.indptr[block], self._lex.indptr[block + 1]
         span = (np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
                 if len(block) else np.zeros(0, np.int64))
         local_row = np.repeat(np.arange(len(block), dtype=np.int64), ends - starts)
@@ -432,8 +429,7 @@ class DuplicateBatch:
             tail[keys[at] < local * (N_BUCKETS + 1) + self._cut_rank[other]] = 0.0  # past the owner's last entry
         keep = partial + self._rest[other] * tail >= self._edge
         owner, other = block[local[keep]], other[keep]
-        mates = [(int(r), m) for r in block.tolist() for key in self._profiles[self.ids[r]].dup_keys
-                 for m in self._by_key.get(key, ()) if m != r]
+        mates = [(r, self._row[m]) for r in block.tolist() for m in self._keys.mates(self.ids[r])]
         n = len(self.ids)
         code = owner * n + other
         rule_code = np.unique(np.array([r * n + m for r, m in mates], dtype=np.int64))
@@ -470,8 +466,7 @@ class DuplicateBatch:
             return
         config = self.config
         lexical = self._cosines(owner, other)
-        _, min_lexical = bounds(config)
-        scored = rule | (lexical >= min_lexical - _MARGIN)
+        scored = rule | (lexical >= self._min_lexical - _MARGIN)
         owner, other, rule, lexical = owner[scored], other[scored], rule[scored], lexical[scored]
         if not len(owner):
             return

@@ -162,6 +162,7 @@ class Propagator:
                 self._set_row(pid, row)
         if lists is not None:
             self._adopt_lists(lists, sample)
+            self._adopt_known(None)
         else:
             for pid in self.buffers.by_owner:
                 similar, subs = self._compute(pid)
@@ -171,7 +172,7 @@ class Propagator:
                     self.lists[Kind.COMPLEMENTS][pid] = self._compute_complements(pid)
             known = self._many_duplicates(self.buffers.by_owner)
             self.lists[Kind.DUPLICATES] = {p: capped(items, self.config) for p, (items, _) in known.items()}
-        self._adopt_known(None if lists is not None else known)
+            self._adopt_known(known)
 
     def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int) -> None:
         owners = self.buffers.by_owner
