@@ -87,4 +87,7 @@ def test_primed_batches_publish_what_unprimed_ones_do(
                 continue  # deleted earlier in this batch
             assert signature(plain.apply(change, v)) == signature(primed.apply(change, v))
         primed.rec.unprime()
-    check_against_exact(primed, exact=True)
+    # HNSW lists are as good as its recall: with 8 dimensions, five clusters and in-place moves,
+    # hnswlib can leave a node with no in-links (seen: a 3rd nearest unreachable at ef=200 over
+    # 50 nodes). The primed-vs-plain comparison above stays exact for both kinds.
+    check_against_exact(primed, exact=kind == "exact")
