@@ -30,13 +30,13 @@ import numpy as np
 from serving.behavior import COMPLEMENT_CHANNELS, BehaviorRow
 from serving.catalog import Catalog, Outcome, Product, ProductChange, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.errors import ConfigurationError, InvalidInput, MissingVector, SimstreamError
+from serving.errors import ConfigurationError, InvalidInput, InvalidVector, MissingVector, SimstreamError
 from serving.index import DEFAULT_INDEX, Offsets, VectorIndex, create_index, normalize_rows
 from serving.kinds import CONTENT_KINDS, LIST_KINDS, Kind
 from serving.lexical import LexicalModel, SparseVec
 from serving.lists import BOUGHT_TOGETHER, build_complements, build_lists, exact_lists
 from serving.postings import LexicalPostings
-from serving.propagation import Propagator
+from serving.propagation import SETTLE_CHUNK, Propagator
 from serving.publication import Items, Publication, ScoredItem, Trigger, last_per_key
 from serving.scoring import profile
 from serving.state import RecommenderState, RecommenderStats
@@ -61,6 +61,10 @@ __all__ = [
     "exact_lists",
     "last_per_key",
 ]
+
+
+#: Deferred text changes staged before one batched index insert (``Recommender.apply``).
+STAGE_BATCH = 512
 
 
 class Recommender:
@@ -97,6 +101,13 @@ class Recommender:
         self.catalog = Catalog()
         self.lexical = lexical
         self.offsets: Offsets = {}
+        #: Vectors of deferred text changes not yet written to the index, in arrival order:
+        #: a bulk catch-up inserts them in batches (hnswlib adds a batch on every core,
+        #: outside the GIL) instead of one insert per change.
+        self._staged: dict[str, np.ndarray] = {}
+        #: Products whose deferred text change has no lexical vector yet: made at the settle,
+        #: or never when an IDF refit (which vectorizes the whole catalog) comes first.
+        self._unvectorized: set[str] = set()
         #: The lexical vectors by feature, for search (built at the first search).
         self.postings = LexicalPostings()
         self._propagation = Propagator(
@@ -130,6 +141,7 @@ class Recommender:
         core = self._propagation
         if core.unsettled:
             raise ConfigurationError("export_state with deferred changes: call settle() first")
+        self._catch_up_deferred()
         return RecommenderState(
             index=self.index,
             catalog=self.catalog,
@@ -213,6 +225,7 @@ class Recommender:
 
     def vectors(self) -> dict[str, np.ndarray]:
         """Every stored unit vector by id (for ``exact_lists`` in tests)."""
+        self._catch_up_deferred()
         ids = list(self.index.ids())
         mat = self.index.get_vectors(ids)
         return {pid: mat[i] for i, pid in enumerate(ids)}
@@ -220,6 +233,7 @@ class Recommender:
     @property
     def lexical_vectors(self) -> Mapping[str, SparseVec]:
         """Every live product's lexical vector (read only: the core keeps them current)."""
+        self._vectorize_deferred()
         return self._propagation.lex
 
     def lexical_top(
@@ -227,6 +241,7 @@ class Recommender:
     ) -> list[tuple[str, float]]:
         """The ``n`` products with the highest lexical cosine to ``query`` (positive only, ties
         by id) that ``accept``, looking at no more than ``limit``; exact (``LexicalPostings``)."""
+        self._vectorize_deferred()
         return self.postings.top(self._propagation.lex, query, n, accept, limit=limit)
 
     def stats(self) -> RecommenderStats:
@@ -281,6 +296,8 @@ class Recommender:
         if update.outcome is Outcome.DELETED:
             self.catalog.commit(update, change.ts)
             self.postings.mark(pid)
+            self._staged.pop(pid, None)
+            self._unvectorized.discard(pid)
             return settled + (core.defer_delete(pid) if defer else core.on_delete(pid))
         after = update.after
         assert after is not None
@@ -290,11 +307,23 @@ class Recommender:
                     f"product {pid!r} is new or its text changed: embed product_text(product) "
                     "and pass the vector to apply()"
                 )
-            normalize_rows(vector, self.config.dim)  # raises InvalidVector before any state changes
-            lex = self.lexical.vectorize(product_text(after))
-            self.index.upsert([pid], np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector)
-            self.catalog.commit(update, change.ts)
-            core.lex[pid] = lex
+            unit = normalize_rows(vector, self.config.dim)  # raises InvalidVector before any state changes
+            if len(unit) != 1:
+                raise InvalidVector(f"product {pid!r}: pass one vector, got {len(unit)}")
+            row = unit[0]
+            if defer:
+                self.catalog.commit(update, change.ts)
+                core.lex.pop(pid, None)
+                self._unvectorized.add(pid)
+                self._staged.pop(pid, None)  # re-inserted last: the index sees arrival order
+                self._staged[pid] = row
+                if len(self._staged) >= STAGE_BATCH:
+                    self._write_staged()
+            else:
+                lex = self.lexical.vectorize(product_text(after))
+                self.index.upsert([pid], row[None, :])
+                self.catalog.commit(update, change.ts)
+                core.lex[pid] = lex
             self.postings.mark(pid)
             core.profiles[pid] = profile(after)
             if defer:
@@ -335,12 +364,36 @@ class Recommender:
         searches (as ``bulk_load`` builds them), and every list that differs from the last
         published one is returned once. A no-op when nothing was deferred.
         """
+        self._catch_up_deferred()
         return self._propagation.settle()
 
-    def settle_steps(self) -> Iterator[list[Publication]]:
-        """``settle`` in steps of a thousand owners, each step's publications in turn: a
+    def settle_steps(self, chunk: int = SETTLE_CHUNK) -> Iterator[list[Publication]]:
+        """``settle`` in steps of ``chunk`` owners, each step's publications in turn: a
         caller may let reads in between the steps, but no change."""
-        return self._propagation.settle_steps()
+        self._catch_up_deferred()
+        return self._propagation.settle_steps(chunk)
+
+    def _catch_up_deferred(self) -> None:
+        """What deferred text changes left for later: their index inserts and lexical vectors."""
+        self._write_staged()
+        self._vectorize_deferred()
+
+    def _vectorize_deferred(self) -> None:
+        if self._unvectorized:
+            lex = self._propagation.lex
+            for pid in sorted(self._unvectorized):
+                product = self.catalog.get(pid)
+                assert product is not None, "a deleted product leaves _unvectorized"
+                lex[pid] = self.lexical.vectorize(product_text(product))
+            self._unvectorized = set()
+
+    def _write_staged(self) -> None:
+        """Insert the staged vectors of deferred text changes into the index, in one batch."""
+        if self._staged:
+            ids = list(self._staged)
+            rows = np.stack([self._staged[pid] for pid in ids])
+            self._staged = {}
+            self.index.upsert(ids, rows)
 
     def apply_many(
         self,
@@ -445,6 +498,7 @@ class Recommender:
         self.lexical = model
         self.postings.reset()  # its rows hold the old model's weights
         lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
+        self._unvectorized = set()
         if self.unsettled:
             self._propagation.lex = lex
             return []

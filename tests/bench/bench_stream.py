@@ -45,6 +45,7 @@ from tests.bench.harness import (
     backlog_growing,
     build_catalog,
     consumed,
+    encoder_busy,
     highest_rate_held,
     latency_plot,
     load_catalog,
@@ -53,6 +54,7 @@ from tests.bench.harness import (
     pct,
     send_at_rate,
     start_worker,
+    texts_per_s,
     timeseries_plot,
     wait_consumed,
     write_samples,
@@ -75,6 +77,7 @@ def run_rate(bench: BenchWorker, catalog: list[dict[str, Any]], rate: int, durat
             stop.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    encoder0 = encoder_busy(bench.worker)
     cpu0, wall0 = bench.stats.cpu_s(), time.monotonic()
     sampler.start()
     send_at_rate(bench.settings, changes, rate, duration)
@@ -84,11 +87,12 @@ def run_rate(bench: BenchWorker, catalog: list[dict[str, Any]], rate: int, durat
     stop.set()
     sampler.join()
     cpu = (bench.stats.cpu_s() - cpu0) / (time.monotonic() - wall0)
+    encoder = texts_per_s(encoder0, encoder_busy(bench.worker))
 
     lat = attribute_latencies(bench.settings, sent)
     own, all_own, last = lat.own, lat.all_own, lat.last
     row = {
-        "rate": rate, "events": len(sent), "achieved_rate": round(len(sent) / duration, 1),
+        "mix": mix_label(mix), "rate": rate, "events": len(sent), "achieved_rate": round(len(sent) / duration, 1),
         "own_p50_ms": ms(pct(all_own, 50)), "own_p99_ms": ms(pct(all_own, 99)),
         "own_max_ms": ms(max(all_own, default=float("nan"))),
         "text_own_p99_ms": ms(pct(own["text"], 99)),
@@ -99,12 +103,25 @@ def run_rate(bench: BenchWorker, catalog: list[dict[str, Any]], rate: int, durat
         "backlog_max": max(backlog, default=0), "backlog_end": backlog[-1] if backlog else 0,
         "backlog_growing": backlog_growing([float(b) for b in backlog], rate), "catch_up_s": round(catch_up, 1),
         "cpu_cores": round(cpu, 2), "rss_mb": round(bench.stats.rss_mb()),
+        "text_events_per_s": round(sum(1 for _t, kind in sent.values() if kind == "text") / duration, 1),
+        "encoder_texts_per_s": encoder,
         "own_lists_measured": len(all_own),
     }
     samples = {"own_ms": [v * 1000 for v in all_own], "last_ms": [v * 1000 for v in last],
                "text_own_ms": [v * 1000 for v in own["text"]],
                "stockout_subs_ms": [v * 1000 for v in own["stock_out"]], "backlog": backlog}
     return row, samples
+
+
+def mix_label(mix: tuple[float, float, float]) -> str:
+    return f"text {mix[0]:g} / stock {mix[1]:g} / price {mix[2]:g}"
+
+
+def parse_phase(text: str) -> tuple[tuple[float, float, float], list[int]]:
+    """``TEXT,STOCK,PRICE@RATE,RATE,...`` as (mix, rates)."""
+    mix_text, _, rates = text.partition("@")
+    text_share, stock_share, price_share = (float(x) for x in mix_text.split(","))
+    return (text_share, stock_share, price_share), [int(r) for r in rates.split(",") if r]
 
 
 def main() -> None:
@@ -119,51 +136,64 @@ def main() -> None:
     parser.add_argument("--mix", default="0.6,0.2,0.2",
                         help="shares of text edits, stock flips and price changes (real-shaped: 0.2,0.4,0.4; "
                              "attribute-only: 0,0.5,0.5; text-only: 1,0,0)")
+    parser.add_argument("--phase", action="append", default=[], metavar="MIX@RATES",
+                        help="after one bootstrap, a mix at its rates, e.g. 0,0.5,0.5@500,1000; repeat for "
+                             "several (replaces --mix and --rates)")
     args = parser.parse_args()
-    text_share, stock_share, price_share = (float(x) for x in args.mix.split(","))
-    mix = (text_share, stock_share, price_share)
+    phases = [parse_phase(p) for p in args.phase] or [parse_phase(f"{args.mix}@{args.rates}")]
     out = out_dir(args.out)
 
     bench = start_worker("stream", out / "scratch", encoder=args.encoder)
     rng = random.Random(42)
     catalog = build_catalog(args.products, rng)
+    encoder0 = encoder_busy(bench.worker)
     load_s = load_catalog(bench, catalog)
+    bootstrap_encoder = texts_per_s(encoder0, encoder_busy(bench.worker))
+    bootstrap_rss = round(bench.stats.rss_mb())
     print(f"catalog of {len(catalog)} products embedded, indexed and published in {load_s:.1f} s "
-          f"({len(catalog) / load_s:.0f} products/s); worker RSS {bench.stats.rss_mb():.0f} MB", flush=True)
+          f"({len(catalog) / load_s:.0f} products/s; the encoder's own rate in that run "
+          f"{bootstrap_encoder} texts/s); worker RSS {bootstrap_rss} MB", flush=True)
 
     results = []
-    samples: dict[int, dict[str, Any]] = {}
+    samples: dict[str, dict[str, Any]] = {}
     done = len(catalog)
-    for rate in (int(r) for r in args.rates.split(",")):
-        result, samples[rate] = run_rate(bench, catalog, rate, args.duration, done, rng, mix)
-        done += result["events"]
-        results.append(result)
-        print(json.dumps(result), flush=True)
+    for mix, rates in phases:
+        for rate in rates:
+            result, window = run_rate(bench, catalog, rate, args.duration, done, rng, mix)
+            samples[f"{rate} ev/s" if len(phases) == 1 else f"{rate} ev/s, {mix_label(mix)}"] = window
+            done += result["events"]
+            results.append(result)
+            print(json.dumps(result), flush=True)
     bench.worker.stop()
     if not args.keep:
         shutil.rmtree(bench.data_dir, ignore_errors=True)
 
     write_samples(out, "stream", [
         latency_plot("stream-own", f"Event to the changed product's own list, {len(catalog):,} products",
-                     {f"{r} ev/s": s["own_ms"] for r, s in samples.items()}),
+                     {label: s["own_ms"] for label, s in samples.items()}),
         latency_plot("stream-last", "Event to the last list it republished",
-                     {f"{r} ev/s": s["last_ms"] for r, s in samples.items()}),
+                     {label: s["last_ms"] for label, s in samples.items()}),
         timeseries_plot("stream-backlog", "Backlog (events sent, not yet consumed) during each window", [
-            {"ylabel": "events", "log": True, "series": {f"{r} ev/s": {"x": list(range(len(s["backlog"]))), "y": s["backlog"]}
-                                            for r, s in samples.items()}}]),
+            {"ylabel": "events", "log": True, "series": {label: {"x": list(range(len(s["backlog"]))), "y": s["backlog"]}
+                                            for label, s in samples.items()}}]),
     ])
-    print("\n| rate ev/s | achieved | own list p50 / p99 / max ms | text edit own p99 ms | stock-out substitutes "
+    print("\n| mix | rate ev/s | achieved | own list p50 / p99 / max ms | text edit own p99 ms | stock-out substitutes "
           "p50 / p99 ms | last list p50 / p99 / max ms | backlog max / end | CPU cores | RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['rate']} | {r['achieved_rate']} | {r['own_p50_ms']} / {r['own_p99_ms']} / {r['own_max_ms']} | "
+        print(f"| {r['mix']} | {r['rate']} | {r['achieved_rate']} | {r['own_p50_ms']} / {r['own_p99_ms']} / {r['own_max_ms']} | "
               f"{r['text_own_p99_ms']} | {r['stockout_subs_p50_ms']} / {r['stockout_subs_p99_ms']} | "
               f"{r['last_p50_ms']} / {r['last_p99_ms']} / {r['last_max_ms']} | {r['backlog_max']} / "
               f"{r['backlog_end']}{' (growing)' if r['backlog_growing'] else ''} | {r['cpu_cores']} | {r['rss_mb']} |")
     print(json.dumps({"bench": "stream", "command": " ".join(sys.argv), "products": len(catalog),
-                      "load_s": round(load_s, 1), "encoder": args.encoder, "duration_s": args.duration,
-                      "mix": {"text": mix[0], "stock": mix[1], "price": mix[2]},
-                      "highest_rate_held": highest_rate_held(results), "results": results}))
+                      "load_s": round(load_s, 1), "products_per_s": round(len(catalog) / load_s, 1),
+                      "bootstrap_encoder_texts_per_s": bootstrap_encoder, "bootstrap_rss_mb": bootstrap_rss,
+                      "encoder": args.encoder, "duration_s": args.duration,
+                      # The first phase's: the soak runs at half of it.
+                      "highest_rate_held": highest_rate_held([r for r in results if r["mix"] == mix_label(phases[0][0])]),
+                      "held_by_mix": {mix_label(mix): highest_rate_held([r for r in results if r["mix"] == mix_label(mix)])
+                                      for mix, _rates in phases},
+                      "results": results}))
 
 
 if __name__ == "__main__":

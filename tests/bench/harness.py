@@ -243,6 +243,26 @@ def stats(worker: WorkerProcess) -> dict[str, Any]:
     return dict(worker.get("/stats", timeout=120.0)[1])
 
 
+def encoder_busy(worker: WorkerProcess) -> tuple[float, float]:
+    """(texts embedded, seconds spent in encoder calls) so far, from the worker's ``/metrics``:
+    their ratio over a window is the encoder's own texts/s in that window, under the same load."""
+    import urllib.request
+
+    with urllib.request.urlopen(worker.web + "/metrics", timeout=120.0) as response:
+        text = response.read().decode()
+    values = {}
+    for name in ("simstream_encoder_batch_size_sum", "simstream_encoder_seconds_sum"):
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        values[name] = float(found.group(1)) if found else 0.0
+    return values["simstream_encoder_batch_size_sum"], values["simstream_encoder_seconds_sum"]
+
+
+def texts_per_s(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The encoder's own rate between two ``encoder_busy`` readings (``None`` without calls)."""
+    texts, seconds = after[0] - before[0], after[1] - before[1]
+    return round(texts / seconds, 1) if seconds > 0 else None
+
+
 def consumed(worker: WorkerProcess) -> int:
     """Input events the worker has processed (its ``/stats`` counter)."""
     return int(stats(worker)["events"])

@@ -73,7 +73,7 @@ def test_a_settle_goes_in_steps_that_each_publish_their_owners_lists() -> None:
     from serving import propagation
 
     rec, _rng = loaded(30)
-    steps = rec._propagation.settle_steps(chunk=7)
+    steps = rec.settle_steps(chunk=7)
     published = [sorted({p.product_id for p in step}) for step in steps]
     assert len(published) == 5 and not rec.unsettled
     owners = sorted(f"p{i:02d}" for i in range(30))
@@ -98,3 +98,94 @@ def test_a_refit_while_changes_wait_leaves_the_one_rebuild_to_the_settle() -> No
             assert [i.product_id for i in items] == [i.product_id for i in want]
             assert all(abs(a.lexical - b.lexical) < 1e-9 and abs(a.score - b.score) < 1e-9
                        for a, b in zip(items, want, strict=True))
+
+
+def test_deferred_text_changes_reach_the_index_in_batches_of_stage_batch() -> None:
+    from serving import recommender
+
+    rec, _rng = loaded(recommender.STAGE_BATCH - 1)
+    assert len(rec.index) == 0, "staged, not inserted one by one"
+    rng = np.random.default_rng(9)
+    rec.apply(ProductUpsert("last", 1.0, title="cable 9"), rng.normal(size=CONFIG.dim), defer=True)
+    assert len(rec.index) == recommender.STAGE_BATCH
+    rec.apply(ProductUpsert("one more", 1.0, title="cable 9"), rng.normal(size=CONFIG.dim), defer=True)
+    assert len(rec.index) == recommender.STAGE_BATCH
+    rec.settle()
+    assert len(rec.index) == recommender.STAGE_BATCH + 1
+
+
+@pytest.mark.parametrize("index_kind", ["exact", "hnsw"])
+def test_staged_moves_deletes_and_returns_settle_to_what_applying_each_change_gives(index_kind: str) -> None:
+    from serving.index import create_index
+    from serving.lists import exact_lists
+
+    config = RecommenderConfig(dim=8, k=3, candidate_depth=5, candidate_slack=2, index=index_kind)
+    rng = np.random.default_rng(11)
+    deferred = Recommender(config, create_index(index_kind, config))
+    plain = Recommender(config, create_index(index_kind, config))
+    changes: list[tuple[ProductUpsert | ProductDelete, np.ndarray | None]] = []
+    for i in range(40):
+        changes.append((ProductUpsert(f"p{i:02d}", 1.0, title=f"cable {i % 5}", brand="Acme", category=("Cables",),
+                                      price=10.0, in_stock=True), rng.normal(size=8)))
+    # Moved while staged, deleted while staged, deleted and back, moved after an insert.
+    # After the first settle: moved while in the index, moved while staged, deleted while
+    # staged, deleted and back while staged.
+    changes += [(ProductUpsert("p03", 2.0, title="plug 3"), rng.normal(size=8)),
+                (ProductUpsert("p23", 2.0, title="plug 23"), rng.normal(size=8)),
+                (ProductDelete("p24", 2.0), None),
+                (ProductDelete("p25", 2.0), None),
+                (ProductUpsert("p25", 3.0, title="plug 25"), rng.normal(size=8))]
+    for change, vector in changes[:20]:
+        deferred.apply(change, vector, defer=True)
+        plain.apply(change, vector)
+    deferred.settle()
+    for change, vector in changes[20:]:
+        deferred.apply(change, vector, defer=True)
+        plain.apply(change, vector)
+    assert len(deferred.index) < len(deferred.catalog), "some changes are still staged"
+    deferred.settle()
+    assert deferred.vectors().keys() == plain.vectors().keys()
+    for pid, v in plain.vectors().items():
+        assert np.array_equal(deferred.vectors()[pid], v), pid
+    expected = exact_lists(list(deferred.catalog), deferred.vectors(), config, deferred.lexical)
+    for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
+        want = {p: [i.product_id for i in items] for p, items in expected[kind].items()}
+        assert {p: [i.product_id for i in items] for p, items in deferred.lists(kind).items()} == want
+
+
+def test_a_catch_up_ending_in_a_refit_vectorizes_each_product_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.lexical import LexicalModel
+
+    calls: list[str] = []
+    vectorize = LexicalModel.vectorize
+
+    def counted(self: LexicalModel, text: str) -> object:
+        calls.append(text)
+        return vectorize(self, text)
+
+    monkeypatch.setattr(LexicalModel, "vectorize", counted)
+    rec, _rng = loaded(30)
+    assert calls == [], "a deferred text change leaves its lexical vector for later"
+    rec.refit_lexical()
+    rec.settle()
+    assert len(calls) == 30, "once, by the refit: not again at the settle"
+    assert rec.lexical_vectors.keys() == {f"p{i:02d}" for i in range(30)}
+
+
+def test_lexical_vectors_read_while_changes_wait_include_the_deferred_ones() -> None:
+    from serving.lexical import LexicalModel
+
+    rec, rng = loaded(10)
+    rec.settle()
+    rec.apply(ProductUpsert("p03", 2.0, title="plug 3"), rng.normal(size=CONFIG.dim), defer=True)
+    rec.apply(ProductUpsert("p11", 2.0, title="socket 11"), rng.normal(size=CONFIG.dim), defer=True)
+    rec.apply(ProductDelete("p11", 3.0), defer=True)
+    lex = rec.lexical_vectors
+    assert "p11" not in lex
+    from serving.text import product_text
+
+    product = rec.catalog.get("p03")
+    assert product is not None
+    want = LexicalModel().vectorize(product_text(product))
+    assert np.array_equal(lex["p03"][0], want[0]) and np.array_equal(lex["p03"][1], want[1])
+    assert rec.lexical_top(want, 1) == [("p03", pytest.approx(1.0))]
