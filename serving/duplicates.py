@@ -294,6 +294,34 @@ BATCH_PAIRS = 50_000
 BATCH_REST_SHARE = 1.0
 
 
+class _PairLexical:
+    """Pair codes (``owner * n + other``), appended in increasing order, with their lexical
+    cosine; looked up in bulk."""
+
+    def __init__(self) -> None:
+        self._codes = np.zeros(1024, np.int64)
+        self._lexical = np.zeros(1024, np.float64)
+        self._size = 0
+
+    def append(self, codes: np.ndarray, lexical: np.ndarray) -> None:
+        end = self._size + len(codes)
+        if end > len(self._codes):
+            grown = max(end, 2 * len(self._codes))
+            self._codes = np.resize(self._codes, grown)
+            self._lexical = np.resize(self._lexical, grown)
+        self._codes[self._size : end] = codes
+        self._lexical[self._size : end] = lexical
+        self._size = end
+
+    def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each code is held, its cosine where it is)."""
+        held = self._codes[: self._size]
+        if not len(held):
+            return np.zeros(len(codes), dtype=bool), np.zeros(len(codes))
+        at = np.minimum(np.searchsorted(held, codes), len(held) - 1)
+        return held[at] == codes, self._lexical[: self._size][at]
+
+
 class DuplicateBatch:
     """Many products' duplicates lists at once: a whole catalog's build, refit or restore.
 
@@ -399,12 +427,31 @@ class DuplicateBatch:
         """Each owner's ``depth`` best duplicates, and whether that is all of them (``Known``)."""
         rows = sorted(self._row[p] for p in owners)
         out: dict[str, Items] = {self.ids[r]: () for r in rows}
+        n = len(self.ids)
+        done = np.zeros(n, dtype=bool)  # rows whose block was scored
+        # The pairs an earlier block scored, towards a later owner: each pair is scored by
+        # the first of its two owners, and looked up by the second (the lexical cosine is
+        # the same, bit for bit, both ways round, and so is the rule: a key is shared).
+        ahead = _PairLexical()
         for start in range(0, len(rows), BATCH_OWNERS):
             block = np.asarray(rows[start : start + BATCH_OWNERS], dtype=np.int64)
             owner, other, rule = self._pairs(block)
+            lexical = np.full(len(owner), np.nan)
+            earlier = np.flatnonzero(done[other])
+            if len(earlier):
+                found, values = ahead.lookup(other[earlier] * n + owner[earlier])
+                lexical[earlier[found]] = values[found]
+                # A pair the other side did not score has no lexical evidence and no key.
+                keep = np.ones(len(owner), dtype=bool)
+                keep[earlier[~found]] = False
+                owner, other, rule, lexical = owner[keep], other[keep], rule[keep], lexical[keep]
             for at in range(0, len(owner), BATCH_PAIRS):
-                self._score(owner[at : at + BATCH_PAIRS], other[at : at + BATCH_PAIRS],
-                            rule[at : at + BATCH_PAIRS], depth + 1, out)
+                part = slice(at, at + BATCH_PAIRS)
+                scored_owner, scored_other, scored_lexical = self._score(
+                    owner[part], other[part], rule[part], lexical[part], depth + 1, out)
+                later = scored_other > block[-1]
+                ahead.append(scored_owner[later] * n + scored_other[later], scored_lexical[later])
+            done[block] = True
         return {p: (items[:depth], len(items) <= depth) for p, items in out.items()}
 
     def _pairs(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -460,16 +507,20 @@ class DuplicateBatch:
             spread[own] = 0.0
         return np.bincount(np.repeat(np.arange(len(owner)), lengths), weights=products, minlength=len(owner))
 
-    def _score(self, owner: np.ndarray, other: np.ndarray, rule: np.ndarray, keep_best: int,
-               out: dict[str, Items]) -> None:
-        if not len(owner):
-            return
+    def _score(self, owner: np.ndarray, other: np.ndarray, rule: np.ndarray, known_lexical: np.ndarray,
+               keep_best: int, out: dict[str, Items]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score the pairs (``known_lexical``: their cosine where already known, NaN where not)
+        into ``out``; return the pairs that had lexical evidence or a key, with their cosine."""
         config = self.config
-        lexical = self._cosines(owner, other)
+        lexical = known_lexical.copy()
+        todo = np.isnan(lexical)
+        if todo.any():
+            lexical[todo] = self._cosines(owner[todo], other[todo])
         scored = rule | (lexical >= self._min_lexical - _MARGIN)
         owner, other, rule, lexical = owner[scored], other[scored], rule[scored], lexical[scored]
+        evidence = owner, other, lexical
         if not len(owner):
-            return
+            return evidence
         needed = np.unique(np.concatenate([owner, other]))
         mat = self._vectors([self.ids[r] for r in needed.tolist()])
         at = np.searchsorted(needed, owner), np.searchsorted(needed, other)
@@ -495,3 +546,4 @@ class DuplicateBatch:
         for p, items in grouped.items():
             # An owner's pairs may span two chunks: merge with what the first one found.
             out[p] = ranked([*out[p], *items])[:keep_best] if out[p] else tuple(items)
+        return evidence

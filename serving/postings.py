@@ -17,15 +17,19 @@ weights), so a query touches only the rows of its own buckets.
   machine; see BENCHMARKS.md).
 * **Changes without a rebuild.** Products whose text changed or that were deleted since the
   build are *marked* (``mark``, called by ``Recommender.apply``); a query skips their
-  built rows and scores their current vectors directly. Once the marked products pass
-  ``max(MIN_REBUILD, live / REBUILD_SHARE)`` the next query rebuilds. A new lexical model
-  (a refit, ``Recommender.use_lexical``) or a new vectors mapping drops everything.
+  built rows. ``top`` scores their current vectors directly; ``candidates`` (one call per
+  text change, for the duplicates) reads them from a small *delta* index that each query
+  brings up to date with the products marked since the last one, so it never rescans
+  every marked product. Once the marked products pass ``max(MIN_REBUILD, live /
+  REBUILD_SHARE)`` the next query rebuilds. A new lexical model (a refit,
+  ``Recommender.use_lexical``) or a new vectors mapping drops everything.
 
 Not thread-safe, like the recommender that owns it: call it on the core thread.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -55,6 +59,9 @@ class LexicalPostings:
         self._rows = np.zeros(0, np.int32)
         self._weights = np.zeros(0, np.float32)
         self._marked: set[str] = set()
+        self._delta = _Delta()
+        #: Marked since the delta was last brought up to date.
+        self._unsynced: set[str] = set()
         #: How many times the postings were built (for tests and the bench).
         self.builds = 0
 
@@ -68,11 +75,13 @@ class LexicalPostings:
         self._ids, self._row = [], {}
         self._rows, self._weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
         self._marked = set()
+        self._delta, self._unsynced = _Delta(), set()
 
     def mark(self, product_id: str) -> None:
         """``product_id``'s lexical vector changed or went away since the build."""
         if self._source is not None:
             self._marked.add(product_id)
+            self._unsynced.add(product_id)
 
     def build(self, vectors: Mapping[str, SparseVec]) -> None:
         """Index every vector of ``vectors`` (kept by reference: later queries read its
@@ -96,6 +105,7 @@ class LexicalPostings:
         self._row = {pid: i for i, pid in enumerate(ids)}
         self._source = vectors
         self._marked = set()
+        self._delta, self._unsynced = _Delta(), set()
         self.builds += 1
 
     def _current(self, vectors: Mapping[str, SparseVec]) -> None:
@@ -164,11 +174,16 @@ class LexicalPostings:
                 if start < end:
                     partial[rows[start:end]] += wts[start:end].astype(np.float64) * q
             out = {self._ids[r] for r in np.flatnonzero(partial + rest >= edge).tolist() if partial[r] > 0.0}
-        if self._marked:
-            out -= self._marked  # their built rows are stale
+            if self._marked:
+                out -= self._marked  # their built rows are stale: the delta has their vectors
+                for pid in sorted(self._unsynced):
+                    self._delta.put(pid, vectors.get(pid))
+                self._unsynced = set()
+                out |= self._delta.candidates(qi[order[:taken]], weights[:taken], rest, edge)
+        elif self._marked:  # built over no product: the marked ones are all there is
             live = sorted(p for p in self._marked if p in vectors)
             scores = cosine_many(query, [vectors[p] for p in live])
-            out.update(p for p, sc in zip(live, scores, strict=True) if sc >= edge)
+            out = {p for p, sc in zip(live, scores, strict=True) if sc >= edge}
         return out
 
     def top(
@@ -236,3 +251,49 @@ def _take(
             if len(out) >= n:
                 break
     return out
+
+
+class _Delta:
+    """The current vectors of the marked products, by bucket (append only: a product marked
+    again gets a new row and its old one is ignored), until the next full build."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, array[int]] = {}
+        self._weights: dict[int, array[float]] = {}
+        self._ids: list[str] = []
+        self._live: list[bool] = []
+        self._row: dict[str, int] = {}
+
+    def put(self, product_id: str, vector: SparseVec | None) -> None:
+        """``product_id`` now has ``vector`` (``None``: deleted)."""
+        old = self._row.pop(product_id, None)
+        if old is not None:
+            self._live[old] = False
+        if vector is None or not vector[0].size:
+            return
+        row = len(self._ids)
+        self._ids.append(product_id)
+        self._live.append(True)
+        self._row[product_id] = row
+        for bucket, weight in zip(vector[0].tolist(), vector[1].tolist(), strict=True):
+            rows = self._rows.get(bucket)
+            if rows is None:
+                self._rows[bucket], self._weights[bucket] = array("i", [row]), array("f", [weight])
+            else:
+                rows.append(row)
+                self._weights[bucket].append(weight)
+
+    def candidates(self, buckets: np.ndarray, weights: np.ndarray, rest: float, edge: float) -> set[str]:
+        """The live products whose score over ``buckets`` (a query's taken prefix, with its
+        ``weights``) plus ``rest`` reaches ``edge``, as ``LexicalPostings.candidates`` keeps
+        its built rows."""
+        if not self._ids:
+            return set()
+        partial = np.zeros(len(self._ids), np.float64)
+        for bucket, q in zip(buckets.tolist(), weights.tolist(), strict=True):
+            rows = self._rows.get(bucket)
+            if rows is not None:
+                at = np.frombuffer(rows, dtype=np.int32)
+                partial[at] += np.frombuffer(self._weights[bucket], dtype=np.float32).astype(np.float64) * q
+        live = np.asarray(self._live, dtype=bool)
+        return {self._ids[r] for r in np.flatnonzero((partial + rest >= edge) & (partial > 0.0) & live).tolist()}

@@ -52,6 +52,19 @@ from streams.wire import (
 
 log = logging.getLogger(__name__)
 
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``); false where
+    there is no glibc (musl, macOS), which is harmless: memory is only held longer."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
 MAX_OUTAGE_BACKOFF_S = 10.0
 T = TypeVar("T")
 
@@ -389,14 +402,28 @@ class Engine(Edge):
         started = time.monotonic()
         out = Outputs()
         # One step per call on the core thread: the web views' reads get in between, and
-        # each step's lists go out before the next, rather than all of them at the end.
+        # each step's lists go out before the next, rather than all of them at the end. The
+        # next step is computed while this one is sent: a step only reads what the previous
+        # ones left, and sending reads nothing of the core.
         steps = self.core.settle_steps()
-        while (pubs := await self.in_core(next, steps, None)) is not None:
-            step = Outputs(lists=self.lists_to_records(pubs))
-            await self.publish(step)
-            out.lists += step.lists
-        log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s",
-                 len(self.core.catalog), len(out.lists), time.monotonic() - started)
+        computing = asyncio.ensure_future(self.in_core(next, steps, None))
+        try:
+            while (pubs := await computing) is not None:
+                step = Outputs(lists=self.lists_to_records(pubs))
+                computing = asyncio.ensure_future(self.in_core(next, steps, None))
+                await self.publish(step)
+                out.lists += step.lists
+        finally:
+            if not computing.done():  # a send failed: let the step in flight end before anything else
+                await asyncio.wait([computing])
+                if not computing.cancelled() and computing.exception() is not None:
+                    log.error("a settle step failed after a failed send: %s", computing.exception())
+        # The settle's working arrays (the duplicates join: about 1 GB at 100k products) are
+        # free now, but glibc keeps the pages of its heap: hand them back to the system.
+        trimmed = release_free_heap()
+        log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s%s",
+                 len(self.core.catalog), len(out.lists), time.monotonic() - started,
+                 "; free heap returned to the system" if trimmed else "")
         self.update_gauges()
         return out
 

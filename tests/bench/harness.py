@@ -352,9 +352,9 @@ def send_at_rate(settings: Settings, changes: MixedChanges, rate: float, duratio
     i = 0
     source = changes.events()
     while time.monotonic() - start < duration:
-        due = start + i / rate
-        if due > time.monotonic():
-            time.sleep(due - time.monotonic())
+        wait = start + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         pid, event = next(source)
         kafka.send(settings.topic_product_changes, key=pid.encode(), value=json.dumps(event).encode())
         i += 1

@@ -7,6 +7,7 @@ from dataclasses import replace
 from unittest.mock import patch
 
 import numpy as np
+import pytest
 from core_helpers import SMALL, Stream, check_against_exact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -256,10 +257,13 @@ def test_the_cluster_hands_duplicates_over_exactly() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31), n=st.integers(1, 60), min_cosine=st.floats(0.05, 1.0), changed=st.integers(0, 5))
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 60), min_cosine=st.floats(0.05, 1.0),
+       changes=st.lists(st.sampled_from(["retitle", "delete", "new", "query"]), max_size=12))
 def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
-    seed: int, n: int, min_cosine: float, changed: int
+    seed: int, n: int, min_cosine: float, changes: list[str]
 ) -> None:
+    """Built rows, and marked products through the delta (synced by the queries in between:
+    a product marked again, deleted, or new since the build), all pass the bound."""
     from serving.lexical import LexicalModel, cosine_many
     from serving.postings import LexicalPostings
 
@@ -269,17 +273,56 @@ def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
     model = LexicalModel.fit(texts.values())
     vectors = {pid: model.vectorize(t) for pid, t in texts.items()}
     postings = LexicalPostings()
+
+    def check() -> None:
+        for vec in list(vectors.values()):
+            found = postings.candidates(vectors, vec, min_cosine)
+            assert found <= vectors.keys(), "a deleted product is no candidate"
+            others = sorted(vectors)
+            want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
+                    if c >= min_cosine}
+            assert want <= found
+
     postings.candidates(vectors, vectors["p0"], min_cosine)  # built here; later changes are marked
-    for _ in range(changed):
-        pid = f"p{int(rng.integers(n))}"
-        vectors[pid] = model.vectorize(" ".join(rng.choice(words, size=3)))
-        postings.mark(pid)
-    for vec in vectors.values():
-        found = postings.candidates(vectors, vec, min_cosine)
-        others = sorted(vectors)
-        want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
-                if c >= min_cosine}
-        assert want <= found
+    for i, op in enumerate(changes):
+        pid = f"p{int(rng.integers(n))}" if op != "new" else f"new{i}"
+        if op == "query":
+            check()
+        elif op == "delete":
+            vectors.pop(pid, None)
+            postings.mark(pid)
+        else:
+            vectors[pid] = model.vectorize(" ".join(rng.choice(words, size=3)))
+            postings.mark(pid)
+        if vectors:
+            postings.candidates(vectors, next(iter(vectors.values())), min_cosine)  # the delta catches up
+    if vectors:
+        check()
+
+
+def test_postings_candidates_read_marked_products_from_the_delta_without_scoring_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving import postings as postings_module
+    from serving.lexical import LexicalModel
+
+    texts = {f"p{i}": f"stuffit deluxe {i} photo editor" for i in range(50)}
+    model = LexicalModel.fit(texts.values())
+    vectors = {pid: model.vectorize(t) for pid, t in texts.items()}
+    postings = postings_module.LexicalPostings()
+    postings.candidates(vectors, vectors["p0"], 0.5)
+    for i in range(20):
+        vectors[f"p{i}"] = model.vectorize(f"stuffit deluxe {i} photo suite")
+        postings.mark(f"p{i}")
+    others = sorted(vectors)
+    want = {o for o, c in zip(others, postings_module.cosine_many(vectors["p3"], [vectors[o] for o in others]),
+                              strict=True) if c >= 0.5}
+    assert {"p3", "p7"} <= want
+    scored: list[int] = []
+    monkeypatch.setattr(postings_module, "cosine_many", lambda q, others: scored.append(len(others)) or [])
+    found = postings.candidates(vectors, vectors["p3"], 0.5)
+    assert scored == [], "no pass over every marked product"
+    assert want <= found and postings.builds == 1
 
 
 #: Titles from a small vocabulary, a few with numbers: many pairs near the threshold, editions among them.

@@ -432,3 +432,61 @@ async def test_reads_get_in_between_the_steps_of_a_settle() -> None:
     assert seen == [True], "the read ran between two steps of the settle"
     assert not engine.core.unsettled
     assert len({r.key for r in out.lists if r.topic == engine.settings.topic_similar_items}) == n
+
+
+async def test_a_settle_computes_its_next_step_while_the_previous_one_is_sent() -> None:
+    """Sending a step's lists and computing the next one overlap: at 100k products each takes
+    minutes, and neither needs the other."""
+    import asyncio
+    from collections.abc import Iterator
+
+    from serving.propagation import SETTLE_CHUNK
+    from serving.recommender import Publication
+
+    engine = make_pipeline()
+    engine.defer_propagation = True
+    n = 2 * SETTLE_CHUNK + 1
+    await engine.handle([upsert(f"P{i:05d}", NOW - 10_000 + i, title=f"product {i} cable") for i in range(n)])
+    engine.defer_propagation = False
+    loop = asyncio.get_running_loop()
+    second_computed = asyncio.Event()
+    real_steps = engine.core.settle_steps
+
+    def observed_steps() -> Iterator[list[Publication]]:
+        for i, step in enumerate(real_steps()):
+            if i == 1:
+                loop.call_soon_threadsafe(second_computed.set)
+            yield step
+
+    engine.core.settle_steps = observed_steps  # type: ignore[method-assign]
+    sent: list[int] = []
+
+    async def send(records: list[Outbound]) -> None:
+        if not sent:  # the first step's records: the second step is computed meanwhile
+            await asyncio.wait_for(second_computed.wait(), timeout=60)
+        sent.append(len(records))
+
+    engine.send = send
+    out = await engine.settle()
+    assert len(sent) == 3 and sum(sent) == len(out.lists)
+    assert not engine.core.unsettled
+
+
+def test_free_heap_pages_go_back_to_the_system_after_a_settle() -> None:
+    """glibc keeps freed heap pages that live objects pin in between; ``malloc_trim`` (called
+    at the end of a settle) hands them back."""
+    import os
+
+    from streams.engine import release_free_heap
+
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [bytes(2000) + bytes([i % 256]) for i in range(100_000)]  # past pymalloc: the C heap
+    pinned = blocks[::100]  # live blocks spread over the heap: free() alone cannot shrink it
+    del blocks
+    before = rss()
+    assert release_free_heap()
+    assert rss() < before - 100 * 2**20, "the ~200 MB freed in between went back"
+    assert len(pinned) == 1000
