@@ -360,6 +360,14 @@ class DuplicateBatch:
         self.usable = min_lexical > config.lexical_floor
         self.ids = sorted(profiles)
         self._row = {pid: i for i, pid in enumerate(self.ids)}
+        # Each pair is scored by the first of its owners to come (in this call or an earlier
+        # one: a settle asks for its owners in steps, in order) and looked up by the second;
+        # the lexical cosine is the same, bit for bit, both ways round, and so is the rule
+        # (a key is shared). ``_done``: rows already scored; ``_ahead``: the pairs they
+        # scored towards later rows, with their cosine.
+        self._done = np.zeros(len(self.ids), dtype=bool)
+        self._ahead = _PairLexical()
+        self._last_row = -1
         if not self.usable:
             return
         from scipy import sparse  # imported here: only whole-catalog steps need it
@@ -428,11 +436,11 @@ class DuplicateBatch:
         rows = sorted(self._row[p] for p in owners)
         out: dict[str, Items] = {self.ids[r]: () for r in rows}
         n = len(self.ids)
-        done = np.zeros(n, dtype=bool)  # rows whose block was scored
-        # The pairs an earlier block scored, towards a later owner: each pair is scored by
-        # the first of its two owners, and looked up by the second (the lexical cosine is
-        # the same, bit for bit, both ways round, and so is the rule: a key is shared).
-        ahead = _PairLexical()
+        if rows and rows[0] <= self._last_row:
+            # Owners before ones already scored (not a settle's steps in order): start over,
+            # as the pairs kept for later owners are looked up in increasing order.
+            self._done, self._ahead = np.zeros(n, dtype=bool), _PairLexical()
+        done, ahead = self._done, self._ahead
         for start in range(0, len(rows), BATCH_OWNERS):
             block = np.asarray(rows[start : start + BATCH_OWNERS], dtype=np.int64)
             owner, other, rule = self._pairs(block)
@@ -452,6 +460,7 @@ class DuplicateBatch:
                 later = scored_other > block[-1]
                 ahead.append(scored_owner[later] * n + scored_other[later], scored_lexical[later])
             done[block] = True
+            self._last_row = int(block[-1])
         return {p: (items[:depth], len(items) <= depth) for p, items in out.items()}
 
     def _pairs(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

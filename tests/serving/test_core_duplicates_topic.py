@@ -28,7 +28,7 @@ from serving.duplicates import (
     threshold_reason,
 )
 from serving.index import ExactIndex
-from serving.recommender import Kind, Recommender
+from serving.recommender import Items, Kind, Recommender
 from serving.scoring import content_score
 
 CONFIG = RecommenderConfig(dim=4, k=3, candidate_depth=4, candidate_slack=0, duplicate_threshold=0.8)
@@ -187,14 +187,15 @@ def test_deferred_changes_and_a_refit_settle_to_recomputation(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), n=st.integers(0, 80), cap=st.integers(1, 6), share=st.floats(0.05, 1.0),
        threshold=st.floats(0.45, 0.9), owners_block=st.integers(1, 9), pairs_block=st.integers(1, 40),
-       fitted=st.booleans())
+       fitted=st.booleans(), steps=st.integers(1, 4), again=st.booleans())
 def test_a_batch_equals_the_lists_built_one_owner_at_a_time(
     seed: int, n: int, cap: int, share: float, threshold: float, owners_block: int, pairs_block: int,
-    fitted: bool,
+    fitted: bool, steps: int, again: bool,
 ) -> None:
     """The all-pairs join finds every pair the per-owner candidate search finds, and scores
-    each bit for bit the same, however it cuts the owners and the pairs into blocks and
-    however long the prefixes are."""
+    each bit for bit the same, however it cuts the owners and the pairs into blocks, however
+    long the prefixes are, and whether the owners come in one call, in several in order (a
+    settle's steps: each pair scored once, by its first owner), or again out of order."""
     config = replace(LEXICAL_PATH, duplicate_threshold=threshold, duplicate_max_items=cap)
     rng = np.random.default_rng(seed)
     rec = Recommender(config, ExactIndex(config.dim))
@@ -215,7 +216,12 @@ def test_a_batch_equals_the_lists_built_one_owner_at_a_time(
             patch("serving.duplicates.BATCH_PAIRS", pairs_block):
         batch = DuplicateBatch(core.lex, core.profiles, rec.index.get_vectors, config)
         assert batch.usable
-        got = batch.lists(sorted(core.profiles))
+        owners = sorted(core.profiles)
+        got: dict[str, Items] = {}
+        for part in np.array_split(np.array(owners, dtype=object), steps):
+            got.update(batch.lists(list(part)))
+        if again and owners:
+            got.update(batch.lists(owners[: len(owners) // 2 + 1]))  # earlier owners again
     for pid in sorted(core.profiles):
         mates = core.dup_keys.mates(pid) | candidate_ids(pid, index=rec.index, lex=core.lex, postings=core.postings,
                                                           config=config)
