@@ -17,10 +17,10 @@ weights), so a query touches only the rows of its own buckets.
   machine; see BENCHMARKS.md).
 * **Changes without a rebuild.** Products whose text changed or that were deleted since the
   build are *marked* (``mark``, called by ``Recommender.apply``); a query skips their
-  built rows. ``top`` scores their current vectors directly; ``candidates`` (one call per
-  text change, for the duplicates) reads them from a small *delta* index that each query
-  brings up to date with the products marked since the last one, so it never rescans
-  every marked product. Once the marked products pass ``max(MIN_REBUILD, live /
+  built rows and reads their current vectors from a small *delta* index (by bucket, append
+  only) that each query brings up to date with the products marked since the last one, so
+  no query rescans every marked product (``candidates`` runs once per text change, for the
+  duplicates). Once the marked products pass ``max(MIN_REBUILD, live /
   REBUILD_SHARE)`` the next query rebuilds. A new lexical model (a refit,
   ``Recommender.use_lexical``) or a new vectors mapping drops everything.
 
@@ -139,9 +139,15 @@ class LexicalPostings:
             marked_rows = [self._row[p] for p in self._marked if p in self._row]
             if marked_rows:
                 built[np.asarray(marked_rows, np.int64)] = 0.0
-            live = sorted(p for p in self._marked if p in vectors)
-            extra = dict(zip(live, cosine_many(query, [vectors[p] for p in live]), strict=True))
+            self._sync_delta(vectors)
+            extra = self._delta.scores(qi, qv.astype(np.float64))
         return self._ids, built, extra
+
+    def _sync_delta(self, vectors: Mapping[str, SparseVec]) -> None:
+        """Bring the delta up to date with the products marked since the last query."""
+        for pid in sorted(self._unsynced):
+            self._delta.put(pid, vectors.get(pid))
+        self._unsynced = set()
 
     def candidates(self, vectors: Mapping[str, SparseVec], query: SparseVec, min_cosine: float) -> set[str]:
         """Every product of ``vectors`` whose cosine with ``query`` may reach ``min_cosine``
@@ -176,9 +182,7 @@ class LexicalPostings:
             out = {self._ids[r] for r in np.flatnonzero(partial + rest >= edge).tolist() if partial[r] > 0.0}
             if self._marked:
                 out -= self._marked  # their built rows are stale: the delta has their vectors
-                for pid in sorted(self._unsynced):
-                    self._delta.put(pid, vectors.get(pid))
-                self._unsynced = set()
+                self._sync_delta(vectors)
                 out |= self._delta.candidates(qi[order[:taken]], weights[:taken], rest, edge)
         elif self._marked:  # built over no product: the marked ones are all there is
             live = sorted(p for p in self._marked if p in vectors)
@@ -269,7 +273,7 @@ class _Delta:
         old = self._row.pop(product_id, None)
         if old is not None:
             self._live[old] = False
-        if vector is None or not vector[0].size:
+        if vector is None:
             return
         row = len(self._ids)
         self._ids.append(product_id)
@@ -283,17 +287,27 @@ class _Delta:
                 rows.append(row)
                 self._weights[bucket].append(weight)
 
-    def candidates(self, buckets: np.ndarray, weights: np.ndarray, rest: float, edge: float) -> set[str]:
-        """The live products whose score over ``buckets`` (a query's taken prefix, with its
-        ``weights``) plus ``rest`` reaches ``edge``, as ``LexicalPostings.candidates`` keeps
-        its built rows."""
-        if not self._ids:
-            return set()
+    def scores(self, buckets: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+        """The cosine of a query (its ``buckets``, ascending, and float64 ``weights``) with every
+        live product: summed in ascending bucket order in float64, bit for bit ``cosine_many``."""
+        partial = self._partial(buckets, weights)
+        return {self._ids[r]: float(partial[r]) for r in np.flatnonzero(np.asarray(self._live, dtype=bool)).tolist()}
+
+    def _partial(self, buckets: np.ndarray, weights: np.ndarray) -> np.ndarray:
         partial = np.zeros(len(self._ids), np.float64)
         for bucket, q in zip(buckets.tolist(), weights.tolist(), strict=True):
             rows = self._rows.get(bucket)
             if rows is not None:
                 at = np.frombuffer(rows, dtype=np.int32)
                 partial[at] += np.frombuffer(self._weights[bucket], dtype=np.float32).astype(np.float64) * q
+        return partial
+
+    def candidates(self, buckets: np.ndarray, weights: np.ndarray, rest: float, edge: float) -> set[str]:
+        """The live products whose score over ``buckets`` (a query's taken prefix, with its
+        ``weights``) plus ``rest`` reaches ``edge``, as ``LexicalPostings.candidates`` keeps
+        its built rows."""
+        if not self._ids:
+            return set()
+        partial = self._partial(buckets, weights)
         live = np.asarray(self._live, dtype=bool)
         return {self._ids[r] for r in np.flatnonzero((partial + rest >= edge) & (partial > 0.0) & live).tolist()}
