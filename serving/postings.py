@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from serving.lexical import N_BUCKETS, SparseVec, cosine_many
+from serving.lexical import N_BUCKETS, SparseVec
 
 #: ``candidates`` scores the rarest buckets of a query until the weights left out have a norm
 #: below this share of the cosine asked for: the lower, the more (common) buckets are scored
@@ -184,10 +184,9 @@ class LexicalPostings:
                 out -= self._marked  # their built rows are stale: the delta has their vectors
                 self._sync_delta(vectors)
                 out |= self._delta.candidates(qi[order[:taken]], weights[:taken], rest, edge)
-        elif self._marked:  # built over no product: the marked ones are all there is
-            live = sorted(p for p in self._marked if p in vectors)
-            scores = cosine_many(query, [vectors[p] for p in live])
-            out = {p for p, sc in zip(live, scores, strict=True) if sc >= edge}
+        elif self._marked and qi.size and min_cosine > 0:  # built over no product: the delta is all there is
+            self._sync_delta(vectors)
+            out = {p for p, sc in self._delta.scores(qi, qv.astype(np.float64)).items() if sc >= edge}
         return out
 
     def top(

@@ -241,13 +241,15 @@ class Propagator:
         return {p for p in self._brev.get(q, ()) if p in self.buffers.by_owner and p != q}
 
     def set_ownership(
-        self, owns: Callable[[str], bool], product_ids: Iterable[str], behavior: Mapping[str, BehaviorRow]
+        self, owns: Callable[[str], bool], product_ids: Iterable[str], behavior: Mapping[str, BehaviorRow],
+        reclaim: Callable[[str], bool] | None = None,
     ) -> list[Publication]:
         """Maintain exactly the products of ``product_ids`` (the catalog) that ``owns`` accepts.
 
         See ``Recommender.set_ownership``; ``behavior`` (validated) holds the rows the previous
-        owners published.
+        owners published, and applies to the products kept here that ``reclaim`` accepts too.
         """
+        kept = [p for p in self.buffers.by_owner if owns(p) and reclaim(p)] if reclaim is not None else []
         self.owns = owns
         for p in [p for p in self.buffers.by_owner if not owns(p)]:
             self._forget_duplicates(p)
@@ -267,7 +269,25 @@ class Propagator:
                 # The topic holds the old owner's complements, and no row says what they are.
                 self.lists[Kind.COMPLEMENTS][pid] = ()
                 emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
-        return emptied + self.refresh(gained) + self.refresh_duplicates(gained)
+        return (emptied + self._take_rows(kept, behavior) + self.refresh(gained)
+                + self.refresh_duplicates(gained))
+
+    def _take_rows(self, pids: Iterable[str], behavior: Mapping[str, BehaviorRow]) -> list[Publication]:
+        """Owned products take the rows of ``behavior`` (none where it has none), as gained
+        ones do; the lists whose row changed are refreshed."""
+        affected: list[str] = []
+        emptied: list[Publication] = []
+        for pid in pids:
+            row = behavior.get(pid)
+            if row is not None and not (row.partners or row.complements):
+                row = None
+            if self.rows.get(pid) != row:
+                self._set_row(pid, row)
+                affected.append(pid)
+            if row is None and (Kind.COMPLEMENTS, pid) in self.versions and pid not in self.lists[Kind.COMPLEMENTS]:
+                self.lists[Kind.COMPLEMENTS][pid] = ()
+                emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
+        return emptied + self.refresh(affected)
 
     # ------------------------------------------------------------------ changes
 

@@ -22,7 +22,7 @@ replicates the whole index but maintains and publishes only the lists of its par
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -431,7 +431,8 @@ class Recommender:
         return settled + self._propagation.apply_behavior(rows)
 
     def set_ownership(
-        self, owns: Callable[[str], bool], behavior: Mapping[str, BehaviorRow] | None = None
+        self, owns: Callable[[str], bool], behavior: Mapping[str, BehaviorRow] | None = None, *,
+        reclaim: Callable[[str], bool] | None = None,
     ) -> list[Publication]:
         """Hand lists over after a rebalance: maintain exactly the products ``owns`` accepts.
 
@@ -444,11 +445,22 @@ class Recommender:
         previous owners published (rows of products this worker keeps are ignored); a gained
         product whose topic holds complements but that has no row gets an empty list. The
         index and catalog are untouched: every worker replicates all of them.
+
+        ``reclaim``: products this recommender already maintains whose lists its worker
+        starts publishing again (a snapshot restored under the partitions it is given back).
+        They keep their buffers and lists, which are current, and take their rows from
+        ``behavior`` as gained products do; only lists whose row changed are returned, so
+        compare the others with their topics (``streams.scaleout.hand_over``).
         """
         for pid, row in (behavior or {}).items():
             row.validate(pid)
         settled = self.settle()
-        return settled + self._propagation.set_ownership(owns, (p.product_id for p in self.catalog), behavior or {})
+        return settled + self._propagation.set_ownership(
+            owns, (p.product_id for p in self.catalog), behavior or {}, reclaim)
+
+    def maintained(self) -> Collection[str]:
+        """The products whose lists this recommender maintains (the owned ones in its catalog)."""
+        return self._propagation.buffers.by_owner.keys()
 
     def bulk_load(self, products: Sequence[ProductUpsert], vectors: np.ndarray) -> list[Publication]:
         """Load a whole catalog into an empty recommender at once (start-up, benchmarks).

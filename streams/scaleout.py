@@ -70,6 +70,12 @@ class PartitionOwnership:
         return bool(self.partitions) and partition_for(pid, self.total) in self.partitions
 
 
+def saved_ownership(core: Recommender, total: int) -> PartitionOwnership:
+    """The partitions a restored core maintained when it was saved: those of the products it
+    holds buffers for (every product of an owned partition has one)."""
+    return PartitionOwnership(frozenset(partition_for(pid, total) for pid in core.maintained()), total)
+
+
 @dataclass
 class Ownership:
     """This worker's share of the products, kept in step with the consumer group."""
@@ -188,22 +194,44 @@ def read_lists(settings: Settings, partitions: frozenset[int], total: int) -> di
 
 
 def hand_over(core: Recommender, owns: Callable[[str], bool], gained_lists: dict[Kind, dict[str, Any]],
-              model_version: str, behavior: dict[str, BehaviorRow] | None = None) -> list[Publication]:
+              model_version: str, behavior: dict[str, BehaviorRow] | None = None,
+              gained: Callable[[str], bool] | None = None) -> list[Publication]:
     """Move the core to ``owns`` and say what to publish for the lists it gained (core thread);
-    ``behavior`` holds the rebuilt behaviour rows of gained products."""
+    ``behavior`` holds the rebuilt behaviour rows of gained products.
+
+    ``gained``: the products whose lists this worker starts publishing (those of its gained
+    partitions). Those the core already maintains, a snapshot restored under the partitions
+    it is given back, keep their buffers and lists instead of being rebuilt: at 100k products
+    the rebuild took minutes at every restart. Each of their lists that differs from its topic
+    (changes replayed since the snapshot, a crash before a publish) is republished.
+    """
     for kind, values in gained_lists.items():
         for pid, value in values.items():
             version = value.get("version")
             if isinstance(version, int):
                 core.seed_version(kind, pid, version)
+    reclaimed = [p for p in core.maintained() if owns(p) and gained(p)] if gained is not None else []
     out: list[Publication] = []
-    for pub in core.set_ownership(owns, behavior):
+    for pub in core.set_ownership(owns, behavior, reclaim=gained):
         if pub.kind is not Kind.COMPLEMENTS and pub.items is not None:
             on_topic = gained_lists.get(pub.kind, {}).get(pub.product_id)
             if on_topic is not None and same_items(on_topic, pub.items) \
                     and on_topic.get("model_version") == model_version:
                 continue  # the previous owner already published exactly this
         out.append(pub)
+    published = {pub.key for pub in out}
+    for kind in Kind:
+        on_kind = gained_lists.get(kind, {})
+        for pid in reclaimed:
+            items = core.list_of(kind, pid)
+            if items is None or (kind, pid) in published:
+                continue  # no list: a tombstone below if the topic holds one
+            on_topic = on_kind.get(pid)
+            if on_topic is not None and same_items(on_topic, items) and on_topic.get("model_version") == model_version:
+                continue
+            if on_topic is None and not items and kind is Kind.COMPLEMENTS:
+                continue  # an empty complements list is published only once one was
+            out.append(core.republish(kind, pid))
     for kind in CONTENT_KINDS:
         held = core.lists(kind)
         for pid in gained_lists.get(kind, {}).keys() - held.keys():
@@ -349,7 +377,10 @@ class Handovers:
             # re-reads them (they were never acknowledged) and applies them itself.
             engine.pending = [item for item in engine.pending if owns(item.change.product_id)]
             rows = self.rebuild_behavior(behavior_target, gained_behavior, handed, owns)
-            pubs = await engine.in_core(hand_over, engine.core, owns, lists, engine.model_version, rows)
+            anew = PartitionOwnership(gained, ownership.total)
+            core = engine.core
+            kept = await engine.in_core(lambda: sum(1 for p in core.maintained() if owns(p) and anew(p)))
+            pubs = await engine.in_core(hand_over, core, owns, lists, engine.model_version, rows, anew)
             ownership.behavior_held = behavior_target
             ownership.allowed = target
             ownership.skip = target
@@ -362,11 +393,12 @@ class Handovers:
                 ownership.settled.set()
         ownership.last_handover = {
             "gained": sorted(gained), "lost": sorted(before - target), "published": len(records),
+            "kept_from_snapshot": kept,
             "released": len(release), "seconds": round(time.monotonic() - started, 3)}
         self.metrics.owned_partitions.set(len(target))
-        log.info("handover: own partitions %s of %d (gained %s, lost %s), %d records published in %.2f s",
-                 sorted(target), ownership.total, sorted(gained), sorted(before - target), len(records),
-                 time.monotonic() - started)
+        log.info("handover: own partitions %s of %d (gained %s, lost %s, %d products kept from the snapshot), "
+                 "%d records published in %.2f s", sorted(target), ownership.total, sorted(gained),
+                 sorted(before - target), kept, len(records), time.monotonic() - started)
 
     def rebuild_behavior(self, target: dict[str, frozenset[int]], gained: dict[str, frozenset[int]],
                          handed: dict[str, list[Inbound]], owns: Callable[[str], bool]) -> dict[str, BehaviorRow]:

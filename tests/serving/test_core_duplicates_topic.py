@@ -309,8 +309,10 @@ def test_the_postings_prefix_filter_keeps_every_product_at_the_bound(
 def test_postings_candidates_read_marked_products_from_the_delta_without_scoring_each(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Each marked product enters the delta once, at the first query after its mark; later
+    queries read it from there instead of scoring every marked product again."""
     from serving import postings as postings_module
-    from serving.lexical import LexicalModel
+    from serving.lexical import LexicalModel, cosine_many
 
     texts = {f"p{i}": f"stuffit deluxe {i} photo editor" for i in range(50)}
     model = LexicalModel.fit(texts.values())
@@ -321,14 +323,47 @@ def test_postings_candidates_read_marked_products_from_the_delta_without_scoring
         vectors[f"p{i}"] = model.vectorize(f"stuffit deluxe {i} photo suite")
         postings.mark(f"p{i}")
     others = sorted(vectors)
-    want = {o for o, c in zip(others, postings_module.cosine_many(vectors["p3"], [vectors[o] for o in others]),
-                              strict=True) if c >= 0.5}
-    assert {"p3", "p7"} <= want
-    scored: list[int] = []
-    monkeypatch.setattr(postings_module, "cosine_many", lambda q, others: scored.append(len(others)) or [])
-    found = postings.candidates(vectors, vectors["p3"], 0.5)
-    assert scored == [], "no pass over every marked product"
-    assert want <= found and postings.builds == 1
+    put: list[str] = []
+    real_put = postings_module._Delta.put
+    monkeypatch.setattr(postings_module._Delta, "put", lambda self, pid, vec: put.append(pid) or real_put(self, pid, vec))
+    for query in ("p3", "p7", "p30"):
+        want = {o for o, c in zip(others, cosine_many(vectors[query], [vectors[o] for o in others]), strict=True)
+                if c >= 0.5}
+        assert want <= postings.candidates(vectors, vectors[query], 0.5)
+    assert {"p3", "p7"} <= postings.candidates(vectors, vectors["p3"], 0.5)
+    assert sorted(put) == sorted(f"p{i}" for i in range(20)), "each marked product synced once, not per query"
+    assert postings.builds == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 30), min_cosine=st.floats(0.05, 1.0))
+def test_postings_built_over_no_product_find_the_marked_ones_through_the_delta(
+    seed: int, n: int, min_cosine: float
+) -> None:
+    """Postings first built over an empty catalog: every product is marked since, and the
+    delta alone answers, with every product at the bound."""
+    from serving.lexical import LexicalModel, cosine_many
+    from serving.postings import LexicalPostings
+
+    rng = np.random.default_rng(seed)
+    words = ["stuffit", "deluxe", "11", "photo", "editor", "suite", "mac", "pro"]
+    texts = {f"p{i}": " ".join(rng.choice(words, size=int(rng.integers(1, 5)))) for i in range(n)}
+    model = LexicalModel.fit(texts.values())
+    vectors: dict = {}
+    postings = LexicalPostings()
+    assert postings.candidates(vectors, model.vectorize("stuffit"), min_cosine) == set()
+    for pid, text in texts.items():
+        vectors[pid] = model.vectorize(text)
+        postings.mark(pid)
+    vectors.pop("p0")
+    postings.mark("p0")
+    others = sorted(vectors)
+    for vec in list(vectors.values()):
+        want = {o for o, c in zip(others, cosine_many(vec, [vectors[o] for o in others]), strict=True)
+                if c >= min_cosine}
+        found = postings.candidates(vectors, vec, min_cosine)
+        assert want <= found <= vectors.keys()
+    assert postings.builds == 1
 
 
 #: Titles from a small vocabulary, a few with numbers: many pairs near the threshold, editions among them.

@@ -234,11 +234,12 @@ def test_lexical_postings_are_exact_as_the_catalog_moves(monkeypatch: pytest.Mon
     assert MIN_REBUILD > 300
     import serving.postings as postings_module
 
-    def rescan(*_args: object) -> list[float]:
-        raise AssertionError("the marked products are read from the delta, not scored one by one")
+    def resync(*_args: object) -> None:
+        raise AssertionError("the marked products are read from the delta, not synced again per query")
 
+    rec.lexical_top(rec.lexical.vectorize("lamp"), 20)  # the delta takes the changes since the last query
     with monkeypatch.context() as patched:
-        patched.setattr(postings_module, "cosine_many", rescan)
+        patched.setattr(postings_module._Delta, "put", resync)
         assert rec.lexical_top(rec.lexical.vectorize("usb cable"), 20) == brute_lexical_top(rec, "usb cable", 20)
     accept_even = [(p, s) for p, s in brute_lexical_top(rec, "sony headphones", 500) if int(p[1:]) % 2 == 0][:7]
     assert rec.lexical_top(rec.lexical.vectorize("sony headphones"), 7, lambda p: int(p[1:]) % 2 == 0) == accept_even

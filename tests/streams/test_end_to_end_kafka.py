@@ -19,7 +19,7 @@ import pytest
 from streams.kafka_io import create_topics, latest_by_key, read_topic
 from streams.settings import Settings
 from tests.streams.kafka_e2e import Scenario, check_invariant, grpc_encoder, iso, wait_quiet
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,16 +94,23 @@ def test_a_restarted_worker_loses_nothing_and_embeds_nothing_twice(
     first = run_worker(worker_factory, **env)
     scenario.send(settings, first_half + second_half[: len(second_half) // 2])
     if restore_from == "snapshot":  # let it snapshot the catalog, then stop it mid-churn
-        deadline = time.monotonic() + 120
-        while not any(Path(env_dir).glob("snapshots/*/CURRENT")) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert any(Path(env_dir).glob("snapshots/*/CURRENT")), first.log_tail()
+        wait_for(lambda: first.get("/stats")[1]["events"] >= len(first_half), what="the catalog applied",
+                 worker=first, timeout=120)
+        loaded_at = time.time()
+
+        def snapshot_of_the_catalog() -> bool:
+            return any(p.stat().st_mtime > loaded_at for p in Path(env_dir).glob("snapshots/*/CURRENT"))
+
+        wait_for(snapshot_of_the_catalog, what="a snapshot taken after the catalog", worker=first, timeout=120)
     else:
         time.sleep(1.0)  # stop it mid-stream, while it is still working through the churn
     first.stop()
 
     second = run_worker(worker_factory, **env)
-    assert second.get("/health")[1]["restored_from"] == restore_from
+    health = second.get("/health")[1]
+    assert health["restored_from"] == restore_from
+    if restore_from == "snapshot":  # its buffers and lists are taken over, not rebuilt at the handover
+        assert health["last_handover"]["kept_from_snapshot"] > 0, health
     scenario.send(settings, second_half[len(second_half) // 2:])
     wait_quiet(second, 1)  # events counts only what the second worker consumed
     deadline = time.monotonic() + 120
