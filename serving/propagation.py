@@ -144,6 +144,7 @@ class Propagator:
         rows: Mapping[str, BehaviorRow],
         *,
         lists: Mapping[Kind, Mapping[str, Items]] | None = None,
+        known: Mapping[str, Known] | None = None,
         sample: int = RESTORE_SAMPLE,
     ) -> None:
         """Take over saved buffers and behaviour rows (rows of products without a buffer are
@@ -151,7 +152,10 @@ class Propagator:
 
         With ``lists`` (what the saved recommender held), the lists are taken over instead,
         after ``sample`` of the owners, chosen at random, recompute to exactly the lists
-        given (``ListsDiffer`` otherwise: the caller rebuilds from scratch).
+        given (``ListsDiffer`` otherwise: the caller rebuilds from scratch). ``known``, the
+        duplicates each list keeps beyond what it publishes (``serving.duplicates.Known``),
+        is taken over with them, checked the same way; without it a full duplicates list
+        knows only what it shows, and the first of its items to leave makes it search again.
         """
         self.lex = lex
         self.profiles = profiles
@@ -161,8 +165,10 @@ class Propagator:
             if pid in self.buffers.by_owner:
                 self._set_row(pid, row)
         if lists is not None:
-            self._adopt_lists(lists, sample)
-            self._adopt_known(None)
+            self._adopt_lists(lists, sample, known)
+            if known is not None:  # the lists are its prefixes (checked): share their items
+                self.lists[Kind.DUPLICATES] = {p: capped(items, self.config) for p, (items, _) in known.items()}
+            self._adopt_known(dict(known) if known is not None else None)
         else:
             for pid in self.buffers.by_owner:
                 similar, subs = self._compute(pid)
@@ -174,23 +180,36 @@ class Propagator:
             self.lists[Kind.DUPLICATES] = {p: capped(items, self.config) for p, (items, _) in known.items()}
             self._adopt_known(known)
 
-    def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int) -> None:
+    def _adopt_lists(self, lists: Mapping[Kind, Mapping[str, Items]], sample: int,
+                     known: Mapping[str, Known] | None = None) -> None:
         owners = self.buffers.by_owner
         for spec in LIST_KINDS:
             held = lists.get(spec.kind, {})
             if spec.content and held.keys() != owners.keys():
                 raise ListsDiffer(f"the {spec.kind} lists name other products than the candidate buffers")
             self.lists[spec.kind] = dict(held)
+        if known is not None:
+            if known.keys() != self.lists[Kind.DUPLICATES].keys():
+                raise ListsDiffer("the kept duplicates name other products than the duplicates lists")
+            for pid, (items, _complete) in known.items():
+                if capped(items, self.config) != self.lists[Kind.DUPLICATES][pid]:
+                    raise ListsDiffer(f"the kept duplicates of {pid} do not begin with its list")
         picked = random.Random(len(owners)).sample(sorted(owners), min(sample, len(owners)))
         for pid in picked:
             similar, subs = self._compute(pid)
             complements = self._compute_complements(pid) if pid in self.rows else ()
             held_complements = self.lists[Kind.COMPLEMENTS].get(pid, ())
-            if (similar, subs, complements, capped(self._duplicates(pid)[0], self.config)) != (
+            duplicates, complete = self._duplicates(pid)
+            if (similar, subs, complements, capped(duplicates, self.config)) != (
                 self.lists[Kind.SIMILAR][pid], self.lists[Kind.SUBSTITUTES][pid], held_complements,
                 self.lists[Kind.DUPLICATES][pid],
             ):
                 raise ListsDiffer(f"the saved lists of {pid} differ from a recomputation")
+            if known is not None:
+                # What a list keeps is an exact prefix of its ranking, or all of it.
+                kept, kept_complete = known[pid]
+                if duplicates[: len(kept)] != kept or (kept_complete and (not complete or duplicates != kept)):
+                    raise ListsDiffer(f"the kept duplicates of {pid} differ from a recomputation")
 
     def load(self, lex: dict[str, SparseVec], profiles: dict[str, Profile], owned: list[str]) -> list[Publication]:
         """Start from a whole catalog already in the index: buffers and lists of ``owned``."""

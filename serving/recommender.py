@@ -154,6 +154,7 @@ class Recommender:
             publications=core.publications,
             refills=core.buffers.refills,
             lists=core.lists,
+            duplicates_known=core.dup_known,
         )
 
     @classmethod
@@ -190,7 +191,8 @@ class Recommender:
         core.publications = state.publications
         core.buffers.refills = state.refills
         profiles = {p.product_id: profile(p) for p in state.catalog}
-        core.restore(state.lexical_vectors, profiles, state.buffers, state.behavior, lists=state.lists)
+        core.restore(state.lexical_vectors, profiles, state.buffers, state.behavior, lists=state.lists,
+                     known=state.duplicates_known)
 
     # ------------------------------------------------------------------ queries
 

@@ -240,7 +240,7 @@ def _write_files(state: RecommenderState, config: RecommenderConfig, out: Path) 
     ).encode("utf-8"))
 
     if state.lists is not None:
-        _write_lists(state.lists, pos, write)
+        _write_lists(state.lists, pos, write, state.duplicates_known)
 
     write("state.json", json.dumps(
         {
@@ -278,18 +278,28 @@ def _write_files(state: RecommenderState, config: RecommenderConfig, out: Path) 
 _ITEM_FLOATS = ("score", "content", "dense", "lexical", "behavior")
 
 
+#: The group of list files holding what each duplicates list keeps beyond what it shows.
+_KNOWN = "known"
+
+
 def _write_lists(
-    lists: Mapping[Kind, Mapping[str, Items]], pos: Mapping[str, int], write: Callable[[str, Any], None]
+    lists: Mapping[Kind, Mapping[str, Items]], pos: Mapping[str, int], write: Callable[[str, Any], None],
+    known: Mapping[str, tuple[Items, bool]] | None = None,
 ) -> None:
     """Every current list, so a load need not recompute them: per kind, the owners, their
-    items (product positions, score parts) and their reasons (indices into one table)."""
+    items (product positions, score parts) and their reasons (indices into one table); and
+    the duplicates each list keeps (``known``), in the same layout, with their flags."""
     table: dict[str, int] = {}
-    for kind in sorted(lists):
-        owners = sorted(lists[kind])
+    groups: dict[str, Mapping[str, Items]] = {str(kind): lists[kind] for kind in sorted(lists)}
+    if known is not None:
+        groups[_KNOWN] = {pid: items for pid, (items, _) in known.items()}
+        write(f"list_{_KNOWN}_complete.npy", np.array([known[p][1] for p in sorted(known)], dtype=np.bool_))
+    for kind, group in groups.items():
+        owners = sorted(group)
         indptr = np.zeros(len(owners) + 1, dtype=np.int64)
         items: list[ScoredItem] = []
         for i, owner in enumerate(owners):
-            items.extend(lists[kind][owner])
+            items.extend(group[owner])
             indptr[i + 1] = len(items)
         reason_ptr = np.zeros(len(items) + 1, dtype=np.int64)
         reasons: list[int] = []
@@ -306,34 +316,48 @@ def _write_lists(
     write("list_reasons.json", json.dumps(sorted(table, key=table.__getitem__)).encode("utf-8"))
 
 
-def _read_lists(snap: Path, files: Mapping[str, Any], ids: list[str]) -> dict[Kind, dict[str, Items]] | None:
-    """The lists ``_write_lists`` stored, or ``None`` for a snapshot that holds none."""
+def _read_lists(
+    snap: Path, files: Mapping[str, Any], ids: list[str]
+) -> tuple[dict[Kind, dict[str, Items]] | None, dict[str, tuple[Items, bool]] | None]:
+    """The lists ``_write_lists`` stored and the duplicates kept beyond them, each ``None``
+    where the snapshot holds none (the kept duplicates are newer than the lists)."""
     if "list_reasons.json" not in files:
-        return None
+        return None, None
     table = [sys.intern(str(r)) for r in json.loads((snap / "list_reasons.json").read_text("utf-8"))]
-    out: dict[Kind, dict[str, Items]] = {}
-    for kind in Kind:
-        if f"list_{kind}_owner.npy" not in files:
-            continue
-        owner = _npy(snap, f"list_{kind}_owner.npy", np.int32).tolist()
-        indptr = _npy(snap, f"list_{kind}_indptr.npy", np.int64).tolist()
-        item = _npy(snap, f"list_{kind}_item.npy", np.int32).tolist()
-        scores = _npy(snap, f"list_{kind}_scores.npy", np.float64).tolist()
-        reason_ptr = _npy(snap, f"list_{kind}_reason_ptr.npy", np.int64).tolist()
-        reason = _npy(snap, f"list_{kind}_reason.npy", np.int32).tolist()
-        n = len(item)
-        if (len(indptr) != len(owner) + 1 or indptr[-1] != n or len(scores) != n * len(_ITEM_FLOATS)
-                or len(reason_ptr) != n + 1 or reason_ptr[-1] != len(reason)):
-            raise _fail(snap, f"the stored {kind} lists do not match each other")
-        reasons_of = table.__getitem__
-        made = [
-            ScoredItem(ids[item[i]], score, content, dense, lexical, behavior,
-                       intern_reasons(tuple(map(reasons_of, reason[reason_ptr[i] : reason_ptr[i + 1]]))))
-            for i, (score, content, dense, lexical, behavior) in enumerate(
-                zip(scores[0::5], scores[1::5], scores[2::5], scores[3::5], scores[4::5], strict=True))
-        ]
-        out[kind] = {ids[o]: tuple(made[indptr[j] : indptr[j + 1]]) for j, o in enumerate(owner)}
-    return out
+    groups = {str(kind): _read_group(snap, files, ids, str(kind), table) for kind in Kind}
+    lists = {kind: group for kind in Kind if (group := groups[str(kind)]) is not None}
+    kept = _read_group(snap, files, ids, _KNOWN, table)
+    if kept is None:
+        return lists, None
+    complete = _npy(snap, f"list_{_KNOWN}_complete.npy", np.bool_).tolist()
+    if len(complete) != len(kept):
+        raise _fail(snap, "the kept duplicates and their flags do not match")
+    return lists, {pid: (kept[pid], bool(flag)) for pid, flag in zip(sorted(kept), complete, strict=True)}
+
+
+def _read_group(snap: Path, files: Mapping[str, Any], ids: list[str], kind: str,
+                table: list[str]) -> dict[str, Items] | None:
+    """One group of lists ``_write_lists`` stored (a kind, or the kept duplicates)."""
+    if f"list_{kind}_owner.npy" not in files:
+        return None
+    owner = _npy(snap, f"list_{kind}_owner.npy", np.int32).tolist()
+    indptr = _npy(snap, f"list_{kind}_indptr.npy", np.int64).tolist()
+    item = _npy(snap, f"list_{kind}_item.npy", np.int32).tolist()
+    scores = _npy(snap, f"list_{kind}_scores.npy", np.float64).tolist()
+    reason_ptr = _npy(snap, f"list_{kind}_reason_ptr.npy", np.int64).tolist()
+    reason = _npy(snap, f"list_{kind}_reason.npy", np.int32).tolist()
+    n = len(item)
+    if (len(indptr) != len(owner) + 1 or indptr[-1] != n or len(scores) != n * len(_ITEM_FLOATS)
+            or len(reason_ptr) != n + 1 or reason_ptr[-1] != len(reason)):
+        raise _fail(snap, f"the stored {kind} lists do not match each other")
+    reasons_of = table.__getitem__
+    made = [
+        ScoredItem(ids[item[i]], score, content, dense, lexical, behavior,
+                   intern_reasons(tuple(map(reasons_of, reason[reason_ptr[i] : reason_ptr[i + 1]]))))
+        for i, (score, content, dense, lexical, behavior) in enumerate(
+            zip(scores[0::5], scores[1::5], scores[2::5], scores[3::5], scores[4::5], strict=True))
+    ]
+    return {ids[o]: tuple(made[indptr[j] : indptr[j + 1]]) for j, o in enumerate(owner)}
 
 
 def _fail(snap: Path, what: str) -> SnapshotError:
@@ -490,6 +514,7 @@ def _build(
                 behavior[pid] = row
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise _fail(snap, f"behaviour rows are malformed ({exc})") from exc
+    lists, duplicates_known = _read_lists(snap, manifest["files"], ids)
     restored = RecommenderState(
         index=index,
         catalog=catalog,
@@ -501,6 +526,7 @@ def _build(
         offsets=offsets,
         publications=int(state.get("publications", 0)),
         refills=int(state.get("refills", 0)),
-        lists=_read_lists(snap, manifest["files"], ids),
+        lists=lists,
+        duplicates_known=duplicates_known,
     )
     return restored

@@ -30,7 +30,9 @@ class RecommenderState:
     * ``publications``, ``refills``: counters, so that stats continue across a restart;
     * ``lists``: the current lists by kind and product, when the state carries them (a
       snapshot does): ``Recommender.from_state`` then takes them over after recomputing a
-      sample, instead of recomputing every list.
+      sample, instead of recomputing every list;
+    * ``duplicates_known``: with ``lists``, what each duplicates list keeps beyond what it
+      publishes (``serving.duplicates.Known``: an exact prefix of its ranking, or all of it).
 
     Reverse maps, scoring profiles and reasons caches are derived state, recomputed with the
     code that produced them.
@@ -51,6 +53,7 @@ class RecommenderState:
     publications: int = 0
     refills: int = 0
     lists: dict[Kind, dict[str, Items]] | None = None
+    duplicates_known: dict[str, tuple[Items, bool]] | None = None
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,61 @@ def test_a_load_takes_the_saved_lists_over_and_recomputes_only_a_sample(
     assert len(computed) == propagation.RESTORE_SAMPLE < 260
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
         assert back.lists(kind) == rec.lists(kind)
+
+
+def test_a_load_keeps_what_each_duplicates_list_holds_beyond_what_it_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full duplicates list keeps a reserve beyond its cap, so a listing that leaves it is
+    replaced without a new search. The reserve is saved with the lists: after a load, a
+    retitle searches no more than in the recommender that was saved, and both end equal."""
+    from serving import propagation
+
+    config = replace(SMALL, duplicate_max_items=2)
+    rng = np.random.default_rng(8)
+    rec = Recommender(config, make_index("exact", config))
+    for i in range(12):  # one listing sold by twelve shops: everyone's list is full
+        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
+                  rng.normal(size=config.dim))
+    for i in range(20):
+        rec.apply(random_upsert(rng, f"r{i:02d}", float(50 + i)), rng.normal(size=config.dim))
+    kept = rec.export_state().duplicates_known
+    assert kept is not None and any(len(items) > 2 for items, _ in kept.values())
+    rec.save(tmp_path)
+    back = Recommender.load(tmp_path, config)
+    assert back.export_state().duplicates_known == kept
+
+    searched: list[str] = []
+    search = propagation.Propagator._duplicates
+
+    def counting(self: propagation.Propagator, p: str) -> Any:
+        searched.append(p)
+        return search(self, p)
+
+    monkeypatch.setattr(propagation.Propagator, "_duplicates", counting)
+    counts = []
+    vector = rng.normal(size=config.dim)
+    for core in (rec, back):
+        searched.clear()
+        core.apply(ProductUpsert("d03", 100.0, title="bolt cutter heavy duty"), vector)
+        counts.append(len(searched))
+    assert counts[1] == counts[0]
+    for kind in Kind:
+        assert back.lists(kind) == rec.lists(kind)
+
+
+def test_kept_duplicates_that_do_not_match_the_lists_are_not_taken_over(tmp_path: Path) -> None:
+    from serving.errors import ListsDiffer
+
+    config = replace(SMALL, duplicate_max_items=2)
+    rng = np.random.default_rng(9)
+    rec = Recommender(config, make_index("exact", config))
+    for i in range(8):
+        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
+                  rng.normal(size=config.dim))
+    saved = rec.export_state()
+    assert saved.duplicates_known is not None
+    pid, (items, complete) = next(iter(saved.duplicates_known.items()))
+    broken = {**saved.duplicates_known, pid: (tuple(reversed(items)), complete)}
+    with pytest.raises(ListsDiffer):
+        Recommender.from_state(replace(saved, duplicates_known=broken), config)
