@@ -10,6 +10,8 @@ Layout under the snapshot root directory::
         buf_*.npy              candidate buffers (owner, members, dense and lexical scores)
         lex_*.npy, idf.npy     lexical vectors of every product and the frozen IDF
         list_*.npy             the current lists of every kind (items, score parts, reasons)
+        list_known_*.npy       what each duplicates list keeps beyond its cap, and whether
+                               that is all of its duplicates (``serving.duplicates.Known``)
         list_reasons.json      the reason strings those lists use, once each
         index.bin(.meta.json)  the vector index in its own format (hnswlib or .npy)
 
@@ -22,8 +24,11 @@ truncated file raises ``SnapshotError`` and never yields a half-loaded state.
 The lists are stored, so a load need not recompute every one of them (at 100k products
 that was most of a 40 s load): it recomputes a random sample from the saved candidate
 buffers and takes the lists over only when the sample matches exactly (``ListsDiffer``, a
-``SnapshotError``, otherwise: the worker then rebuilds from the topics). The checksums
-cover the rest. The reverse map is derived state, rebuilt from the buffers.
+``SnapshotError``, otherwise: the worker then rebuilds from the topics). The duplicates kept
+beyond each list's cap are checked the same way (each list must be their head, and on the
+sample they must be an exact prefix of the recomputed ranking); a snapshot written before
+they were saved loads without them, and each full list searches again the first time one
+of its listings leaves. The checksums cover the rest. The reverse map is derived state, rebuilt from the buffers.
 """
 
 from __future__ import annotations

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 
 from streams.kafka_io import ssl_context
-from streams.outputs import Inbound, Outbound
+from streams.outputs import Inbound
 from streams.settings import Settings
+from streams.sink import KafkaSink
 from streams.worker import GC_FREEZE_INTERVAL_S, TAKE_EMBED_BATCHES, Worker
 
 
@@ -45,43 +45,6 @@ def inbound(event: Any, stream: Any) -> Inbound:
     message = event.message
     return Inbound(message.topic, message.partition, message.offset, message.key, message.value,
                    timestamp=message.timestamp, ack=functools.partial(stream.ack, event))
-
-
-#: Records sent between two turns given to the rest of the event loop.
-SEND_YIELD_EVERY = 256
-
-
-class KafkaSink:
-    """The worker's ``Send`` port on Faust's producer: send, then wait for every ack."""
-
-    def __init__(self, app: faust.App, worker: Worker) -> None:
-        self.app = app
-        self.worker = worker
-        self.topics: dict[str, Any] = {}
-
-    def topic(self, name: str) -> Any:
-        if name not in self.topics:
-            self.topics[name] = raw_topic(self.app, name)
-        return self.topics[name]
-
-    async def __call__(self, records: Sequence[Outbound], /) -> None:
-        metrics = self.worker.metrics
-        pending = []
-        for i, record in enumerate(records, 1):
-            key, value = record.encoded()
-            pending.append((record, await self.topic(record.topic).send(key=key, value=value)))
-            metrics.published.labels(record.topic).inc()
-            if i % SEND_YIELD_EVERY == 0:
-                # A send rarely suspends: without this, publishing a whole settle's lists
-                # (100k+ records) held the event loop, and /health and /stats, for seconds.
-                await asyncio.sleep(0)
-        # Wait for the broker's acks before the input offset may be committed.
-        acks = await asyncio.gather(*(future for _, future in pending))
-        now = time.time()
-        for (record, _), meta in zip(pending, acks, strict=True):
-            if record.event_ts is not None:
-                metrics.freshness.labels(record.topic).observe(max(0.0, now - record.event_ts))
-            self.worker.acked(record, meta.partition, meta.offset)
 
 
 def raw_topic(app: faust.App, name: str) -> Any:
@@ -146,7 +109,9 @@ def create_app(settings: Settings) -> faust.App:
         loghandlers=[],
     )
     worker = Worker(settings)
-    worker.sink = KafkaSink(app, worker)
+    sink = KafkaSink(settings, worker.metrics, worker.acked)
+    worker.sink = sink
+    app.on_before_shutdown.connect(sink.stop)
     app.simstream = worker  # type: ignore[attr-defined]
 
     app.on_partitions_revoked.connect(on_partitions_revoked)

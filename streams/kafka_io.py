@@ -49,6 +49,19 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def aiokafka_options(settings: Settings, client_id: str) -> dict[str, Any]:
+    """Connection and security options for an aiokafka client of this worker."""
+    options: dict[str, Any] = {"bootstrap_servers": settings.bootstrap_servers,
+                               "security_protocol": settings.kafka_security_protocol, "client_id": client_id}
+    if "SSL" in settings.kafka_security_protocol:
+        options["ssl_context"] = ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=(settings.kafka_sasl_password.get_secret_value()
+                                            if settings.kafka_sasl_password else None))
+    return options
+
+
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context for aiokafka (Faust), or ``None`` without TLS."""
     if "SSL" not in settings.kafka_security_protocol:

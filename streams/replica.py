@@ -19,7 +19,7 @@ from serving.catalog import Product
 from serving.errors import EncoderUnavailable, SimstreamError
 from serving.text import product_text
 from streams.engine import Change, Engine, as_upsert
-from streams.kafka_io import partition_count, ssl_context
+from streams.kafka_io import aiokafka_options, partition_count
 from streams.metrics import Metrics
 from streams.outputs import Outputs
 from streams.records import product_from_wire
@@ -93,19 +93,10 @@ class Replica:
         from aiokafka import AIOKafkaConsumer
 
         s = self.settings
-        options: dict[str, Any] = {
-            "bootstrap_servers": s.bootstrap_servers, "security_protocol": s.kafka_security_protocol,
-            "client_id": f"{s.app_id}-replica", "group_id": None, "enable_auto_commit": False,
-            "auto_offset_reset": "earliest", "fetch_max_bytes": 64 * 1024 * 1024,
-            "max_partition_fetch_bytes": max(s.max_message_bytes * 6, 4 * 1024 * 1024),
-        }
-        if "SSL" in s.kafka_security_protocol:
-            options["ssl_context"] = ssl_context(s)
-        if s.kafka_security_protocol.startswith("SASL"):
-            options.update(sasl_mechanism=s.kafka_sasl_mechanism, sasl_plain_username=s.kafka_sasl_username,
-                           sasl_plain_password=(s.kafka_sasl_password.get_secret_value()
-                                                if s.kafka_sasl_password else None))
-        return AIOKafkaConsumer(**options)
+        return AIOKafkaConsumer(
+            **aiokafka_options(s, f"{s.app_id}-replica"), group_id=None, enable_auto_commit=False,
+            auto_offset_reset="earliest", fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=max(s.max_message_bytes * 6, 4 * 1024 * 1024))
 
     async def run(self) -> None:
         """Read both state topics from where the restore stopped, for the worker's life."""

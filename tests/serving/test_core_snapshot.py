@@ -47,6 +47,19 @@ def make_changes(seed: int, n: int) -> list[tuple[ProductChange, np.ndarray | No
     return out
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[str]:
+    """Patch ``cls.name(self, product_id)`` to record each product it is called for."""
+    calls: list[str] = []
+    real = getattr(cls, name)
+
+    def counting(self: Any, p: str) -> Any:
+        calls.append(p)
+        return real(self, p)
+
+    monkeypatch.setattr(cls, name, counting)
+    return calls
+
+
 def feed(rec: Recommender, changes: list[tuple[ProductChange, np.ndarray | None]]) -> list[Publication]:
     pubs: list[Publication] = []
     for change, vector in changes:
@@ -242,14 +255,7 @@ def test_a_load_takes_the_saved_lists_over_and_recomputes_only_a_sample(
     snap = resolve_snapshot(tmp_path)
     assert (snap / "list_reasons.json").is_file() and (snap / "list_similar_item.npy").is_file()
 
-    computed: list[str] = []
-    compute = propagation.Propagator._compute
-
-    def counting(self: propagation.Propagator, p: str) -> Any:
-        computed.append(p)
-        return compute(self, p)
-
-    monkeypatch.setattr(propagation.Propagator, "_compute", counting)
+    computed = count_calls(monkeypatch, propagation.Propagator, "_compute")
     back = Recommender.load(tmp_path, SMALL)
     assert len(computed) == propagation.RESTORE_SAMPLE < 260
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
@@ -278,14 +284,7 @@ def test_a_load_keeps_what_each_duplicates_list_holds_beyond_what_it_shows(
     back = Recommender.load(tmp_path, config)
     assert back.export_state().duplicates_known == kept
 
-    searched: list[str] = []
-    search = propagation.Propagator._duplicates
-
-    def counting(self: propagation.Propagator, p: str) -> Any:
-        searched.append(p)
-        return search(self, p)
-
-    monkeypatch.setattr(propagation.Propagator, "_duplicates", counting)
+    searched = count_calls(monkeypatch, propagation.Propagator, "_duplicates")
     counts = []
     vector = rng.normal(size=config.dim)
     for core in (rec, back):
