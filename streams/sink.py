@@ -58,7 +58,6 @@ class KafkaSink:
         self.metrics = metrics
         self.acked = acked
         self.producer: Any = None
-        self.partitions: dict[str, list[int]] = {}
         self._round_robin = itertools.count()
         self._starting: asyncio.Lock | None = None
 
@@ -87,19 +86,18 @@ class KafkaSink:
         if producer is not None:
             await producer.stop()
 
-    async def partitions_of(self, producer: Any, topic: str) -> list[int]:
-        known = self.partitions.get(topic)
-        if known is None:
-            known = self.partitions[topic] = sorted(await producer.partitions_for(topic))
-        return known
-
     async def __call__(self, records: Sequence[Outbound], /) -> None:
         producer = await self.start()
         published = self.metrics.published
+        # Read from the producer's metadata once per call (it refreshes it), so a topic that
+        # gained partitions is spread as every other producer spreads it.
+        partitions: dict[str, list[int]] = {}
         groups: dict[tuple[str, int], list[tuple[Outbound, bytes | None, bytes | None]]] = {}
         for i, record in enumerate(records, 1):
             key, value = record.encoded()
-            parts = await self.partitions_of(producer, record.topic)
+            parts = partitions.get(record.topic)
+            if parts is None:
+                parts = partitions[record.topic] = sorted(await producer.partitions_for(record.topic))
             part = partition_of(key, parts) if key else parts[next(self._round_robin) % len(parts)]
             groups.setdefault((record.topic, part), []).append((record, key, value))
             published.labels(record.topic).inc()
