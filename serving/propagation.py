@@ -279,34 +279,25 @@ class Propagator:
                 self.lists[spec.kind].pop(p, None)
         gained = sorted(pid for pid in product_ids if owns(pid) and pid not in self.buffers.by_owner)
         self.buffers.build(gained, self.lex)
-        emptied: list[Publication] = []
-        for pid in gained:
-            handed = behavior.get(pid)
-            if handed is not None:
-                self._set_row(pid, handed)
-            elif (Kind.COMPLEMENTS, pid) in self.versions:
-                # The topic holds the old owner's complements, and no row says what they are.
-                self.lists[Kind.COMPLEMENTS][pid] = ()
-                emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
-        return (emptied + self._take_rows(kept, behavior) + self.refresh(gained)
-                + self.refresh_duplicates(gained))
+        changed, emptied = self._take_rows([*gained, *kept], behavior)
+        return emptied + self.refresh({*gained, *changed}) + self.refresh_duplicates(gained)
 
-    def _take_rows(self, pids: Iterable[str], behavior: Mapping[str, BehaviorRow]) -> list[Publication]:
-        """Owned products take the rows of ``behavior`` (none where it has none), as gained
-        ones do; the lists whose row changed are refreshed."""
-        affected: list[str] = []
+    def _take_rows(self, pids: Iterable[str], behavior: Mapping[str, BehaviorRow]) -> tuple[list[str], list[Publication]]:
+        """Owned products take their rows from ``behavior`` (none where it has none): returns
+        those whose row changed, and the empty complements published for those whose topic
+        holds the old owner's complements while no row says what they are."""
+        changed: list[str] = []
         emptied: list[Publication] = []
         for pid in pids:
             row = behavior.get(pid)
-            if row is not None and not (row.partners or row.complements):
-                row = None
-            if self.rows.get(pid) != row:
+            stored = row if row is not None and (row.partners or row.complements) else None  # as _set_row keeps it
+            if self.rows.get(pid) != stored:
                 self._set_row(pid, row)
-                affected.append(pid)
+                changed.append(pid)
             if row is None and (Kind.COMPLEMENTS, pid) in self.versions and pid not in self.lists[Kind.COMPLEMENTS]:
                 self.lists[Kind.COMPLEMENTS][pid] = ()
                 emptied.append(self.publish(Kind.COMPLEMENTS, pid, (), None))
-        return emptied + self.refresh(affected)
+        return changed, emptied
 
     # ------------------------------------------------------------------ changes
 
