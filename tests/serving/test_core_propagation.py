@@ -303,8 +303,9 @@ def test_deferred_changes_settle_to_recomputation(
 ) -> None:
     """Changes applied with ``defer`` (the initial catalog, the later churn, or both;
     behaviour rows in between settle on their own) end, after ``settle``, in exactly the
-    lists a from-scratch recomputation gives, each version still increasing per key."""
+    lists a from-scratch recomputation gives (with HNSW: by overlap, as every property test
+    here, since the index may miss a neighbour), each version still increasing per key."""
     stream = run_stream(kind, config, seed, initial, ops, owns=half if partitioned else None, defer=defer)
     stream.settle()
     assert not stream.rec.unsettled
-    check_against_exact(stream, exact=True)
+    check_against_exact(stream, exact=kind == "exact")
