@@ -112,6 +112,26 @@ class Lanes:
     slow: list[Change] = field(default_factory=list)
 
 
+@dataclass
+class EmbedAhead:
+    """The first encoder call of a batch's slow lane, started before its fast lane is applied
+    (``Engine.embed_ahead``), so that the encoder and the core work at the same time."""
+
+    #: The texts it embeds (the slow lane's first chunk, planned before the fast lane).
+    texts: list[str]
+    #: Texts the encoder refused, with why (filled by the call; see ``embed_one_by_one``).
+    poison: dict[str, str]
+    task: asyncio.Future[dict[str, np.ndarray]]
+
+    def discard(self) -> None:
+        """Cancel the call if it is still running, and consume its outcome if it ended (an
+        outage or a refusal is reported where the vectors are used, not as an unread error)."""
+        if not self.task.done():
+            self.task.cancel()
+        elif not self.task.cancelled():
+            self.task.exception()
+
+
 def as_upsert(product: Product) -> ProductUpsert:
     """The upsert that recreates ``product`` (restore, replica, rollover build)."""
     return ProductUpsert(
@@ -298,25 +318,48 @@ class Engine(Edge):
         ``done`` and must not be acknowledged (``retry_pending`` finishes them later).
         """
         lanes = self.split(messages)
-        fast = lanes.rejected.extend(await self.apply(lanes.fast))
-        await self.publish(fast)
-        slow = await self.apply_slow(lanes.slow)
+        # The slow lane's first encoder call runs while the core applies the fast lane: the
+        # fast lane touches none of the slow lane's products, so the texts it plans hold.
+        ahead = self.embed_ahead([*self.pending, *lanes.slow])
+        try:
+            fast = lanes.rejected.extend(await self.apply(lanes.fast))
+            await self.publish(fast)
+            slow = await self.apply_slow(lanes.slow, ahead=ahead)
+        finally:
+            if ahead is not None:
+                ahead.discard()
         await self.publish(slow)
         return fast.extend(slow)
 
-    async def apply_slow(self, slow: Sequence[Change]) -> Outputs:
+    def embed_ahead(self, work: Sequence[Change]) -> EmbedAhead | None:
+        """Start embedding the first chunk of texts ``work`` needs, without waiting for it;
+        ``None`` when it needs none. ``apply(work, ahead=...)`` takes the vectors over, and
+        an unreachable encoder is reported there as if ``apply`` had called it (waiting for
+        it only when ``work`` fills ``max_pending``, as ``apply_slow`` does)."""
+        if not work or self.builds_from_scratch(work):
+            return None
+        texts = self.texts_to_embed(work)[: self.settings.embed_batch_size]
+        if not texts:
+            return None
+        poison: dict[str, str] = {}
+        task = asyncio.ensure_future(
+            self.embed_chunk_or_one_by_one(texts, poison, wait=len(work) >= self.max_pending))
+        return EmbedAhead(texts, poison, task)
+
+    async def apply_slow(self, slow: Sequence[Change], *, ahead: EmbedAhead | None = None) -> Outputs:
         """Embed and apply deferred and new slow-lane changes, or defer them all again.
 
         Changes deferred by an earlier outage go first. When the encoder is unreachable and
         fewer than ``max_pending`` changes wait, they are deferred: their input stays
         unacknowledged (a crash loses nothing) and later fast-lane changes of other products
-        keep flowing. With ``max_pending`` reached, the call waits for the encoder.
+        keep flowing. With ``max_pending`` reached, the call waits for the encoder. ``ahead``:
+        the first encoder call, already started (``embed_ahead`` of the same work).
         """
         work = [*self.pending, *slow]
         if not work:
             return Outputs()
         try:
-            out = await self.apply(work, wait_for_encoder=len(work) >= self.max_pending)
+            out = await self.apply(work, wait_for_encoder=len(work) >= self.max_pending, ahead=ahead)
         except EncoderUnavailable:
             self.pending = work
             self.metrics.pending_changes.set(len(work))
@@ -345,7 +388,8 @@ class Engine(Edge):
 
     # ------------------------------------------------------------------ the one apply path
 
-    async def apply(self, changes: Sequence[Change], *, wait_for_encoder: bool = True) -> Outputs:
+    async def apply(self, changes: Sequence[Change], *, wait_for_encoder: bool = True,
+                    ahead: EmbedAhead | None = None) -> Outputs:
         """Apply ``changes`` in order and say what to publish; nothing is sent here.
 
         Texts without a vector are embedded in encoder calls of ``embed_batch_size`` texts, in the
@@ -353,7 +397,8 @@ class Engine(Edge):
         encoder embeds the next. An unreachable encoder raises ``EncoderUnavailable`` without
         ``wait_for_encoder`` when the first chunk is embedded (nothing is applied then); later
         chunks wait for it. A text the encoder refuses fails only the changes that need it:
-        one text at a time finds it, and those changes become dead letters.
+        one text at a time finds it, and those changes become dead letters. ``ahead`` is that
+        first chunk's call when it was started earlier (``embed_ahead``).
         """
         if not changes:
             return Outputs()
@@ -361,34 +406,37 @@ class Engine(Edge):
             return await self.in_core(self.bulk_load, changes)
         out = Outputs()
         self.primed_texts = set()
-        texts = self.texts_to_embed(changes)
-        size = self.settings.embed_batch_size
-        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-        poison: dict[str, str] = {}
+        poison: dict[str, str] = {} if ahead is None else ahead.poison
         # The first chunk decides whether the encoder answers (nothing is applied before);
         # once the batch has started, later chunks wait for it rather than split the batch.
-        vectors = await self.embed_chunk_or_one_by_one(chunks[0], poison, wait=wait_for_encoder) if chunks else {}
-        ahead: asyncio.Future[dict[str, np.ndarray]] | None = None
-        next_chunk = 1
+        vectors: dict[str, np.ndarray] = {} if ahead is None else dict(await ahead.task)
+        texts = [t for t in self.texts_to_embed(changes) if t not in vectors and t not in poison]
+        size = self.settings.embed_batch_size
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        next_chunk = 0
+        if ahead is None and chunks:
+            vectors = await self.embed_chunk_or_one_by_one(chunks[0], poison, wait=wait_for_encoder)
+            next_chunk = 1
+        embedding: asyncio.Future[dict[str, np.ndarray]] | None = None
         start = 0
         try:
             while start < len(changes):
-                if ahead is None and next_chunk < len(chunks):
-                    ahead = asyncio.ensure_future(self.embed_chunk_or_one_by_one(chunks[next_chunk], poison))
+                if embedding is None and next_chunk < len(chunks):
+                    embedding = asyncio.ensure_future(self.embed_chunk_or_one_by_one(chunks[next_chunk], poison))
                     next_chunk += 1
                 part, start, missing = await self.in_core(self.apply_in_core, changes, start, vectors, poison)
                 out.extend(part)
                 if missing is None:
                     continue
-                if ahead is not None:
-                    vectors.update(await ahead)
-                    ahead = None
+                if embedding is not None:
+                    vectors.update(await embedding)
+                    embedding = None
                 if missing not in vectors and missing not in poison:
                     # An earlier change of the batch altered the text planned for this one.
                     vectors.update(await self.embed_one_by_one([missing], poison))
         finally:
-            if ahead is not None:
-                ahead.cancel()
+            if embedding is not None:
+                embedding.cancel()
         out.lists = last_list_per_key(out.lists)
         self.update_gauges()
         return out

@@ -406,6 +406,65 @@ async def test_a_big_batch_is_embedded_chunk_by_chunk_each_while_the_core_applie
     assert len(engine.core.catalog) == 10 and len(out.done) == 10 and not out.dead_letters
 
 
+async def test_the_slow_lanes_encoder_call_runs_while_the_fast_lane_is_applied(pipeline: Engine) -> None:
+    """A batch's text edits are embedded while the core applies its stock and price changes,
+    not after: the core, held on the fast lane's first change until the encoder call for the
+    slow lane has started, sees it start; both lanes are then applied in full."""
+    import threading
+
+    await load(pipeline)
+    encoder = pipeline.encoder
+    assert isinstance(encoder, CountingEncoder)
+    calls_before = len(encoder.calls)
+    slow_call = threading.Event()
+
+    class Signalling(CountingEncoder):
+        async def encode(self, texts: Any) -> Any:
+            slow_call.set()
+            return await super().encode(texts)
+
+    pipeline.encoder = Signalling()
+    seen_while_applying: list[bool] = []
+    apply = pipeline.core.apply
+
+    def held_apply(*args: Any, **kwargs: Any) -> Any:
+        if not seen_while_applying:
+            seen_while_applying.append(slow_call.wait(timeout=5))
+        return apply(*args, **kwargs)
+
+    pipeline.core.apply = held_apply  # type: ignore[method-assign]
+    out = await pipeline.handle([
+        upsert("H2", NOW - 50, in_stock=False),
+        upsert("K1", NOW - 49, title="Logitech MX Keys S wireless keyboard"),
+        upsert("H3", NOW - 48, price=250.0),
+    ])
+    assert seen_while_applying == [True]
+    assert len(pipeline.encoder.calls) == 1, "one encoder call for the batch"
+    assert len(encoder.calls) == calls_before
+    assert len(out.done) == 3 and not out.dead_letters
+    k1, h2, h3 = (pipeline.core.catalog.get(pid) for pid in ("K1", "H2", "H3"))
+    assert k1 is not None and k1.title == "Logitech MX Keys S wireless keyboard"
+    assert h2 is not None and not h2.in_stock and h3 is not None and h3.price == 250.0
+
+
+async def test_an_outage_found_by_the_early_encoder_call_defers_only_the_slow_lane() -> None:
+    """The slow lane's call starts before the fast lane; when it finds the encoder down, the
+    fast lane is still applied and published, and the text edit waits (unacknowledged)."""
+    encoder = FlakyEncoder(failures=0)
+    pipeline = make_pipeline(encoder)
+    await load(pipeline)
+    encoder.failures = 1
+    out = await pipeline.handle([upsert("K1", NOW - 50, title="Logitech MX Keys S"),
+                                 upsert("H2", NOW - 49, in_stock=False)])
+    assert [m.key for m in out.done] == [b"H2"]
+    assert any(r.topic == "substitutes" and r.key == "H2" for r in out.records())
+    assert [item.change.product_id for item in pipeline.pending] == ["K1"] and not pipeline.encoder_ok
+    retried = await pipeline.retry_pending()
+    assert [m.key for m in retried.done] == [b"K1"] and pipeline.encoder_ok
+    k1 = pipeline.core.catalog.get("K1")
+    assert k1 is not None and k1.title == "Logitech MX Keys S"
+
+
 async def test_reads_get_in_between_the_steps_of_a_settle() -> None:
     """A settle of a big catalog takes minutes; the web views read on the core thread, so
     the settle goes in steps and a read waits for one step, not for all of them."""
