@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -192,6 +193,7 @@ def read_topic(
     follow: bool = False,
     partitions: Collection[int] | None = None,
     reached: dict[int, int] | None = None,
+    parse: bool = True,
 ) -> Iterator[Record]:
     """Read every partition of a topic outside any consumer group, from the start (or offsets).
 
@@ -199,7 +201,8 @@ def read_topic(
     start; with ``follow`` it keeps reading until ``timeout_s`` passes without a record.
     ``partitions`` restricts the read to those partitions. ``reached``, when given, is
     filled with the next offset per partition once the iterator is exhausted: where a
-    follower must continue so that it misses nothing (``streams/scaleout.py``).
+    follower must continue so that it misses nothing (``streams/scaleout.py``). Without
+    ``parse`` each value is the record's bytes (``read_latest`` parses only the survivors).
     """
     consumer = KafkaConsumer(
         **client_options(settings),
@@ -245,7 +248,8 @@ def read_topic(
                 deadline = time.monotonic() + timeout_s
             for tp, messages in batch.items():
                 for m in messages:
-                    yield Record(tp.topic, tp.partition, m.offset, text_of(m.key), parse_value(m.value), m.timestamp / 1000)
+                    yield Record(tp.topic, tp.partition, m.offset, text_of(m.key),
+                                 parse_value(m.value) if parse else m.value, m.timestamp / 1000)
                 if until_end and consumer.position(tp) >= end[tp]:
                     remaining.discard(tp)
             if until_end and not follow and not remaining:
@@ -265,8 +269,14 @@ def text_of(raw: bytes | None) -> str | None:
 
 
 def parse_value(raw: bytes | None) -> Any:
+    """A record's value as JSON (orjson; the stdlib's parser for what orjson refuses, such as
+    ``NaN``), or its text when it is not JSON."""
     if raw is None:
         return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -276,6 +286,23 @@ def parse_value(raw: bytes | None) -> Any:
 def last_values(records: Iterator[Record]) -> dict[str, Any]:
     """The last value per key, keeping tombstones as ``None`` (a change log since some offset)."""
     return {r.key: r.value for r in records if r.key is not None}
+
+
+def read_latest(settings: Settings, topic: str, *, keep_tombstones: bool = False, **read: Any) -> dict[str, Any]:
+    """The last value per key of ``topic`` (``read_topic`` with ``read``), parsed: each key's
+    value is parsed once, older values of a key are skipped as bytes. At a restart a list
+    topic holds several versions of many lists, and parsing them all cost most of the read.
+    Tombstones remove their key, or with ``keep_tombstones`` stay as ``None`` (a change log
+    since some offsets: ``last_values``)."""
+    raw: dict[str, bytes | None] = {}
+    for r in read_topic(settings, topic, parse=False, **read):
+        if r.key is None:
+            continue
+        if r.value is None and not keep_tombstones:
+            raw.pop(r.key, None)
+        else:
+            raw[r.key] = r.value
+    return {key: parse_value(value) for key, value in raw.items()}
 
 
 def latest_by_key(records: Iterator[Record]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from serving.errors import ConfigurationError, SimstreamError
 from serving.lexical import SCHEME, LexicalModel
-from streams.kafka_io import last_values, latest_by_key, partition_count, read_topic
+from streams.kafka_io import partition_count, read_latest
 from streams.settings import Settings
 from streams.wire import LEXICAL_KEY, lexical_from_wire, lexical_scheme
 
@@ -31,8 +31,8 @@ class StateReader:
         """The last value per key of ``topic``: the compacted view, or with ``offsets`` the
         changes since them (tombstones kept as ``None``)."""
         reached = self.reached.setdefault(topic, {}) if topic in self.settings.state_topics else None
-        records = read_topic(self.settings, topic, from_offsets=offsets, timeout_s=300, reached=reached)
-        return last_values(records) if offsets is not None else latest_by_key(records)
+        return read_latest(self.settings, topic, keep_tombstones=offsets is not None,
+                           from_offsets=offsets, timeout_s=300, reached=reached)
 
     def shared_lexical(self) -> LexicalModel | None:
         """The IDF on ``simstream-lexical``, or ``None`` when no worker has fitted one (or only

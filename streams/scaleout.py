@@ -36,9 +36,8 @@ from streams.kafka_io import (
     client_options,
     committed_offsets,
     end_offsets,
-    latest_by_key,
     partition_count,
-    read_topic,
+    read_latest,
 )
 from streams.metrics import Metrics
 from streams.outputs import Inbound, Outbound, Send
@@ -187,7 +186,7 @@ def read_lists(settings: Settings, partitions: frozenset[int], total: int) -> di
         # List topics are keyed by product id like product-changes; with the same partition
         # count a product's lists sit on its own partition number, otherwise read them all.
         same = partition_count(settings, topic) == total
-        values = latest_by_key(read_topic(settings, topic, partitions=partitions if same else None, timeout_s=300))
+        values = read_latest(settings, topic, partitions=partitions if same else None, timeout_s=300)
         out[kind] = {k: v for k, v in values.items() if isinstance(v, dict)
                      and partition_for(k, total) in partitions}
     return out
