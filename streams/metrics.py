@@ -39,6 +39,12 @@ class Metrics:
         self.encoder_latency = Histogram(
             "simstream_encoder_seconds", "Latency of one encoder call", registry=r
         )
+        self.snapshot_pause = Histogram(
+            "simstream_snapshot_pause_seconds",
+            "How long a snapshot held the stream between two batches (the fork, or the whole save "
+            "without SIMSTREAM_SNAPSHOT_FORK)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r,
+        )
         self.catalog_size = Gauge("simstream_catalog_products", "Live products in the catalog", registry=r)
         self.unknown_product_events = Counter(
             "simstream_user_events_unknown_product", "User events naming a product not in the catalog", registry=r

@@ -623,14 +623,22 @@ class Worker:
             if not (self.settings.snapshot_fork and hasattr(os, "fork")):
                 async with self.batch_lock:
                     await self.settle_bulk()
-                    return await self.engine.in_core(self.take_snapshot)
+                    held = time.monotonic()
+                    try:
+                        return await self.engine.in_core(self.take_snapshot)
+                    finally:
+                        self.metrics.snapshot_pause.observe(time.monotonic() - held)
             started = time.monotonic()
             async with self.batch_lock:
                 await self.settle_bulk()
+                # The pause is what the stream waits for: from the batch lock taken (the batch
+                # in flight has ended) to the fork returned, not the wait for that batch.
+                held = time.monotonic()
                 child = await self.engine.in_core(self.fork_snapshot)
+                paused = time.monotonic() - held
+            self.metrics.snapshot_pause.observe(paused)
             if child is None:
                 return None
-            paused = time.monotonic() - started
             try:
                 path = await asyncio.get_running_loop().run_in_executor(None, child.wait)
             except SnapshotError as exc:

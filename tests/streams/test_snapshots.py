@@ -71,6 +71,33 @@ async def test_a_forked_snapshot_is_of_the_instant_of_the_fork(tmp_path: Path) -
     assert restored.lists(Kind.SIMILAR).keys() == {f"P{i}" for i in range(12)}
 
 
+async def test_the_snapshot_pause_counts_the_streams_wait_not_the_batch_in_flight(tmp_path: Path) -> None:
+    """``simstream_snapshot_pause_seconds`` is the time the stream is held for the fork: a
+    batch that runs for half a second when the snapshot is due is not part of it."""
+    import asyncio
+
+    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
+    worker = Worker(settings)
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    worker.dirty = True
+    in_flight = asyncio.Event()
+
+    async def long_batch() -> None:
+        async with worker.batch_lock:
+            in_flight.set()
+            await asyncio.sleep(0.5)
+
+    batch = asyncio.ensure_future(long_batch())
+    await in_flight.wait()
+    path = await worker.snapshot_between_batches()
+    await batch
+    assert path is not None
+    pause = worker.metrics.snapshot_pause
+    assert pause._sum.get() < 0.4  # the fork alone; the half second was the batch's
+    assert sum(b.get() for b in pause._buckets) == 1
+
+
 async def test_a_failed_forked_snapshot_is_retried_and_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
