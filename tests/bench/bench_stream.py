@@ -1,4 +1,4 @@
-"""End-to-end load on real Kafka: a 20k-product catalog, then mixed changes at fixed rates.
+"""End-to-end load on real Kafka: a catalog (`--products`), then changes at fixed rates, mix by mix.
 
     SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:19092 .venv/bin/python tests/bench/bench_stream.py \
         --products 20000 --rates 20,50,100 --duration 120

@@ -315,6 +315,32 @@ def kept_sections(text: str) -> dict[str, str]:
     return {m.group("name"): m.group(0) for m in KEPT.finditer(text)}
 
 
+#: A generated section of a report (``## name``); hand-written ones are titled "name (measured separately)".
+SECTION = re.compile(r"^## (?P<name>[\w-]+)\n.*?(?=^## |^<!-- kept: |\Z)", re.S | re.M)
+#: The note a section carried over from an earlier run starts with.
+EARLIER = "<!-- earlier run -->"
+
+
+def earlier_sections(text: str) -> dict[str, str]:
+    """The generated sections of a previous report, by bench name, each starting with a note
+    of the run it comes from (its machine and commit, from that report's Machine section).
+
+    ``make bench --only NAME`` writes the results of NAME alone; the other benches' sections
+    are carried over from the report as it was rather than dropped, until a run replaces them.
+    """
+    body = KEPT.sub("", text)
+    machine = dict(re.findall(r"^\| (CPU|Commit|Date) \| (.*?) \|$", body, re.M))
+    sections = {m.group("name"): m.group(0) for m in SECTION.finditer(body) if m.group("name") != "Machine"}
+    note = (f"{EARLIER}\n*Carried over from an earlier `make bench` (its results are not in this results folder): "
+            f"run of {machine.get('Date', 'unknown date')}, commit {machine.get('Commit', 'unknown')}, "
+            f"on {machine.get('CPU', 'an unknown CPU')}.*\n")
+    out = {}
+    for name, block in sections.items():
+        heading, _, rest = block.partition("\n")
+        out[name] = block if EARLIER in block else f"{heading}\n\n{note}{rest}"
+    return out
+
+
 def build(results: Path, report: Path, plots_dir: Path) -> str:
     runs = sorted((json.loads(p.read_text()) for p in results.glob("*.run.json")), key=lambda r: bench_order(r["name"]))
     machine_path = results / "machine.json"
@@ -345,7 +371,12 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         anchor = re.sub(r"[^a-z0-9 _-]", "", run["name"].lower()).replace(" ", "-")
         lines.append(f"| [{run['name']}](#{anchor}) | `{run['script']}` | {status} | {_minutes(run['wall_s'])} |")
     previous = report.read_text() if report.exists() else ""
-    kept = {name: block for name, block in kept_sections(previous).items() if name not in {r["name"] for r in runs}}
+    ran = {r["name"] for r in runs}
+    carried = {name: block for name, block in earlier_sections(previous).items() if name not in ran}
+    for name in carried:
+        lines.append(f"| [{name}](#{name}) | `tests/bench/{'soak' if name == 'soak' else 'bench_' + name}.py` "
+                     "| earlier run (see its section) | |")
+    kept = {name: block for name, block in kept_sections(previous).items() if name not in ran}
     for name in kept:
         lines.append(f"| [{name}](#{name}-measured-separately) | `tests/bench/bench_{name}.py` | measured separately | |")
     lines.append("")
@@ -382,10 +413,15 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         body = human_output(out_lines)
         if body:
             lines += ["<details><summary>Output</summary>", "", "```text", *body, "```", "", "</details>", ""]
+    for block in carried.values():
+        lines += [block.rstrip("\n"), ""]
     for block in kept.values():
         lines += [block.rstrip("\n"), ""]
+    # The plots of carried-over and hand-written sections stay.
+    still_used = {name for block in [*carried.values(), *kept.values()]
+                  for name in re.findall(r"\]\((?:[^)]*/)?([\w.-]+\.png)\)", block)}
     for stale in plots_dir.glob("*.png"):
-        if stale.resolve() not in made:
+        if stale.resolve() not in made and stale.name not in still_used:
             stale.unlink()
     text = "\n".join(lines).rstrip() + "\n"
     report.parent.mkdir(parents=True, exist_ok=True)
