@@ -213,10 +213,13 @@ class Worker:
         else:
             outputs = await self.restore_from_topics(engine)
             self.restored_from = "topics"
+        # The lists go nowhere yet (this worker owns no partition until the first handover,
+        # which compares every list with its topic and publishes what differs).
         await self.publish(outputs.records())
-        log.info("restored %d products from %s (%d embedded again, %d records republished) in %.1f s",
-                 len(engine.core.catalog), self.restored_from, engine.embedded_texts, len(outputs.records()),
-                 time.monotonic() - started)
+        log.info("restored %d products from %s (%d embedded again, %d state records published, %d lists "
+                 "recomputed for the first handover to compare) in %.1f s",
+                 len(engine.core.catalog), self.restored_from, engine.embedded_texts,
+                 len(outputs.state) + len(outputs.dead_letters), len(outputs.lists), time.monotonic() - started)
         # Everything restored is long-lived: keep it out of the collector's young generations,
         # whose scans over ~10^6 objects otherwise show up as 10+ ms pauses in apply().
         gc.collect()
