@@ -22,6 +22,11 @@ attributed to the event that caused it:
 * last list: event time to the last list that event republished;
 * backlog: events sent but not yet consumed, sampled each second;
 * CPU (cores busy) and resident memory of the worker process.
+
+With ``--restart`` the windows run on a restarted worker: after the bootstrap the worker takes
+a snapshot (``/admin/snapshot``), stops gracefully and starts again on the same topics and
+data folder; the time until it is ready again (snapshot load, replay, first handover) is
+reported as ``restart_ready_s``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tests.bench.harness import (
     ms,
     out_dir,
     pct,
+    restart_worker,
     send_at_rate,
     start_worker,
     texts_per_s,
@@ -133,6 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder for stream.samples.json [SIMSTREAM_BENCH_OUT, else var/bench]")
     parser.add_argument("--keep", action="store_true", help="keep the worker's data folder (snapshots, log)")
+    parser.add_argument("--restart", action="store_true",
+                        help="after the bootstrap, snapshot, stop and restart the worker (timed), then run the windows")
     parser.add_argument("--mix", default="0.6,0.2,0.2",
                         help="shares of text edits, stock flips and price changes (real-shaped: 0.2,0.4,0.4; "
                              "attribute-only: 0,0.5,0.5; text-only: 1,0,0)")
@@ -154,9 +162,17 @@ def main() -> None:
           f"({len(catalog) / load_s:.0f} products/s; the encoder's own rate in that run "
           f"{bootstrap_encoder} texts/s); worker RSS {bootstrap_rss} MB", flush=True)
 
+    done = len(catalog)
+    restart_ready_s = None
+    if args.restart:
+        bench, restart_ready_s = restart_worker(bench)
+        restart_ready_s = round(restart_ready_s, 1)
+        done = consumed(bench.worker)  # the new process counts from its start
+        print(f"worker snapshotted, stopped and restarted: ready in {restart_ready_s} s "
+              f"(snapshot load, replay, first handover); RSS {round(bench.stats.rss_mb())} MB", flush=True)
+
     results = []
     samples: dict[str, dict[str, Any]] = {}
-    done = len(catalog)
     for mix, rates in phases:
         for rate in rates:
             result, window = run_rate(bench, catalog, rate, args.duration, done, rng, mix)
@@ -188,6 +204,7 @@ def main() -> None:
     print(json.dumps({"bench": "stream", "command": " ".join(sys.argv), "products": len(catalog),
                       "load_s": round(load_s, 1), "products_per_s": round(len(catalog) / load_s, 1),
                       "bootstrap_encoder_texts_per_s": bootstrap_encoder, "bootstrap_rss_mb": bootstrap_rss,
+                      "restart_ready_s": restart_ready_s,
                       "encoder": args.encoder, "duration_s": args.duration,
                       # The first phase's: the soak runs at half of it.
                       "highest_rate_held": highest_rate_held([r for r in results if r["mix"] == mix_label(phases[0][0])]),

@@ -237,6 +237,25 @@ def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: 
     return BenchWorker(settings, worker, ProcStats(worker.proc.pid), data_dir)
 
 
+def restart_worker(bench: BenchWorker, timeout: float = 1800) -> tuple[BenchWorker, float]:
+    """Restart ``bench``'s worker as an operator would: a snapshot now (``/admin/snapshot``),
+    a graceful stop, and a new process on the same topics and data folder, which loads the
+    snapshot, replays what came after it and takes its partitions over. Returns the new
+    worker and the seconds from its start until it was ready."""
+    import urllib.request
+
+    request = urllib.request.Request(bench.worker.web + "/admin/snapshot", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=900.0) as response:
+        response.read()
+    bench.worker.stop(timeout=300)
+    started = time.monotonic()
+    worker = WorkerProcess(bench.worker.env, bench.data_dir / "worker.log").start()
+    worker.wait_ready(timeout=timeout)
+    ready_s = time.monotonic() - started
+    assert worker.proc is not None
+    return BenchWorker(bench.settings, worker, ProcStats(worker.proc.pid), bench.data_dir), ready_s
+
+
 def stats(worker: WorkerProcess) -> dict[str, Any]:
     """The worker's ``/stats``. It is read on the core thread, so a long core job (an IDF
     refit at 100k products) delays it: waited for, not taken as a failure."""
