@@ -467,8 +467,10 @@ class Engine(Edge):
                 if not computing.cancelled() and computing.exception() is not None:
                     log.error("a settle step failed after a failed send: %s", computing.exception())
         # The settle's working arrays (the duplicates join: about 1 GB at 100k products) are
-        # free now, but glibc keeps the pages of its heap: hand them back to the system.
-        trimmed = release_free_heap()
+        # free now, but glibc keeps the pages of its heap: hand them back to the system. On
+        # the core's thread: trimming a heap of GBs takes a while, and the event loop must
+        # keep consuming and sending meanwhile.
+        trimmed = await self.in_core(release_free_heap)
         log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s%s",
                  len(self.core.catalog), len(out.lists), time.monotonic() - started,
                  "; free heap returned to the system" if trimmed else "")

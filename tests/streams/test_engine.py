@@ -531,6 +531,28 @@ async def test_a_settle_computes_its_next_step_while_the_previous_one_is_sent() 
     assert not engine.core.unsettled
 
 
+async def test_a_settle_returns_the_free_heap_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``malloc_trim`` of a heap of GBs takes a while: the settle runs it on the core's thread,
+    so the event loop goes on consuming and sending."""
+    import threading
+
+    import streams.engine
+
+    engine = make_pipeline()
+    engine.defer_propagation = True
+    await engine.handle([upsert(f"P{i}", NOW - 100 + i, title=f"product {i} cable") for i in range(5)])
+    engine.defer_propagation = False
+    threads: list[str] = []
+
+    def trim() -> bool:
+        threads.append(threading.current_thread().name)
+        return True
+
+    monkeypatch.setattr(streams.engine, "release_free_heap", trim)
+    await engine.settle()
+    assert len(threads) == 1 and threads[0].startswith("simstream-core")
+
+
 def test_free_heap_pages_go_back_to_the_system_after_a_settle() -> None:
     """glibc keeps freed heap pages that live objects pin in between; ``malloc_trim`` (called
     at the end of a settle) hands them back."""
