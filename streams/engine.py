@@ -117,8 +117,6 @@ class EmbedAhead:
     """The first encoder call of a batch's slow lane, started before its fast lane is applied
     (``Engine.embed_ahead``), so that the encoder and the core work at the same time."""
 
-    #: The texts it embeds (the slow lane's first chunk, planned before the fast lane).
-    texts: list[str]
     #: Texts the encoder refused, with why (filled by the call; see ``embed_one_by_one``).
     poison: dict[str, str]
     task: asyncio.Future[dict[str, np.ndarray]]
@@ -344,7 +342,7 @@ class Engine(Edge):
         poison: dict[str, str] = {}
         task = asyncio.ensure_future(
             self.embed_chunk_or_one_by_one(texts, poison, wait=len(work) >= self.max_pending))
-        return EmbedAhead(texts, poison, task)
+        return EmbedAhead(poison, task)
 
     async def apply_slow(self, slow: Sequence[Change], *, ahead: EmbedAhead | None = None) -> Outputs:
         """Embed and apply deferred and new slow-lane changes, or defer them all again.

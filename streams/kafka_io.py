@@ -294,14 +294,8 @@ def read_latest(settings: Settings, topic: str, *, keep_tombstones: bool = False
     topic holds several versions of many lists, and parsing them all cost most of the read.
     Tombstones remove their key, or with ``keep_tombstones`` stay as ``None`` (a change log
     since some offsets: ``last_values``)."""
-    raw: dict[str, bytes | None] = {}
-    for r in read_topic(settings, topic, parse=False, **read):
-        if r.key is None:
-            continue
-        if r.value is None and not keep_tombstones:
-            raw.pop(r.key, None)
-        else:
-            raw[r.key] = r.value
+    records = read_topic(settings, topic, parse=False, **read)
+    raw = last_values(records) if keep_tombstones else latest_by_key(records)
     return {key: parse_value(value) for key, value in raw.items()}
 
 
