@@ -372,6 +372,21 @@ async def test_an_outage_defers_text_changes_while_stock_changes_keep_flowing() 
     assert not [r for r in fast + done.records() if r.topic == "simstream-dead-letters"]
 
 
+def hold_first_apply(engine: Engine, started: Any) -> list[bool]:
+    """Hold the core on its first change until ``started`` (a ``threading.Event``) is set or 10 s
+    pass; the list returned then says whether it was set while the core waited."""
+    seen_while_applying: list[bool] = []
+    apply = engine.core.apply
+
+    def held_apply(*args: Any, **kwargs: Any) -> Any:
+        if not seen_while_applying:
+            seen_while_applying.append(started.wait(timeout=10))
+        return apply(*args, **kwargs)
+
+    engine.core.apply = held_apply  # type: ignore[method-assign]
+    return seen_while_applying
+
+
 async def test_a_big_batch_is_embedded_chunk_by_chunk_each_while_the_core_applies_the_previous() -> None:
     """The encoder embeds chunk k+1 while the core applies the changes of chunk k: the core,
     held on its first change until the second encoder call has started, sees it start."""
@@ -389,15 +404,7 @@ async def test_a_big_batch_is_embedded_chunk_by_chunk_each_while_the_core_applie
     config = RecommenderConfig(k=3, candidate_depth=5)
     engine = Engine(Settings(embed_batch_size=4), Metrics(), clock=lambda: NOW,
                     recommender=Recommender(config, ExactIndex(config.dim)), encoder=encoder)
-    seen_while_applying: list[bool] = []
-    apply = engine.core.apply
-
-    def held_apply(*args: Any, **kwargs: Any) -> Any:
-        if not seen_while_applying:
-            seen_while_applying.append(second_call.wait(timeout=10))
-        return apply(*args, **kwargs)
-
-    engine.core.apply = held_apply  # type: ignore[method-assign]
+    seen_while_applying = hold_first_apply(engine, second_call)
     batch = [upsert(f"P{i}", NOW - 100 + i, title=f"product number {i} cable") for i in range(10)]
     out = await engine.handle(batch)
     assert [len(call) for call in encoder.calls] == [4, 4, 2]
@@ -424,15 +431,7 @@ async def test_the_slow_lanes_encoder_call_runs_while_the_fast_lane_is_applied(p
             return await super().encode(texts)
 
     pipeline.encoder = Signalling()
-    seen_while_applying: list[bool] = []
-    apply = pipeline.core.apply
-
-    def held_apply(*args: Any, **kwargs: Any) -> Any:
-        if not seen_while_applying:
-            seen_while_applying.append(slow_call.wait(timeout=5))
-        return apply(*args, **kwargs)
-
-    pipeline.core.apply = held_apply  # type: ignore[method-assign]
+    seen_while_applying = hold_first_apply(pipeline, slow_call)
     out = await pipeline.handle([
         upsert("H2", NOW - 50, in_stock=False),
         upsert("K1", NOW - 49, title="Logitech MX Keys S wireless keyboard"),

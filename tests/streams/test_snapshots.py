@@ -25,6 +25,14 @@ async def fill(worker: Any, n: int, start: int = 0) -> None:
     await worker.engine.handle(messages)
 
 
+async def forking_worker(tmp_path: Path) -> Worker:
+    """A worker that snapshots in a forked child, holding 12 products."""
+    worker = Worker(Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True))
+    worker.engine.clock = lambda: NOW
+    await fill(worker, 12)
+    return worker
+
+
 async def test_a_failed_snapshot_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -56,17 +64,14 @@ async def test_a_failed_snapshot_keeps_the_previous_one(
 
 async def test_a_forked_snapshot_is_of_the_instant_of_the_fork(tmp_path: Path) -> None:
     """The child writes the core as it was when forked, while the stream goes on changing it."""
-    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
-    worker = Worker(settings)
-    worker.engine.clock = lambda: NOW
-    await fill(worker, 12)
+    worker = await forking_worker(tmp_path)
     worker.dirty = True
     child = worker.fork_snapshot()
     assert child is not None and not worker.dirty
     await fill(worker, 5, start=12)  # the stream goes on while the child writes
     path = child.wait()
     assert (worker.snapshot_root / "CURRENT").read_text() == path.name
-    restored = Recommender.load(worker.snapshot_root, recommender_config(settings))
+    restored = Recommender.load(worker.snapshot_root, recommender_config(worker.settings))
     assert len(restored.catalog) == 12 and len(worker.engine.core.catalog) == 17
     assert restored.lists(Kind.SIMILAR).keys() == {f"P{i}" for i in range(12)}
 
@@ -76,10 +81,7 @@ async def test_the_snapshot_pause_counts_the_streams_wait_not_the_batch_in_fligh
     batch that runs for half a second when the snapshot is due is not part of it."""
     import asyncio
 
-    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
-    worker = Worker(settings)
-    worker.engine.clock = lambda: NOW
-    await fill(worker, 12)
+    worker = await forking_worker(tmp_path)
     worker.dirty = True
     in_flight = asyncio.Event()
 
@@ -101,10 +103,7 @@ async def test_the_snapshot_pause_counts_the_streams_wait_not_the_batch_in_fligh
 async def test_a_failed_forked_snapshot_is_retried_and_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings(encoder="hashing", data_dir=tmp_path, snapshot_fork=True)
-    worker = Worker(settings)
-    worker.engine.clock = lambda: NOW
-    await fill(worker, 12)
+    worker = await forking_worker(tmp_path)
     first = await worker.snapshot_between_batches()
     assert first is not None and (worker.snapshot_root / "CURRENT").read_text() == first.name
 
