@@ -207,28 +207,23 @@ class CandidateBuffers:
         vec[:used] = self._vec[:used]
         self._floor, self._vec = floor, vec
 
-    def owners_admitting(self, vector: np.ndarray, edge: float, margin: float) -> list[str]:
-        """Owners whose buffer ``vector`` (a newcomer's) may enter, among those whose floor
-        is at most ``edge`` (what the newcomer scores, at most, against anyone outside the
-        neighbourhood the caller checks itself): their float32 score reaches the floor less
-        ``margin``. The caller scores them exactly."""
+    def owners_admitting(self, vector: np.ndarray, margin: float) -> list[str]:
+        """Every owner whose buffer ``vector`` (a newcomer's) may enter: its float32 score
+        reaches the owner's floor less ``margin``. The caller scores them exactly.
+
+        Every owner is compared, not only those near the newcomer: an approximate index may
+        miss an owner from the newcomer's own search, however close, and that owner's list
+        must still take the newcomer (issue #14, "exact at scale"). Primed, the scores are a
+        column of one matrix product; unprimed, one pass over the owners' vectors.
+        """
         n = len(self._owner_at)
-        floors = self._floor[:n]
-        below = floors <= edge  # a free slot holds NaN: never selected
-        count = int(np.count_nonzero(below))
-        if not count:
+        if not n:
             return []
+        floors = self._floor[:n]  # a free slot holds NaN: never selected
         v = np.asarray(vector, dtype=np.float32)
         column = self._primed.get(v.tobytes()) if self._primed else None
-        if column is not None:
-            scores = self._primed_scores_for(column, v, n)
-            slots = np.flatnonzero(below & (scores >= floors - margin))
-        elif count * 4 > n:
-            # Many to check: one pass over the contiguous vectors beats gathering their rows.
-            slots = np.flatnonzero(below & (self._vec[:n] @ v >= floors - margin))
-        else:
-            slots = np.flatnonzero(below)
-            slots = slots[self._vec[slots] @ v >= floors[slots] - margin]
+        scores = self._primed_scores_for(column, v, n) if column is not None else self._vec[:n] @ v
+        slots = np.flatnonzero(scores >= floors - margin)
         owner_at = self._owner_at
         return [owner_at[i] for i in slots.tolist()]  # type: ignore[misc]
 

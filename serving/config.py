@@ -19,10 +19,6 @@ class RecommenderConfig:
       substitute gets an empty substitute list.
     * ``candidate_slack``: extra neighbours kept below the top-C per product, so that a
       neighbour that moves away or is deleted can be replaced without a new index query.
-    * ``reverse_depth``: depth of the index search behind the reverse check. Every list a
-      changed product may now enter is checked whatever this is (owners beyond it are
-      found by their floors, ``serving.candidates``); a deeper search leaves fewer owners
-      to that scan and costs a slower query.
     * ``lexical_weight``: share of the lexical evidence inside the content score.
     * ``lexical_floor``: lexical cosines at or below it count as no lexical evidence; above
       it the evidence is ``(lexical - floor) / (1 - floor)`` (``serving.scoring``). Both
@@ -42,15 +38,17 @@ class RecommenderConfig:
     * ``price_band``: a substitute's price must be within this fraction of the product's.
     * ``hnsw_ef``: HNSW's search breadth. A list search asks for ``buffer_depth`` (66)
       neighbours; at ef 100 (1.5x that) real embeddings lost candidates the exact search
-      finds, enough to put the gift-card lists one query below the encoder alone. The rule
-      is ef of about 3x the neighbours asked for (``docs/quality.md``).
+      finds, enough to put the gift-card lists one query below the encoder alone. At ef 200
+      (3x) a few owners in crowded regions of a 100k catalog still missed near neighbours
+      (a list at overlap 0.3 with the exact one after churn); 400 (6x) costs 1.3 ms per
+      search at 100k instead of 0.8 and lifts recall@50 from 0.9961 to 0.9974
+      (``docs/performance.md``, "seventh round").
     """
 
     dim: int = 384
     k: int = 10
     candidate_depth: int = 50
     candidate_slack: int = 16
-    reverse_depth: int = 200
     lexical_weight: float = 0.6
     lexical_floor: float = 0.4
     behavior_weight: float = 0.0
@@ -58,7 +56,7 @@ class RecommenderConfig:
     duplicate_threshold: float = 0.66
     duplicate_max_items: int = 20
     price_band: float = 0.3
-    hnsw_ef: int = 200
+    hnsw_ef: int = 400
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_initial_capacity: int = 1024
@@ -79,7 +77,6 @@ class RecommenderConfig:
             f"candidate_depth ({self.candidate_depth}) must be at least k ({self.k})",
         )
         need(self.candidate_slack >= 0, f"candidate_slack must be >= 0, got {self.candidate_slack}")
-        need(self.reverse_depth > 0, f"reverse_depth must be positive, got {self.reverse_depth}")
         need(0.0 <= self.lexical_weight <= 1.0, f"lexical_weight must be in [0, 1], got {self.lexical_weight}")
         need(
             0.0 <= self.lexical_floor < 1.0, f"lexical_floor must be in [0, 1), got {self.lexical_floor}"

@@ -310,14 +310,12 @@ class Propagator:
             if self._drop(p, q, patched):
                 affected.add(p)
         vq = self.index.get_vector(q)
-        # One search serves q's own buffer (its head) and the reverse check (all of it).
-        depth = max(self.config.buffer_depth, self.config.reverse_depth)
-        near = [c for c, _ in self.index.query(vq, depth, exclude=(q,))]
+        near = [c for c, _ in self.index.query(vq, self.config.buffer_depth, exclude=(q,))]
         if self.owns(q):
             self.buffers.set_buffer(q, vq, near[: self.config.buffer_depth], self.lex, reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
-        self._enter(q, vq, near, old_rev, affected, patched)
+        self._enter(q, vq, old_rev, affected, patched)
         pubs = self.refresh(affected, out_of_stock=(q,) if out_of_stock else (), patched=patched)
         return pubs + self._duplicates_changed(q)
 
@@ -524,34 +522,27 @@ class Propagator:
         self,
         q: str,
         vq: np.ndarray,
-        near: list[str],
         extra: Iterable[str],
         affected: set[str],
         patched: dict[str, tuple[Items, Items]],
     ) -> None:
         """Insert ``q`` into every buffer whose last member it now beats.
 
-        ``near`` is ``q``'s dense neighbourhood from the index, best first. Every owner
-        outside it scores at most the last of ``near`` against ``q``, so only the owners in
-        ``near``, in ``extra``, and those whose floor is that low can admit ``q``
-        (``CandidateBuffers.owners_admitting``): the check covers every buffer, however far
-        its owner, at the cost of one comparison over the floors and one float32 product. A list that only gains
+        ``extra`` holds the owners that held ``q`` before. The others whose floor ``q``
+        reaches are found by comparing ``q`` with every owner
+        (``CandidateBuffers.owners_admitting``), not from ``q``'s own index search: an
+        approximate index can miss an owner from that search however close it is, so the
+        check does not depend on the index's recall. A list that only gains
         ``q`` is patched in place (``patched``); one that needs more is marked for a
         rebuild (``affected``).
         """
         bufs = self.buffers.by_owner
-        others = len(self.index) - (1 if q in self.index else 0)
-        far: list[str] = []
-        if len(near) < others:  # else near holds every other product
-            # The index's own scores are float32: a margin keeps ties and rounding inside.
-            edge = np.inf
-            if near:
-                edge = float(dense_scores(vq, self.index.get_vectors(near[-1:]))[0]) + _FLOOR_MARGIN
-            far = self.buffers.owners_admitting(vq, edge, _FLOOR_MARGIN)
+        # The index's own scores are float32: a margin keeps ties and rounding inside.
+        far = self.buffers.owners_admitting(vq, _FLOOR_MARGIN)
         seen: set[str] = {q}
         cands: list[str] = []
         cand_bufs: list[CandidateBuffer] = []
-        for pool in (near, extra, far):
+        for pool in (extra, far):
             for p in pool:
                 if p in seen:
                     continue

@@ -151,8 +151,9 @@ class Settings(BaseSettings):
         20, ge=1, le=1000, description="Most items a `duplicates` list holds, the best first (a product listed "
         "hundreds of times would otherwise republish hundreds of items on every change of one listing).")
     price_band: float = Field(0.3, ge=0, le=10, description="Substitutes' price may differ by at most this fraction.")
-    hnsw_ef: int = Field(200, ge=10, le=5000, description="HNSW ef at query time: about 3x the neighbours a list "
-                         "search asks for (candidate depth + 16), so the dense candidates are those of an exact search.")
+    hnsw_ef: int = Field(400, ge=10, le=5000, description="HNSW ef at query time: about 6x the neighbours a list "
+                         "search asks for (candidate depth + 16), so the dense candidates are those of an exact search "
+                         "even in crowded regions of a large catalog (docs/performance.md, seventh round).")
     index: str = Field(
         "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
                             "approximate) or `exact` (brute force, for small catalogs and audits).")

@@ -107,7 +107,7 @@ def main() -> None:
     config = RecommenderConfig(dim=dim, hnsw_initial_capacity=n + 2 * args.ops + 4096)
     res["config"] = {
         "k": config.k, "candidate_depth": config.candidate_depth, "candidate_slack": config.candidate_slack,
-        "reverse_depth": config.reverse_depth, "hnsw_ef": config.hnsw_ef, "hnsw_m": config.hnsw_m,
+        "hnsw_ef": config.hnsw_ef, "hnsw_m": config.hnsw_m,
         "hnsw_ef_construction": config.hnsw_ef_construction,
     }
     extra = 3 * args.ops + args.queries

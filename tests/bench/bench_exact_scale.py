@@ -205,7 +205,7 @@ def main() -> None:
                       "similar": sim_stats, "substitutes": subs_stats, "similar_ties_as_equal": sim_tied,
                       "substitutes_ties_as_equal": subs_tied_stats, "target_met": met,
                       "config": {"hnsw_ef": config.hnsw_ef, "hnsw_m": config.hnsw_m,
-                                 "candidate_depth": c, "reverse_depth": config.reverse_depth}}))
+                                 "candidate_depth": c}}))
 
 
 if __name__ == "__main__":

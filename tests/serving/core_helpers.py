@@ -23,7 +23,7 @@ from serving.recommender import (
 from serving.rules import is_substitute
 
 SMALL = RecommenderConfig(
-    dim=8, k=4, candidate_depth=10, candidate_slack=3, reverse_depth=60, hnsw_ef=64, hnsw_initial_capacity=32
+    dim=8, k=4, candidate_depth=10, candidate_slack=3, hnsw_ef=64, hnsw_initial_capacity=32
 )
 
 BRANDS = ["Sony", "Bose", "Acme", "Apple", None]

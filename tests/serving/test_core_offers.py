@@ -28,7 +28,7 @@ from serving.offers import (
 )
 from serving.recommender import Recommender
 
-CONFIG = RecommenderConfig(dim=8, k=1, candidate_depth=1, candidate_slack=3, reverse_depth=60, index="exact")
+CONFIG = RecommenderConfig(dim=8, k=1, candidate_depth=1, candidate_slack=3, index="exact")
 CALIBRATION = Calibration(slope=12.0, intercept=-6.0, threshold=0.5)  # confidence 0.5 at score 0.5
 
 WORDS = ["sony", "bose", "headphones", "speaker", "x100", "x200", "cable", "pro"]

@@ -19,13 +19,13 @@ from serving.index import normalize_rows
 from serving.recommender import Publication, Recommender
 from tests.serving.core_helpers import Stream, check_against_exact, make_index, random_upsert
 
-#: A reverse search of depth 1: nearly every admission comes through the primed far check.
+#: Buffers of 13 or 3: nearly every admission comes through the primed check over all owners.
 SHALLOW = RecommenderConfig(
-    dim=8, k=4, candidate_depth=10, candidate_slack=3, reverse_depth=1, hnsw_ef=200, hnsw_initial_capacity=32
+    dim=8, k=4, candidate_depth=10, candidate_slack=3, hnsw_ef=200, hnsw_initial_capacity=32
 )
 #: Buffers of three: an owner's own search reaches three products, the far check the rest.
 NARROW = RecommenderConfig(
-    dim=8, k=2, candidate_depth=3, candidate_slack=0, reverse_depth=1, hnsw_ef=200, hnsw_initial_capacity=32
+    dim=8, k=2, candidate_depth=3, candidate_slack=0, hnsw_ef=200, hnsw_initial_capacity=32
 )
 
 

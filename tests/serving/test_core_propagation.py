@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
+from serving.index.exact import ExactIndex
 from serving.lexical import LexicalModel
 from serving.recommender import BehaviorRow, Kind, Recommender, Trigger
 
@@ -138,12 +139,12 @@ def run_stream(
 
 
 #: No slack (buffer depth == C), and a lexical-heavy blend, stress the boundary cases.
-TIGHT = RecommenderConfig(dim=6, k=3, candidate_depth=5, candidate_slack=0, reverse_depth=10)
-LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, reverse_depth=10, lexical_weight=0.9)
+TIGHT = RecommenderConfig(dim=6, k=3, candidate_depth=5, candidate_slack=0)
+LEXICAL = RecommenderConfig(dim=6, k=5, candidate_depth=5, candidate_slack=2, lexical_weight=0.9)
 #: The same without the lexical floor: the plain linear blend.
 LINEAR = replace(LEXICAL, lexical_floor=0.0)
 #: Behaviour blended in: partners outside the dense top-C become candidates.
-BEHAVIOR = RecommenderConfig(dim=6, k=3, candidate_depth=4, candidate_slack=1, reverse_depth=10, behavior_weight=0.6)
+BEHAVIOR = RecommenderConfig(dim=6, k=3, candidate_depth=4, candidate_slack=1, behavior_weight=0.6)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,7 +195,7 @@ def test_hnsw_index_overlap(seed: int, initial: int, ops: list[tuple[str, int]])
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
 def test_large_catalog_500(kind: str) -> None:
     """Up to 500 items, with every kind of change mixed in, at the real default depths."""
-    config = RecommenderConfig(dim=16, k=10, candidate_depth=30, candidate_slack=8, reverse_depth=120)
+    config = RecommenderConfig(dim=16, k=10, candidate_depth=30, candidate_slack=8)
     rng = np.random.default_rng(7)
     ops = [(str(rng.choice(OPS)), int(rng.integers(10_000))) for _ in range(150)]
     stream = run_stream(kind, config, seed=11, initial=450, ops=ops)
@@ -262,10 +263,10 @@ def test_ownership_handover_keeps_lists_exact(
         assert all(rec.owns(p) for p in rec.behavior_rows())
 
 
-#: The reverse search reaches only the buffer depth (13 here): buffers of owners farther
+#: A newcomer's own search reaches only the buffer depth (13 here): buffers of owners farther
 #: away must still take a newcomer that beats their last member.
 SHALLOW_REVERSE = RecommenderConfig(
-    dim=8, k=4, candidate_depth=10, candidate_slack=3, reverse_depth=1, hnsw_ef=200, hnsw_initial_capacity=32
+    dim=8, k=4, candidate_depth=10, candidate_slack=3, hnsw_ef=200, hnsw_initial_capacity=32
 )
 
 
@@ -273,7 +274,7 @@ SHALLOW_REVERSE = RecommenderConfig(
 @given(seed=st.integers(0, 2**31), initial=st.integers(20, 120), ops=st.lists(op_strategy, max_size=80))
 @example(seed=3, initial=120, ops=[("new", i) for i in range(40)])
 def test_hnsw_reverse_check_reaches_far_owners(seed: int, initial: int, ops: list[tuple[str, int]]) -> None:
-    """With HNSW and a reverse search shallower than the catalog, every list still equals
+    """With HNSW and a newcomer's search shallower than the catalog, every list still equals
     the from-scratch recomputation: the reverse check is complete, not a fixed depth.
 
     (At this size and ``ef`` the HNSW searches themselves are exact.)
@@ -309,3 +310,40 @@ def test_deferred_changes_settle_to_recomputation(
     stream.settle()
     assert not stream.rec.unsettled
     check_against_exact(stream, exact=kind == "exact")
+
+
+class MissingIndex(ExactIndex):
+    """The exact index, except that its single searches never return ``hidden``: an
+    approximate index's recall miss, made deterministic."""
+
+    def __init__(self, dim: int, hidden: str) -> None:
+        super().__init__(dim)
+        self.hidden = hidden
+
+    def query(self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        return super().query(vector, k, exclude=(*exclude, self.hidden))
+
+
+def test_a_newcomer_enters_the_list_of_an_owner_its_own_search_missed() -> None:
+    """The reverse check compares a newcomer with every owner's floor, so an owner that the
+    index misses from the newcomer's search still lists it (issue #14, "exact at scale":
+    a product lacked a far closer neighbour than its list's last item)."""
+    config = RecommenderConfig(dim=8, k=2, candidate_depth=3, candidate_slack=0, lexical_weight=0.0, index="exact")
+    axis = np.eye(8, dtype=np.float32)
+    # "owner" has three close neighbours (its floor is their score, 0.958); "newcomer" is
+    # closer to it than any of them (0.995) and a little farther from each of them (0.953).
+    vectors = {
+        "owner": axis[0],
+        "a": axis[0] + 0.3 * axis[1],
+        "b": axis[0] + 0.3 * axis[2],
+        "c": axis[0] + 0.3 * axis[3],
+        "far1": axis[6],
+        "far2": axis[7],
+    }
+    rec = Recommender(config, index=MissingIndex(config.dim, hidden="owner"))
+    for pid, vec in vectors.items():
+        rec.apply(ProductUpsert(pid, 1.0, title=f"thing {pid}"), vec)
+    assert "newcomer" not in {i.product_id for i in rec.similar("owner") or ()}
+    rec.apply(ProductUpsert("newcomer", 2.0, title="thing newcomer"), axis[0] + 0.1 * axis[4])
+    listed = [i.product_id for i in rec.similar("owner") or ()]
+    assert listed[:1] == ["newcomer"]

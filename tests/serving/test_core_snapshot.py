@@ -83,9 +83,9 @@ def state(rec: Recommender) -> tuple[object, ...]:
     )
 
 
-#: Buffers of three and a reverse search of one: after a load, most admissions go through the
+#: Buffers of three: after a load, every admission goes through the
 #: restored floors and owner vectors (``CandidateBuffers.adopt_all``).
-NARROW = replace(SMALL, k=2, candidate_depth=3, candidate_slack=0, reverse_depth=1)
+NARROW = replace(SMALL, k=2, candidate_depth=3, candidate_slack=0)
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
