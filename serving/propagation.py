@@ -310,9 +310,11 @@ class Propagator:
             if self._drop(p, q, patched):
                 affected.add(p)
         vq = self.index.get_vector(q)
-        near = [c for c, _ in self.index.query(vq, self.config.buffer_depth, exclude=(q,))]
         if self.owns(q):
-            self.buffers.set_buffer(q, vq, near[: self.config.buffer_depth], self.lex, reuse_lexical=False)
+            # Only q's own buffer needs a search: the reverse check compares q with every
+            # owner's floor (``_enter``), so a worker that does not own q searches nothing.
+            near = [c for c, _ in self.index.query(vq, self.config.buffer_depth, exclude=(q,))]
+            self.buffers.set_buffer(q, vq, near, self.lex, reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
         self._enter(q, vq, old_rev, affected, patched)

@@ -347,3 +347,32 @@ def test_a_newcomer_enters_the_list_of_an_owner_its_own_search_missed() -> None:
     rec.apply(ProductUpsert("newcomer", 2.0, title="thing newcomer"), axis[0] + 0.1 * axis[4])
     listed = [i.product_id for i in rec.similar("owner") or ()]
     assert listed[:1] == ["newcomer"]
+
+
+class CountingIndex(ExactIndex):
+    """The exact index, counting its single searches."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.queries = 0
+
+    def query(self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        self.queries += 1
+        return super().query(vector, k, exclude=exclude)
+
+
+def test_a_worker_searches_nothing_for_a_newcomer_it_does_not_own() -> None:
+    """Scale-out replays every index update on every worker: one that does not own a new
+    product has no buffer to build for it, and the reverse check needs no search, so its
+    index is not searched at all."""
+    config = RecommenderConfig(dim=8, k=2, candidate_depth=3, candidate_slack=0, index="exact")
+    index = CountingIndex(config.dim)
+    rec = Recommender(config, index=index, owns=lambda pid: pid != "theirs")
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        rec.apply(ProductUpsert(f"mine{i}", 1.0, title=f"widget {i}"), rng.normal(size=8))
+    before = index.queries
+    rec.apply(ProductUpsert("theirs", 2.0, title="widget theirs"), rng.normal(size=8))
+    assert index.queries == before
+    rec.apply(ProductUpsert("mine8", 3.0, title="widget 8"), rng.normal(size=8))
+    assert index.queries == before + 1  # an owned newcomer searches for its own buffer
