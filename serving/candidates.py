@@ -23,6 +23,11 @@ from serving.scoring import dense_scores
 #: Rank of a product that a buffer does not hold.
 ABSENT = 1 << 30
 
+#: Taken off a float32 threshold (an index score, a floor) before selecting owners by their
+#: float32 scores: the index and BLAS round differently, and the buffers hold float64 scores.
+#: What the margin lets through is scored exactly and cut by the caller.
+FLOOR_MARGIN = 1e-5
+
 
 class CandidateBuffer:
     """Exact dense top-n of one product, best first (ties by id).
@@ -207,25 +212,60 @@ class CandidateBuffers:
         vec[:used] = self._vec[:used]
         self._floor, self._vec = floor, vec
 
-    def owners_admitting(self, vector: np.ndarray, margin: float) -> list[str]:
-        """Every owner whose buffer ``vector`` (a newcomer's) may enter: its float32 score
-        reaches the owner's floor less ``margin``. The caller scores them exactly.
+    def scores(self, vector: np.ndarray) -> np.ndarray:
+        """Every slot's float32 score against ``vector`` (a unit row, as the index stores it):
+        the primed column when ``prime`` scored it, otherwise one pass over the owners'
+        vectors. ``owners_admitting`` and ``complete_hits`` read it."""
+        n = len(self._owner_at)
+        v = np.asarray(vector, dtype=np.float32)
+        column = self._primed.get(v.tobytes()) if self._primed else None
+        return self._primed_scores_for(column, v, n) if column is not None else self._vec[:n] @ v
+
+    def owners_admitting(self, scores: np.ndarray, margin: float) -> list[str]:
+        """Every owner whose buffer a newcomer may enter: its float32 score (``scores``, from
+        ``scores``) reaches the owner's floor less ``margin``. The caller scores them exactly.
 
         Every owner is compared, not only those near the newcomer: an approximate index may
         miss an owner from the newcomer's own search, however close, and that owner's list
         must still take the newcomer (issue #14, "exact at scale"). Primed, the scores are a
         column of one matrix product; unprimed, one pass over the owners' vectors.
         """
-        n = len(self._owner_at)
+        n = len(scores)
         if not n:
             return []
         floors = self._floor[:n]  # a free slot holds NaN: never selected
-        v = np.asarray(vector, dtype=np.float32)
-        column = self._primed.get(v.tobytes()) if self._primed else None
-        scores = self._primed_scores_for(column, v, n) if column is not None else self._vec[:n] @ v
         slots = np.flatnonzero(scores >= floors - margin)
         owner_at = self._owner_at
         return [owner_at[i] for i in slots.tolist()]  # type: ignore[misc]
+
+    def complete_hits(self, hits: list[tuple[str, float]], scores: np.ndarray, depth: int, margin: float) -> list[str]:
+        """The ids of ``hits`` (an index search for ``depth`` neighbours, best first) and of
+        every owned product that scores at least as well as the last of them.
+
+        An approximate search can miss a neighbour however close it is (an owner's list then
+        lacks it until something else changes). The owners' scores (``scores``) are at hand
+        anyway, for the reverse check or from the bulk load's block product, so what the
+        search missed among them is added here, and ``set_buffer`` keeps the exact best
+        ``depth``. Where this worker owns every product (one worker), the buffer is then
+        the exact one; in scale-out, it is exact among the owned products.
+        """
+        ids = [c for c, _ in hits]
+        n = len(scores)
+        if not n:
+            return ids
+        owner_at = self._owner_at
+        if len(hits) >= depth:
+            slots = np.flatnonzero(scores >= hits[-1][1] - margin)
+        else:  # the search found fewer than asked (a small or sparse index): the best slots
+            take = min(n, depth + 1 + len(self._free))
+            slots = np.argpartition(-scores, take - 1)[:take] if take < n else np.arange(n)
+        seen = set(ids)
+        for i in slots.tolist():
+            p = owner_at[i]
+            if p is not None and p not in seen:
+                ids.append(p)
+                seen.add(p)
+        return ids
 
     def _primed_scores_for(self, column: int, v: np.ndarray, n: int) -> np.ndarray:
         """Every slot's float32 score against ``v``: the primed column, rescored where a
@@ -329,21 +369,59 @@ class CandidateBuffers:
             self._release(p)
         return buf
 
+    def register(self, ids: list[str], chunk: int = 8192) -> None:
+        """Give every product of ``ids`` that has no slot one, with its vector and no floor
+        yet (NaN: ``owners_admitting`` skips it until its buffer is set). ``build`` checks
+        each search against every registered product, so a bulk load registers all the
+        owners it will build before the first block."""
+        fresh = [p for p in dict.fromkeys(ids) if p not in self._slot]
+        if not fresh:
+            return
+        start = len(self._owner_at)
+        self._reserve(start + len(fresh))
+        self._owner_at.extend(fresh)
+        for i, p in enumerate(fresh, start):
+            self._slot[p] = i
+        for at in range(0, len(fresh), chunk):
+            part = fresh[at : at + chunk]
+            self._vec[start + at : start + at + len(part)] = self.index.get_vectors(part)
+        self._floor[start : start + len(fresh)] = np.nan
+        if self._primed:
+            self._primed_dirty.update(range(start, start + len(fresh)))
+
     def build(self, ids: list[str], lex: Mapping[str, SparseVec], chunk: int = 4096) -> None:
-        """Candidate buffers of many products from batched index searches."""
+        """Candidate buffers of many products from batched index searches, each completed
+        (``complete_hits``) from a block matrix product with every registered owner while
+        the owners number at most ``exact_build_limit``."""
+        self.register(ids)
+        depth = self.config.buffer_depth
+        n = len(self._owner_at)
+        exact = n - len(self._free) <= self.config.exact_build_limit
+        # About 64 MB of block scores at a time, whatever the catalog size.
+        rows = max(1, (1 << 24) // max(n, 1))
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             mat = self.index.get_vectors(part)
-            found = self.index.query_batch(mat, self.config.buffer_depth, exclude=part)
-            for pid, vp, hits in zip(part, mat, found, strict=True):
-                self.set_buffer(pid, vp, [c for c, _ in hits], lex, reuse_lexical=False)
+            found = self.index.query_batch(mat, depth, exclude=part)
+            for r0 in range(0, len(part), rows):
+                block = mat[r0 : r0 + rows] @ self._vec[:n].T if exact else None
+                for j, pid in enumerate(part[r0 : r0 + rows]):
+                    hits = found[r0 + j]
+                    near = (
+                        self.complete_hits(hits, block[j], depth, FLOOR_MARGIN)
+                        if block is not None
+                        else [c for c, _ in hits]
+                    )
+                    self.set_buffer(pid, mat[r0 + j], near, lex, reuse_lexical=False)
 
     def refill(self, p: str, lex: Mapping[str, SparseVec]) -> None:
-        """Rebuild a buffer that fell below C from an index query, keeping the lexical scores
-        it already had."""
+        """Rebuild a buffer that fell below C from an index query (completed from every
+        owner's score, as a newcomer's is), keeping the lexical scores it already had."""
         self.refills += 1
         vp = self.index.get_vector(p)
-        found = [c for c, _ in self.index.query(vp, self.config.buffer_depth, exclude=(p,))]
+        depth = self.config.buffer_depth
+        hits = self.index.query(vp, depth, exclude=(p,))
+        found = self.complete_hits(hits, self.scores(vp), depth, FLOOR_MARGIN)
         self.set_buffer(p, vp, found, lex, reuse_lexical=True)
 
     def set_buffer(

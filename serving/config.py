@@ -43,6 +43,12 @@ class RecommenderConfig:
       (a list at overlap 0.3 with the exact one after churn); 400 (6x) costs 1.3 ms per
       search at 100k instead of 0.8 and lifts recall@50 from 0.9961 to 0.9974
       (``docs/performance.md``, "seventh round").
+    * ``exact_build_limit``: a bulk load (a bootstrap's settle, a load, a handover) completes
+      each owner's index search from one block matrix product with every owner's vector
+      (``CandidateBuffers.complete_hits``) while the owners number at most this many. Its
+      cost grows with the square of the catalog: about 0.6 ms per owner at 100k on one core
+      (a minute in all), ten times that at 1M, where HNSW's recall alone decides. A change in
+      the stream is always completed: the reverse check scores every owner anyway.
     """
 
     dim: int = 384
@@ -61,6 +67,7 @@ class RecommenderConfig:
     hnsw_ef_construction: int = 200
     hnsw_initial_capacity: int = 1024
     hnsw_seed: int = 100
+    exact_build_limit: int = 200_000
     rebuild_deleted_share: float = 0.3
     #: The ``VectorIndex`` adapter, by its name in ``serving.index.INDEX_ADAPTERS``.
     index: str = "hnsw"
@@ -95,6 +102,7 @@ class RecommenderConfig:
             f"hnsw_ef_construction must be positive, got {self.hnsw_ef_construction}",
         )
         need(self.hnsw_initial_capacity > 0, "hnsw_initial_capacity must be positive")
+        need(self.exact_build_limit >= 0, f"exact_build_limit must be >= 0, got {self.exact_build_limit}")
         need(
             0.0 < self.rebuild_deleted_share <= 1.0,
             f"rebuild_deleted_share must be in (0, 1], got {self.rebuild_deleted_share}",

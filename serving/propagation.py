@@ -47,7 +47,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 import numpy as np
 
 from serving.behavior import BehaviorRow
-from serving.candidates import CandidateBuffer, CandidateBuffers
+from serving.candidates import FLOOR_MARGIN, CandidateBuffer, CandidateBuffers
 from serving.catalog import CatalogUpdate
 from serving.config import RecommenderConfig
 from serving.duplicates import (
@@ -81,10 +81,6 @@ BATCH_MIN_OWNERS = 256
 
 #: Owners whose saved lists are recomputed and compared when a restore takes lists over.
 RESTORE_SAMPLE = 200
-
-#: Added to the dense score of ``q``'s last index neighbour before selecting owners by floor:
-#: the index ranks by float32 scores and the buffers hold float64 ones.
-_FLOOR_MARGIN = 1e-5
 
 
 class Propagator:
@@ -310,14 +306,20 @@ class Propagator:
             if self._drop(p, q, patched):
                 affected.add(p)
         vq = self.index.get_vector(q)
+        # q against every owner, once: q's own buffer is completed from it and the reverse
+        # check reads it (the other owners' vectors do not change meanwhile; q's own slot,
+        # which may, is never a candidate of either).
+        scores = self.buffers.scores(vq)
         if self.owns(q):
             # Only q's own buffer needs a search: the reverse check compares q with every
             # owner's floor (``_enter``), so a worker that does not own q searches nothing.
-            near = [c for c, _ in self.index.query(vq, self.config.buffer_depth, exclude=(q,))]
+            depth = self.config.buffer_depth
+            hits = self.index.query(vq, depth, exclude=(q,))
+            near = self.buffers.complete_hits(hits, scores, depth, FLOOR_MARGIN)
             self.buffers.set_buffer(q, vq, near, self.lex, reuse_lexical=False)
             affected.add(q)
         affected |= self._behavior_holders(q)
-        self._enter(q, vq, old_rev, affected, patched)
+        self._enter(q, vq, scores, old_rev, affected, patched)
         pubs = self.refresh(affected, out_of_stock=(q,) if out_of_stock else (), patched=patched)
         return pubs + self._duplicates_changed(q)
 
@@ -416,6 +418,8 @@ class Propagator:
         owned = sorted(p for p in self.profiles if self.owns(p))
         # Buffers name products deleted meanwhile: start them all afresh.
         self.buffers.clear()
+        # Every owner's vector first: each block's searches are completed against all of them.
+        self.buffers.register(owned)
         self.dup_keys.rebuild(self.profiles)
         forced = self._unsettled_out_of_stock & self.profiles.keys()
         batch = self.duplicate_batch() if len(owned) >= BATCH_MIN_OWNERS else None
@@ -524,6 +528,7 @@ class Propagator:
         self,
         q: str,
         vq: np.ndarray,
+        scores: np.ndarray,
         extra: Iterable[str],
         affected: set[str],
         patched: dict[str, tuple[Items, Items]],
@@ -531,16 +536,15 @@ class Propagator:
         """Insert ``q`` into every buffer whose last member it now beats.
 
         ``extra`` holds the owners that held ``q`` before. The others whose floor ``q``
-        reaches are found by comparing ``q`` with every owner
-        (``CandidateBuffers.owners_admitting``), not from ``q``'s own index search: an
+        reaches are found by comparing ``q``'s float32 score with every owner (``scores``;
+        ``CandidateBuffers.owners_admitting``), not from ``q``'s own index search: an
         approximate index can miss an owner from that search however close it is, so the
         check does not depend on the index's recall. A list that only gains
         ``q`` is patched in place (``patched``); one that needs more is marked for a
         rebuild (``affected``).
         """
         bufs = self.buffers.by_owner
-        # The index's own scores are float32: a margin keeps ties and rounding inside.
-        far = self.buffers.owners_admitting(vq, _FLOOR_MARGIN)
+        far = self.buffers.owners_admitting(scores, FLOOR_MARGIN)
         seen: set[str] = {q}
         cands: list[str] = []
         cand_bufs: list[CandidateBuffer] = []

@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     hnsw_ef: int = Field(400, ge=10, le=5000, description="HNSW ef at query time: about 6x the neighbours a list "
                          "search asks for (candidate depth + 16), so the dense candidates are those of an exact search "
                          "even in crowded regions of a large catalog (docs/performance.md, seventh round).")
+    exact_build_limit: int = Field(
+        200_000, ge=0, description="A bulk load (bootstrap, restore without lists, handover) checks every owner's HNSW "
+        "search against all owners' vectors with block matrix products while the owners number at most this many, so the "
+        "lists start exact; the cost grows with the square of the catalog (about a minute per core at 100k).")
     index: str = Field(
         "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
                             "approximate) or `exact` (brute force, for small catalogs and audits).")

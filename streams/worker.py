@@ -71,6 +71,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         price_band=settings.price_band,
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,
+        exact_build_limit=settings.exact_build_limit,
         index=settings.index,
     )
 

@@ -5,7 +5,10 @@
 The catalog is ``harness.build_catalog`` (every real title of ``../shared/data``, then
 variants, duplicate listings and recombinations of real titles), embedded with the
 in-process MiniLM (vectors cached under ``var/bench-cache``, so a rerun skips the embedding).
-``Recommender.bulk_load`` indexes it (HNSW, the worker's defaults); then a churn is applied
+``Recommender.bulk_load`` indexes it (HNSW, the worker's defaults, the IDF fitted on the
+catalog as a worker's bootstrap fits it; runs before ``exact_build_limit`` used an unfitted
+IDF, which changes the lexical half of every score and makes the duplicates search far
+slower, not the comparison, which reads the recommender's own vectors); then a churn is applied
 **one change at a time through ``apply``**, the incremental path the stream takes: 40% title
 edits (a new vector), 20% new products, 20% deletes, 20% stock flips. Finally a random
 sample of products gets its similar items and substitutes recomputed from scratch by brute
@@ -37,7 +40,7 @@ from dataclasses import replace
 
 from serving.catalog import Catalog, ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
-from serving.lexical import cosine_many
+from serving.lexical import LexicalModel, cosine_many
 from serving.recommender import Recommender, build_lists
 from serving.scoring import profile
 from serving.text import product_text
@@ -98,6 +101,8 @@ def main() -> None:
     ap.add_argument("--ef", type=int, default=None, help="HNSW ef (default: the worker's)")
     ap.add_argument("--m", type=int, default=None, help="HNSW M (default: the worker's)")
     ap.add_argument("--index", default="hnsw", choices=("hnsw", "exact"))
+    ap.add_argument("--exact-build-limit", type=int, default=None,
+                    help="owners up to which the bulk load completes its searches exactly (default: the worker's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -106,9 +111,13 @@ def main() -> None:
     base, fresh = rows[: args.n], rows[args.n :]
     products, merged, vectors = embedded_catalog(base)
 
-    tuned = {k: v for k, v in (("hnsw_ef", args.ef), ("hnsw_m", args.m)) if v is not None}
+    tuned = {
+        k: v
+        for k, v in (("hnsw_ef", args.ef), ("hnsw_m", args.m), ("exact_build_limit", args.exact_build_limit))
+        if v is not None
+    }
     config = RecommenderConfig(hnsw_initial_capacity=args.n + n_new + 1024, index=args.index, **tuned)
-    rec = Recommender(config)
+    rec = Recommender(config, lexical=LexicalModel.fit(product_text(p) for p in merged))
     started = time.perf_counter()
     rec.bulk_load(products, vectors)
     load_s = time.perf_counter() - started
@@ -204,7 +213,8 @@ def main() -> None:
                       "churn_s": round(churn_s), "apply_p50_ms": round(p50, 2), "apply_p99_ms": round(p99, 2),
                       "similar": sim_stats, "substitutes": subs_stats, "similar_ties_as_equal": sim_tied,
                       "substitutes_ties_as_equal": subs_tied_stats, "target_met": met,
-                      "config": {"hnsw_ef": config.hnsw_ef, "hnsw_m": config.hnsw_m,
+                      "config": {"hnsw_ef": config.hnsw_ef, "hnsw_m": config.hnsw_m, "idf": "fitted",
+                                 "exact_build_limit": config.exact_build_limit,
                                  "candidate_depth": c}}))
 
 

@@ -349,6 +349,61 @@ def test_a_newcomer_enters_the_list_of_an_owner_its_own_search_missed() -> None:
     assert listed[:1] == ["newcomer"]
 
 
+class BlindIndex(ExactIndex):
+    """The exact index, except that no search, single or batched, ever returns ``hidden``."""
+
+    def __init__(self, dim: int, hidden: str) -> None:
+        super().__init__(dim)
+        self.hidden = hidden
+
+    def query(self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        return super().query(vector, k, exclude=(*exclude, self.hidden))
+
+
+def _twin_catalog() -> dict[str, np.ndarray]:
+    """"owner" with a "twin" far closer (0.995) than its three other neighbours (0.958)."""
+    axis = np.eye(8, dtype=np.float32)
+    return {
+        "twin": axis[0] + 0.1 * axis[1],
+        "a": axis[0] + 0.3 * axis[2],
+        "b": axis[0] + 0.3 * axis[3],
+        "c": axis[0] + 0.3 * axis[4],
+        "far1": axis[6],
+        "far2": axis[7],
+        "owner": axis[0],
+    }
+
+
+_TWIN_CONFIG = RecommenderConfig(dim=8, k=2, candidate_depth=3, candidate_slack=0, lexical_weight=0.0, index="exact")
+
+
+def test_a_changed_products_own_list_holds_a_neighbour_its_search_missed() -> None:
+    """A product's own buffer is its index search completed with every owner that scores at
+    least the search's last hit (the reverse check's scores, at hand anyway), so a neighbour
+    the approximate search missed is still listed (issue #14, "exact at scale": an edited
+    owner's new search missed near neighbours)."""
+    rec = Recommender(_TWIN_CONFIG, index=BlindIndex(_TWIN_CONFIG.dim, hidden="twin"))
+    for pid, vec in _twin_catalog().items():  # "owner" last: "twin" cannot enter by the reverse check
+        rec.apply(ProductUpsert(pid, 1.0, title=f"thing {pid}"), vec)
+    listed = [i.product_id for i in rec.similar("owner") or ()]
+    assert listed[:1] == ["twin"]
+
+
+def test_a_bulk_loaded_list_holds_a_neighbour_the_batched_search_missed() -> None:
+    """The bulk load completes each batched search from a block product with every owner
+    (while the owners number at most ``exact_build_limit``; above it HNSW's recall decides)."""
+    catalog = _twin_catalog()
+    products = [ProductUpsert(pid, 1.0, title=f"thing {pid}") for pid in catalog]
+    vectors = np.stack(list(catalog.values()))
+    rec = Recommender(_TWIN_CONFIG, index=BlindIndex(_TWIN_CONFIG.dim, hidden="twin"))
+    rec.bulk_load(products, vectors)
+    assert [i.product_id for i in rec.similar("owner") or ()][:1] == ["twin"]
+    capped = replace(_TWIN_CONFIG, exact_build_limit=0)
+    rec = Recommender(capped, index=BlindIndex(capped.dim, hidden="twin"))
+    rec.bulk_load(products, vectors)
+    assert "twin" not in {i.product_id for i in rec.similar("owner") or ()}
+
+
 class CountingIndex(ExactIndex):
     """The exact index, counting its single searches."""
 
