@@ -404,6 +404,18 @@ def test_a_bulk_loaded_list_holds_a_neighbour_the_batched_search_missed() -> Non
     assert "twin" not in {i.product_id for i in rec.similar("owner") or ()}
 
 
+def test_a_settle_completes_each_search_with_owners_of_later_steps() -> None:
+    """A settle builds the buffers in steps; every owner's vector is registered before the
+    first, so a step completes its searches with the owners of the steps after it too
+    ("twin" sorts after "owner" and is settled in a later step here)."""
+    rec = Recommender(_TWIN_CONFIG, index=BlindIndex(_TWIN_CONFIG.dim, hidden="twin"))
+    for pid, vec in _twin_catalog().items():
+        rec.apply(ProductUpsert(pid, 1.0, title=f"thing {pid}"), vec, defer=True)
+    for _step in rec.settle_steps(chunk=1):
+        pass
+    assert [i.product_id for i in rec.similar("owner") or ()][:1] == ["twin"]
+
+
 class CountingIndex(ExactIndex):
     """The exact index, counting its single searches."""
 
