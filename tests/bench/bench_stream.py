@@ -23,6 +23,9 @@ attributed to the event that caused it:
 * backlog: events sent but not yet consumed, sampled each second;
 * CPU (cores busy) and resident memory of the worker process.
 
+With ``--workers N`` (scale-out on one machine) N workers of one consumer group share the
+partitions; the counters, CPU and RSS reported are their sums.
+
 With ``--restart`` the windows run on a restarted worker: after the bootstrap the worker takes
 a snapshot (``/admin/snapshot``), stops gracefully and starts again on the same topics and
 data folder; the time until it is ready again (snapshot load, replay, first handover) is
@@ -139,6 +142,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder for stream.samples.json [SIMSTREAM_BENCH_OUT, else var/bench]")
     parser.add_argument("--keep", action="store_true", help="keep the worker's data folder (snapshots, log)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers in the consumer group (scale-out on this machine: each owns a share of the "
+                             "partitions and replays every index update); CPU and RSS are their sums")
     parser.add_argument("--restart", action="store_true",
                         help="after the bootstrap, snapshot, stop and restart the worker (timed), then run the windows")
     parser.add_argument("--mix", default="0.6,0.2,0.2",
@@ -151,7 +157,7 @@ def main() -> None:
     phases = [parse_phase(p) for p in args.phase] or [parse_phase(f"{args.mix}@{args.rates}")]
     out = out_dir(args.out)
 
-    bench = start_worker("stream", out / "scratch", encoder=args.encoder)
+    bench = start_worker("stream", out / "scratch", encoder=args.encoder, workers=args.workers)
     rng = random.Random(42)
     catalog = build_catalog(args.products, rng)
     encoder0 = encoder_busy(bench.worker)
@@ -202,6 +208,7 @@ def main() -> None:
               f"{r['last_p50_ms']} / {r['last_p99_ms']} / {r['last_max_ms']} | {r['backlog_max']} / "
               f"{r['backlog_end']}{' (growing)' if r['backlog_growing'] else ''} | {r['cpu_cores']} | {r['rss_mb']} |")
     print(json.dumps({"bench": "stream", "command": " ".join(sys.argv), "products": len(catalog),
+                      "workers": args.workers,
                       "load_s": round(load_s, 1), "products_per_s": round(len(catalog) / load_s, 1),
                       "bootstrap_encoder_texts_per_s": bootstrap_encoder, "bootstrap_rss_mb": bootstrap_rss,
                       "restart_ready_s": restart_ready_s,

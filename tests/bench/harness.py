@@ -106,6 +106,54 @@ class ProcStats:
         return 0.0
 
 
+class GroupStats:
+    """``ProcStats`` of several processes, summed (``each`` keeps them apart)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.each = [ProcStats(pid) for pid in pids]
+
+    def cpu_s(self) -> float:
+        return sum(s.cpu_s() for s in self.each)
+
+    def rss_mb(self) -> float:
+        return sum(s.rss_mb() for s in self.each)
+
+
+class WorkerGroup:
+    """Several ``simstream worker`` processes of one consumer group, read as one worker: their
+    ``/stats`` counters summed (each counts the input of the partitions it owns and the
+    lists it publishes), a bulk catch-up running while any worker's runs."""
+
+    def __init__(self, procs: list[WorkerProcess]) -> None:
+        self.procs = procs
+        self.env = procs[0].env
+        self.web = procs[0].web
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        if path != "/stats":
+            raise ValueError(f"a worker group answers /stats only, not {path}")
+        merged: dict[str, Any] = {}
+        for proc in self.procs:
+            status, body = proc.get(path, timeout=timeout)
+            if status != 200:
+                return status, body
+            for key, value in body.items():
+                if isinstance(value, bool):
+                    merged[key] = merged.get(key, False) or value
+                elif isinstance(value, (int, float)):
+                    merged[key] = merged.get(key, 0) + value
+                else:
+                    merged.setdefault(key, value)
+        return 200, merged
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for proc in self.procs:
+            proc.stop(timeout=timeout)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(f"--- worker {i}\n{proc.log_tail(lines)}" for i, proc in enumerate(self.procs))
+
+
 # ---- catalog
 
 
@@ -206,16 +254,20 @@ def retyped(title: str, brand: str | None, rng: random.Random) -> str:
 
 @dataclass
 class BenchWorker:
-    """One ``simstream worker`` process on its own topics and consumer group."""
+    """One ``simstream worker`` process (or a ``WorkerGroup``) on its own topics and consumer group."""
 
     settings: Settings
-    worker: WorkerProcess
-    stats: ProcStats
+    worker: WorkerProcess | WorkerGroup
+    stats: ProcStats | GroupStats
     data_dir: Path
 
 
-def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: str) -> BenchWorker:
-    """Create fresh topics named ``bench-<tag>-*`` and start a worker on them (waits until ready)."""
+def start_worker(
+    name: str, scratch: Path, encoder: str = "local", workers: int = 1, **extra_env: str
+) -> BenchWorker:
+    """Create fresh topics named ``bench-<tag>-*`` and start a worker on them (waits until
+    ready); with ``workers`` > 1, that many workers of one consumer group, each with its own
+    data folder and web port, read as one (``WorkerGroup``)."""
     bootstrap = os.environ.get("SIMSTREAM_KAFKA_BOOTSTRAP")
     if not bootstrap:
         raise SystemExit("set SIMSTREAM_KAFKA_BOOTSTRAP (make bench and make soak start a broker)")
@@ -231,10 +283,21 @@ def start_worker(name: str, scratch: Path, encoder: str = "local", **extra_env: 
     settings = Settings(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
     create_topics(settings)
     data_dir.mkdir(parents=True, exist_ok=True)
-    worker = WorkerProcess(env, data_dir / "worker.log").start()
-    worker.wait_ready(timeout=300)
-    assert worker.proc is not None
-    return BenchWorker(settings, worker, ProcStats(worker.proc.pid), data_dir)
+    if workers == 1:
+        worker = WorkerProcess(env, data_dir / "worker.log").start()
+        worker.wait_ready(timeout=300)
+        assert worker.proc is not None
+        return BenchWorker(settings, worker, ProcStats(worker.proc.pid), data_dir)
+    procs = []
+    for i in range(workers):
+        own = data_dir / f"worker-{i}"
+        own.mkdir(parents=True, exist_ok=True)
+        procs.append(WorkerProcess({**env, "SIMSTREAM_WEB_PORT": str(free_port()), "SIMSTREAM_DATA_DIR": str(own)},
+                                   own / "worker.log").start())
+    for proc in procs:
+        proc.wait_ready(timeout=300)
+    pids = [proc.proc.pid for proc in procs if proc.proc is not None]
+    return BenchWorker(settings, WorkerGroup(procs), GroupStats(pids), data_dir)
 
 
 def restart_worker(bench: BenchWorker, timeout: float = 1800) -> tuple[BenchWorker, float]:
@@ -244,6 +307,8 @@ def restart_worker(bench: BenchWorker, timeout: float = 1800) -> tuple[BenchWork
     worker and the seconds from its start until it was ready."""
     import urllib.request
 
+    if not isinstance(bench.worker, WorkerProcess):
+        raise SystemExit("--restart restarts one worker; run it without --workers")
     request = urllib.request.Request(bench.worker.web + "/admin/snapshot", data=b"", method="POST")
     with urllib.request.urlopen(request, timeout=900.0) as response:
         response.read()
@@ -256,16 +321,21 @@ def restart_worker(bench: BenchWorker, timeout: float = 1800) -> tuple[BenchWork
     return BenchWorker(bench.settings, worker, ProcStats(worker.proc.pid), bench.data_dir), ready_s
 
 
-def stats(worker: WorkerProcess) -> dict[str, Any]:
+def stats(worker: WorkerProcess | WorkerGroup) -> dict[str, Any]:
     """The worker's ``/stats``. It is read on the core thread, so a long core job (an IDF
     refit at 100k products) delays it: waited for, not taken as a failure."""
     return dict(worker.get("/stats", timeout=120.0)[1])
 
 
-def encoder_busy(worker: WorkerProcess) -> tuple[float, float]:
+def encoder_busy(worker: WorkerProcess | WorkerGroup) -> tuple[float, float]:
     """(texts embedded, seconds spent in encoder calls) so far, from the worker's ``/metrics``:
-    their ratio over a window is the encoder's own texts/s in that window, under the same load."""
+    their ratio over a window is the encoder's own texts/s in that window, under the same load
+    (a group's: the texts and seconds of all its workers)."""
     import urllib.request
+
+    if isinstance(worker, WorkerGroup):
+        each = [encoder_busy(proc) for proc in worker.procs]
+        return sum(t for t, _ in each), sum(s for _, s in each)
 
     with urllib.request.urlopen(worker.web + "/metrics", timeout=120.0) as response:
         text = response.read().decode()
@@ -282,12 +352,12 @@ def texts_per_s(before: tuple[float, float], after: tuple[float, float]) -> floa
     return round(texts / seconds, 1) if seconds > 0 else None
 
 
-def consumed(worker: WorkerProcess) -> int:
+def consumed(worker: WorkerProcess | WorkerGroup) -> int:
     """Input events the worker has processed (its ``/stats`` counter)."""
     return int(stats(worker)["events"])
 
 
-def wait_consumed(worker: WorkerProcess, target: int, timeout: float) -> float:
+def wait_consumed(worker: WorkerProcess | WorkerGroup, target: int, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if consumed(worker) >= target:
