@@ -36,6 +36,12 @@ PREVIOUS = """# simstream benchmarks
 
 Hand-written numbers.
 <!-- /kept: search -->
+
+<!-- kept: scale_out -->
+## scale_out (measured separately)
+
+**Two workers against one** (`tests/bench/bench_stream.py --workers 2`).
+<!-- /kept: scale_out -->
 """
 
 
@@ -59,6 +65,10 @@ def test_a_partial_run_carries_the_earlier_sections_and_their_plots(tmp_path: Pa
     assert "run of 2026-11-28T11:53:29+00:00, commit `abc123` on main, on Some CPU" in text
     assert "| [core](#core) | `tests/bench/bench_core.py` | earlier run" in text
     assert "<!-- kept: search -->" in text and "Hand-written numbers." in text
+    assert "| [search](#search-measured-separately) | `tests/bench/bench_search.py` | measured separately |" in text
+    assert "| [scale_out](#scale_out-measured-separately) | `tests/bench/bench_stream.py` | measured separately |" in text, (
+        "a hand-written section names the script it reports"
+    )
     assert (plots / "core-apply.png").exists() and not (plots / "orphan.png").exists()
     again = build(results, report, plots)
     assert again.count("Carried over from an earlier") == 1, "carried once, not noted again at each regeneration"

@@ -316,6 +316,14 @@ def kept_sections(text: str) -> dict[str, str]:
 
 
 #: A generated section of a report (``## name``); hand-written ones are titled "name (measured separately)".
+def kept_script(name: str, block: str) -> str:
+    """The script a hand-written section names first (`` (`tests/bench/...py`) ``), else
+    ``tests/bench/bench_NAME.py``: a section may report another bench's runs (``scale_out``:
+    ``bench_stream.py --workers``)."""
+    found = re.search(r"\(`(tests/bench/[\w/.-]+\.py)[`\s]", block)
+    return found.group(1) if found else f"tests/bench/bench_{name}.py"
+
+
 SECTION = re.compile(r"^## (?P<name>[\w-]+)\n.*?(?=^## |^<!-- kept: |\Z)", re.S | re.M)
 #: The note a section carried over from an earlier run starts with.
 EARLIER = "<!-- earlier run -->"
@@ -377,8 +385,8 @@ def build(results: Path, report: Path, plots_dir: Path) -> str:
         lines.append(f"| [{name}](#{name}) | `tests/bench/{'soak' if name == 'soak' else 'bench_' + name}.py` "
                      "| earlier run (see its section) | |")
     kept = {name: block for name, block in kept_sections(previous).items() if name not in ran}
-    for name in kept:
-        lines.append(f"| [{name}](#{name}-measured-separately) | `tests/bench/bench_{name}.py` | measured separately | |")
+    for name, block in kept.items():
+        lines.append(f"| [{name}](#{name}-measured-separately) | `{kept_script(name, block)}` | measured separately | |")
     lines.append("")
     lines += machine_section(machine)
 
