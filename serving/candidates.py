@@ -335,19 +335,10 @@ class CandidateBuffers:
                 else:
                     held.append(p)
         start = len(self._owner_at)
-        end = start + len(fresh)
-        self._reserve(end)
-        self._owner_at.extend(fresh)
-        for i, p in enumerate(fresh, start):
-            self._slot[p] = i
-        for at in range(0, len(fresh), chunk):
-            part = fresh[at : at + chunk]
-            self._vec[start + at : start + at + len(part)] = self.index.get_vectors(part)
-        self._floor[start:end] = [
+        self.register(fresh, chunk)
+        self._floor[start : start + len(fresh)] = [
             -np.inf if buf.complete or not buf.ids else -buf.neg[-1] for buf in (buffers[p] for p in fresh)
         ]
-        if self._primed:
-            self._primed_dirty.update(range(start, end))
 
     def discard_holder(self, c: str, p: str) -> None:
         """``p``'s buffer no longer holds ``c``."""
