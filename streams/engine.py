@@ -469,6 +469,11 @@ class Engine(Edge):
         # the core's thread: trimming a heap of GBs takes a while, and the event loop must
         # keep consuming and sending meanwhile.
         trimmed = await self.in_core(release_free_heap)
+        if not self.core.unsettled:
+            # The bulk catch-up is over. The flag was set by the last batch of the worker's own
+            # input; left on, it would defer the next changes that do not set it themselves (the
+            # replica's, of the other workers' products) and start a whole new settle for them.
+            self.defer_propagation = False
         log.info("bulk catch-up settled: %d products, %d lists to publish, %.1f s%s",
                  len(self.core.catalog), len(out.lists), time.monotonic() - started,
                  "; free heap returned to the system" if trimmed else "")

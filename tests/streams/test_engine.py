@@ -492,6 +492,28 @@ async def test_reads_get_in_between_the_steps_of_a_settle() -> None:
     assert len({r.key for r in out.lists if r.topic == engine.settings.topic_similar_items}) == n
 
 
+async def test_a_settle_ends_the_deferral_so_the_replicas_next_changes_propagate() -> None:
+    """A bulk catch-up's last batch may leave ``defer_propagation`` on (the worker sets it per
+    batch of its own input); the replica's changes do not set it. After the settle they must
+    propagate at once: deferred, they would start a whole new settle (a 100k scale-out run
+    spent minutes in one while its input waited)."""
+    from dataclasses import replace
+
+    from streams.engine import Change
+
+    engine = make_pipeline()
+    engine.defer_propagation = True
+    await engine.handle([upsert(f"P{i:02d}", NOW - 1000 + i, title=f"product {i} cable") for i in range(12)])
+    await engine.settle()
+    assert not engine.core.unsettled and not engine.defer_propagation
+    held = engine.core.catalog.get("P03")
+    assert held is not None
+    other = replace(held, product_id="R01", title="product 3 cable, another worker's")
+    out = await engine.apply([Change.of_product(other)])
+    assert not engine.core.unsettled, "the replica's change was deferred"
+    assert "R01" in {r.key for r in out.lists if r.topic == engine.settings.topic_similar_items}
+
+
 async def test_a_settle_computes_its_next_step_while_the_previous_one_is_sent() -> None:
     """Sending a step's lists and computing the next one overlap: at 100k products each takes
     minutes, and neither needs the other."""
