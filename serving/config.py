@@ -46,8 +46,8 @@ class RecommenderConfig:
     * ``exact_build_limit``: a bulk load (a bootstrap's settle, a load, a handover) completes
       each owner's index search from one block matrix product with every owner's vector
       (``CandidateBuffers.complete_hits``) while the owners number at most this many. Its
-      cost grows with the square of the catalog: about 0.6 ms per owner at 100k on one core
-      (a minute in all), ten times that at 1M, where HNSW's recall alone decides. A change in
+      cost grows with the square of the catalog: about 0.9 ms per owner at 100k on one core
+      (about 90 s in all), ten times that per owner at 1M, where HNSW's recall alone decides. A change in
       the stream is always completed: the reverse check scores every owner anyway.
     """
 

@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     exact_build_limit: int = Field(
         200_000, ge=0, description="A bulk load (bootstrap, restore without lists, handover) checks every owner's HNSW "
         "search against all owners' vectors with block matrix products while the owners number at most this many, so the "
-        "lists start exact; the cost grows with the square of the catalog (about a minute per core at 100k).")
+        "lists start exact; the cost grows with the square of the catalog (about 90 s on one core at 100k).")
     index: str = Field(
         "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
                             "approximate) or `exact` (brute force, for small catalogs and audits).")

@@ -315,7 +315,6 @@ def kept_sections(text: str) -> dict[str, str]:
     return {m.group("name"): m.group(0) for m in KEPT.finditer(text)}
 
 
-#: A generated section of a report (``## name``); hand-written ones are titled "name (measured separately)".
 def kept_script(name: str, block: str) -> str:
     """The script a hand-written section names first (`` (`tests/bench/...py`) ``), else
     ``tests/bench/bench_NAME.py``: a section may report another bench's runs (``scale_out``:
@@ -324,6 +323,7 @@ def kept_script(name: str, block: str) -> str:
     return found.group(1) if found else f"tests/bench/bench_{name}.py"
 
 
+#: A generated section of a report (``## name``); hand-written ones are titled "name (measured separately)".
 SECTION = re.compile(r"^## (?P<name>[\w-]+)\n.*?(?=^## |^<!-- kept: |\Z)", re.S | re.M)
 #: The note a section carried over from an earlier run starts with.
 EARLIER = "<!-- earlier run -->"
