@@ -54,6 +54,19 @@ class CandidateBuffer:
         self.lex = array("d", lexical)
         self.complete = complete  # holds every other product
 
+    @classmethod
+    def restored(cls, ids: list[str], neg: np.ndarray, lexical: np.ndarray, complete: bool) -> CandidateBuffer:
+        """A buffer from saved columns: ``ids`` (taken over), ``neg`` the negated dense
+        scores and ``lexical``, both float64, copied bytewise (no float objects made)."""
+        buf = cls.__new__(cls)
+        buf.ids = ids
+        buf.neg = array("d")
+        buf.neg.frombytes(np.ascontiguousarray(neg, dtype=np.float64).data.cast("B"))
+        buf.lex = array("d")
+        buf.lex.frombytes(np.ascontiguousarray(lexical, dtype=np.float64).data.cast("B"))
+        buf.complete = complete
+        return buf
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -62,6 +61,8 @@ SCHEME = "char_wb2-5+words2+codes3/idf+0.1/crc32-2^18"
 LEGACY_SCHEME = "char_wb3-5/idf+1/crc32-2^18"
 
 _WORD = re.compile(r"[^\W_]+")
+#: What ``str.isalnum`` rejects: re's ``\w`` is exactly isalnum plus the underscore.
+_NOT_ALNUM = re.compile(r"[\W_]+")
 _WORD_PREFIX = "w\x00"
 _CODE_PREFIX = "m\x00"
 
@@ -71,34 +72,44 @@ SparseVec = tuple[np.ndarray, np.ndarray]
 _EMPTY: SparseVec = (np.zeros(0, np.int32), np.zeros(0, np.float32))
 
 
-def ngrams(text: str) -> Counter[str]:
-    """Character n-grams of every word, ``char_wb`` style."""
-    counts: Counter[str] = Counter()
+def ngrams(text: str) -> dict[str, int]:
+    """Character n-grams of every word, ``char_wb`` style, with their counts."""
+    # Plain dicts, not Counters, here and below: an empty Counter costs more than counting a
+    # title's words, and its __missing__ is a Python call for every new key.
+    counts: dict[str, int] = {}
+    get = counts.get
     for word in text.lower().split():
         padded = f" {word} "
         if len(padded) < NGRAM_MIN:
-            counts[padded] += 1
+            counts[padded] = get(padded, 0) + 1
             continue
         for n in range(NGRAM_MIN, NGRAM_MAX + 1):
             if n > len(padded):
                 break
             for i in range(len(padded) - n + 1):
-                counts[padded[i : i + n]] += 1
+                gram = padded[i : i + n]
+                counts[gram] = get(gram, 0) + 1
     return counts
 
 
-def words(text: str) -> Counter[str]:
-    """Lower-cased runs of letters and digits."""
-    return Counter(_WORD.findall(text.lower()))
+def words(text: str) -> dict[str, int]:
+    """Lower-cased runs of letters and digits, with their counts."""
+    counts: dict[str, int] = {}
+    get = counts.get
+    for word in _WORD.findall(text.lower()):
+        counts[word] = get(word, 0) + 1
+    return counts
 
 
-def codes(text: str) -> Counter[str]:
+def codes(text: str) -> dict[str, int]:
     """Model-number-like tokens: letters and digits together, punctuation dropped, >= 3 long."""
-    counts: Counter[str] = Counter()
+    counts: dict[str, int] = {}
     for token in text.lower().split():
-        code = "".join(ch for ch in token if ch.isalnum())
-        if len(code) >= 3 and any(ch.isdigit() for ch in code) and any(ch.isalpha() for ch in code):
-            counts[code] += 1
+        code = _NOT_ALNUM.sub("", token)
+        # isalpha/isdigit of the whole code settle most tokens without a look at each character.
+        if (len(code) >= 3 and not code.isalpha() and not code.isdigit()
+                and any(ch.isdigit() for ch in code) and any(ch.isalpha() for ch in code)):
+            counts[code] = counts.get(code, 0) + 1
     return counts
 
 

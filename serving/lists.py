@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 
 import numpy as np
 
@@ -133,7 +132,7 @@ def _kept_duplicate(
 def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
     for at, others in dups.items():
         kept = items[at]
-        items[at] = replace(kept, reasons=(*kept.reasons, *(DUPLICATE_OF + o for o in others)))
+        items[at] = kept._replace(reasons=(*kept.reasons, *(DUPLICATE_OF + o for o in others)))
     return tuple(items)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
@@ -154,7 +153,7 @@ def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Item
     for at, item in enumerate(items):
         if item.product_id == q:
             collapsed = tuple(r for r in item.reasons if r.startswith(DUPLICATE_OF))
-            fresh = replace(item, reasons=(*reasons, *collapsed) if collapsed else reasons)
+            fresh = item._replace(reasons=(*reasons, *collapsed) if collapsed else reasons)
             return (*items[:at], fresh, *items[at + 1 :])
     return items
 

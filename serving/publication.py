@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from serving.kinds import Kind
 
@@ -18,9 +19,12 @@ class Trigger(enum.StrEnum):
     REFRESH = "refresh"
 
 
-@dataclass(frozen=True, slots=True)
-class ScoredItem:
-    """One entry of a list, with the parts of its score and why it is there."""
+class ScoredItem(NamedTuple):
+    """One entry of a list, with the parts of its score and why it is there.
+
+    A named tuple rather than a frozen dataclass: a restore builds millions of them (24 per
+    product at 100k), and a tuple is made in a quarter of the time (0.35 against 1.4 us).
+    """
 
     product_id: str
     score: float

@@ -9,10 +9,11 @@ Layout under the snapshot root directory::
         state.json             product id table, versions, counters, lexical document count
         buf_*.npy              candidate buffers (owner, members, dense and lexical scores)
         lex_*.npy, idf.npy     lexical vectors of every product and the frozen IDF
-        list_*.npy             the current lists of every kind (items, score parts, reasons)
+        list_*.npy             the current lists of every kind (items, score parts, reason tuple)
         list_known_*.npy       what each duplicates list keeps beyond its cap, and whether
                                that is all of its duplicates (``serving.duplicates.Known``)
-        list_reasons.json      the reason strings those lists use, once each
+        list_reason_sets.json  the distinct reason tuples those lists use, as indices into
+        list_reasons.json      the reason strings, once each
         index.bin(.meta.json)  the vector index in its own format (hnswlib or .npy)
 
 A save writes a hidden temporary directory, fsyncs it, renames it to ``snap-...``, and only
@@ -292,9 +293,14 @@ def _write_lists(
     known: Mapping[str, tuple[Items, bool]] | None = None,
 ) -> None:
     """Every current list, so a load need not recompute them: per kind, the owners, their
-    items (product positions, score parts) and their reasons (indices into one table); and
-    the duplicates each list keeps (``known``), in the same layout, with their flags."""
+    items (product positions, score parts) and their reasons (an index into one table of
+    distinct reason tuples, each a list of indices into one table of reason strings); and the
+    duplicates each list keeps (``known``), in the same layout, with their flags.
+
+    A few thousand distinct reason tuples stand for millions of items, so a load builds each
+    tuple once and the items by the column (``_read_group``)."""
     table: dict[str, int] = {}
+    sets: dict[tuple[str, ...], int] = {}
     groups: dict[str, Mapping[str, Items]] = {str(kind): lists[kind] for kind in sorted(lists)}
     if known is not None:
         groups[_KNOWN] = {pid: items for pid, (items, _) in known.items()}
@@ -306,18 +312,17 @@ def _write_lists(
         for i, owner in enumerate(owners):
             items.extend(group[owner])
             indptr[i + 1] = len(items)
-        reason_ptr = np.zeros(len(items) + 1, dtype=np.int64)
-        reasons: list[int] = []
-        for i, item in enumerate(items):
-            reasons.extend(table.setdefault(r, len(table)) for r in item.reasons)
-            reason_ptr[i + 1] = len(reasons)
         write(f"list_{kind}_owner.npy", np.array([pos[o] for o in owners], dtype=np.int32))
         write(f"list_{kind}_indptr.npy", indptr)
         write(f"list_{kind}_item.npy", np.array([pos[i.product_id] for i in items], dtype=np.int32))
         write(f"list_{kind}_scores.npy", np.array(
             [getattr(i, f) for i in items for f in _ITEM_FLOATS], dtype=np.float64))
-        write(f"list_{kind}_reason_ptr.npy", reason_ptr)
-        write(f"list_{kind}_reason.npy", np.array(reasons, dtype=np.int32))
+        write(f"list_{kind}_reason_set.npy",
+              np.array([sets.setdefault(i.reasons, len(sets)) for i in items], dtype=np.int32))
+    for reasons in sets:
+        for r in reasons:
+            table.setdefault(r, len(table))
+    write("list_reason_sets.json", json.dumps([[table[r] for r in reasons] for reasons in sets]).encode("utf-8"))
     write("list_reasons.json", json.dumps(sorted(table, key=table.__getitem__)).encode("utf-8"))
 
 
@@ -326,12 +331,17 @@ def _read_lists(
 ) -> tuple[dict[Kind, dict[str, Items]] | None, dict[str, tuple[Items, bool]] | None]:
     """The lists ``_write_lists`` stored and the duplicates kept beyond them, each ``None``
     where the snapshot holds none (the kept duplicates are newer than the lists)."""
-    if "list_reasons.json" not in files:
+    if "list_reason_sets.json" not in files:
+        # None stored, or stored by a version that kept each item's reasons (before
+        # 2026-12): the lists are recomputed, once, and the next snapshot stores them.
         return None, None
     table = [sys.intern(str(r)) for r in json.loads((snap / "list_reasons.json").read_text("utf-8"))]
-    groups = {str(kind): _read_group(snap, files, ids, str(kind), table) for kind in Kind}
+    sets = [intern_reasons(tuple(table[r] for r in reasons))
+            for reasons in json.loads((snap / "list_reason_sets.json").read_text("utf-8"))]
+    id_of = np.array(ids, dtype=object)
+    groups = {str(kind): _read_group(snap, files, id_of, str(kind), sets) for kind in Kind}
     lists = {kind: group for kind in Kind if (group := groups[str(kind)]) is not None}
-    kept = _read_group(snap, files, ids, _KNOWN, table)
+    kept = _read_group(snap, files, id_of, _KNOWN, sets)
     if kept is None:
         return lists, None
     complete = _npy(snap, f"list_{_KNOWN}_complete.npy", np.bool_).tolist()
@@ -340,29 +350,29 @@ def _read_lists(
     return lists, {pid: (kept[pid], bool(flag)) for pid, flag in zip(sorted(kept), complete, strict=True)}
 
 
-def _read_group(snap: Path, files: Mapping[str, Any], ids: list[str], kind: str,
-                table: list[str]) -> dict[str, Items] | None:
-    """One group of lists ``_write_lists`` stored (a kind, or the kept duplicates)."""
+def _read_group(snap: Path, files: Mapping[str, Any], id_of: np.ndarray, kind: str,
+                sets: list[tuple[str, ...]]) -> dict[str, Items] | None:
+    """One group of lists ``_write_lists`` stored (a kind, or the kept duplicates); ``sets``
+    is the table of reason tuples its items index."""
     if f"list_{kind}_owner.npy" not in files:
         return None
-    owner = _npy(snap, f"list_{kind}_owner.npy", np.int32).tolist()
+    owner = _npy(snap, f"list_{kind}_owner.npy", np.int32)
     indptr = _npy(snap, f"list_{kind}_indptr.npy", np.int64).tolist()
-    item = _npy(snap, f"list_{kind}_item.npy", np.int32).tolist()
-    scores = _npy(snap, f"list_{kind}_scores.npy", np.float64).tolist()
-    reason_ptr = _npy(snap, f"list_{kind}_reason_ptr.npy", np.int64).tolist()
-    reason = _npy(snap, f"list_{kind}_reason.npy", np.int32).tolist()
+    item = _npy(snap, f"list_{kind}_item.npy", np.int32)
+    scores = _npy(snap, f"list_{kind}_scores.npy", np.float64)
+    reason_set = _npy(snap, f"list_{kind}_reason_set.npy", np.int32)
     n = len(item)
     if (len(indptr) != len(owner) + 1 or indptr[-1] != n or len(scores) != n * len(_ITEM_FLOATS)
-            or len(reason_ptr) != n + 1 or reason_ptr[-1] != len(reason)):
+            or len(reason_set) != n):
         raise _fail(snap, f"the stored {kind} lists do not match each other")
-    reasons_of = table.__getitem__
-    made = [
-        ScoredItem(ids[item[i]], score, content, dense, lexical, behavior,
-                   intern_reasons(tuple(map(reasons_of, reason[reason_ptr[i] : reason_ptr[i + 1]]))))
-        for i, (score, content, dense, lexical, behavior) in enumerate(
-            zip(scores[0::5], scores[1::5], scores[2::5], scores[3::5], scores[4::5], strict=True))
-    ]
-    return {ids[o]: tuple(made[indptr[j] : indptr[j + 1]]) for j, o in enumerate(owner)}
+    if n and not (int(reason_set.min()) >= 0 and int(reason_set.max()) < len(sets)
+                  and int(item.min()) >= 0 and int(item.max()) < len(id_of)):
+        raise _fail(snap, f"the stored {kind} lists name products or reasons that do not exist")
+    reasons = list(map(sets.__getitem__, reason_set.tolist()))
+    columns = scores.reshape(n, len(_ITEM_FLOATS)).T.tolist()
+    made = list(map(ScoredItem, id_of[item].tolist(), *columns, reasons))
+    names = id_of[owner].tolist()
+    return {name: tuple(made[indptr[j] : indptr[j + 1]]) for j, name in enumerate(names)}
 
 
 def _fail(snap: Path, what: str) -> SnapshotError:
@@ -501,12 +511,14 @@ def _build(
         or not len(cand) == len(dense) == len(lex)
     ):
         raise _fail(snap, "candidate buffer arrays do not match each other")
-    cand_ids = [ids[c] for c in cand.tolist()]
-    dense_l, lex_l = dense.tolist(), lex.tolist()
+    id_of = np.array(ids, dtype=object)
+    cand_ids = id_of[cand].tolist()
+    neg = np.negative(dense)
+    bounds = indptr.tolist()
     buffers: dict[str, CandidateBuffer] = {}
-    for j, o in enumerate(owner.tolist()):
-        a, b = int(indptr[j]), int(indptr[j + 1])
-        buffers[ids[o]] = CandidateBuffer(cand_ids[a:b], dense_l[a:b], lex_l[a:b], complete=bool(complete[j]))
+    for j, (name, done) in enumerate(zip(id_of[owner].tolist(), complete.tolist(), strict=True)):
+        a, b = bounds[j], bounds[j + 1]
+        buffers[name] = CandidateBuffer.restored(cand_ids[a:b], neg[a:b], lex[a:b], done)
     behavior: dict[str, BehaviorRow] = {}
     if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
         try:

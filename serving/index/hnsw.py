@@ -4,6 +4,7 @@ the production index."""
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import threading
 from bisect import insort
@@ -24,6 +25,18 @@ from serving.index.persistence import (
     sha256_file,
     write_meta,
 )
+
+#: Beside an index file: the vector of each graph node, by sorted label (``numpy.save``).
+VECTORS_SUFFIX = ".vectors.npy"
+#: Nodes whose saved vector a load compares with the graph's own copy.
+VECTOR_SAMPLE = 64
+
+
+def _save_npy(path: str, mat: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, mat, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class _VectorStore:
@@ -353,6 +366,35 @@ class HnswIndex:
     def live_count(self) -> int:
         return len(self._label)
 
+    def _read_vectors(self, path: Path, meta: Mapping[str, object], index: hnswlib.Index, labels: list[int]) -> np.ndarray:
+        """The vectors of ``labels`` (sorted), one row each: from the file ``save`` wrote
+        beside the graph, once its checksum and a sample of rows match the graph's own
+        copies; from the graph, one ``get_items`` at a time, for a file saved without it."""
+        vectors_path = Path(str(path) + VECTORS_SUFFIX)
+        if "vectors_sha256" not in meta:
+            rows = [np.asarray(index.get_items(labels[at : at + 4096], return_type="numpy"), dtype=np.float32)
+                    for at in range(0, len(labels), 4096)]
+            return np.concatenate(rows).reshape(len(labels), self.dim) if rows else np.zeros((0, self.dim), np.float32)
+        try:
+            intact = sha256_file(vectors_path) == meta["vectors_sha256"]
+            mat = np.load(vectors_path, allow_pickle=False) if intact else None
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"index vectors {vectors_path} cannot be read ({exc})") from exc
+        if mat is None or mat.dtype != np.float32 or mat.shape != (len(labels), self.dim):
+            raise SnapshotError(
+                f"index vectors {vectors_path} do not match their checksum or the graph's nodes; "
+                "restore the snapshot or rebuild the index from the simstream-embeddings topic"
+            )
+        sample = sorted(random.Random(len(labels)).sample(range(len(labels)), min(VECTOR_SAMPLE, len(labels))))
+        if sample:
+            graph = np.asarray(index.get_items([labels[i] for i in sample], return_type="numpy"), dtype=np.float32)
+            if not np.array_equal(graph.reshape(len(sample), self.dim), mat[sample]):
+                raise SnapshotError(
+                    f"index vectors {vectors_path} differ from the graph's own; "
+                    "restore the snapshot or rebuild the index from the simstream-embeddings topic"
+                )
+        return mat
+
     @property
     def deleted_count(self) -> int:
         with self._lock:
@@ -364,16 +406,25 @@ class HnswIndex:
             return int(self._index.get_max_elements())
 
     def save(self, path: Path, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        """The graph in hnswlib's format at ``path``, each node's vector in ``path`` +
+        ``VECTORS_SUFFIX`` (a load reads them in one piece: ``get_items`` took ~15 us per
+        vector), and the metadata sidecar."""
         path = Path(path)
+        vectors_path = Path(str(path) + VECTORS_SUFFIX)
         with self._lock:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                self._index.save_index(tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            labels = sorted(self._ids)
+            for target, write in (
+                (path, lambda tmp: self._index.save_index(tmp)),
+                (vectors_path, lambda tmp: _save_npy(tmp, self._store.get([self._ids[lb][0] for lb in labels]))),
+            ):
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=path.parent)
+                os.close(fd)
+                try:
+                    write(tmp)
+                    os.replace(tmp, target)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
             write_meta(
                 path,
                 {
@@ -385,6 +436,7 @@ class HnswIndex:
                     "max_elements": int(self._index.get_max_elements()),
                     "offsets": offsets_to_json(offsets),
                     "sha256": sha256_file(path),
+                    "vectors_sha256": sha256_file(vectors_path),
                 },
             )
 
@@ -407,23 +459,21 @@ class HnswIndex:
         stored = set(int(x) for x in index.get_ids_list())
         if not set(label_of.values()) <= stored:
             raise SnapshotError(f"index file {path} lacks labels named in its metadata")
-        store = _VectorStore(self.dim, capacity)  # same spare room as the graph
-        pids = list(label_of)
-        for start in range(0, len(pids), 4096):
-            chunk = pids[start : start + 4096]
-            rows = np.asarray(
-                index.get_items([label_of[p] for p in chunk], return_type="numpy"), dtype=np.float32
-            )
-            store.put(chunk, rows.reshape(len(chunk), self.dim))
-        index.set_ef(self.ef)
-        index.set_num_threads(1)
         ids: dict[int, list[str]] = {}
         for pid, label in label_of.items():
             ids.setdefault(label, []).append(pid)
+        labels = sorted(ids)
+        mat = self._read_vectors(path, meta, index, labels)
+        row_of = {label: i for i, label in enumerate(labels)}
+        store = _VectorStore(self.dim, capacity)  # same spare room as the graph
+        pids = list(label_of)
+        store.put(pids, mat[[row_of[label_of[p]] for p in pids]])
+        index.set_ef(self.ef)
+        index.set_num_threads(1)
         by_hash: dict[int, list[int]] = {}
-        for label, members in ids.items():
-            members.sort()
-            by_hash.setdefault(hash(store.get(members[:1])[0].tobytes()), []).append(label)
+        for i, label in enumerate(labels):
+            ids[label].sort()
+            by_hash.setdefault(hash(mat[i].tobytes()), []).append(label)
         with self._lock:
             self._index = index
             self._store = store

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hnswlib
 import numpy as np
 import pytest
 
 from serving.config import RecommenderConfig
 from serving.errors import InvalidVector, SnapshotError
 from serving.index import ExactIndex, HnswIndex, VectorIndex, normalize_rows
+from serving.index.hnsw import VECTOR_SAMPLE, VECTORS_SUFFIX
 
 DIM = 8
 
@@ -307,3 +309,70 @@ def test_hnsw_twins_share_one_node() -> None:
     assert index.deleted_count == 1  # the node went with its last id
     index.rebuild()
     assert int(index._index.get_current_count()) == 14 and len(index) == 26  # type: ignore[attr-defined]
+
+
+def _saved_hnsw(tmp_path: Path) -> tuple[HnswIndex, Path]:
+    index = HnswIndex(DIM, ef=64, capacity=16)
+    names, rows = twin_catalog()
+    index.upsert(names, rows)
+    index.upsert(ids(150, "r"), vecs(150, 4))  # more nodes than a load samples
+    index.delete("t3")
+    path = tmp_path / "idx.bin"
+    index.save(path, {})
+    return index, path
+
+
+def test_hnsw_load_reads_the_node_vectors_saved_beside_the_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load takes every node's vector from the file saved beside the graph, reading back
+    from the graph only the sample it compares (one vector at a time was most of a load)."""
+    index, path = _saved_hnsw(tmp_path)
+    assert Path(str(path) + VECTORS_SUFFIX).is_file()
+    back = HnswIndex(DIM, ef=64, capacity=16)
+    read: list[int] = []
+    real_get = hnswlib.Index.get_items
+
+    def counting_get(self: hnswlib.Index, labels: list[int], *args: object, **kw: object) -> object:
+        read.extend(labels)
+        return real_get(self, labels, *args, **kw)
+
+    monkeypatch.setattr(hnswlib.Index, "get_items", counting_get)
+    back.load(path)
+    assert 0 < len(read) <= VECTOR_SAMPLE < int(index._index.get_current_count())  # type: ignore[attr-defined]
+    assert sorted(back.ids()) == sorted(index.ids())
+    assert np.array_equal(back.get_vectors(sorted(index.ids())), index.get_vectors(sorted(index.ids())))
+
+
+def test_hnsw_node_vectors_that_differ_from_the_graph_are_refused(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    _, path = _saved_hnsw(tmp_path)
+    vectors_path = Path(str(path) + VECTORS_SUFFIX)
+    mat = np.load(vectors_path)
+    mat[:, 0] += 0.5  # re-signed, so only the sample against the graph can tell
+    np.save(vectors_path, mat)
+    meta_path = Path(str(path) + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["vectors_sha256"] = hashlib.sha256(vectors_path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SnapshotError, match="differ from the graph"):
+        HnswIndex(DIM, ef=64, capacity=16).load(path)
+    vectors_path.write_bytes(vectors_path.read_bytes()[:-8])
+    with pytest.raises(SnapshotError, match="checksum"):
+        HnswIndex(DIM, ef=64, capacity=16).load(path)
+
+
+def test_an_hnsw_file_saved_without_node_vectors_loads_from_the_graph(tmp_path: Path) -> None:
+    import json
+
+    index, path = _saved_hnsw(tmp_path)
+    Path(str(path) + VECTORS_SUFFIX).unlink()
+    meta_path = Path(str(path) + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    del meta["vectors_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    back = HnswIndex(DIM, ef=64, capacity=16)
+    back.load(path)
+    names = sorted(index.ids())
+    assert np.array_equal(back.get_vectors(names), index.get_vectors(names))
+    assert same(back.query(index.get_vectors(["t12"])[0], 8), index.query(index.get_vectors(["t12"])[0], 8))

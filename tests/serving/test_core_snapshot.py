@@ -262,6 +262,52 @@ def test_a_load_takes_the_saved_lists_over_and_recomputes_only_a_sample(
         assert back.lists(kind) == rec.lists(kind)
 
 
+def _resign(snap: Path, name: str, data: bytes | None) -> None:
+    """Write (or, with ``None``, remove) one file and re-sign the manifest to match."""
+    import hashlib
+
+    manifest = json.loads((snap / MANIFEST).read_text())
+    if data is None:
+        (snap / name).unlink()
+        del manifest["files"][name]
+    else:
+        (snap / name).write_bytes(data)
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (snap / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_lists_stored_in_the_older_layout_are_recomputed_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the reason tuples had a table of their own, each item's reasons were stored as
+    string indices; such a snapshot loads with every list recomputed, to the same lists."""
+    from serving import propagation
+
+    rng = np.random.default_rng(4)
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    for i in range(40):
+        rec.apply(random_upsert(rng, f"q{i:03d}", float(i + 1)), rng.normal(size=SMALL.dim))
+    snap = rec.save(tmp_path)
+    _resign(snap, "list_reason_sets.json", None)
+    computed = count_calls(monkeypatch, propagation.Propagator, "_compute")
+    back = Recommender.load(tmp_path, SMALL)
+    assert len(computed) == 40
+    for kind in Kind:
+        assert back.lists(kind) == rec.lists(kind)
+
+
+@pytest.mark.parametrize("table", ["[]", "[[0, 99999]]"])
+def test_list_reasons_that_name_no_stored_reason_make_the_snapshot_unusable(table: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rec = Recommender(SMALL, make_index("exact", SMALL))
+    for i in range(12):
+        rec.apply(random_upsert(rng, f"q{i:03d}", float(i + 1)), rng.normal(size=SMALL.dim))
+    snap = rec.save(tmp_path)
+    _resign(snap, "list_reason_sets.json", table.encode())
+    with pytest.raises(SnapshotError, match="unusable"):
+        Recommender.load(tmp_path, SMALL)
+
+
 def test_a_load_keeps_what_each_duplicates_list_holds_beyond_what_it_shows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
