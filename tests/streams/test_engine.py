@@ -464,19 +464,24 @@ async def test_an_outage_found_by_the_early_encoder_call_defers_only_the_slow_la
     assert k1 is not None and k1.title == "Logitech MX Keys S"
 
 
+#: Owners per settle step in the tests of stepping (the worker's steps, ``SETTLE_CHUNK``,
+#: are of 1000: the same code, 25 times the test's time).
+STEP = 40
+
+
 async def test_reads_get_in_between_the_steps_of_a_settle() -> None:
     """A settle of a big catalog takes minutes; the web views read on the core thread, so
     the settle goes in steps and a read waits for one step, not for all of them."""
     import asyncio
 
-    from serving.propagation import SETTLE_CHUNK
-
     engine = make_pipeline()
     engine.defer_propagation = True
-    n = 2 * SETTLE_CHUNK + 1
+    n = 2 * STEP + 1
     await engine.handle([upsert(f"P{i:05d}", NOW - 10_000 + i, title=f"product {i} cable") for i in range(n)])
     engine.defer_propagation = False
     assert engine.core.unsettled and engine.core.lists(Kind.SIMILAR) == {}
+    real_steps = engine.core.settle_steps
+    engine.core.settle_steps = lambda: real_steps(STEP)  # type: ignore[assignment,method-assign]
     seen: list[bool] = []
 
     async def read() -> None:
@@ -520,12 +525,11 @@ async def test_a_settle_computes_its_next_step_while_the_previous_one_is_sent() 
     import asyncio
     from collections.abc import Iterator
 
-    from serving.propagation import SETTLE_CHUNK
     from serving.recommender import Publication
 
     engine = make_pipeline()
     engine.defer_propagation = True
-    n = 2 * SETTLE_CHUNK + 1
+    n = 2 * STEP + 1
     await engine.handle([upsert(f"P{i:05d}", NOW - 10_000 + i, title=f"product {i} cable") for i in range(n)])
     engine.defer_propagation = False
     loop = asyncio.get_running_loop()
@@ -533,7 +537,7 @@ async def test_a_settle_computes_its_next_step_while_the_previous_one_is_sent() 
     real_steps = engine.core.settle_steps
 
     def observed_steps() -> Iterator[list[Publication]]:
-        for i, step in enumerate(real_steps()):
+        for i, step in enumerate(real_steps(STEP)):
             if i == 1:
                 loop.call_soon_threadsafe(second_computed.set)
             yield step
