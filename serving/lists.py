@@ -21,7 +21,7 @@ from serving.duplicates import exact_duplicates
 from serving.index import normalize_rows
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import LexicalModel, cosine_many
-from serving.publication import Items, ScoredItem
+from serving.publication import Items, ScoredItem, with_reasons
 from serving.rules import profile_is_substitute
 from serving.scoring import (
     DUPLICATE_OF,
@@ -132,7 +132,7 @@ def _kept_duplicate(
 def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
     for at, others in dups.items():
         kept = items[at]
-        items[at] = kept._replace(reasons=(*kept.reasons, *(DUPLICATE_OF + o for o in others)))
+        items[at] = with_reasons(kept, (*kept.reasons, *(DUPLICATE_OF + o for o in others)))
     return tuple(items)
 
 

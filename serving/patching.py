@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
 from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
-from serving.publication import Items, ScoredItem
+from serving.publication import Items, ScoredItem, with_reasons
 from serving.rules import profile_is_substitute
 from serving.scoring import DUPLICATE_OF, Profile, blend, content_score, final_score, profile_reasons
 
@@ -153,7 +153,7 @@ def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Item
     for at, item in enumerate(items):
         if item.product_id == q:
             collapsed = tuple(r for r in item.reasons if r.startswith(DUPLICATE_OF))
-            fresh = item._replace(reasons=(*reasons, *collapsed) if collapsed else reasons)
+            fresh = with_reasons(item, (*reasons, *collapsed) if collapsed else reasons)
             return (*items[:at], fresh, *items[at + 1 :])
     return items
 
