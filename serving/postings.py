@@ -48,6 +48,19 @@ MIN_REBUILD = 2048
 REBUILD_SHARE = 16
 
 
+def by_column(
+    indptr: np.ndarray, columns: np.ndarray, data: np.ndarray, n_columns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR matrix (row ``i`` holds ``columns[indptr[i]:indptr[i + 1]]`` with ``data``)
+    by column: the column pointers, and per column its rows in ascending order with their
+    data. scipy's transpose is a counting sort, four times a stable argsort's speed at 10M
+    entries."""
+    from scipy import sparse  # imported here: only whole-catalog steps need it
+
+    csc = sparse.csr_array((data, columns, indptr), shape=(len(indptr) - 1, n_columns)).tocsc()
+    return csc.indptr.astype(np.int64, copy=False), csc.indices.astype(np.int32, copy=False), csc.data
+
+
 class LexicalPostings:
     """An inverted index over a recommender's lexical vectors (see the module docstring)."""
 
@@ -92,15 +105,12 @@ class LexicalPostings:
         if parts and int(lengths.sum()):
             buckets = np.concatenate([p[0] for p in parts])
             weights = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
-            rows = np.repeat(np.arange(len(ids), dtype=np.int32), lengths)
-            # Stable: within one bucket the rows stay in id order.
-            order = np.argsort(buckets, kind="stable")
-            counts = np.bincount(buckets, minlength=N_BUCKETS)
-            self._rows, self._weights = rows[order], weights[order]
+            # Within one bucket the rows stay in id order.
+            self._indptr, self._rows, self._weights = by_column(
+                np.concatenate([[0], np.cumsum(lengths)]), buckets, weights, N_BUCKETS)
         else:
-            counts = np.zeros(N_BUCKETS, np.int64)
+            self._indptr = np.zeros(N_BUCKETS + 1, np.int64)
             self._rows, self._weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        self._indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._ids = ids
         self._row = {pid: i for i, pid in enumerate(ids)}
         self._source = vectors

@@ -129,7 +129,8 @@ def profile(product: Product) -> Profile:
     """Normalise the rule and reason fields of a product."""
     leaf = product.leaf_category
     leaf_display = (leaf or "").strip()
-    attrs = tuple((k, v, _norm(k), _norm(v)) for k, v in product.attributes)
+    attributes = product.attributes
+    attrs = tuple((k, v, _norm(k), _norm(v)) for k, v in attributes) if attributes else ()
     title_words = words(product.title)
     return Profile(
         product_id=product.product_id,
@@ -142,9 +143,9 @@ def profile(product: Product) -> Profile:
         leaf=sys.intern(_norm(leaf)),
         leaf_display=sys.intern(leaf_display),
         attrs=attrs,
-        attr_map={_norm(k): _norm(v) for k, v in product.attributes},
+        attr_map={kn: vn for _k, _v, kn, vn in attrs},
         category_reason=sys.intern(f"same category: {leaf_display}"),
-        attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs),
+        attr_reasons=tuple((kn, vn, sys.intern(f"shared {k}: {v}")) for k, v, kn, vn in attrs) if attrs else (),
         dup_keys=_duplicate_keys(product.title, title_words, product.brand),
         title_numbers=frozenset(w for w in title_words if not w.isalpha() and any(ch.isdigit() for ch in w)),
     )

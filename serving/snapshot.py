@@ -42,13 +42,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.behavior import BehaviorRow
-from serving.candidates import CandidateBuffer
+from serving.candidates import BufferColumns, CandidateBuffer
 from serving.catalog import Catalog, Product
 from serving.config import RecommenderConfig
 from serving.errors import InvalidInput, SnapshotError
@@ -350,6 +351,9 @@ def _read_lists(
     return lists, {pid: (kept[pid], bool(flag)) for pid, flag in zip(sorted(kept), complete, strict=True)}
 
 
+_tuple_new = tuple.__new__
+
+
 def _read_group(snap: Path, files: Mapping[str, Any], id_of: np.ndarray, kind: str,
                 sets: list[tuple[str, ...]]) -> dict[str, Items] | None:
     """One group of lists ``_write_lists`` stored (a kind, or the kept duplicates); ``sets``
@@ -370,7 +374,8 @@ def _read_group(snap: Path, files: Mapping[str, Any], id_of: np.ndarray, kind: s
         raise _fail(snap, f"the stored {kind} lists name products or reasons that do not exist")
     reasons = list(map(sets.__getitem__, reason_set.tolist()))
     columns = scores.reshape(n, len(_ITEM_FLOATS)).T.tolist()
-    made = list(map(ScoredItem, id_of[item].tolist(), *columns, reasons))
+    # tuple.__new__ on zip's tuples: ScoredItem's own __new__ is a Python call per item.
+    made = list(map(_tuple_new, repeat(ScoredItem), zip(id_of[item].tolist(), *columns, reasons, strict=True)))
     names = id_of[owner].tolist()
     return {name: tuple(made[indptr[j] : indptr[j + 1]]) for j, name in enumerate(names)}
 
@@ -463,7 +468,7 @@ def _build(
     index: VectorIndex,
 ) -> RecommenderState:
     offsets = offsets_from_json(manifest.get("offsets", {}))
-    index.load(snap / INDEX_FILE)
+    index.load(snap / INDEX_FILE, checked=True)  # _verify hashed every file the manifest names
     catalog_raw = json.loads((snap / "catalog.json").read_text("utf-8"))
     state = json.loads((snap / "state.json").read_text("utf-8"))
     ids: list[str] = [str(i) for i in state["ids"]]
@@ -519,6 +524,8 @@ def _build(
     for j, (name, done) in enumerate(zip(id_of[owner].tolist(), complete.tolist(), strict=True)):
         a, b = bounds[j], bounds[j + 1]
         buffers[name] = CandidateBuffer.restored(cand_ids[a:b], neg[a:b], lex[a:b], done)
+    if len(cand) and not (int(cand.min()) >= 0 and int(cand.max()) < len(ids)):
+        raise _fail(snap, "the candidate buffers name products that do not exist")
     behavior: dict[str, BehaviorRow] = {}
     if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
         try:
@@ -532,6 +539,7 @@ def _build(
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise _fail(snap, f"behaviour rows are malformed ({exc})") from exc
     lists, duplicates_known = _read_lists(snap, manifest["files"], ids)
+    kinds = {str(kind): kind for kind in Kind}  # a lookup per version, not an Enum call
     restored = RecommenderState(
         index=index,
         catalog=catalog,
@@ -539,11 +547,12 @@ def _build(
         lexical_vectors=lexical_vectors,
         buffers=buffers,
         behavior=behavior,
-        versions={(Kind(k), str(pid)): int(v) for k, pid, v in state["versions"]},
+        versions={(kinds[k], str(pid)): int(v) for k, pid, v in state["versions"]},
         offsets=offsets,
         publications=int(state.get("publications", 0)),
         refills=int(state.get("refills", 0)),
         lists=lists,
         duplicates_known=duplicates_known,
+        buffer_columns=BufferColumns(id_of, owner, indptr, cand),
     )
     return restored

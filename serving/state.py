@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serving.behavior import BehaviorRow
-from serving.candidates import CandidateBuffer
+from serving.candidates import BufferColumns, CandidateBuffer
 from serving.catalog import Catalog
 from serving.index import Offsets, VectorIndex
 from serving.kinds import Kind
@@ -32,7 +32,9 @@ class RecommenderState:
       snapshot does): ``Recommender.from_state`` then takes them over after recomputing a
       sample, instead of recomputing every list;
     * ``duplicates_known``: with ``lists``, what each duplicates list keeps beyond what it
-      publishes (``serving.duplicates.Known``: an exact prefix of its ranking, or all of it).
+      publishes (``serving.duplicates.Known``: an exact prefix of its ranking, or all of it);
+    * ``buffer_columns``: optionally, ``buffers`` once more as the snapshot stored them
+      (``serving.candidates.BufferColumns``), so a restore indexes them by the column.
 
     Reverse maps, scoring profiles and reasons caches are derived state, recomputed with the
     code that produced them.
@@ -54,6 +56,7 @@ class RecommenderState:
     refills: int = 0
     lists: dict[Kind, dict[str, Items]] | None = None
     duplicates_known: dict[str, tuple[Items, bool]] | None = None
+    buffer_columns: BufferColumns | None = None
 
 
 @dataclass(frozen=True)

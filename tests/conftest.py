@@ -109,3 +109,15 @@ def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("models") / "minilm"
     export_encoder(base, version=1, config_dir=base.parent / "tfserving")
     return base
+
+
+@pytest.fixture(autouse=True)
+def _nothing_stays_frozen() -> Iterator[None]:
+    """``Recommender.load`` freezes what it made (``gc.freeze``): a worker wants that, one
+    test process running hundreds of tests does not (``gc.get_referrers``, which hypothesis
+    uses, no longer sees frozen objects)."""
+    import gc
+
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()

@@ -127,6 +127,7 @@ class VectorIndex(Protocol):
         """Write the index and the offsets it covers, atomically per file."""
         ...
 
-    def load(self, path: Path) -> Offsets:
-        """Replace this index's state with a saved one and return its offsets."""
+    def load(self, path: Path, *, checked: bool = False) -> Offsets:
+        """Replace this index's state with a saved one and return its offsets. ``checked``:
+        the caller has verified every file's checksum already (a snapshot's manifest)."""
         ...

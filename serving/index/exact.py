@@ -140,9 +140,9 @@ class ExactIndex:
                 },
             )
 
-    def load(self, path: Path) -> Offsets:
+    def load(self, path: Path, *, checked: bool = False) -> Offsets:
         path = Path(path)
-        meta = read_meta(path, "exact")
+        meta = read_meta(path, "exact", checked=checked)
         try:
             mat = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

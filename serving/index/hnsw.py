@@ -366,7 +366,9 @@ class HnswIndex:
     def live_count(self) -> int:
         return len(self._label)
 
-    def _read_vectors(self, path: Path, meta: Mapping[str, object], index: hnswlib.Index, labels: list[int]) -> np.ndarray:
+    def _read_vectors(
+        self, path: Path, meta: Mapping[str, object], index: hnswlib.Index, labels: list[int], *, checked: bool
+    ) -> np.ndarray:
         """The vectors of ``labels`` (sorted), one row each: from the file ``save`` wrote
         beside the graph, once its checksum and a sample of rows match the graph's own
         copies; from the graph, one ``get_items`` at a time, for a file saved without it."""
@@ -376,7 +378,7 @@ class HnswIndex:
                     for at in range(0, len(labels), 4096)]
             return np.concatenate(rows).reshape(len(labels), self.dim) if rows else np.zeros((0, self.dim), np.float32)
         try:
-            intact = sha256_file(vectors_path) == meta["vectors_sha256"]
+            intact = checked or sha256_file(vectors_path) == meta["vectors_sha256"]
             mat = np.load(vectors_path, allow_pickle=False) if intact else None
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"index vectors {vectors_path} cannot be read ({exc})") from exc
@@ -440,9 +442,9 @@ class HnswIndex:
                 },
             )
 
-    def load(self, path: Path) -> Offsets:
+    def load(self, path: Path, *, checked: bool = False) -> Offsets:
         path = Path(path)
-        meta = read_meta(path, "hnsw")
+        meta = read_meta(path, "hnsw", checked=checked)
         labels = meta.get("labels")
         if meta.get("dim") != self.dim or not isinstance(labels, dict):
             raise SnapshotError(f"index file {path} does not match dimension {self.dim} or is malformed")
@@ -463,7 +465,7 @@ class HnswIndex:
         for pid, label in label_of.items():
             ids.setdefault(label, []).append(pid)
         labels = sorted(ids)
-        mat = self._read_vectors(path, meta, index, labels)
+        mat = self._read_vectors(path, meta, index, labels, checked=checked)
         row_of = {label: i for i, label in enumerate(labels)}
         store = _VectorStore(self.dim, capacity)  # same spare room as the graph
         pids = list(label_of)

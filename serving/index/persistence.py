@@ -51,7 +51,9 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     atomic_write_bytes(Path(str(path) + META_SUFFIX), json.dumps(meta, sort_keys=True).encode("utf-8"))
 
 
-def read_meta(path: Path, kind: str) -> dict[str, Any]:
+def read_meta(path: Path, kind: str, *, checked: bool = False) -> dict[str, Any]:
+    """The sidecar of the index file ``path`` of adapter ``kind``, once the file matches
+    its checksum (not computed again when ``checked``: the caller verified it)."""
     meta_path = Path(str(path) + META_SUFFIX)
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
@@ -62,6 +64,10 @@ def read_meta(path: Path, kind: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise SnapshotError(f"{meta_path} is not a {kind} index file of format {FORMAT}")
+    if checked:
+        if not Path(path).is_file():
+            raise SnapshotError(f"index file {path} is missing")
+        return meta
     try:
         digest = sha256_file(Path(path))
     except OSError as exc:

@@ -17,7 +17,7 @@ from serving.catalog import ProductDelete, ProductUpsert
 from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.lexical import cosine_many
-from serving.postings import MIN_REBUILD
+from serving.postings import MIN_REBUILD, by_column
 from serving.recommender import Recommender
 from serving.search import (
     MAX_K,
@@ -246,3 +246,19 @@ def test_lexical_postings_are_exact_as_the_catalog_moves(monkeypatch: pytest.Mon
     rec.refit_lexical()
     assert rec.lexical_top(rec.lexical.vectorize("sony headphones"), 20) == brute_lexical_top(rec, "sony headphones", 20)
     assert rec.postings.builds == 2
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 300])
+def test_a_matrix_by_column_lists_each_columns_rows_in_ascending_order(n_rows: int) -> None:
+    """The postings are the lexical vectors by bucket, rows in id order within a bucket (the
+    order ``cosine_many`` sums in): what a stable sort of the entries by bucket gives."""
+    rng = np.random.default_rng(n_rows)
+    lengths = rng.integers(0, 40, size=n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    columns = np.concatenate([rng.choice(5000, size=k, replace=False) for k in lengths] or [np.zeros(0)]).astype(np.int32)
+    data = rng.random(len(columns)).astype(np.float32)
+    col_ptr, rows, values = by_column(indptr, columns, data, 5000)
+    order = np.argsort(columns, kind="stable")
+    assert np.array_equal(rows, np.repeat(np.arange(n_rows), lengths)[order]) and rows.dtype == np.int32
+    assert np.array_equal(values, data[order]) and values.dtype == np.float32
+    assert np.array_equal(col_ptr, np.concatenate([[0], np.cumsum(np.bincount(columns, minlength=5000))]))

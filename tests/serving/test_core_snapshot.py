@@ -256,8 +256,12 @@ def test_a_load_takes_the_saved_lists_over_and_recomputes_only_a_sample(
     assert (snap / "list_reasons.json").is_file() and (snap / "list_similar_item.npy").is_file()
 
     computed = count_calls(monkeypatch, propagation.Propagator, "_compute")
+    searched = count_calls(monkeypatch, propagation.Propagator, "_duplicates")
     back = Recommender.load(tmp_path, SMALL)
     assert len(computed) == propagation.RESTORE_SAMPLE < 260
+    # A duplicates search costs about 30 list recomputations: a quarter of the sample does one.
+    assert len(searched) == propagation.RESTORE_DUPLICATES_SAMPLE < propagation.RESTORE_SAMPLE
+    assert set(searched) < set(computed)
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
         assert back.lists(kind) == rec.lists(kind)
 
@@ -375,8 +379,11 @@ def test_a_load_pauses_the_cyclic_collector_and_restores_it(tmp_path: Path, monk
 
     monkeypatch.setattr(Recommender, "from_state", classmethod(observed))
     assert gc.isenabled()
+    gc.collect()
+    frozen = gc.get_freeze_count()
     Recommender.load(tmp_path, SMALL)
     assert during == [False] and gc.isenabled()
+    assert gc.get_freeze_count() > frozen, "what the load made is out of the collector's reach"
     gc.disable()
     try:
         Recommender.load(tmp_path, SMALL)
@@ -387,3 +394,38 @@ def test_a_load_pauses_the_cyclic_collector_and_restores_it(tmp_path: Path, monk
     with pytest.raises(SnapshotError):
         Recommender.load(tmp_path, SMALL)
     assert gc.isenabled(), "a failed load restores the collector too"
+
+
+def test_a_restore_names_the_holders_of_every_member_in_owner_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reverse map is rebuilt by the column at a restore (one dict append per pair was
+    the longest part of a 100k load); it must be what one append per pair gives."""
+    from serving.candidates import BufferColumns, CandidateBuffers
+
+    rec = Recommender(SMALL, make_index("hnsw", SMALL))
+    feed(rec, make_changes(7, 200))
+    rec.save(tmp_path)
+    by_column: list[int] = []
+    real = CandidateBuffers._add_holders
+
+    def observed(self: CandidateBuffers, columns: BufferColumns) -> None:
+        by_column.append(len(columns.members))
+        real(self, columns)
+
+    monkeypatch.setattr(CandidateBuffers, "_add_holders", observed)
+    buffers = Recommender.load(tmp_path, SMALL)._propagation.buffers
+    assert by_column == [sum(len(b) for b in buffers.by_owner.values())] and by_column[0] > 0
+    expected: dict[str, list[str]] = {}
+    for p, buf in buffers.by_owner.items():
+        for c in buf.ids:
+            expected.setdefault(c, []).append(p)
+    assert buffers.holders == expected  # lists compared in order
+
+    # Owners already held keep their place: the new ones are appended after them.
+    more = CandidateBuffers(SMALL, make_index("exact", SMALL))
+    more.holders = {"a": ["o1"], "b": ["o2", "o1"]}
+    names = np.array(["a", "b", "c", "o3", "o4", "o5"], dtype=object)
+    more._add_holders(BufferColumns(names, owners=np.array([3, 4, 5], np.int32), indptr=np.array([0, 2, 2, 5]),
+                                    members=np.array([1, 2, 2, 0, 1], np.int32)))
+    assert more.holders == {"a": ["o1", "o5"], "b": ["o2", "o1", "o3", "o5"], "c": ["o3", "o5"]}
