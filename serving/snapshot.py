@@ -14,7 +14,8 @@ Layout under the snapshot root directory::
                                that is all of its duplicates (``serving.duplicates.Known``)
         list_reason_sets.json  the distinct reason tuples those lists use, as indices into
         list_reasons.json      the reason strings, once each
-        index.bin(.meta.json)  the vector index in its own format (hnswlib or .npy)
+        index.bin(.meta.json)  the vector index in its own format (hnswlib or .npy); with
+                               hnswlib, index.bin.vectors.npy holds each node's vector
 
 A save writes a hidden temporary directory, fsyncs it, renames it to ``snap-...``, and only
 then points ``CURRENT`` at it; the previous snapshot is kept until the new one is complete
