@@ -329,10 +329,11 @@ def _write_lists(
 
 
 def _read_lists(
-    snap: Path, files: Mapping[str, Any], ids: list[str]
+    snap: Path, files: Mapping[str, Any], id_of: np.ndarray
 ) -> tuple[dict[Kind, dict[str, Items]] | None, dict[str, tuple[Items, bool]] | None]:
     """The lists ``_write_lists`` stored and the duplicates kept beyond them, each ``None``
-    where the snapshot holds none (the kept duplicates are newer than the lists)."""
+    where the snapshot holds none (the kept duplicates are newer than the lists). ``id_of``:
+    the product id table, as an object array."""
     if "list_reason_sets.json" not in files:
         # None stored, or stored by a version that kept each item's reasons (before
         # 2026-12): the lists are recomputed, once, and the next snapshot stores them.
@@ -340,7 +341,6 @@ def _read_lists(
     table = [sys.intern(str(r)) for r in json.loads((snap / "list_reasons.json").read_text("utf-8"))]
     sets = [intern_reasons(tuple(table[r] for r in reasons))
             for reasons in json.loads((snap / "list_reason_sets.json").read_text("utf-8"))]
-    id_of = np.array(ids, dtype=object)
     groups = {str(kind): _read_group(snap, files, id_of, str(kind), sets) for kind in Kind}
     lists = {kind: group for kind in Kind if (group := groups[str(kind)]) is not None}
     kept = _read_group(snap, files, id_of, _KNOWN, sets)
@@ -517,6 +517,8 @@ def _build(
         or not len(cand) == len(dense) == len(lex)
     ):
         raise _fail(snap, "candidate buffer arrays do not match each other")
+    if len(cand) and not (int(cand.min()) >= 0 and int(cand.max()) < len(ids)):
+        raise _fail(snap, "the candidate buffers name products that do not exist")
     id_of = np.array(ids, dtype=object)
     cand_ids = id_of[cand].tolist()
     neg = np.negative(dense)
@@ -525,8 +527,6 @@ def _build(
     for j, (name, done) in enumerate(zip(id_of[owner].tolist(), complete.tolist(), strict=True)):
         a, b = bounds[j], bounds[j + 1]
         buffers[name] = CandidateBuffer.restored(cand_ids[a:b], neg[a:b], lex[a:b], done)
-    if len(cand) and not (int(cand.min()) >= 0 and int(cand.max()) < len(ids)):
-        raise _fail(snap, "the candidate buffers name products that do not exist")
     behavior: dict[str, BehaviorRow] = {}
     if "behavior.json" in manifest["files"]:  # absent in snapshots written before behaviour existed
         try:
@@ -539,7 +539,7 @@ def _build(
                 behavior[pid] = row
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise _fail(snap, f"behaviour rows are malformed ({exc})") from exc
-    lists, duplicates_known = _read_lists(snap, manifest["files"], ids)
+    lists, duplicates_known = _read_lists(snap, manifest["files"], id_of)
     kinds = {str(kind): kind for kind in Kind}  # a lookup per version, not an Enum call
     restored = RecommenderState(
         index=index,
