@@ -42,7 +42,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -341,11 +341,18 @@ def _read_lists(
     table = [sys.intern(str(r)) for r in json.loads((snap / "list_reasons.json").read_text("utf-8"))]
     sets = [intern_reasons(tuple(table[r] for r in reasons))
             for reasons in json.loads((snap / "list_reason_sets.json").read_text("utf-8"))]
-    groups = {str(kind): _read_group(snap, files, id_of, str(kind), sets) for kind in Kind}
-    lists = {kind: group for kind in Kind if (group := groups[str(kind)]) is not None}
-    kept = _read_group(snap, files, id_of, _KNOWN, sets)
-    if kept is None:
+    # Each item is one object wherever it stands for the same thing: a substitute is usually
+    # the very item of the owner's similar-items list (a live build shares it), and the
+    # duplicates shown are the first of those kept.
+    groups: dict[str, _Group | None] = {}
+    for kind in [*map(str, Kind), _KNOWN]:  # each group after the one it shares with
+        like = groups.get(_SHARES_WITH.get(kind, ""))
+        groups[kind] = _read_group(snap, files, id_of, kind, sets, like=like)
+    lists = {kind: group.lists for kind in Kind if (group := groups[str(kind)]) is not None}
+    known = groups[_KNOWN]
+    if known is None:
         return lists, None
+    kept = known.lists
     complete = _npy(snap, f"list_{_KNOWN}_complete.npy", np.bool_).tolist()
     if len(complete) != len(kept):
         raise _fail(snap, "the kept duplicates and their flags do not match")
@@ -353,16 +360,33 @@ def _read_lists(
 
 
 _tuple_new = tuple.__new__
+#: Where a group's items usually are the same objects as another group's.
+_SHARES_WITH = {str(Kind.SUBSTITUTES): str(Kind.SIMILAR), _KNOWN: str(Kind.DUPLICATES)}
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One group of lists as read: the lists, and per item (in stored order) the item, its
+    (owner, product) code, its floats and its reason set, to find the same item in another
+    group."""
+
+    lists: dict[str, Items]
+    items: np.ndarray  # object: the ScoredItems
+    codes: np.ndarray  # int64, owner row * products + item row
+    scores: np.ndarray  # float64 [n, len(_ITEM_FLOATS)]
+    reason_set: np.ndarray
 
 
 def _read_group(snap: Path, files: Mapping[str, Any], id_of: np.ndarray, kind: str,
-                sets: list[tuple[str, ...]]) -> dict[str, Items] | None:
+                sets: list[tuple[str, ...]], like: _Group | None = None) -> _Group | None:
     """One group of lists ``_write_lists`` stored (a kind, or the kept duplicates); ``sets``
-    is the table of reason tuples its items index."""
+    is the table of reason tuples its items index. An item equal to ``like``'s item of the
+    same owner and product (same floats, same reasons) is that very object."""
     if f"list_{kind}_owner.npy" not in files:
         return None
     owner = _npy(snap, f"list_{kind}_owner.npy", np.int32)
-    indptr = _npy(snap, f"list_{kind}_indptr.npy", np.int64).tolist()
+    indptr_arr = _npy(snap, f"list_{kind}_indptr.npy", np.int64)
+    indptr = indptr_arr.tolist()
     item = _npy(snap, f"list_{kind}_item.npy", np.int32)
     scores = _npy(snap, f"list_{kind}_scores.npy", np.float64)
     reason_set = _npy(snap, f"list_{kind}_reason_set.npy", np.int32)
@@ -371,14 +395,35 @@ def _read_group(snap: Path, files: Mapping[str, Any], id_of: np.ndarray, kind: s
             or len(reason_set) != n):
         raise _fail(snap, f"the stored {kind} lists do not match each other")
     if n and not (int(reason_set.min()) >= 0 and int(reason_set.max()) < len(sets)
-                  and int(item.min()) >= 0 and int(item.max()) < len(id_of)):
+                  and int(item.min()) >= 0 and int(item.max()) < len(id_of)
+                  and int(owner.min()) >= 0 and int(owner.max()) < len(id_of)
+                  and bool((np.diff(indptr_arr) >= 0).all())):
         raise _fail(snap, f"the stored {kind} lists name products or reasons that do not exist")
-    reasons = list(map(sets.__getitem__, reason_set.tolist()))
-    columns = scores.reshape(n, len(_ITEM_FLOATS)).T.tolist()
+    scores = scores.reshape(n, len(_ITEM_FLOATS))
+    codes = np.repeat(owner.astype(np.int64), np.diff(indptr_arr)) * len(id_of) + item
+    made = np.empty(n, dtype=object)
+    fresh = np.ones(n, dtype=bool)
+    if like is not None and n and len(like.codes):
+        order = np.argsort(like.codes, kind="stable")
+        at = np.minimum(np.searchsorted(like.codes, codes, sorter=order), len(order) - 1)
+        source = order[at]
+        same = ((like.codes[source] == codes) & (like.reason_set[source] == reason_set)
+                & (like.scores[source] == scores).all(axis=1))
+        made[same] = like.items[source[same]]
+        fresh = ~same
+    rows = np.flatnonzero(fresh)
+    reasons = list(map(sets.__getitem__, reason_set[rows].tolist()))
+    columns = scores[rows].T.tolist()
+    behavior = scores[rows, _ITEM_FLOATS.index("behavior")]
+    if not behavior.any() and not np.signbit(behavior).any():
+        columns[_ITEM_FLOATS.index("behavior")] = [0.0] * len(rows)  # one float object, not one per item
     # tuple.__new__ on zip's tuples: ScoredItem's own __new__ is a Python call per item.
-    made = list(map(_tuple_new, repeat(ScoredItem), zip(id_of[item].tolist(), *columns, reasons, strict=True)))
+    made[rows] = np.fromiter(map(_tuple_new, repeat(ScoredItem), zip(id_of[item[rows]].tolist(), *columns, reasons,
+                                                                   strict=True)), dtype=object, count=len(rows))
+    listed = made.tolist()
     names = id_of[owner].tolist()
-    return {name: tuple(made[indptr[j] : indptr[j + 1]]) for j, name in enumerate(names)}
+    lists = {name: tuple(listed[indptr[j] : indptr[j + 1]]) for j, name in enumerate(names)}
+    return _Group(lists, made, codes, scores, reason_set)
 
 
 def _fail(snap: Path, what: str) -> SnapshotError:

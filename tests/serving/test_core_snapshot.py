@@ -429,3 +429,42 @@ def test_a_restore_names_the_holders_of_every_member_in_owner_order(
     more._add_holders(BufferColumns(names, owners=np.array([3, 4, 5], np.int32), indptr=np.array([0, 2, 2, 5]),
                                     members=np.array([1, 2, 2, 0, 1], np.int32)))
     assert more.holders == {"a": ["o1", "o5"], "b": ["o2", "o1", "o3", "o5"], "c": ["o3", "o5"]}
+
+
+def test_a_load_makes_each_list_item_once_where_lists_share_it(tmp_path: Path) -> None:
+    """A live build puts one item object in both the similar-items and the substitutes list
+    of an owner, and a duplicates list shows the first of the duplicates it keeps. A load
+    shares them the same way: at 100k products the items are the largest part of the core."""
+    config = replace(SMALL, duplicate_max_items=2)
+    rng = np.random.default_rng(10)
+    rec = Recommender(config, make_index("exact", config))
+    for i in range(8):
+        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
+                  rng.normal(size=config.dim))
+    for i in range(40):
+        rec.apply(random_upsert(rng, f"q{i:03d}", float(20 + i)), rng.normal(size=config.dim))
+    rec.save(tmp_path)
+    back = Recommender.load(tmp_path, config)
+    for kind in Kind:
+        assert back.lists(kind) == rec.lists(kind)
+
+    def shared(a: Kind | str, b: Kind) -> tuple[int, int]:
+        """(items of ``a`` also in ``b``'s list of the same owner, of those the same object)."""
+        lists_a = {p: items for p, (items, _) in back.export_state().duplicates_known.items()} \
+            if a == "known" else back.lists(Kind(a))
+        equal = same = 0
+        for pid, items in lists_a.items():
+            others = {item.product_id: item for item in back.lists(b).get(pid, ())}
+            for item in items:
+                other = others.get(item.product_id)
+                if other is not None and other == item:
+                    equal += 1
+                    same += other is item
+        return equal, same
+
+    equal, same = shared(Kind.SUBSTITUTES, Kind.SIMILAR)
+    assert equal > 40 and same == equal
+    equal, same = shared("known", Kind.DUPLICATES)
+    assert equal >= 8 and same == equal
+    behaviors = {id(item.behavior) for items in back.lists(Kind.SIMILAR).values() for item in items}
+    assert len(behaviors) == 1
