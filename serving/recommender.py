@@ -227,6 +227,16 @@ class Recommender:
         """A copy of every current list of one kind."""
         return dict(self._propagation.lists[Kind(kind)])
 
+    def indexed_vector(self, product_id: str) -> np.ndarray | None:
+        """The vector ``product_id`` is indexed with (also while a bulk catch-up still holds
+        it back from the index), or ``None`` when it is not indexed."""
+        staged = self._staged.get(product_id)
+        if staged is not None:
+            return staged
+        if product_id in self.index:
+            return self.index.get_vector(product_id)
+        return None
+
     def vectors(self) -> dict[str, np.ndarray]:
         """Every stored unit vector by id (for ``exact_lists`` in tests)."""
         self._catch_up_deferred()

@@ -38,6 +38,7 @@ from serving.snapshot import ChildSave, save_in_child
 from serving.text import product_text
 from streams.backoff import Backoff
 from streams.edge import Edge
+from streams.embeddings import Embeddings
 from streams.outputs import Inbound, Outbound, Outputs, Send, last_list_per_key
 from streams.records import iso, product_from_wire, product_to_wire
 from streams.wire import (
@@ -159,8 +160,9 @@ class Engine(Edge):
     #: Extra records for products a change was applied to (the competitor offers re-matched).
     on_changed: Callable[[set[str]], Awaitable[list[Outbound]]] | None = None
     #: product_id -> the embedding it was last indexed with; lets a restart or a redelivery
-    #: reuse a vector instead of re-embedding unchanged text.
-    embeddings: dict[str, StoredEmbedding] = field(default_factory=dict)
+    #: reuse a vector instead of re-embedding unchanged text (the vector itself is read
+    #: back from the core once applied: ``streams.embeddings``).
+    embeddings: Embeddings = field(default_factory=Embeddings)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="simstream-core")
     )
@@ -200,7 +202,7 @@ class Engine(Edge):
         return await self.in_core(fn, core)
 
     def swap(self, core: Recommender, *, encoder: Encoder | None = None,
-             embeddings: dict[str, StoredEmbedding] | None = None) -> None:
+             embeddings: Embeddings | None = None) -> None:
         """Make ``core`` (built beside this one) the live core: readers and the next batch see it.
 
         Call it between batches (the worker's batch lock): it is one assignment on the event
@@ -249,15 +251,17 @@ class Engine(Edge):
         self.embedded_texts += len(texts)
         return dict(zip(texts, result.vectors, strict=True))
 
+    def has_vector(self, product: Product) -> bool:
+        """Whether ``product``'s text has a vector already (held, or in the core)."""
+        return self.embeddings.covers(product, self.model_version)
+
     def cached_vector(self, product: Product) -> np.ndarray | None:
-        stored = self.embeddings.get(product.product_id)
-        if (
-            stored is not None
-            and stored.content_hash == product.content_hash
-            and stored.model_version == self.model_version
-        ):
-            return stored.vector
-        return None
+        """The vector ``product``'s current text already has, or ``None`` (on the core thread:
+        it may read the core's index)."""
+        if not self.has_vector(product):
+            return None
+        held = self.embeddings.held(product.product_id)
+        return held if held is not None else self.core.indexed_vector(product.product_id)
 
     def texts_to_embed(self, changes: Iterable[Change]) -> list[str]:
         """The texts ``changes`` will need that no cache or given vector covers, in the order
@@ -270,7 +274,7 @@ class Engine(Edge):
                 product = self.core.needs_embedding(item.change)
             except Exception:  # noqa: BLE001 - reported, per change, when it is applied
                 continue
-            if product is not None and self.cached_vector(product) is None:
+            if product is not None and not self.has_vector(product):
                 texts[product_text(product)] = None
         return list(texts)
 
@@ -492,10 +496,9 @@ class Engine(Edge):
         upserts = [c.change for c in changes if isinstance(c.change, ProductUpsert)]
         matrix = np.stack([np.asarray(c.vector, dtype=np.float32) for c in changes])
         pubs = self.core.bulk_load(upserts, matrix)
-        for c, vector in zip(changes, matrix, strict=True):
+        for c in changes:
             assert c.product is not None
-            self.embeddings[c.product.product_id] = StoredEmbedding(
-                c.product.product_id, vector, self.model_version, c.product.content_hash)
+            self.embeddings.applied(c.product.product_id, self.model_version, c.product.content_hash)
         if self.journal is not None:
             self.journal.extend(upserts)
         return Outputs(lists=self.lists_to_records(pubs), changed={u.product_id for u in upserts})
@@ -606,21 +609,19 @@ class Engine(Edge):
         s = self.settings
         pid = item.change.product_id
         if isinstance(item.change, ProductDelete) and before is not None and after is None:
-            self.embeddings.pop(pid, None)
+            self.embeddings.discard(pid)
             if not item.from_state:
                 out.state += [Outbound(s.topic_embeddings, pid, None), Outbound(s.topic_products, pid, None)]
             return
         if after is None or after == before:
             return
         if embedded is not None and vector is not None:
-            stored = StoredEmbedding(pid, np.asarray(vector, dtype=np.float32), self.model_version,
-                                     embedded.content_hash)
-            known = self.embeddings.get(pid)
             # A vector reused from the cache (a redelivered event) is already on the topic.
-            if known is None or known.content_hash != stored.content_hash or known.model_version != stored.model_version:
-                self.embeddings[pid] = stored
-                if not item.from_state:
-                    out.state.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
+            if not item.from_state and not self.has_vector(embedded):
+                stored = StoredEmbedding(pid, np.asarray(vector, dtype=np.float32), self.model_version,
+                                         embedded.content_hash)
+                out.state.append(Outbound(s.topic_embeddings, pid, embedding_to_wire(stored)))
+            self.embeddings.applied(pid, self.model_version, embedded.content_hash)
         if not item.from_state:
             out.state.append(Outbound(s.topic_products, pid, product_to_wire(after)))
 
@@ -689,10 +690,10 @@ class Engine(Edge):
             await self.in_core(self.embeddings_from_index)
         for key, value in embeddings.items():
             if value is None:
-                self.embeddings.pop(key, None)
+                self.embeddings.discard(key)
                 continue
             try:
-                self.embeddings[key] = embedding_from_wire(value)
+                self.embeddings.hold(embedding_from_wire(value))
             except SimstreamError as exc:
                 log.error("ignoring embedding record for %s: %s", key, exc)
         catalog: list[Product] = []
@@ -705,19 +706,21 @@ class Engine(Edge):
                 catalog.append(product_from_wire(value))
             except Exception as exc:  # noqa: BLE001 - one bad record must not stop a restart
                 log.error("ignoring unreadable %s record for key %s: %s", self.settings.topic_products, key, exc)
-        missing = [p for p in catalog if self.cached_vector(p) is None]
+        missing = [p for p in catalog if not self.has_vector(p)]
         vectors: dict[str, np.ndarray] = {}
         for start in range(0, len(missing), batch_size):
             vectors.update(await self.embed([product_text(p) for p in missing[start : start + batch_size]]))
+        out = Outputs()
         for product in missing:
-            self.embeddings[product.product_id] = StoredEmbedding(
-                product.product_id, vectors[product_text(product)], self.model_version, product.content_hash)
-
-        out = Outputs(state=[Outbound(self.settings.topic_embeddings, p.product_id,
-                                      embedding_to_wire(self.embeddings[p.product_id])) for p in missing])
+            stored = StoredEmbedding(product.product_id, vectors[product_text(product)], self.model_version,
+                                     product.content_hash)
+            self.embeddings.hold(stored)
+            out.state.append(Outbound(self.settings.topic_embeddings, product.product_id, embedding_to_wire(stored)))
         adopted = await self.in_core(self.core.use_lexical, lexical) if lexical is not None else []
         ordered = sorted(catalog, key=lambda p: p.product_id)
         replayed = await self.apply_from_state(deleted, ordered)
+        # Records of products the snapshot already held as they are were skipped, not applied.
+        self.embeddings.release_applied(self.core.catalog)
         if lexical is None:
             out.state.append(self.lexical_record())
         if from_snapshot:
@@ -731,7 +734,8 @@ class Engine(Edge):
         """Apply products (and deletes) read from the state topics, through ``apply`` (an empty
         core takes them in one batched build). Nothing is sent: the caller decides."""
         changes = [Change.tombstone(pid) for pid in deleted] if len(self.core.catalog) else []
-        changes += [Change.of_product(p, self.embeddings[p.product_id].vector) for p in products]
+        # A vector the core holds already (after a snapshot) is read from it when applied.
+        changes += [Change.of_product(p, self.embeddings.held(p.product_id)) for p in products]
         return await self.apply(changes)
 
     def lexical_record(self) -> Outbound:
@@ -745,13 +749,21 @@ class Engine(Edge):
 
     def embeddings_from_index(self) -> None:
         """After a snapshot load, the index holds each product's vector for its current text."""
-        vectors = self.core.vectors()
+        index = self.core.index
         for product in self.core.catalog:
-            vector = vectors.get(product.product_id)
-            if vector is not None:
-                self.embeddings[product.product_id] = StoredEmbedding(
-                    product.product_id, np.asarray(vector, dtype=np.float32), self.model_version,
-                    product.content_hash)
+            if product.product_id in index:
+                self.embeddings.applied(product.product_id, self.model_version, product.content_hash)
+
+    def stored_embeddings(self, ids: Iterable[str]) -> list[StoredEmbedding]:
+        """The ``simstream-embeddings`` values of ``ids`` that have one (on the core thread)."""
+        out = []
+        for pid in ids:
+            known = self.embeddings.get(pid)
+            vector = None if known is None else (known.vector if known.vector is not None
+                                                 else self.core.indexed_vector(pid))
+            if known is not None and vector is not None:
+                out.append(StoredEmbedding(pid, vector, known.model_version, known.content_hash))
+        return out
 
     def reconcile(self, published: Mapping[Kind, Mapping[str, Mapping[str, Any]]]) -> list[Outbound]:
         """Lists that differ from the last ones on their topics, with versions continued."""

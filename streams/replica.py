@@ -217,8 +217,8 @@ class Replica:
         for product in overdue:
             vector = vectors.get(product_text(product))
             if vector is not None:
-                engine.embeddings[product.product_id] = StoredEmbedding(
-                    product.product_id, vector, engine.model_version, product.content_hash)
+                engine.embeddings.hold(StoredEmbedding(
+                    product.product_id, vector, engine.model_version, product.content_hash))
                 del self.pending[product.product_id]
                 ready.append(Change.of_product(product))
         return ready
@@ -229,7 +229,11 @@ class Replica:
             return []  # its product's tombstone is the delete
         engine = self.engine
         if stored.model_version == engine.model_version:
-            engine.embeddings[pid] = stored
+            held = engine.core.catalog.get(pid)
+            if held is not None and held.content_hash == stored.content_hash:
+                engine.embeddings.applied(pid, stored.model_version, stored.content_hash)
+            else:
+                engine.embeddings.hold(stored)
         waiting = self.pending.get(pid)
         if waiting is not None and waiting[0].content_hash == stored.content_hash:
             product = self.pending.pop(pid)[0]
@@ -249,7 +253,7 @@ class Replica:
             needed = engine.core.needs_embedding(as_upsert(product))
         except SimstreamError:
             needed = None  # stale or invalid: the engine decides, and says why
-        if needed is not None and engine.cached_vector(needed) is None:
+        if needed is not None and not engine.has_vector(needed):
             self.pending[pid] = (product, time.monotonic(), partition, offset)
             return []
         return [change]

@@ -401,8 +401,8 @@ class ModelRollover:
         status.phase = "building"
         label = new.model_version
         for product in catalog:
-            new.embeddings[product.product_id] = StoredEmbedding(
-                product.product_id, vectors[product_text(product)], label, product.content_hash)
+            new.embeddings.hold(StoredEmbedding(
+                product.product_id, vectors[product_text(product)], label, product.content_hash))
         started = time.monotonic()
         await new.apply_from_state([], catalog)
         if behavior:
@@ -477,13 +477,12 @@ class ModelRollover:
                 records = live.lists_to_records(pubs)
                 await self.publish(records)
             self.status.republished += len(records)
-        embeddings = live.embeddings
-        for ids in _chunks(sorted(embeddings), REPUBLISH_CHUNK):
+        for ids in _chunks(sorted(live.embeddings), REPUBLISH_CHUNK):
             async with self.batch_lock:
                 if live.generation != generation:
                     return
-                records = [Outbound(settings.topic_embeddings, pid, embedding_to_wire(embeddings[pid]))
-                           for pid in ids if pid in embeddings]
+                stored = await live.in_core(live.stored_embeddings, ids)
+                records = [Outbound(settings.topic_embeddings, e.product_id, embedding_to_wire(e)) for e in stored]
                 await self.publish(records)
             self.status.republished += len(records)
 

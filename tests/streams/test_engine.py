@@ -139,7 +139,8 @@ async def test_two_edits_of_one_product_in_one_batch_are_applied_in_order(pipeli
                                  upsert("K1", NOW - 40, brand="Logi")])
     product = pipeline.core.catalog.get("K1")
     assert product is not None and (product.title, product.brand) == ("Logitech MX Keys S", "Logi")
-    assert pipeline.embeddings["K1"].content_hash == product.content_hash
+    known = pipeline.embeddings.get("K1")
+    assert known is not None and known.content_hash == product.content_hash
 
 
 async def test_an_older_event_is_ignored_and_counted(pipeline: Engine) -> None:
@@ -233,6 +234,52 @@ async def test_restore_from_a_snapshot_replays_only_what_came_after(pipeline: En
     for kind in (Kind.SIMILAR, Kind.SUBSTITUTES):
         assert fresh.core.lists(kind) == pipeline.core.lists(kind)
     assert any(r.topic == "similar-items" and r.key == "H3" and r.value is None for r in records)
+
+
+async def test_the_engine_keeps_no_second_copy_of_the_vectors_the_core_holds(pipeline: Engine) -> None:
+    """Each product's embedding is known by model version and content hash; its vector is
+    the core's own. A redelivered text change reuses that vector, bit for bit, and embeds
+    nothing."""
+    out = by_topic(await load(pipeline))
+    assert len(pipeline.embeddings) == 5 and pipeline.embeddings.held_count() == 0
+    assert isinstance(pipeline.encoder, CountingEncoder)
+    calls = len(pipeline.encoder.calls)
+    first = {r.key: embedding_from_wire(r.value or {}) for r in out["simstream-embeddings"]}
+    redelivered = await handled(pipeline, [upsert("K1", NOW - 100, title=CATALOG[3][1], brand="Logitech",
+                                                  price=99.0, category=["Keys"])])
+    assert len(pipeline.encoder.calls) == calls
+    assert all(r.topic != "simstream-embeddings" for r in redelivered)
+    product = pipeline.core.catalog.get("K1")
+    assert product is not None
+    cached = await pipeline.in_core(pipeline.cached_vector, product)
+    assert cached is not None and cached.tobytes() == first["K1"].vector.tobytes()
+    assert [e.vector.tobytes() for e in await pipeline.in_core(pipeline.stored_embeddings, ["K1", "gone"])] \
+        == [first["K1"].vector.tobytes()]
+
+
+async def test_a_restore_holds_vectors_only_until_their_products_are_applied(pipeline: Engine, tmp_path: Any) -> None:
+    await load(pipeline)
+    pipeline.core.save(tmp_path)
+    after = await handled(pipeline, [upsert("K2", NOW - 50, title="Logitech K380 multi-device keyboard")])
+    latest = state_of(after)
+    # The snapshot's own product comes back too (a replay from before the snapshot's offsets).
+    h1 = pipeline.core.catalog.get("H1")
+    assert h1 is not None
+    embedded = await pipeline.in_core(pipeline.stored_embeddings, ["H1"])
+    from streams.records import product_to_wire
+    from streams.wire import embedding_to_wire
+
+    latest["simstream-products"]["H1"] = product_to_wire(h1)
+    latest["simstream-embeddings"]["H1"] = embedding_to_wire(embedded[0])
+
+    fresh = make_pipeline(CountingEncoder())
+    fresh.recommender = Recommender.load(tmp_path, pipeline.core.config)
+    await fresh.restore(latest["simstream-products"], latest["simstream-embeddings"], None, from_snapshot=True)
+    assert len(fresh.embeddings) == 5 and fresh.embeddings.held_count() == 0
+    for pid in ("H1", "K2"):
+        known = fresh.embeddings.get(pid)
+        product = fresh.core.catalog.get(pid)
+        assert known is not None and product is not None and known.content_hash == product.content_hash
 
 
 def state_of(records: list[Outbound]) -> dict[str, dict[str, Any]]:
