@@ -49,6 +49,10 @@ class RecommenderConfig:
       cost grows with the square of the catalog: about 0.9 ms per owner at 100k on one core
       (about 90 s in all), ten times that per owner at 1M, where HNSW's recall alone decides. A change in
       the stream is always completed: the reverse check scores every owner anyway.
+    * ``join_in_child``: a whole-catalog step (a settle, a bulk load) of at least
+      ``serving.propagation.JOIN_AHEAD_MIN_OWNERS`` owners runs the duplicates join in a
+      forked child process beside the candidate buffers (``serving.duplicates.JoinAhead``),
+      so the two halves of the work use two cores. False: both on the calling thread.
     """
 
     dim: int = 384
@@ -68,6 +72,7 @@ class RecommenderConfig:
     hnsw_initial_capacity: int = 1024
     hnsw_seed: int = 100
     exact_build_limit: int = 200_000
+    join_in_child: bool = True
     rebuild_deleted_share: float = 0.3
     #: The ``VectorIndex`` adapter, by its name in ``serving.index.INDEX_ADAPTERS``.
     index: str = "hnsw"

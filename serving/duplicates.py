@@ -35,7 +35,11 @@ bound makes that exact), the second over the vector index otherwise (then as exa
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import pickle
+import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -294,6 +298,13 @@ BATCH_PAIRS = 50_000
 BATCH_REST_SHARE = 1.0
 
 
+def batch_usable(config: RecommenderConfig) -> bool:
+    """Whether ``config``'s threshold lets a ``DuplicateBatch`` find the pairs (it needs
+    lexical evidence, ``bounds``)."""
+    _, min_lexical = bounds(config)
+    return min_lexical > config.lexical_floor
+
+
 class _PairLexical:
     """Pair codes (``owner * n + other``), appended in increasing order, with their lexical
     cosine; looked up in bulk."""
@@ -357,7 +368,7 @@ class DuplicateBatch:
         self._vectors = vectors
         self._profiles = profiles
         _, min_lexical = bounds(config)
-        self.usable = min_lexical > config.lexical_floor
+        self.usable = batch_usable(config)
         self.ids = sorted(profiles)
         self._row = {pid: i for i, pid in enumerate(self.ids)}
         # Each pair is scored by the first of its owners to come (in this call or an earlier
@@ -556,3 +567,88 @@ class DuplicateBatch:
             # An owner's pairs may span two chunks: merge with what the first one found.
             out[p] = ranked([*out[p], *items])[:keep_best] if out[p] else tuple(items)
         return evidence
+
+
+class JoinAhead:
+    """``DuplicateBatch.known`` for a whole-catalog step's chunks of owners, computed in a
+    forked child while this process builds the candidate buffers and the other lists.
+
+    A settle or a bulk load spends about half its time in the duplicates join and half in
+    the buffers, on one thread: the join's numpy and scipy work holds the GIL for most of it.
+    The child sees the state as it was at the fork (copy-on-write), builds the batch there
+    (its ~1 GB of working arrays at 100k products never touch this process), and writes
+    each chunk's result, in order, to a pipe; ``take`` reads the next one. The results are
+    those of the same calls made here: the child runs the same code on the same state.
+
+    Nothing in the state the join reads (lexical vectors, profiles, vectors, duplicate keys)
+    may change until the last ``take``: a settle and a bulk load change only buffers and
+    lists. When the child fails or dies, ``take`` returns ``None`` and the caller computes
+    the rest itself. ``close`` ends the child whatever its state.
+    """
+
+    def __init__(self, pid: int, reader: int) -> None:
+        self._pid: int | None = pid
+        self._in = os.fdopen(reader, "rb", buffering=1 << 20)
+        #: Why the child's results stopped (``None`` while they come).
+        self.failure: str | None = None
+
+    @classmethod
+    def start(cls, make_batch: Callable[[], DuplicateBatch | None], chunks: Sequence[Sequence[str]],
+              depth: int) -> JoinAhead | None:
+        """Fork the child; ``None`` where this platform cannot fork."""
+        if not hasattr(os, "fork"):
+            return None
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no logging, no locks of the parent's threads, os._exit
+            code = 1
+            try:
+                os.close(reader)
+                _child_signals()
+                with os.fdopen(writer, "wb", buffering=1 << 20) as out:
+                    try:
+                        batch = make_batch()
+                        if batch is None:
+                            raise RuntimeError("the duplicates threshold needs no batch")
+                        for chunk in chunks:
+                            pickle.dump(("ok", batch.known(chunk, depth)), out, protocol=pickle.HIGHEST_PROTOCOL)
+                            out.flush()
+                        code = 0
+                    except BaseException as exc:  # noqa: BLE001 - reported to the parent, whatever it is
+                        pickle.dump(("error", f"{type(exc).__name__}: {exc}"), out)
+            finally:
+                os._exit(code)
+        os.close(writer)
+        return cls(pid, reader)
+
+    def take(self) -> dict[str, Known] | None:
+        """The next chunk's duplicates; ``None`` (and ``failure`` set) once the child failed."""
+        if self.failure is not None:
+            return None
+        try:
+            status, value = pickle.load(self._in)
+        except Exception as exc:  # noqa: BLE001 - a dead child (EOF) or a torn record
+            status, value = "error", f"the child stopped: {type(exc).__name__}: {exc}"
+        if status == "ok":
+            return value  # type: ignore[no-any-return]
+        self.failure = str(value)
+        self.close()
+        return None
+
+    def close(self) -> None:
+        """End the child (killed if it is still computing) and reap it."""
+        pid, self._pid = self._pid, None
+        if pid is None:
+            return
+        self._in.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _child_signals() -> None:
+    """In a forked child: the parent's handlers (asyncio writes signals to its loop's wakeup
+    fd, shared with the parent) must not act on a signal meant for the child."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)

@@ -41,8 +41,10 @@ exact with ``ExactIndex``; with ``HnswIndex`` they are as good as its recall.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -54,7 +56,9 @@ from serving.duplicates import (
     RESERVE_FACTOR,
     DuplicateBatch,
     DuplicateKeys,
+    JoinAhead,
     Known,
+    batch_usable,
     candidate_ids,
     capped,
     duplicate_item,
@@ -73,11 +77,18 @@ from serving.postings import LexicalPostings
 from serving.publication import Items, Publication, ScoredItem, Trigger
 from serving.scoring import Profile, dense_scores
 
+log = logging.getLogger(__name__)
+
 #: Owners rebuilt per step of a settle (``Propagator.settle_steps``).
 SETTLE_CHUNK = 1000
 #: Owners from which a duplicates refresh uses one ``DuplicateBatch`` instead of one
 #: candidate search each (below it, building the batch's matrices costs more).
 BATCH_MIN_OWNERS = 256
+
+#: Owners from which a whole-catalog step (a settle, a bulk load) computes the duplicates
+#: join in a forked child, beside the candidate buffers (``serving.duplicates.JoinAhead``):
+#: below it the fork and the transfer of the results cost more than the overlap saves.
+JOIN_AHEAD_MIN_OWNERS = 5000
 
 #: Owners whose saved lists are recomputed and compared when a restore takes lists over.
 RESTORE_SAMPLE = 200
@@ -219,8 +230,10 @@ class Propagator:
         self.lex = lex
         self.profiles = profiles
         self.dup_keys.rebuild(profiles)
-        self.buffers.build(owned, self.lex)
-        return self.refresh(owned) + self.refresh_duplicates(owned)
+        everyone = sorted(owned)
+        with self._duplicates_of([everyone]) as duplicates:
+            self.buffers.build(owned, self.lex)
+            return self.refresh(owned) + self.set_many_duplicates(duplicates(everyone))
 
     def use_lexical_vectors(self, lex: dict[str, SparseVec]) -> list[Publication]:
         """Rescore every pair with new lexical vectors and republish the lists that changed."""
@@ -429,13 +442,48 @@ class Propagator:
         self.buffers.register(owned)
         self.dup_keys.rebuild(self.profiles)
         forced = self._unsettled_out_of_stock & self.profiles.keys()
-        batch = self.duplicate_batch() if len(owned) >= BATCH_MIN_OWNERS else None
-        for start in range(0, len(owned), chunk):
-            part = owned[start : start + chunk]
-            self.buffers.build(part, self.lex)
-            yield self.refresh(part, out_of_stock=forced) + self.refresh_duplicates(part, batch)
+        parts = [owned[start : start + chunk] for start in range(0, len(owned), chunk)]
+        with self._duplicates_of(parts) as duplicates:
+            for part in parts:
+                self.buffers.build(part, self.lex)
+                yield self.refresh(part, out_of_stock=forced) + self.set_many_duplicates(duplicates(part))
         self.unsettled = False
         self._unsettled_out_of_stock = set()
+
+    @contextmanager
+    def _duplicates_of(self, parts: list[list[str]]) -> Iterator[Callable[[list[str]], dict[str, Known]]]:
+        """For a whole-catalog step over ``parts`` (owners, sorted, in the order the step takes
+        them): a function giving each part's duplicates (``Known``), asked for in that order.
+
+        From ``JOIN_AHEAD_MIN_OWNERS`` owners the join runs in a forked child
+        (``JoinAhead``) while the step builds the buffers here; otherwise, or once the child
+        fails, here, with one ``DuplicateBatch`` of the state at the start.
+        """
+        owners = sum(len(part) for part in parts)
+        depth = RESERVE_FACTOR * self.config.duplicate_max_items
+        batch: DuplicateBatch | None = None
+        ahead = None
+        if owners >= JOIN_AHEAD_MIN_OWNERS and self.config.join_in_child and batch_usable(self.config):
+            ahead = JoinAhead.start(self.duplicate_batch, parts, depth)
+        elif owners >= BATCH_MIN_OWNERS:
+            batch = self.duplicate_batch()
+
+        def duplicates(part: list[str]) -> dict[str, Known]:
+            nonlocal ahead, batch
+            if ahead is not None:
+                known = ahead.take()
+                if known is not None:
+                    return known
+                log.warning("the duplicates join in a child process failed (%s); computing it here", ahead.failure)
+                ahead = None
+                batch = self.duplicate_batch()
+            return self._many_duplicates(part, batch)
+
+        try:
+            yield duplicates
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     def _own_tombstones(self, q: str) -> list[Publication]:
         pubs: list[Publication] = []
@@ -736,9 +784,14 @@ class Propagator:
         """Recompute the duplicates of ``owners`` and publish those that changed (``batch``: a
         ``DuplicateBatch`` of the current state to take them from)."""
         owned = [p for p in owners if p in self.buffers.by_owner]
+        return self.set_many_duplicates(self._many_duplicates(owned, batch))
+
+    def set_many_duplicates(self, known: Mapping[str, Known]) -> list[Publication]:
+        """Keep each owned product's ``known`` duplicates; publish the lists that changed."""
         pubs: list[Publication] = []
-        for p, known in sorted(self._many_duplicates(owned, batch).items()):
-            pubs += self._set_duplicates(p, known)
+        for p, kept in sorted(known.items()):
+            if p in self.buffers.by_owner:
+                pubs += self._set_duplicates(p, kept)
         return pubs
 
     def _duplicates_changed(self, q: str) -> list[Publication]:

@@ -158,6 +158,10 @@ class Settings(BaseSettings):
         200_000, ge=0, description="A bulk load (bootstrap, restore without lists, handover) checks every owner's HNSW "
         "search against all owners' vectors with block matrix products while the owners number at most this many, so the "
         "lists start exact; the cost grows with the square of the catalog (about 90 s on one core at 100k).")
+    join_in_child: bool = Field(
+        True, description="A bootstrap's settle or a bulk load runs the duplicates join in a forked child process "
+        "(copy-on-write, like a snapshot) while the worker builds the candidate buffers: the two halves of that work "
+        "use two cores. false: both on the core thread, one after the other (platforms without fork never fork).")
     index: str = Field(
         "hnsw", description="Vector index adapter by name (`serving.index.INDEX_ADAPTERS`): `hnsw` (hnswlib, "
                             "approximate) or `exact` (brute force, for small catalogs and audits).")
@@ -187,6 +191,12 @@ class Settings(BaseSettings):
         60.0, ge=0,
         description="Refit the shared lexical IDF once the catalog has more than doubled since its fit and no "
                     "product change arrived for this long (0: only `simstream refit-lexical` refits).")
+    idf_wait_s: float = Field(
+        300.0, ge=0,
+        description="At the end of a bulk catch-up (a group's bootstrap), a worker that does not refit the shared "
+                    "IDF itself waits up to this long for the one the owner of partition 0 is about to publish before it "
+                    "settles: settled with a stale IDF, every list would be rebuilt again when the new one arrives, and "
+                    "the duplicates join is several times slower without one (0: never waits).")
     progress_interval_s: float = Field(
         10.0, gt=0, le=3600,
         description="Seconds between input progress reports: lag, rate and time to catch up in /stats "

@@ -72,6 +72,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         hnsw_ef=settings.hnsw_ef,
         hnsw_m=settings.hnsw_m,
         exact_build_limit=settings.exact_build_limit,
+        join_in_child=settings.join_in_child,
         index=settings.index,
     )
 
@@ -100,6 +101,9 @@ class Worker:
         self.catch_up = CatchUp(settings.topic_product_changes)
         self.progress: InputProgress | None = None
         self.progress_mark = (time.monotonic(), 0)
+        #: Since when the settle waits for the shared IDF (``awaiting_shared_idf``).
+        self.idf_wait_since: float | None = None
+        self.idf_wait_expired = False
         self.state = StateReader(settings)
         self.replica: Replica | None = None
         self.sink = sink
@@ -292,8 +296,37 @@ class Worker:
         # The lag at the last progress report, less what was consumed since.
         behind = self.progress.lag - (self.catch_up.taken - self.progress_mark[1])
         if self.engine.core.unsettled:
-            return behind > self.settings.embed_batch_size
+            return behind > self.settings.embed_batch_size or self.awaiting_shared_idf()
         return behind >= max(least, len(self.engine.core.catalog) / 4)
+
+    def awaiting_shared_idf(self) -> bool:
+        """Whether this worker's settle waits for the IDF another worker is about to share.
+
+        The owner of ``product-changes`` partition 0 refits the shared IDF just before its own
+        settle (``settle_bulk``); the others read it from ``simstream-lexical`` through their
+        replica. A worker that settled first, with the stale IDF, would rebuild every list
+        again when it arrives (``Recommender.use_lexical``), and its duplicates join is
+        several times slower without IDF weights. So, while the IDF is stale and another
+        worker refits it, the settle waits, up to ``SIMSTREAM_IDF_WAIT_S`` from the moment
+        this worker's backlog was gone; changes keep arriving deferred meanwhile.
+        """
+        core = self.engine.core
+        waiting = (self.settings.idf_wait_s > 0 and self.settings.lexical_refit_quiet_s > 0 and core.unsettled
+                   and 0 not in self.ownership.allowed and needs_refit(core.lexical, len(core.catalog)))
+        if not waiting:
+            self.idf_wait_since, self.idf_wait_expired = None, False
+            return False
+        now = time.monotonic()
+        if self.idf_wait_since is None:
+            self.idf_wait_since = now
+            log.info("bulk catch-up: waiting up to %.0f s for the shared IDF before settling", self.settings.idf_wait_s)
+        if now - self.idf_wait_since <= self.settings.idf_wait_s:
+            return True
+        if not self.idf_wait_expired:
+            self.idf_wait_expired = True
+            log.warning("bulk catch-up: no shared IDF after %.0f s (is the owner of product-changes partition 0 "
+                        "running?); settling with the one at hand", self.settings.idf_wait_s)
+        return False
 
     async def settle_bulk(self) -> None:
         """With the batch lock held: end a bulk catch-up. When the shared IDF is due for a

@@ -82,7 +82,10 @@ def run_rate(bench: BenchWorker, catalog: list[dict[str, Any]], rate: int, durat
 
     def sample() -> None:
         while not stop.is_set():
-            backlog.append(len(changes.sent) - (consumed(bench.worker) - consumed_before))
+            try:
+                backlog.append(len(changes.sent) - (consumed(bench.worker) - consumed_before))
+            except OSError as exc:  # a worker too busy to answer in time: that second has no sample
+                print(f"backlog sample skipped: {exc}", file=sys.stderr, flush=True)
             stop.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,91 @@ def test_lexical_vectors_read_while_changes_wait_include_the_deferred_ones() -> 
     want = LexicalModel().vectorize(product_text(product))
     assert np.array_equal(lex["p03"][0], want[0]) and np.array_equal(lex["p03"][1], want[1])
     assert rec.lexical_top(want, 1) == [("p03", pytest.approx(1.0))]
+
+
+def shop(n: int = 60) -> list[tuple[ProductUpsert, np.ndarray]]:
+    """Listings with duplicates (shared titles, model codes) and near misses."""
+    rng = np.random.default_rng(11)
+    words = ["usb", "cable", "hdmi", "charger", "braided", "fast", "adapter", "dock", "hub", "mouse"]
+    out = []
+    for i in range(n):
+        title = " ".join(words[j] for j in rng.choice(len(words), size=3, replace=False)) + f" X{i % 7}"
+        out.append((ProductUpsert(f"p{i:03d}", 1.0, title=title, brand="Acme" if i % 2 else "Bolt",
+                                  category=("Cables",), price=float(10 + i % 5), in_stock=True),
+                    rng.normal(size=CONFIG.dim)))
+    return out
+
+
+def settled(chunk: int, *, bulk: bool = False, config: RecommenderConfig = CONFIG
+            ) -> tuple[Recommender, list[tuple[object, ...]]]:
+    rec = Recommender(config, ExactIndex(config.dim))
+    if bulk:
+        changes = shop()
+        pubs = rec.bulk_load([c for c, _ in changes], np.stack([v for _, v in changes]))
+    else:
+        for change, vector in shop():
+            rec.apply(change, vector, defer=True)
+        pubs = [p for step in rec.settle_steps(chunk=chunk) for p in step]
+    return rec, [(p.kind, p.product_id, p.items, p.trigger, p.version) for p in pubs]
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["settle", "bulk_load"])
+def test_the_duplicates_join_in_a_child_process_gives_what_this_process_computes(
+    bulk: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-catalog step runs the duplicates join in a forked child beside the buffers;
+    what it publishes is what the join in this process gives, list for list."""
+    from serving import duplicates, propagation
+
+    here, here_pubs = settled(13, bulk=bulk)
+    assert here.lists(Kind.DUPLICATES) and any(here.lists(Kind.DUPLICATES).values())
+    started: list[duplicates.JoinAhead] = []
+    real_start = duplicates.JoinAhead.start.__func__  # type: ignore[attr-defined]
+
+    def start(cls: type, *args: object) -> duplicates.JoinAhead | None:
+        ahead = real_start(cls, *args)
+        started.append(ahead)
+        return ahead  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(duplicates.JoinAhead, "start", classmethod(start))
+    monkeypatch.setattr(propagation, "JOIN_AHEAD_MIN_OWNERS", 1)
+    forked, forked_pubs = settled(13, bulk=bulk)
+    assert len(started) == 1 and started[0].failure is None
+    assert forked_pubs == here_pubs
+    for kind in Kind:
+        assert forked.lists(kind) == here.lists(kind)
+    assert forked.export_state().duplicates_known == here.export_state().duplicates_known
+
+    started.clear()
+    settled(13, bulk=bulk, config=replace(CONFIG, join_in_child=False))
+    assert started == [], "join_in_child=False: no fork"
+
+
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_a_failed_child_leaves_the_join_to_this_process(
+    how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    from serving import duplicates, propagation
+
+    here, here_pubs = settled(13)
+    parent = os.getpid()
+    real_known = duplicates.DuplicateBatch.known
+    calls = []
+
+    def known(self: duplicates.DuplicateBatch, owners: object, depth: int) -> object:
+        calls.append(1)
+        if os.getpid() != parent and len(calls) == 2:
+            if how == "dies":
+                os._exit(3)
+            raise MemoryError("no room for the join")
+        return real_known(self, owners, depth)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(duplicates.DuplicateBatch, "known", known)
+    monkeypatch.setattr(propagation, "JOIN_AHEAD_MIN_OWNERS", 1)
+    forked, forked_pubs = settled(13)
+    assert forked_pubs == here_pubs
+    assert forked.export_state().duplicates_known == here.export_state().duplicates_known
+    assert "computing it here" in caplog.text
+    assert ("MemoryError" in caplog.text) == (how == "raises")

@@ -212,3 +212,38 @@ def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     idfs = [w.get("/debug/lexical")[1] for w in workers]
     assert idfs[0]["idf"] is not None and all(i == idfs[0] for i in idfs), [i["n_docs"] for i in idfs]
     assert sum("lexical IDF refitted" in w.log_tail(10_000) for w in [*workers, killed]) == 1
+
+
+def test_workers_bootstrapping_together_settle_with_the_shared_idf(
+    grpc_encoder: str, model_base: Path, settings_for: Callable[..., Settings],
+    worker_factory: Callable[..., WorkerProcess], tmp_path: Path,
+) -> None:
+    """A group's bootstrap: both workers merge their backlog without lists (bulk catch-up).
+    The owner of partition 0 refits the shared IDF before its settle; the other waits for
+    that IDF before its own, instead of settling with none (a duplicates join several times
+    slower) and then rebuilding every list again when the IDF arrives. Every list ends exact."""
+    env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
+           "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
+           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0", "SIMSTREAM_BULK_CATCH_UP_MIN": "20",
+           "SIMSTREAM_PROGRESS_INTERVAL_S": "0.2", "SIMSTREAM_LEXICAL_REFIT_QUIET_S": "600"}
+    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+    create_topics(settings)
+    workers = [worker_factory(**env, SIMSTREAM_WEB_PORT=str(free_port()), SIMSTREAM_DATA_DIR=str(tmp_path / name))
+               for name in ("w1", "w2")]
+    for w in workers:
+        w.wait_ready(timeout=180)
+    shares = wait_owned(workers)
+    scenario = Scenario(seed=29)
+    scenario.load()
+    scenario.churn(rounds=1)
+    scenario.send(settings, scenario.events)
+    wait_settled(settings, workers, scenario)
+
+    refitter, other = (workers[0], workers[1]) if 0 in shares[0] else (workers[1], workers[0])
+    refitter_log, other_log = refitter.log_tail(10_000), other.log_tail(10_000)
+    assert "refitted on" in refitter_log and "refitted on" not in other_log, refitter_log
+    assert "bulk catch-up settled" in other_log, other_log
+    assert other_log.index("waiting up to") < other_log.index("bulk catch-up settled"), other_log
+    assert "no shared IDF after" not in other_log
+    idfs = [w.get("/debug/lexical")[1] for w in workers]
+    assert idfs[0]["idf"] is not None and idfs[0] == idfs[1]
