@@ -43,8 +43,12 @@ class Embeddings:
     def _version(self, model_version: str) -> str:
         return self._versions.setdefault(model_version, model_version)
 
-    def hold(self, stored: StoredEmbedding) -> None:
-        """A vector not applied to the core yet: keep it until ``applied``."""
+    def hold(self, stored: StoredEmbedding, held: Product | None = None) -> None:
+        """A vector not applied to the core yet: keep it until ``applied``. ``held``: the
+        product as the core holds it now; with that very text, it is applied already."""
+        if _applied(held, stored.content_hash):
+            self.applied(stored.product_id, stored.model_version, stored.content_hash)
+            return
         self._by_id[stored.product_id] = KnownEmbedding(
             self._version(stored.model_version), stored.content_hash, np.asarray(stored.vector, dtype=np.float32))
 
@@ -59,8 +63,7 @@ class Embeddings:
         for pid, known in list(self._by_id.items()):
             if known.vector is None:
                 continue
-            product = catalog.get(pid)
-            if product is not None and product.content_hash == known.content_hash:
+            if _applied(catalog.get(pid), known.content_hash):
                 self._by_id[pid] = known._replace(vector=None)
                 dropped += 1
         return dropped
@@ -94,3 +97,8 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+def _applied(held: Product | None, content_hash: str) -> bool:
+    """Whether the core holds a product (``held``) with the text of ``content_hash``."""
+    return held is not None and held.content_hash == content_hash

@@ -229,11 +229,7 @@ class Replica:
             return []  # its product's tombstone is the delete
         engine = self.engine
         if stored.model_version == engine.model_version:
-            held = engine.core.catalog.get(pid)
-            if held is not None and held.content_hash == stored.content_hash:
-                engine.embeddings.applied(pid, stored.model_version, stored.content_hash)
-            else:
-                engine.embeddings.hold(stored)
+            engine.embeddings.hold(stored, engine.core.catalog.get(pid))
         waiting = self.pending.get(pid)
         if waiting is not None and waiting[0].content_hash == stored.content_hash:
             product = self.pending.pop(pid)[0]

@@ -83,6 +83,18 @@ def state(rec: Recommender) -> tuple[object, ...]:
     )
 
 
+def one_listing_many_shops(*, seed: int, shops: int) -> tuple[RecommenderConfig, np.random.Generator, Recommender]:
+    """One listing sold by ``shops`` shops, with duplicates lists capped at two: every
+    list is full and keeps a reserve beyond what it shows."""
+    config = replace(SMALL, duplicate_max_items=2)
+    rng = np.random.default_rng(seed)
+    rec = Recommender(config, make_index("exact", config))
+    for i in range(shops):
+        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
+                  rng.normal(size=config.dim))
+    return config, rng, rec
+
+
 #: Buffers of three: after a load, every admission goes through the
 #: restored floors and owner vectors (``CandidateBuffers.adopt_all``).
 NARROW = replace(SMALL, k=2, candidate_depth=3, candidate_slack=0)
@@ -320,12 +332,7 @@ def test_a_load_keeps_what_each_duplicates_list_holds_beyond_what_it_shows(
     retitle searches no more than in the recommender that was saved, and both end equal."""
     from serving import propagation
 
-    config = replace(SMALL, duplicate_max_items=2)
-    rng = np.random.default_rng(8)
-    rec = Recommender(config, make_index("exact", config))
-    for i in range(12):  # one listing sold by twelve shops: everyone's list is full
-        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
-                  rng.normal(size=config.dim))
+    config, rng, rec = one_listing_many_shops(seed=8, shops=12)
     for i in range(20):
         rec.apply(random_upsert(rng, f"r{i:02d}", float(50 + i)), rng.normal(size=config.dim))
     kept = rec.export_state().duplicates_known
@@ -349,12 +356,7 @@ def test_a_load_keeps_what_each_duplicates_list_holds_beyond_what_it_shows(
 def test_kept_duplicates_that_do_not_match_the_lists_are_not_taken_over(tmp_path: Path) -> None:
     from serving.errors import ListsDiffer
 
-    config = replace(SMALL, duplicate_max_items=2)
-    rng = np.random.default_rng(9)
-    rec = Recommender(config, make_index("exact", config))
-    for i in range(8):
-        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
-                  rng.normal(size=config.dim))
+    config, _rng, rec = one_listing_many_shops(seed=9, shops=8)
     saved = rec.export_state()
     assert saved.duplicates_known is not None
     pid, (items, complete) = next(iter(saved.duplicates_known.items()))
@@ -435,12 +437,7 @@ def test_a_load_makes_each_list_item_once_where_lists_share_it(tmp_path: Path) -
     """A live build puts one item object in both the similar-items and the substitutes list
     of an owner, and a duplicates list shows the first of the duplicates it keeps. A load
     shares them the same way: at 100k products the items are the largest part of the core."""
-    config = replace(SMALL, duplicate_max_items=2)
-    rng = np.random.default_rng(10)
-    rec = Recommender(config, make_index("exact", config))
-    for i in range(8):
-        rec.apply(ProductUpsert(f"d{i:02d}", float(i + 1), title="acme widget pro 3000", brand="Acme"),
-                  rng.normal(size=config.dim))
+    config, rng, rec = one_listing_many_shops(seed=10, shops=8)
     for i in range(40):
         rec.apply(random_upsert(rng, f"q{i:03d}", float(20 + i)), rng.normal(size=config.dim))
     rec.save(tmp_path)

@@ -130,17 +130,24 @@ def check_complements(settings: Settings, baskets: list[tuple[str, str]], quiet:
     return True
 
 
+def group(grpc_encoder: str, model_base: Path, settings_for: Callable[..., Settings],
+          **extra: str) -> tuple[dict[str, str], Settings]:
+    """The environment of a group's workers (one shared gRPC encoder, ``PARTITIONS``
+    partitions, no snapshots) with ``extra``, and its settings, topics created."""
+    env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
+           "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
+           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0", **extra}
+    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
+    create_topics(settings)
+    return env, settings
+
+
 def test_workers_share_partitions_and_survive_a_kill_and_a_join(
     grpc_encoder: str, model_base: Path, settings_for: Callable[..., Settings],
     worker_factory: Callable[..., WorkerProcess], tmp_path: Path,
 ) -> None:
-    env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
-           "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
-           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0",
-           # The owner of partition 0 fits the group's IDF once the first load is quiet.
-           "SIMSTREAM_LEXICAL_REFIT_QUIET_S": "3"}
-    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
-    create_topics(settings)
+    # The owner of partition 0 fits the group's IDF once the first load is quiet.
+    env, settings = group(grpc_encoder, model_base, settings_for, SIMSTREAM_LEXICAL_REFIT_QUIET_S="3")
 
     def start(name: str) -> WorkerProcess:
         return worker_factory(**env, SIMSTREAM_WEB_PORT=str(free_port()),
@@ -222,12 +229,8 @@ def test_workers_bootstrapping_together_settle_with_the_shared_idf(
     The owner of partition 0 refits the shared IDF before its settle; the other waits for
     that IDF before its own, instead of settling with none (a duplicates join several times
     slower) and then rebuilding every list again when the IDF arrives. Every list ends exact."""
-    env = {"SIMSTREAM_ENCODER": grpc_encoder, "SIMSTREAM_MODEL_BASE": str(model_base),
-           "SIMSTREAM_TOPIC_PARTITIONS": str(PARTITIONS), "SIMSTREAM_KAFKA_SESSION_TIMEOUT_S": "10",
-           "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0", "SIMSTREAM_BULK_CATCH_UP_MIN": "20",
-           "SIMSTREAM_PROGRESS_INTERVAL_S": "0.2", "SIMSTREAM_LEXICAL_REFIT_QUIET_S": "600"}
-    settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
-    create_topics(settings)
+    env, settings = group(grpc_encoder, model_base, settings_for, SIMSTREAM_BULK_CATCH_UP_MIN="20",
+                          SIMSTREAM_PROGRESS_INTERVAL_S="0.2", SIMSTREAM_LEXICAL_REFIT_QUIET_S="600")
     workers = [worker_factory(**env, SIMSTREAM_WEB_PORT=str(free_port()), SIMSTREAM_DATA_DIR=str(tmp_path / name))
                for name in ("w1", "w2")]
     for w in workers:
