@@ -17,7 +17,16 @@ from serving.config import RecommenderConfig
 from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
 from serving.publication import Items, ScoredItem, with_reasons
 from serving.rules import profile_is_substitute
-from serving.scoring import DUPLICATE_OF, Profile, blend, content_score, final_score, profile_reasons
+from serving.scoring import (
+    DUPLICATE_OF,
+    Profile,
+    blend,
+    content_score,
+    final_score,
+    profile_reasons,
+    rank_candidates,
+    variants,
+)
 
 
 def may_change(
@@ -84,13 +93,12 @@ def patch_attributes(
 
     Exact: the ranking and the duplicate collapse read neither stock nor price, so
     ``similar`` can only change in the reasons of ``q``'s own item (a price gap), and so
-    can ``subs`` while ``q`` stays a substitute. A rebuild is needed only when ``q`` is
-    listed in ``subs`` (or stands collapsed there) and is no substitute any more, or when
-    ``q`` has become one that beats the list's last item or fills a short list (and when
-    ``q``'s leaving ``subs`` touches a collapsed listing). A stock flip
-    thus leaves every similar-items list alone, and a price change rewrites one item's
-    reasons, where a rebuild of every list naming ``q`` cost most of such a change. A
-    substitute that leaves ``subs`` is patched out too (``_without``).
+    can ``subs`` while ``q`` stays a substitute. A substitute that leaves ``subs`` is
+    patched out (``_without``), and one that becomes a substitute is patched in at its rank
+    (``_with_entered``). A rebuild is needed only where a collapsed listing is involved:
+    which listing stands for which may then change. A stock flip thus leaves every
+    similar-items list alone, and a price change rewrites one item's reasons, where a
+    rebuild of every list naming ``q`` cost most of such a change.
     """
     in_similar = any(i.product_id == q for i in similar)
     in_subs = any(i.product_id == q for i in subs)
@@ -106,17 +114,42 @@ def patch_attributes(
             left = _without(subs, q, buf, owner, profiles, config)
             return None if left is None else (new_similar, left)
         return new_similar, _with_reasons(subs, q, reasons)
+    was_sub = profile_is_substitute(owner, before, config)
     # Listed nowhere in subs, q may still stand collapsed under a listing of its product
     # (only a substitute ever does).
-    if config.collapse_duplicates and profile_is_substitute(owner, before, config) and q in collapsed_ids(subs):
-        return None if not now_sub else (new_similar, subs)
-    if now_sub:
-        if len(subs) < config.k:
-            return None
-        dense, lexical = buf.pair(q)
-        if (-content_score(dense, lexical, config), q) < (-subs[-1].content, subs[-1].product_id):
-            return None
-    return new_similar, subs
+    if config.collapse_duplicates and was_sub and q in collapsed_ids(subs):
+        return (new_similar, subs) if now_sub else (new_similar, _without_collapsed(subs, q))
+    if not now_sub or was_sub:
+        # Still no substitute; or one already, unlisted and not collapsed, so it ranked
+        # after a full list's last item, and its content score did not move.
+        return new_similar, subs
+    return None if (entered := _with_entered(subs, q, buf, owner, after, profiles, config)) is None \
+        else (new_similar, entered)
+
+
+def _with_entered(
+    subs: Items, q: str, buf: CandidateBuffer, owner: Profile, after: Profile, profiles: Mapping[str, Profile],
+    config: RecommenderConfig,
+) -> Items | None:
+    """``subs`` after ``q``, a top-C member, became a substitute (back in stock, into the
+    price band), or ``None`` when only a rebuild can tell. ``q`` takes its rank when it
+    beats the last item or the list is short (a short list held every substitute of the
+    top-C, so nothing else enters with it); the item is built as ``build_lists`` builds it."""
+    dense, lexical = buf.pair(q)
+    content = content_score(dense, lexical, config)
+    key = (-content, q)
+    k = config.k
+    if len(subs) >= k and not key < (-subs[-1].content, subs[-1].product_id):
+        return subs
+    if config.collapse_duplicates and collapsed_ids(subs):
+        return None  # q may stand for (or be collapsed under) a listing: rebuild
+    item = ScoredItem(product_id=q, score=final_score(content, 0.0, config), content=content, dense=dense,
+                      lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, after))
+    at = bisect_left([(-i.content, i.product_id) for i in subs], key)
+    out = (*subs[:at], item, *subs[at:])[:k]
+    if config.collapse_duplicates and has_duplicates(out, profiles):
+        return None
+    return out
 
 
 def _without(
@@ -124,25 +157,60 @@ def _without(
     config: RecommenderConfig,
 ) -> Items | None:
     """``subs`` after its item ``q`` stopped being a substitute (out of stock, out of the
-    price band), or ``None`` when only a rebuild can tell. A full list takes the best
-    substitute of the top-C it did not list, which ranks after every listed one (all better
-    ones are listed); a short list already held every substitute there was."""
-    if config.collapse_duplicates and collapsed_ids(subs):
-        return None  # which listing stands for which may change: rebuild
-    rest = tuple(i for i in subs if i.product_id != q)
-    if len(subs) < config.k:
-        return rest
-    fill = best_unlisted(buf, owner, {i.product_id for i in subs}, True, profiles, config)
-    if fill is None:
-        return rest
-    c, dense, lexical = fill
-    content = content_score(dense, lexical, config)
-    item = ScoredItem(product_id=c, score=final_score(content, 0.0, config), content=content, dense=dense,
-                      lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, profiles[c]))
-    out = (*rest, item)
-    if config.collapse_duplicates and has_duplicates(out, profiles):
+    price band), or ``None`` when only a rebuild can tell (listings stood collapsed under
+    ``q``: which of them takes its place is a rebuild's to decide).
+
+    A short list already held every substitute there was. A full list takes the next
+    substitute of the top-C in rank order, as ``build_lists`` would find it: every
+    substitute it did not list ranks after its last item or stands collapsed, so the
+    search goes on from there, and a substitute on the way that is a listing of a listed
+    product is collapsed under it (a ``duplicate_of`` reason), as a rebuild does.
+    """
+    collapse = config.collapse_duplicates
+    collapsed = collapsed_ids(subs) if collapse else set()
+    rest = [i for i in subs if i.product_id != q]
+    if collapsed and any(
+        r.startswith(DUPLICATE_OF) for i in subs if i.product_id == q for r in i.reasons
+    ):
         return None
-    return out
+    if len(subs) < config.k:
+        return tuple(rest)
+    kept: dict[str, tuple[int, str | None]] = {}
+    if collapse:
+        for at, item in enumerate(rest):
+            prof = profiles[item.product_id]
+            for key in prof.dup_keys:
+                kept.setdefault(key, (at, prof.group_id))
+    skip = {i.product_id for i in subs} | collapsed
+    noted: dict[int, list[str]] = {}
+    for c, content, dense, lexical in rank_candidates(
+        (m for m in buf.head(config.candidate_depth) if m[0] not in skip), config
+    ):
+        cand = profiles.get(c)
+        if cand is None or not profile_is_substitute(owner, cand, config):
+            continue
+        if collapse and cand.dup_keys:
+            hit = next((kept[key] for key in cand.dup_keys
+                        if key in kept and not variants(kept[key][1], cand.group_id)), None)
+            if hit is not None:
+                noted.setdefault(hit[0], []).append(c)
+                continue
+        rest.append(ScoredItem(product_id=c, score=final_score(content, 0.0, config), content=content,
+                               dense=dense, lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, cand)))
+        break
+    for at, others in noted.items():
+        rest[at] = with_reasons(rest[at], (*rest[at].reasons, *(DUPLICATE_OF + o for o in others)))
+    return tuple(rest)
+
+
+def _without_collapsed(subs: Items, q: str) -> Items:
+    """``subs`` after ``q``, which stood collapsed under one of its listings, stopped being a
+    substitute: that listing no longer names it; nothing else moves (a collapsed listing
+    holds no place and lends no key)."""
+    gone = DUPLICATE_OF + q
+    return tuple(
+        with_reasons(i, tuple(r for r in i.reasons if r != gone)) if gone in i.reasons else i for i in subs
+    )
 
 
 def _with_reasons(items: Items, q: str, reasons: tuple[str, ...] | None) -> Items:

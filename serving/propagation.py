@@ -390,7 +390,11 @@ class Propagator:
             elif lists[0] is not self.lists[Kind.SIMILAR].get(p) or lists[1] is not self.lists[Kind.SUBSTITUTES].get(p):
                 patched[p] = lists
         if q in self.buffers.by_owner:
-            affected.add(q)
+            own = self._own_lists_if_stock_only(q, before, after)
+            if own is None:
+                affected.add(q)
+            else:
+                patched[q] = own
         affected |= self._behavior_holders(q)
         for p in affected:
             patched.pop(p, None)
@@ -537,6 +541,24 @@ class Propagator:
             similar, subs, self.buffers.by_owner[p], self.profiles.get(p), self.profiles, self.config,
             left=left, entered=entered,
         )
+
+    def _own_lists_if_stock_only(self, q: str, before: Profile | None, after: Profile | None) -> tuple[Items, Items] | None:
+        """``q``'s own lists, unchanged, when only its stock changed; ``None`` to rebuild them.
+
+        No rule or reason reads the owner's stock (``profile_is_substitute`` and
+        ``profile_reasons`` read the candidate's), so a stock flip leaves the owner's lists
+        as they are; an out-of-stock flip still republishes its substitutes (``refresh``).
+        Behaviour and complements are rebuilt as before.
+        """
+        similar = self.lists[Kind.SIMILAR].get(q)
+        subs = self.lists[Kind.SUBSTITUTES].get(q)
+        if (
+            before is None or after is None or similar is None or subs is None
+            or q in self.rows or q in self.lists[Kind.COMPLEMENTS]
+            or before._replace(in_stock=after.in_stock) != after
+        ):
+            return None
+        return similar, subs
 
     def _patch_attributes(self, p: str, q: str, before: Profile, after: Profile) -> tuple[Items, Items] | None:
         """``p``'s lists after ``q`` (in ``p``'s top-C) changed only its stock or price
