@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
@@ -27,6 +28,9 @@ from serving.scoring import (
     rank_candidates,
     variants,
 )
+
+#: A list item's product id (``ScoredItem`` is a named tuple, its id first).
+_product_id = itemgetter(0)
 
 
 def may_change(
@@ -100,8 +104,9 @@ def patch_attributes(
     similar-items list alone, and a price change rewrites one item's reasons, where a
     rebuild of every list naming ``q`` cost most of such a change.
     """
-    in_similar = any(i.product_id == q for i in similar)
-    in_subs = any(i.product_id == q for i in subs)
+    # This runs for every list whose top-C holds q (about 50 per change): the scans run in C.
+    in_similar = q in map(_product_id, similar)
+    in_subs = q in map(_product_id, subs)
     reasons = None
     if before.price != after.price and (in_similar or in_subs):
         reasons = profile_reasons(owner, after)
@@ -117,7 +122,7 @@ def patch_attributes(
     was_sub = profile_is_substitute(owner, before, config)
     # Listed nowhere in subs, q may still stand collapsed under a listing of its product
     # (only a substitute ever does).
-    if config.collapse_duplicates and was_sub and q in collapsed_ids(subs):
+    if was_sub and config.collapse_duplicates and any(DUPLICATE_OF + q in i.reasons for i in subs):
         return (new_similar, subs) if now_sub else (new_similar, _without_collapsed(subs, q))
     if not now_sub or was_sub:
         # Still no substitute; or one already, unlisted and not collapsed, so it ranked
