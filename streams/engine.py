@@ -141,6 +141,29 @@ def as_upsert(product: Product) -> ProductUpsert:
     )
 
 
+#: Weight of the latest batch in ``Engine.text_share`` (a moving average over batches).
+TEXT_SHARE_WEIGHT = 0.2
+
+
+def bulk_catch_up_due(behind: float, catalog_size: int, least: int, text_share: float | None) -> bool:
+    """Whether a backlog of ``behind`` product changes calls for a bulk catch-up (see
+    ``Worker.far_behind``): its text changes, estimated from the recent ``text_share``, are
+    at least ``least`` and at least a quarter of the catalog. Before a first batch has told
+    the share (``None``), an empty catalog's backlog is all text (every product is new),
+    and a restored one's is not assumed to be: one batch applied change by change costs little.
+
+    A full rebuild costs about as much as a quarter of the catalog's text changes (each
+    searches the index and updates the lists near it). A stock or price change costs a
+    small part of one (its lists are patched, ``serving.patching``), so a backlog of them
+    is cheaper worked off change by change than by rebuilding every list.
+    """
+    if least <= 0:
+        return False
+    if text_share is None:
+        text_share = 1.0 if catalog_size == 0 else 0.0
+    return behind * text_share >= max(least, catalog_size / 4)
+
+
 def needs_refit(model: LexicalModel, catalog_size: int) -> bool:
     """Whether the stream should fit the IDF anew (``Worker.refit_lexical_when_quiet``): never
     fitted, or fitted on under half the catalog. A restore never refits."""
@@ -181,6 +204,9 @@ class Engine(Edge):
     defer_propagation: bool = False
     #: Texts of the batch in flight whose vectors the core was primed with (``Recommender.prime``).
     primed_texts: set[str] = field(default_factory=set)
+    #: The share of recent product changes that needed the encoder (slow lane), a moving
+    #: average over batches; ``None`` before the first batch.
+    text_share: float | None = None
 
     @property
     def core(self) -> Recommender:
@@ -320,6 +346,11 @@ class Engine(Edge):
         ``done`` and must not be acknowledged (``retry_pending`` finishes them later).
         """
         lanes = self.split(messages)
+        decoded = len(lanes.fast) + len(lanes.slow)
+        if decoded:
+            share = len(lanes.slow) / decoded
+            self.text_share = share if self.text_share is None else \
+                self.text_share + TEXT_SHARE_WEIGHT * (share - self.text_share)
         # The slow lane's first encoder call runs while the core applies the fast lane: the
         # fast lane touches none of the slow lane's products, so the texts it plans hold.
         ahead = self.embed_ahead([*self.pending, *lanes.slow])

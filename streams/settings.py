@@ -203,9 +203,11 @@ class Settings(BaseSettings):
                     "(`input`), and a log line while the worker is behind (a bootstrap, a burst).")
     bulk_catch_up_min: int = Field(
         2000, ge=0,
-        description="Bulk catch-up: while the product-changes backlog is at least this many records and at least "
-                    "a quarter of the catalog (a bootstrap, a big import), changes are merged without updating "
-                    "lists, and every list is rebuilt and published once when the backlog is gone (0 disables).")
+        description="Bulk catch-up: while the product-changes backlog holds at least this many text changes and "
+                    "at least a quarter of the catalog's worth (a bootstrap, a big import; estimated from the recent "
+                    "share of changes that need the encoder, so a stock and price backlog never starts one), "
+                    "changes are merged without updating lists, and every list is rebuilt and published once when "
+                    "the backlog is gone (0 disables).")
     shutdown_drain_s: float = Field(
         30.0, ge=0, le=600,
         description="On SIGTERM/SIGINT: how long the batches in flight may take to publish, be acknowledged and "

@@ -36,7 +36,7 @@ from serving.recommender import Recommender
 from serving.snapshot import ChildSave
 from streams.backoff import retry_forever
 from streams.behavior_stream import FLUSH_CHUNK, BehaviorPipeline
-from streams.engine import Engine, needs_refit, release_free_heap
+from streams.engine import Engine, bulk_catch_up_due, needs_refit, release_free_heap
 from streams.kafka_io import committed_offsets, end_offsets, input_offsets, partition_count
 from streams.live import LiveFeed
 from streams.metrics import Metrics
@@ -284,11 +284,12 @@ class Worker:
         """Whether the ``product-changes`` backlog calls for a bulk catch-up
         (``SIMSTREAM_BULK_CATCH_UP_MIN``).
 
-        One starts when the backlog is at least that many records and at least a quarter of
-        the catalog: rebuilding every list once then costs less than updating them change by
-        change (a full rebuild costs about as much as a quarter of the catalog's changes).
-        Once started it goes on until the backlog is down to a batch, since the rebuild is
-        due anyway and every change until then is cheaper deferred.
+        One starts when the backlog's text changes (estimated from the recent share of
+        them, ``Engine.text_share``) are at least that many and at least a quarter of the
+        catalog: rebuilding every list once then costs less than updating them change by
+        change (``bulk_catch_up_due``). A backlog of stock and price changes never starts
+        one. Once started it goes on until the backlog is down to a batch, since the
+        rebuild is due anyway and every change until then is cheaper deferred.
         """
         least = self.settings.bulk_catch_up_min
         if least <= 0 or self.progress is None:
@@ -297,7 +298,7 @@ class Worker:
         behind = self.progress.lag - (self.catch_up.taken - self.progress_mark[1])
         if self.engine.core.unsettled:
             return behind > self.settings.embed_batch_size or self.awaiting_shared_idf()
-        return behind >= max(least, len(self.engine.core.catalog) / 4)
+        return bulk_catch_up_due(behind, len(self.engine.core.catalog), least, self.engine.text_share)
 
     def awaiting_shared_idf(self) -> bool:
         """Whether this worker's settle waits for the IDF another worker is about to share.

@@ -16,7 +16,7 @@ from serving.config import RecommenderConfig
 from serving.index import ExactIndex
 from serving.lexical import LexicalModel
 from serving.recommender import Kind, Recommender
-from streams.engine import Engine
+from streams.engine import Engine, bulk_catch_up_due
 from streams.metrics import Metrics
 from streams.outputs import Inbound, Outbound
 from streams.settings import Settings
@@ -643,3 +643,26 @@ def test_free_heap_pages_go_back_to_the_system_after_a_settle() -> None:
     assert release_free_heap()
     assert rss() < before - 100 * 2**20, "the ~200 MB freed in between went back"
     assert len(pinned) == 1000
+
+
+def test_a_bulk_catch_up_is_due_for_a_backlog_of_text_changes_not_of_stock_and_price() -> None:
+    """A full rebuild costs about a quarter of the catalog's text changes; stock and price
+    changes are patched, so their backlog is worked off change by change."""
+    assert bulk_catch_up_due(30_000, 100_000, 2000, text_share=1.0)
+    assert not bulk_catch_up_due(30_000, 100_000, 2000, text_share=0.0)
+    assert not bulk_catch_up_due(30_000, 100_000, 2000, text_share=0.5)  # 15k text: under a quarter
+    assert bulk_catch_up_due(60_000, 100_000, 2000, text_share=0.5)
+    assert not bulk_catch_up_due(1500, 0, 2000, text_share=1.0)  # under the least
+    # No batch seen yet: a bootstrap's backlog is all new products, a restart's is unknown.
+    assert bulk_catch_up_due(30_000, 0, 2000, text_share=None)
+    assert not bulk_catch_up_due(30_000, 100_000, 2000, text_share=None)
+    assert not bulk_catch_up_due(30_000, 100_000, 0, text_share=1.0)  # disabled
+
+
+async def test_the_engine_tracks_the_share_of_changes_that_need_the_encoder(pipeline: Engine) -> None:
+    assert pipeline.text_share is None
+    await load(pipeline)
+    assert pipeline.text_share == 1.0
+    for step in range(10):
+        await handled(pipeline, [upsert(pid, NOW - 50 + step, in_stock=step % 2 == 0) for pid, *_ in CATALOG])
+    assert pipeline.text_share is not None and pipeline.text_share < 0.15
