@@ -105,14 +105,17 @@ def patch_attributes(
     rebuild of every list naming ``q`` cost most of such a change.
     """
     # This runs for every list whose top-C holds q (about 50 per change): the scans run in C.
-    in_similar = q in map(_product_id, similar)
     in_subs = q in map(_product_id, subs)
     reasons = None
-    if before.price != after.price and (in_similar or in_subs):
-        reasons = profile_reasons(owner, after)
-        if reasons == profile_reasons(owner, before):
-            reasons = None
-    new_similar = _with_reasons(similar, q, reasons) if in_similar else similar
+    new_similar = similar
+    if before.price != after.price:  # a stock flip changes no reason
+        in_similar = q in map(_product_id, similar)
+        if in_similar or in_subs:
+            reasons = profile_reasons(owner, after)
+            if reasons == profile_reasons(owner, before):
+                reasons = None
+        if in_similar:
+            new_similar = _with_reasons(similar, q, reasons)
     now_sub = profile_is_substitute(owner, after, config)
     if in_subs:
         if not now_sub:

@@ -377,17 +377,30 @@ class Propagator:
         narrow = before is not None and after is not None and before.group_id == after.group_id
         affected: set[str] = set()
         patched: dict[str, tuple[Items, Items]] = {}
+        # About 50 owners per change hold q: the loop reads what it needs once, up front.
+        by_owner = self.buffers.by_owner
+        similar_lists, subs_lists = self.lists[Kind.SIMILAR], self.lists[Kind.SUBSTITUTES]
+        profiles, rows, config, reason_caches = self.profiles, self.rows, self.config, self._reasons
         for p in self.buffers.holders.get(q, ()):
-            if self.buffers.rank_of(p, q) >= c_depth:
+            buf = by_owner.get(p)
+            if buf is None or buf.find(q) >= c_depth:
                 continue
             if not narrow:
                 if self._may_change(p, left=(), entered=(q,)):
                     affected.add(p)
                 continue
-            lists = self._patch_attributes(p, q, before, after)  # type: ignore[arg-type]
+            similar, subs, owner = similar_lists.get(p), subs_lists.get(p), profiles.get(p)
+            if similar is None or subs is None or owner is None or p in rows:
+                affected.add(p)  # behaviour re-weights the ranking: rebuild
+                continue
+            lists = patch_attributes(similar, subs, buf, owner, q, before, after, profiles, config)  # type: ignore[arg-type]
             if lists is None:
                 affected.add(p)
-            elif lists[0] is not self.lists[Kind.SIMILAR].get(p) or lists[1] is not self.lists[Kind.SUBSTITUTES].get(p):
+                continue
+            held = reason_caches.get(p)
+            if held is not None:
+                held[1].pop(q, None)  # computed for q's old profile
+            if lists[0] is not similar or lists[1] is not subs:
                 patched[p] = lists
         if q in self.buffers.by_owner:
             own = self._own_lists_if_stock_only(q, before, after)
@@ -559,23 +572,6 @@ class Propagator:
         ):
             return None
         return similar, subs
-
-    def _patch_attributes(self, p: str, q: str, before: Profile, after: Profile) -> tuple[Items, Items] | None:
-        """``p``'s lists after ``q`` (in ``p``'s top-C) changed only its stock or price
-        (``serving.patching.patch_attributes``), or ``None`` to rebuild them (always for a
-        product with behaviour)."""
-        similar = self.lists[Kind.SIMILAR].get(p)
-        subs = self.lists[Kind.SUBSTITUTES].get(p)
-        owner = self.profiles.get(p)
-        if similar is None or subs is None or owner is None or p in self.rows:
-            return None
-        lists = patch_attributes(
-            similar, subs, self.buffers.by_owner[p], owner, q, before, after, self.profiles, self.config
-        )
-        held = self._reasons.get(p)
-        if lists is not None and held is not None:
-            held[1].pop(q, None)  # computed for q's old profile
-        return lists
 
     def _patched_lists(
         self,
