@@ -664,7 +664,10 @@ class Engine(Edge):
         Each list then carries ``caused_by`` (the product and event time of that change), so
         an operator can trace why a list moved, and freshness can be measured per event.
         """
-        now = self.clock()
+        publications = list(publications)
+        if not publications:
+            return []
+        now = iso(self.clock())
         cause = {"product_id": own, "event_ts": iso(event_ts)} if own is not None and event_ts is not None else None
         records = []
         for pub in publications:
