@@ -190,10 +190,15 @@ def _without(
             for key in prof.dup_keys:
                 kept.setdefault(key, (at, prof.group_id))
     skip = {i.product_id for i in subs} | collapsed
+    # Every substitute ranked before the last item is listed or collapsed (only q moved):
+    # the rules are checked from there on.
+    last = (subs[-1].content, subs[-1].product_id)
     noted: dict[int, list[str]] = {}
     for c, content, dense, lexical in rank_candidates(
         (m for m in buf.head(config.candidate_depth) if m[0] not in skip), config
     ):
+        if content > last[0] or (content == last[0] and c < last[1]):
+            continue
         cand = profiles.get(c)
         if cand is None or not profile_is_substitute(owner, cand, config):
             continue
