@@ -142,22 +142,56 @@ def _with_entered(
     """``subs`` after ``q``, a top-C member, became a substitute (back in stock, into the
     price band), or ``None`` when only a rebuild can tell. ``q`` takes its rank when it
     beats the last item or the list is short (a short list held every substitute of the
-    top-C, so nothing else enters with it); the item is built as ``build_lists`` builds it."""
+    top-C, so nothing else enters with it); the item is built as ``build_lists`` builds it.
+
+    With collapsed listings in the list, a rebuild decides when ``q`` shares a duplicate key
+    with a listed or a collapsed listing (which stands for which may change), or when a
+    collapsed listing would rank after the list's new last item (a rebuild stops there and
+    would no longer name it)."""
     dense, lexical = buf.pair(q)
     content = content_score(dense, lexical, config)
     key = (-content, q)
     k = config.k
     if len(subs) >= k and not key < (-subs[-1].content, subs[-1].product_id):
         return subs
-    if config.collapse_duplicates and collapsed_ids(subs):
-        return None  # q may stand for (or be collapsed under) a listing: rebuild
     item = ScoredItem(product_id=q, score=final_score(content, 0.0, config), content=content, dense=dense,
                       lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, after))
     at = bisect_left([(-i.content, i.product_id) for i in subs], key)
     out = (*subs[:at], item, *subs[at:])[:k]
-    if config.collapse_duplicates and has_duplicates(out, profiles):
+    if not config.collapse_duplicates:
+        return out
+    collapsed = collapsed_ids(subs)
+    if collapsed and not _collapsed_stay(out, collapsed, after, buf, profiles, config):
+        return None
+    if has_duplicates(out, profiles):
         return None
     return out
+
+
+def _collapsed_stay(
+    out: Items, collapsed: set[str], entered: Profile, buf: CandidateBuffer, profiles: Mapping[str, Profile],
+    config: RecommenderConfig,
+) -> bool:
+    """Whether the listings collapsed in a list stay as they are after ``entered`` was
+    inserted (``out``): it shares no duplicate key with any of them, and each still ranks
+    before the last item of a full list (a rebuild examines every candidate up to there)."""
+    keys = set(entered.dup_keys)
+    if keys:
+        for c in collapsed:
+            prof = profiles.get(c)
+            if prof is None or keys.intersection(prof.dup_keys):
+                return False
+    if len(out) < config.k:
+        return True
+    last = (-out[-1].content, out[-1].product_id)
+    for c in collapsed:
+        try:
+            dense, lexical = buf.pair(c)
+        except ValueError:
+            return False
+        if (-content_score(dense, lexical, config), c) > last:
+            return False
+    return True
 
 
 def _without(

@@ -101,6 +101,18 @@ def test_a_substitute_back_in_stock_takes_its_rank(rebuilds: list[str]) -> None:
     assert rec.substitutes("owner") == build({"dup": False}).substitutes("owner")
 
 
+def test_a_substitute_back_in_stock_takes_its_rank_beside_a_collapsed_listing(rebuilds: list[str]) -> None:
+    rec = build({"x1": False, "x3": False})
+    subs = rec.substitutes("owner")
+    assert ids(subs) == ["x2", "z"] and subs is not None and "duplicate_of: dup" in subs[0].reasons
+    rebuilds.clear()
+    rec.apply(ProductUpsert("x3", 2.0, in_stock=True))
+    # "dup" still ranks before the list's new last item, so it stays collapsed under x2.
+    assert ids(rec.substitutes("owner")) == ["x2", "x3", "z"]
+    assert "owner" not in rebuilds
+    assert rec.substitutes("owner") == build({"x1": False}).substitutes("owner")
+
+
 def test_a_stock_flip_leaves_the_products_own_lists_unrebuilt_and_still_republishes_its_substitutes(
     rebuilds: list[str],
 ) -> None:
