@@ -49,6 +49,7 @@ def test_search_pick_and_see_lists_with_scores_and_reasons(
     settings_for: Callable[..., Settings], worker_factory: Callable[..., WorkerProcess], browser: Any,
     tmp_path: Any,
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -69,7 +70,8 @@ def test_search_pick_and_see_lists_with_scores_and_reasons(
     while worker.get("/stats")[1]["products"] < len(PRODUCTS) and time.monotonic() < deadline:
         time.sleep(0.3)
 
-    wait = WebDriverWait(browser, 20)
+    # The page re-renders its lists while a condition reads them: a stale element means "not yet".
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(worker.web + "/")
     wait.until(lambda d: "products: 4" in d.find_element(By.ID, "counters").text)
 
@@ -125,6 +127,7 @@ def test_the_search_box_uses_semantic_search_with_filters_and_reasons(
     """
     import os
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -143,11 +146,14 @@ def test_the_search_box_uses_semantic_search_with_filters_and_reasons(
     while worker.get("/stats")[1]["index_live"] < len(SEARCH_PRODUCTS) and time.monotonic() < deadline:
         time.sleep(0.3)
 
-    wait = WebDriverWait(browser, 20)
+    # The page re-renders its lists while a condition reads them: a stale element means "not yet".
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(worker.web + "/")
 
     def shown() -> list[str]:
-        return [li.get_attribute("data-product") or "" for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
+        # One script call reads the whole list at once: element handles go stale when it re-renders.
+        return list(browser.execute_script(
+            "return Array.from(document.querySelectorAll('#results li'), li => li.dataset.product || '')"))
 
     # By meaning: no word of the query is in the products' texts.
     browser.find_element(By.ID, "q").send_keys("something to listen to music on a long flight")
@@ -200,6 +206,7 @@ def test_the_live_stream_and_a_products_duplicates(
     to docs/live.png and docs/duplicates.png with SIMSTREAM_UPDATE_SCREENSHOTS=1."""
     import os
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -224,7 +231,8 @@ def test_the_live_stream_and_a_products_duplicates(
 
     out_dir = ROOT / "docs" if os.environ.get("SIMSTREAM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     browser.set_window_size(1280, 1000)
-    wait = WebDriverWait(browser, 20)
+    # The page re-renders its lists while a condition reads them: a stale element means "not yet".
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(worker.web + "/")
     wait.until(lambda d: any("duplicates Stuffit Deluxe 11" in r.text
                              for r in d.find_elements(By.CSS_SELECTOR, "#live tr[data-change]")))
