@@ -505,8 +505,3 @@ class CandidateBuffers:
         """Recompute every pair's lexical score (after the lexical model changed)."""
         for pid, buf in self.by_owner.items():
             buf.lex = array("d", cosine_many(lex[pid], [lex[c] for c in buf.ids]))
-
-    def rank_of(self, p: str, q: str) -> int:
-        """Position of ``q`` in ``p``'s buffer (``ABSENT``, a large number, when absent)."""
-        buf = self.by_owner.get(p)
-        return ABSENT if buf is None else buf.find(q)

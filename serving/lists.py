@@ -86,9 +86,9 @@ def build_lists(
         want_similar = len(similar) < config.k
         want_sub = len(subs) < config.k and profile_is_substitute(owner, cand, config)
         if collapse and cand.dup_keys:
-            if want_similar and _kept_duplicate(cand, similar_keys, similar_dups, pid):
+            if want_similar and kept_duplicate(cand, similar_keys, similar_dups, pid):
                 want_similar = False
-            if want_sub and _kept_duplicate(cand, subs_keys, subs_dups, pid):
+            if want_sub and kept_duplicate(cand, subs_keys, subs_dups, pid):
                 want_sub = False
         if not (want_similar or want_sub):
             continue
@@ -113,10 +113,10 @@ def build_lists(
             subs.append(item)
         if len(similar) >= config.k and len(subs) >= config.k:
             break
-    return _with_duplicates(similar, similar_dups), _with_duplicates(subs, subs_dups)
+    return with_duplicates(similar, similar_dups), with_duplicates(subs, subs_dups)
 
 
-def _kept_duplicate(
+def kept_duplicate(
     cand: Profile, kept: dict[str, tuple[int, str | None]], dups: dict[int, list[str]], pid: str
 ) -> bool:
     """Whether a listing already kept stands for ``cand`` (then ``pid`` is noted under it).
@@ -129,7 +129,9 @@ def _kept_duplicate(
     return False
 
 
-def _with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
+def with_duplicates(items: list[ScoredItem], dups: dict[int, list[str]]) -> Items:
+    """``items`` as a list, each kept listing at position ``at`` naming the listings
+    ``dups[at]`` it stands for (``duplicate_of`` reasons, after the reasons it has)."""
     for at, others in dups.items():
         kept = items[at]
         items[at] = with_reasons(kept, (*kept.reasons, *(DUPLICATE_OF + o for o in others)))

@@ -15,7 +15,14 @@ from operator import itemgetter
 
 from serving.candidates import CandidateBuffer
 from serving.config import RecommenderConfig
-from serving.lists import ReasonCache, cached_reasons, collapsed_ids, has_duplicates
+from serving.lists import (
+    ReasonCache,
+    cached_reasons,
+    collapsed_ids,
+    has_duplicates,
+    kept_duplicate,
+    with_duplicates,
+)
 from serving.publication import Items, ScoredItem, with_reasons
 from serving.rules import profile_is_substitute
 from serving.scoring import (
@@ -26,7 +33,6 @@ from serving.scoring import (
     final_score,
     profile_reasons,
     rank_candidates,
-    variants,
 )
 
 #: A list item's product id (``ScoredItem`` is a named tuple, its id first).
@@ -236,18 +242,12 @@ def _without(
         cand = profiles.get(c)
         if cand is None or not profile_is_substitute(owner, cand, config):
             continue
-        if collapse and cand.dup_keys:
-            hit = next((kept[key] for key in cand.dup_keys
-                        if key in kept and not variants(kept[key][1], cand.group_id)), None)
-            if hit is not None:
-                noted.setdefault(hit[0], []).append(c)
-                continue
+        if collapse and cand.dup_keys and kept_duplicate(cand, kept, noted, c):
+            continue
         rest.append(ScoredItem(product_id=c, score=final_score(content, 0.0, config), content=content,
                                dense=dense, lexical=lexical, behavior=0.0, reasons=profile_reasons(owner, cand)))
         break
-    for at, others in noted.items():
-        rest[at] = with_reasons(rest[at], (*rest[at].reasons, *(DUPLICATE_OF + o for o in others)))
-    return tuple(rest)
+    return with_duplicates(rest, noted)
 
 
 def _without_collapsed(subs: Items, q: str) -> Items:
