@@ -10,6 +10,9 @@ MODEL_BASE ?= $(CACHE)/models/minilm
 MODEL_VERSION ?= 1
 KAFKA_PORT ?= 9092
 TEST_KAFKA_PORT ?= 19092
+# pytest processes for make test (pytest-xdist; 1 runs them in this process): the integration
+# tests mostly wait on the broker and on worker start-ups, which overlap on two cores.
+TEST_JOBS ?= 2
 FAULTS_KAFKA_PORT ?= 19094
 BENCH_KAFKA_PORT ?= 39092
 WEB_PORT ?= 6066
@@ -89,7 +92,7 @@ test: install model browser
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh up
 	@status=0; \
 	SIMSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) SIMSTREAM_MODEL_BASE="$(MODEL_BASE)" \
-	  $(BIN)/pytest -m "not faults" $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/pytest -m "not faults" $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist worksteal) $(PYTEST_ARGS) || status=$$?; \
 	KAFKA_PORT=$(TEST_KAFKA_PORT) infra/kafka/kafka.sh down; \
 	exit $$status
 
