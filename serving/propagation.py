@@ -72,10 +72,10 @@ from serving.index import VectorIndex
 from serving.kinds import LIST_KINDS, Kind
 from serving.lexical import SparseVec, cosine_many
 from serving.lists import ReasonCache, build_complements, build_lists
-from serving.patching import may_change, patch_attributes, patched_lists
+from serving.patching import may_change, names_substitute, patch_attributes, patched_lists
 from serving.postings import LexicalPostings
 from serving.publication import Items, Publication, ScoredItem, Trigger
-from serving.scoring import Profile, dense_scores
+from serving.scoring import DUPLICATE_OF, Profile, dense_scores
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,16 @@ class Propagator:
         by_owner = self.buffers.by_owner
         similar_lists, subs_lists = self.lists[Kind.SIMILAR], self.lists[Kind.SUBSTITUTES]
         profiles, rows, config, reason_caches = self.profiles, self.rows, self.config, self._reasons
+        stock_out = (narrow and before is not None and after is not None and before.in_stock
+                     and not after.in_stock and before.price == after.price)
+        marker = DUPLICATE_OF + q if config.collapse_duplicates else None
         for p in self.buffers.holders.get(q, ()):
             buf = by_owner.get(p)
             if buf is None or buf.find(q) >= c_depth:
                 continue
+            if (stock_out and p not in rows and (subs := subs_lists.get(p)) is not None and p in similar_lists
+                    and p in profiles and not names_substitute(subs, q, marker)):
+                continue  # patch_attributes would return both lists as they are
             if not narrow:
                 if self._may_change(p, left=(), entered=(q,)):
                     affected.add(p)

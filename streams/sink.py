@@ -14,6 +14,7 @@ offsets are committed after that (at-least-once). Records of one partition keep 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections import Counter
@@ -41,9 +42,16 @@ class RecordTooLargeError(SimstreamError):
     (and the topics' ``max.message.bytes``) or publish shorter lists."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _key_hash(key: bytes) -> int:
+    # kafka-python's murmur2 is pure Python, about 5 us a key, and a stock flip publishes a
+    # dozen lists whose keys come back again and again.
+    return murmur2(key) & 0x7FFFFFFF
+
+
 def partition_of(key: bytes, partitions: Sequence[int]) -> int:
     """The partition Kafka's default partitioner picks for ``key`` among ``partitions`` (sorted)."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[_key_hash(key) % len(partitions)]
 
 
 class KafkaSink:

@@ -21,7 +21,7 @@ from serving.recommender import CONTENT_KINDS, Kind, Recommender
 from serving.search import InvalidSearch, parse_search_params
 from streams.records import MAX_ID_CHARS, product_to_wire
 from streams.search import QueryVectors, SearchUnavailable, run_search
-from streams.wire import item_to_wire
+from streams.wire import item_to_wire, items_to_wire
 
 if TYPE_CHECKING:
     import faust
@@ -116,7 +116,7 @@ def register_views(app: faust.App, worker: Worker) -> None:
                     return denied
                 body = await engine.read(lambda core: None if product_id not in core.catalog else {
                     "product_id": product_id,
-                    "items": [item_to_wire(i) for i in core.list_of(kind, product_id) or ()],
+                    "items": items_to_wire(core.list_of(kind, product_id) or ()),
                     "version": core.versions.get((kind, product_id), 0),
                     "model_version": engine.model_version,
                 })

@@ -160,3 +160,25 @@ def test_random_stock_and_price_changes_among_duplicates_equal_a_build_from_scra
     for pid in state:
         assert rec.similar(pid) == fresh.similar(pid), pid
         assert rec.substitutes(pid) == fresh.substitutes(pid), pid
+
+
+def test_out_of_stock_reads_only_the_lists_that_name_it_as_a_substitute(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.propagation as propagation
+
+    rec = build()
+    naming = {p for p in TITLES if p != "z" and "z" in ids(rec.substitutes(p))}
+    passed_over = {p for p in TITLES if p != "z"} - naming
+    assert naming and "owner" in passed_over  # the owner's full list stops before z
+    patched: list[str] = []
+    patch = propagation.patch_attributes
+
+    def spying(similar: object, subs: object, buf: object, owner: object, *args: object) -> object:
+        patched.append(owner.product_id)  # type: ignore[attr-defined]
+        return patch(similar, subs, buf, owner, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(propagation, "patch_attributes", spying)
+    rec.apply(ProductUpsert("z", 2.0, in_stock=False))
+    assert set(patched) == naming
+    fresh = build({"z": False})
+    for p in TITLES:
+        assert rec.substitutes(p) == fresh.substitutes(p) and rec.similar(p) == fresh.similar(p), p

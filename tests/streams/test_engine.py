@@ -666,3 +666,19 @@ async def test_the_engine_tracks_the_share_of_changes_that_need_the_encoder(pipe
     for step in range(10):
         await handled(pipeline, [upsert(pid, NOW - 50 + step, in_stock=step % 2 == 0) for pid, *_ in CATALOG])
     assert pipeline.text_share is not None and pipeline.text_share < 0.15
+
+
+def test_a_list_record_names_every_field_of_its_items() -> None:
+    """The entries are unpacked positionally for speed: they must still carry each field
+    under its own name, in JSON as in the read API."""
+    from serving.recommender import Publication, ScoredItem
+    from streams.wire import item_to_wire, items_to_wire, publication_to_wire
+
+    items = (ScoredItem("B1", 0.9, 0.8, 0.7, 0.6, 0.1, ("same brand", "price -3%")),
+             ScoredItem("B2", 0.5, 0.4, 0.3, 0.2, 0.0, ()))
+    value = publication_to_wire(Publication(Kind.SIMILAR, "A", items, None, 3), model_version="m/1", at=0.0)
+    assert value is not None
+    record = Outbound("similar-items", "A", value)
+    decoded = json.loads(record.encoded()[1] or b"")
+    assert decoded["items"] == [{**i._asdict(), "reasons": list(i.reasons)} for i in items]
+    assert [item_to_wire(i) for i in items] == items_to_wire(items) == value["items"]
