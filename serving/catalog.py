@@ -158,9 +158,17 @@ class CatalogUpdate:
     @property
     def text_changed(self) -> bool:
         """True when the product needs (re-)embedding."""
-        if self.after is None:
+        before, after = self.before, self.after
+        if after is None:
             return False
-        return self.before is None or self.before.content_hash != self.after.content_hash
+        if before is None:
+            return True
+        # A stock or price change keeps the text fields' very objects: no need to hash them
+        # (two JSON encodings and two SHA-256 per look, and a change is looked at thrice).
+        if (before.title == after.title and before.description == after.description and before.brand == after.brand
+                and before.category == after.category and before.attributes == after.attributes):
+            return False
+        return before.content_hash != after.content_hash
 
     @property
     def stock_changed(self) -> bool:

@@ -33,6 +33,30 @@ def test_price_and_stock_changes_do_not_change_the_content_hash() -> None:
     assert retitled.text_changed and not retitled.price_changed
 
 
+def test_a_stock_or_price_change_is_told_apart_from_a_text_change_without_hashing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.catalog import Product
+
+    catalog = Catalog()
+    catalog.apply(ProductUpsert("p", 1.0, title="Headphones", brand="Sony", category=("Audio",),
+                                attributes=(("colour", "black"),), price=100.0))
+    hashed: list[str] = []
+    content_hash = Product.content_hash
+
+    def counting(self: Product) -> str:
+        hashed.append(self.product_id)
+        return content_hash.fget(self)  # type: ignore[attr-defined, no-any-return]
+
+    monkeypatch.setattr(Product, "content_hash", property(counting))
+    assert not catalog.preview(ProductUpsert("p", 2.0, price=90.0, in_stock=False)).text_changed
+    assert not hashed
+    # Equal text under a new event (the same title sent again) is no text change either.
+    assert not catalog.preview(ProductUpsert("p", 2.0, title="Headphones", brand="Sony")).text_changed
+    assert catalog.preview(ProductUpsert("p", 2.0, attributes=(("colour", "white"),))).text_changed
+    assert catalog.preview(ProductUpsert("p", 2.0, category=("Audio", "Headphones"))).text_changed
+
+
 def test_older_events_are_ignored_and_counted_equal_ts_is_applied() -> None:
     catalog = Catalog()
     catalog.apply(ProductUpsert("p", 10.0, title="a"))
