@@ -45,8 +45,8 @@ def names_substitute(subs: Items, q: str, collapsed_marker: str | None) -> bool:
 
     A product that goes out of stock, its price unchanged, changes no list that does not
     name it so: it ranks where it did, gives no reason to its holders, and was no substitute
-    anywhere else. Most of its holders (about 50 per product, a fifth of them listing it)
-    are passed over on this test alone.
+    anywhere else. Of its holders (about 50 per product at 10k), only those whose list of
+    k reaches it are read further.
     """
     if q in map(_product_id, subs):
         return True
