@@ -68,17 +68,18 @@ class Product:
         return dict(self.attributes)
 
     @property
-    def content_hash(self) -> str:
-        """A stable hash of every field that feeds the product's text.
+    def text_fields(self) -> tuple[str, str, str | None, tuple[str, ...], Attributes]:
+        """Every field that feeds the product's text (``content_hash`` hashes these).
 
         Price, stock, currency, group and image are deliberately left out: a change to them
         must never trigger re-embedding.
         """
-        payload = json.dumps(
-            [self.title, self.description, self.brand, list(self.category), list(self.attributes)],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        return self.title, self.description, self.brand, self.category, self.attributes
+
+    @property
+    def content_hash(self) -> str:
+        """A stable hash of ``text_fields``."""
+        payload = json.dumps(self.text_fields, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -165,10 +166,7 @@ class CatalogUpdate:
             return True
         # A stock or price change keeps the text fields' very objects: no need to hash them
         # (two JSON encodings and two SHA-256 per look, and a change is looked at thrice).
-        if (before.title == after.title and before.description == after.description and before.brand == after.brand
-                and before.category == after.category and before.attributes == after.attributes):
-            return False
-        return before.content_hash != after.content_hash
+        return before.text_fields != after.text_fields and before.content_hash != after.content_hash
 
     @property
     def stock_changed(self) -> bool:
