@@ -89,9 +89,9 @@ def wait_settled(settings: Settings, workers: list[WorkerProcess], scenario: Sce
         try:
             check_invariant(settings, workers[0], scenario)
             return
-        except AssertionError:
+        except AssertionError as exc:
             if time.monotonic() > deadline:
-                raise
+                raise AssertionError(f"{exc}\n" + "\n".join(w.log_tail(40) for w in workers)) from exc
 
 
 SHOPPERS = [f"shopper-{i}" for i in range(12)]
