@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     learn_max_steps: int | None = Field(
         None, ge=1, description="The learning loop's training budget: optimiser steps per run (unset: the epochs "
                                 "and early stopping decide).")
+    learn_freeze_layers: int = Field(
+        0, ge=0, le=5, description="The learning loop's runs keep the encoder's lowest layers frozen (of 6): each one "
+                                   "frozen takes its share of the backward pass off a CPU-only run, at some cost in "
+                                   "what the run can learn (`simstream learn --freeze-layers`).")
     rollover_batch_size: int = Field(256, ge=1, le=8192, description="Products re-embedded per encoder call during a model rollover.")
     rollover_pause_s: float = Field(
         0.0, ge=0, le=60, description="Pause between rollover batches, to leave encoder capacity to the live stream."

@@ -579,7 +579,8 @@ class Worker:
         log.info("learning loop: starting `simstream learn` (its log: %s)", log_path)
         with log_path.open("ab") as err:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "streams.cli", "learn", stdout=asyncio.subprocess.PIPE, stderr=err)
+                sys.executable, "-m", "streams.cli", "learn", "--freeze-layers", str(self.settings.learn_freeze_layers),
+                stdout=asyncio.subprocess.PIPE, stderr=err)
             out, _ = await process.communicate()
         lines = out.decode("utf-8", errors="replace").strip().splitlines()
         try:

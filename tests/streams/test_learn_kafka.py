@@ -89,7 +89,7 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
     env = {"SIMSTREAM_ENCODER": "local", "SIMSTREAM_MODEL_BASE": str(models), "SIMSTREAM_MODEL_POLL_INTERVAL_S": "1",
            "SIMSTREAM_SNAPSHOT_INTERVAL_S": "0", "SIMSTREAM_LEARN_INTERVAL_S": "0",
            "SIMSTREAM_LEARN_MIN_NEW_PAIRS": "0", "SIMSTREAM_LEARN_MIN_GAIN": "1",
-           "SIMSTREAM_LEARN_MAX_STEPS": "3"}
+           "SIMSTREAM_LEARN_MAX_STEPS": "3", "SIMSTREAM_LEARN_FREEZE_LAYERS": "5"}
     settings = settings_for(**{k.removeprefix("SIMSTREAM_").lower(): v for k, v in env.items()})
     create_topics(settings)
     worker = worker_factory(**env)
@@ -152,6 +152,8 @@ def test_learn_promotes_a_version_the_worker_adopts_then_refuses_and_skips(
              "the refused run", worker, every=0.5)
     learn = worker.get("/health")[1]["learn"]
     assert learn["version"] is None and "< 1" in learn["reason"], learn
+    run_log = (Path(worker.env["SIMSTREAM_DATA_DIR"]) / "learn.log").read_text()
+    assert "trainable layers 1/6" in run_log, "the run takes SIMSTREAM_LEARN_FREEZE_LAYERS"
     assert list_versions(models) == [1, 2]
     metrics = urllib.request.urlopen(worker.web + "/metrics", timeout=5).read().decode()
     assert 'simstream_learn_runs_total{decision="refused"} 1.0' in metrics
