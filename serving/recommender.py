@@ -102,6 +102,9 @@ class Recommender:
         self.index: VectorIndex = index
         self.catalog = Catalog()
         self.lexical = lexical
+        #: Counts the IDF models adopted since construction (``use_lexical``), so a caller can
+        #: tell that a new one arrived without comparing models.
+        self.lexical_adoptions = 0
         self.offsets: Offsets = {}
         #: Vectors of deferred text changes not yet written to the index, in arrival order:
         #: a bulk catch-up inserts them in batches (hnswlib adds a batch on every core,
@@ -522,6 +525,7 @@ class Recommender:
         if model.same_as(self.lexical):
             return self.settle()
         self.lexical = model
+        self.lexical_adoptions += 1
         self.postings.reset()  # its rows hold the old model's weights
         lex = {p.product_id: self.lexical.vectorize(product_text(p)) for p in self.catalog}
         self._unvectorized = set()

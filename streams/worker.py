@@ -104,9 +104,9 @@ class Worker:
         #: Since when the settle waits for the shared IDF (``awaiting_shared_idf``).
         self.idf_wait_since: float | None = None
         self.idf_wait_expired = False
-        #: The IDF in use when every list was last settled (at the restore, at each bulk
-        #: settle): another one is what a bulk catch-up's settle waits for.
-        self.lexical_at_settle = core.lexical
+        #: ``core.lexical_adoptions`` when the current bulk catch-up began: any IDF adopted
+        #: since is the one the settle waits for.
+        self.bulk_lexical_adoptions: int | None = None
         self.state = StateReader(settings)
         self.replica: Replica | None = None
         self.sink = sink
@@ -224,7 +224,6 @@ class Worker:
         # The lists go nowhere yet (this worker owns no partition until the first handover,
         # which compares every list with its topic and publishes what differs).
         await self.publish(outputs.records())
-        self.lexical_at_settle = engine.core.lexical
         log.info("restored %d products from %s (%d embedded again, %d state records published, %d lists "
                  "recomputed for the first handover to compare) in %.1f s",
                  len(engine.core.catalog), self.restored_from, engine.embedded_texts,
@@ -273,7 +272,10 @@ class Worker:
             # Events taken before a rebalance that moved their partition away are the new
             # owner's to apply (it re-reads them from the committed offset); never acked here.
             batch = [m for m in batch if self.ownership.owns_partition(m.partition)]
-            self.engine.defer_propagation = self.far_behind()
+            defer = self.far_behind()
+            if defer and not self.engine.core.unsettled:
+                self.bulk_lexical_adoptions = self.engine.core.lexical_adoptions
+            self.engine.defer_propagation = defer
             outputs = await self.engine.handle(batch)
             # Acknowledged inside the lock: a graceful stop that takes the lock next finds
             # every finished batch acknowledged, so its offsets are committed at the stop.
@@ -313,16 +315,15 @@ class Worker:
         again when it arrives (``Recommender.use_lexical``), and its duplicates join is
         several times slower without IDF weights. So, while the IDF is stale and another
         worker refits it, the settle waits, up to ``SIMSTREAM_IDF_WAIT_S`` from the moment
-        this worker's backlog was gone, or until an IDF other than the one of its last settle
-        (or restore) is adopted, even one that arrived before this bulk catch-up began;
-        changes keep arriving deferred meanwhile.
+        this worker's backlog was gone, or until any IDF is adopted after the bulk catch-up
+        began; changes keep arriving deferred meanwhile.
         """
         core = self.engine.core
         # Whether the IDF that arrived is fitted on the whole catalog does not matter: the
         # refitter fits on what it holds at the end of its own catch-up (its partitions and
         # the replica so far, about 1/N of a group's catalog), so waiting for ``needs_refit``
         # to clear would wait out the whole ``idf_wait_s``.
-        arrived = core.lexical is not self.lexical_at_settle and not core.lexical.same_as(self.lexical_at_settle)
+        arrived = self.bulk_lexical_adoptions is not None and core.lexical_adoptions != self.bulk_lexical_adoptions
         waiting = (self.settings.idf_wait_s > 0 and self.settings.lexical_refit_quiet_s > 0 and core.unsettled
                    and 0 not in self.ownership.allowed and not arrived
                    and needs_refit(core.lexical, len(core.catalog)))
@@ -355,7 +356,6 @@ class Worker:
             log.info("lexical IDF refitted on %d products at the end of a bulk catch-up",
                      len(engine.core.catalog))
         await engine.settle()
-        self.lexical_at_settle = engine.core.lexical
 
     async def settle_tick(self) -> None:
         """Timer: settles a bulk catch-up once the backlog is gone, when no batch comes to do it."""

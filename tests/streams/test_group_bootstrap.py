@@ -87,28 +87,3 @@ async def test_without_a_shared_idf_the_settle_waits_no_longer_than_idf_wait_s(t
     assert worker.idf_wait_since is not None
     worker.idf_wait_since -= 301
     assert not worker.far_behind(), "past idf_wait_s the worker settles with the IDF at hand"
-
-
-async def test_a_shared_idf_adopted_before_the_bulk_catch_up_began_is_not_waited_for_again(tmp_path: Path) -> None:
-    """The refitter may be done before this worker's backlog even starts (a worker that joins
-    late, a skewed share): the IDF it shared is newer than this worker's last settle."""
-    settings = Settings(encoder="hashing", data_dir=tmp_path, bulk_catch_up_min=5, embed_batch_size=4,
-                        idf_wait_s=300, lexical_refit_quiet_s=60)
-    worker = Worker(settings)
-    worker.engine.clock = lambda: NOW
-    worker.ownership.allowed, worker.ownership.total = frozenset({1}), 2
-    worker.ownership.settled.set()
-    worker.engine.core.use_lexical(LexicalModel.fit(TITLES[:4]))
-    behind(worker, 24)
-    await worker.on_product_changes(batch(1, 0, 24))
-    assert not worker.engine.core.unsettled, "the backlog is merged and settled at once, without waiting"
-
-    # Settled with it: a later bulk catch-up waits for a newer one.
-    behind(worker, 24)
-    await worker.on_product_changes([
-        Inbound("product-changes", 1, 100 + i, f"Q{i}".encode(), json.dumps(
-            {"op": "upsert", "product_id": f"Q{i}", "title": f"desk lamp {i} warm white", "ts": NOW + 1}).encode(),
-            NOW + 1) for i in range(24)])
-    assert worker.engine.core.unsettled
-    behind(worker, 0)
-    assert worker.far_behind(), "the IDF at hand is the one it last settled with, fitted on a few products"
